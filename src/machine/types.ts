@@ -46,3 +46,11 @@ export interface MigratableDevice {
   /** Exact payload size for a given version, or undefined if variable. */
   payloadSize?(version: number): number | undefined;
 }
+
+/*
+ * Payload framing rule used by the migration layer: when `payloadSize(v)`
+ * returns a number the payload is written raw (QEMU's fixed vmstate layouts,
+ * e.g. `timer` 24 bytes, `globalstate` 104 bytes); otherwise the migration
+ * layer writes a be32 length before the payload, so our own devices are
+ * self-delimiting in the stream.
+ */
