@@ -1,0 +1,191 @@
+/**
+ * Channel: one migration connection, a byte stream in each direction.
+ * The streams are the transport's own (net.Socket, child pipes, fs streams),
+ * never wrapped, so the data path pays nothing extra.
+ */
+import { EventEmitter } from 'node:events';
+import type { ChildProcess } from 'node:child_process';
+import { Readable, Writable } from 'node:stream';
+import { ChannelError, sysError } from './errors.js';
+
+export interface Channel {
+  /** Bytes from the peer: the migration stream (incoming) or the return path (outgoing). */
+  readonly input: Readable;
+  /** Bytes to the peer: the migration stream (outgoing) or the return path (incoming). */
+  readonly output: Writable;
+  /**
+   * False when the transport carries one direction only (fd: of a pipe or a
+   * file). Then, outgoing, `input` ends at once (EOF), and, incoming,
+   * `output` discards what is written.
+   */
+  readonly bidirectional: boolean;
+  /** True once close() was called or the transport went away. */
+  readonly closed: boolean;
+  /** The first error seen (also emitted as 'error'), if any. */
+  readonly error: ChannelError | undefined;
+  /**
+   * Idempotent, safe at any time: destroys both directions (pending reads
+   * and writes end), kills an exec: child with SIGTERM (SIGKILL after 2 s).
+   */
+  close(): void;
+  /** Human-readable form, e.g. "tcp:127.0.0.1:4444 (local 127.0.0.1:50000)". */
+  describe(): string;
+  /** Emitted once, when every underlying resource is released. */
+  on(event: 'close', listener: () => void): this;
+  /** The first transport error (ChannelError, QEMU-style text). Emitted only when someone listens. */
+  on(event: 'error', listener: (err: ChannelError) => void): this;
+  once(event: 'close', listener: () => void): this;
+  once(event: 'error', listener: (err: ChannelError) => void): this;
+  // eslint-disable-next-line @typescript-eslint/no-explicit-any
+  off(event: 'close' | 'error', listener: (...args: any[]) => void): this;
+}
+
+/** What a stream is, for error texts ("Unable to write to socket"). */
+export type IoKind = 'socket' | 'command' | 'file';
+
+export interface StreamChannelInit {
+  input: Readable;
+  output: Writable;
+  bidirectional: boolean;
+  ioKind: IoKind;
+  describe: () => string;
+  /** Real resources: the channel is over when all of them emitted 'close'. */
+  resources: ReadonlyArray<Readable | Writable>;
+  /** Stand-in streams (one-way channels): destroyed on close, not waited for. */
+  dummies?: ReadonlyArray<Readable | Writable>;
+  child?: ChildProcess;
+}
+
+const KILL_GRACE_MS = 2000;
+
+export class StreamChannel extends EventEmitter implements Channel {
+  readonly input: Readable;
+  readonly output: Writable;
+  readonly bidirectional: boolean;
+  #describe: () => string;
+  #resources: ReadonlyArray<Readable | Writable>;
+  #dummies: ReadonlyArray<Readable | Writable>;
+  #child: ChildProcess | undefined;
+  #ioKind: IoKind;
+  #open = 0;
+  #closeRequested = false;
+  #closeEmitted = false;
+  #error: ChannelError | undefined;
+  #killTimer: NodeJS.Timeout | undefined;
+
+  constructor(init: StreamChannelInit) {
+    super();
+    this.input = init.input;
+    this.output = init.output;
+    this.bidirectional = init.bidirectional;
+    this.#describe = init.describe;
+    this.#resources = [...new Set(init.resources)];
+    this.#dummies = init.dummies ?? [];
+    this.#child = init.child;
+    this.#ioKind = init.ioKind;
+
+    for (const s of this.#resources) {
+      const dir = s === this.output && s !== (this.input as unknown) ? 'write' : s === this.input && s !== (this.output as unknown) ? 'read' : 'duplex';
+      s.on('error', (err: Error) => this.#onStreamError(err, dir));
+      if (s.closed) continue;
+      this.#open++;
+      s.once('close', () => this.#released());
+    }
+    for (const s of this.#dummies) s.on('error', () => {});
+    const child = this.#child;
+    if (child !== undefined) {
+      child.on('error', (err: Error) => this.#fail(sysError('Unable to signal command', err)));
+      if (child.exitCode === null && child.signalCode === null) {
+        this.#open++;
+        child.once('exit', (code, signal) => {
+          if (this.#killTimer !== undefined) clearTimeout(this.#killTimer);
+          if (!this.#closeRequested) {
+            if (signal !== null) this.#fail(new ChannelError(`Command terminated by signal ${signal}`, 'ECHILD'));
+            else if (code !== 0) this.#fail(new ChannelError(`Command exited with status ${code}`, 'ECHILD'));
+          }
+          this.#released();
+        });
+      }
+    }
+    if (this.#open === 0) queueMicrotask(() => this.#released(true));
+  }
+
+  get closed(): boolean {
+    return this.#closeRequested || this.#closeEmitted;
+  }
+
+  get error(): ChannelError | undefined {
+    return this.#error;
+  }
+
+  describe(): string {
+    return this.#describe();
+  }
+
+  close(): void {
+    if (this.#closeRequested) return;
+    this.#closeRequested = true;
+    for (const s of this.#resources) s.destroy();
+    for (const s of this.#dummies) s.destroy();
+    const child = this.#child;
+    if (child !== undefined && child.exitCode === null && child.signalCode === null) {
+      try {
+        child.kill('SIGTERM');
+      } catch {
+        /* already gone */
+      }
+      this.#killTimer = setTimeout(() => {
+        try {
+          if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+        } catch {
+          /* already gone */
+        }
+      }, KILL_GRACE_MS);
+      this.#killTimer.unref();
+      // Node reaps the child whether or not it is referenced; a child that
+      // ignores SIGTERM must not keep this process alive.
+      child.unref();
+    }
+  }
+
+  #onStreamError(err: Error, dir: 'read' | 'write' | 'duplex'): void {
+    if (this.#closeRequested) return;
+    const code = (err as { code?: string }).code;
+    let verb: 'read from' | 'write to';
+    if (dir === 'duplex') verb = code === 'EPIPE' || code === 'ERR_STREAM_WRITE_AFTER_END' ? 'write to' : 'read from';
+    else verb = dir === 'read' ? 'read from' : 'write to';
+    this.#fail(sysError(`Unable to ${verb} ${this.#ioKind}`, err));
+  }
+
+  #fail(err: ChannelError): void {
+    if (this.#error !== undefined) return;
+    this.#error = err;
+    if (this.listenerCount('error') > 0) this.emit('error', err);
+  }
+
+  #released(all = false): void {
+    if (!all) this.#open--;
+    if (this.#open > 0 || this.#closeEmitted) return;
+    this.#closeEmitted = true;
+    for (const s of this.#dummies) s.destroy();
+    this.emit('close');
+  }
+}
+
+/** Return-path stand-in for a one-way outgoing channel: EOF when read. */
+export function endedReadable(): Readable {
+  return new Readable({
+    read() {
+      this.push(null);
+    },
+  });
+}
+
+/** Return-path stand-in for a one-way incoming channel: swallows writes. */
+export function discardWritable(): Writable {
+  return new Writable({
+    write(_chunk, _enc, cb) {
+      cb();
+    },
+  });
+}

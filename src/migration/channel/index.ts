@@ -1,0 +1,12 @@
+export { ChannelError } from './errors.js';
+export { parseMigrationUri, formatMigrationUri, type MigrationUri, type MigrationSide } from './uri.js';
+export type { Channel } from './channel.js';
+export {
+  connectOutgoing,
+  listenIncoming,
+  resolveFdParam,
+  type ConnectOptions,
+  type ListenOptions,
+  type ListenAddress,
+  type IncomingListener,
+} from './transports.js';

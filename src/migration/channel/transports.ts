@@ -1,0 +1,432 @@
+/**
+ * The transports: outgoing connects and incoming listeners for tcp:, unix:,
+ * exec: and fd:.
+ */
+import * as net from 'node:net';
+import * as fs from 'node:fs';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { ChannelError, errorCode, strerror, sysError } from './errors.js';
+import { StreamChannel, discardWritable, endedReadable, type Channel } from './channel.js';
+import { formatHostPort, type MigrationUri } from './uri.js';
+
+export interface ConnectOptions {
+  /** The descriptor registered with getfd under this name (taken over: the channel closes it). */
+  lookupFd(name: string): number | undefined;
+  /** migrate_cancel during setup: aborts a pending connect (rejects with code 'ABORT_ERR'). */
+  signal?: AbortSignal;
+}
+
+export interface ListenOptions {
+  lookupFd(name: string): number | undefined;
+}
+
+export type ListenAddress = { host: string; port: number } | { path: string };
+
+export interface IncomingListener {
+  /** The first connection (exec:/fd: — the channel itself). Only one: later calls reject. */
+  accept(): Promise<Channel>;
+  /** The bound address (real port for tcp:HOST:0); undefined for exec:/fd:. */
+  address(): ListenAddress | undefined;
+  /** Stops listening; rejects a pending accept(); closes a connection nobody took. Idempotent. */
+  close(): void;
+  describe(): string;
+}
+
+function abortError(): ChannelError {
+  return new ChannelError('Migration connection cancelled', 'ABORT_ERR');
+}
+
+function isResolveError(err: unknown): boolean {
+  const e = err as { syscall?: string };
+  const code = errorCode(err);
+  return e.syscall === 'getaddrinfo' || code === 'ENOTFOUND' || (code !== undefined && code.startsWith('EAI_'));
+}
+
+// ---------------------------------------------------------------- outgoing
+
+export async function connectOutgoing(uri: MigrationUri, opts: ConnectOptions): Promise<Channel> {
+  if (opts.signal?.aborted) throw abortError();
+  switch (uri.kind) {
+    case 'tcp': {
+      const shown = `${uri.host}:${uri.port}`; // QEMU prints "'%s:%s'", host as given
+      const connectOpts: net.NetConnectOpts = { host: uri.host, port: uri.port, allowHalfOpen: true, noDelay: true };
+      if (uri.family !== undefined) connectOpts.family = uri.family;
+      return connectSocket(connectOpts, opts.signal, (err) =>
+        isResolveError(err)
+          ? new ChannelError(`address resolution failed for ${shown}: ${strerror(err)}`, errorCode(err), { cause: err })
+          : sysError(`Failed to connect to '${shown}'`, err),
+        (s) => `tcp:${formatHostPort(uri.host, uri.port)} (local ${formatHostPort(s.localAddress ?? '?', s.localPort ?? 0)})`,
+      );
+    }
+    case 'unix':
+      return connectSocket({ path: uri.path, allowHalfOpen: true }, opts.signal,
+        (err) => sysError(`Failed to connect to '${uri.path}'`, err),
+        () => `unix:${uri.path}`);
+    case 'exec':
+      return spawnExec(uri.command, 'outgoing', opts.signal);
+    case 'fd':
+      return openFd(uri.name, 'outgoing', opts.lookupFd);
+  }
+}
+
+function connectSocket(
+  connectOpts: net.NetConnectOpts,
+  signal: AbortSignal | undefined,
+  mapError: (err: unknown) => ChannelError,
+  describe: (s: net.Socket) => string,
+): Promise<Channel> {
+  return new Promise<Channel>((resolve, reject) => {
+    const sock = net.connect(connectOpts);
+    const done = (): void => {
+      sock.off('error', onError);
+      sock.off('connect', onConnect);
+      signal?.removeEventListener('abort', onAbort);
+    };
+    const onError = (err: Error): void => {
+      done();
+      sock.on('error', () => {});
+      sock.destroy();
+      reject(mapError(err));
+    };
+    const onConnect = (): void => {
+      done();
+      if (!('path' in connectOpts)) sock.setNoDelay(true);
+      resolve(new StreamChannel({
+        input: sock, output: sock, bidirectional: true, ioKind: 'socket',
+        resources: [sock], describe: () => describe(sock),
+      }));
+    };
+    const onAbort = (): void => {
+      done();
+      sock.on('error', () => {});
+      sock.destroy();
+      reject(abortError());
+    };
+    sock.on('error', onError);
+    sock.once('connect', onConnect);
+    signal?.addEventListener('abort', onAbort, { once: true });
+  });
+}
+
+// ---------------------------------------------------------------- exec
+
+function spawnExec(command: string, side: 'outgoing' | 'incoming', signal?: AbortSignal): Promise<Channel> {
+  return new Promise<Channel>((resolve, reject) => {
+    let child: ChildProcess;
+    try {
+      // stderr is shared with us, like QEMU's exec: migration.
+      child = spawn('/bin/sh', ['-c', command], { stdio: ['pipe', 'pipe', 'inherit'] });
+    } catch (err) {
+      reject(sysError(`Unable to execute command '${command}'`, err));
+      return;
+    }
+    const stdin = child.stdin!;
+    const stdout = child.stdout!;
+    const quiet = (): void => {};
+    const done = (): void => {
+      child.off('spawn', onSpawn);
+      child.off('error', onError);
+      signal?.removeEventListener('abort', onAbort);
+    };
+    const kill = (): void => {
+      child.on('error', quiet);
+      stdin.on('error', quiet);
+      stdout.on('error', quiet);
+      stdin.destroy();
+      stdout.destroy();
+      try {
+        if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM');
+      } catch {
+        /* gone */
+      }
+    };
+    const onSpawn = (): void => {
+      done();
+      resolve(new StreamChannel({
+        input: stdout,
+        output: stdin,
+        bidirectional: true,
+        ioKind: 'command',
+        resources: [stdin, stdout],
+        child,
+        describe: () => `exec:${command} (pid ${child.pid ?? '?'}, ${side})`,
+      }));
+    };
+    const onError = (err: Error): void => {
+      done();
+      kill();
+      reject(sysError(`Unable to execute command '${command}'`, err));
+    };
+    const onAbort = (): void => {
+      done();
+      kill();
+      reject(abortError());
+    };
+    child.once('spawn', onSpawn);
+    child.on('error', onError);
+    signal?.addEventListener('abort', onAbort, { once: true });
+  });
+}
+
+// ---------------------------------------------------------------- fd
+
+/** QEMU's monitor_fd_param: a name starting with a digit is a descriptor number. */
+export function resolveFdParam(name: string, lookupFd: (name: string) => number | undefined): number {
+  if (/^[0-9]/.test(name)) {
+    if (!/^[0-9]+$/.test(name) || !Number.isSafeInteger(Number(name)) || Number(name) > 0x7fffffff) {
+      throw new ChannelError(`Invalid file descriptor number '${name}'`, 'EBADF');
+    }
+    return Number(name);
+  }
+  const fd = lookupFd(name);
+  if (fd === undefined) throw new ChannelError(`File descriptor named '${name}' has not been found`, 'EBADF');
+  return fd;
+}
+
+function openFd(name: string, side: 'outgoing' | 'incoming', lookupFd: (name: string) => number | undefined): Channel {
+  const fd = resolveFdParam(name, lookupFd);
+  let st: fs.Stats;
+  try {
+    st = fs.fstatSync(fd);
+  } catch (err) {
+    throw sysError(`Unable to use file descriptor ${fd} ('${name}')`, err);
+  }
+  const what = st.isSocket() ? 'socket' : st.isFIFO() ? 'pipe' : 'file';
+  const describe = (): string => `fd:${name} (${what} fd ${fd}, ${side})`;
+
+  if (st.isSocket() || st.isFIFO()) {
+    const both = st.isSocket();
+    let sock: net.Socket;
+    try {
+      sock = new net.Socket({
+        fd,
+        allowHalfOpen: true,
+        readable: both || side === 'incoming',
+        writable: both || side === 'outgoing',
+      });
+    } catch (err) {
+      throw sysError(`Unable to use file descriptor ${fd} ('${name}')`, err);
+    }
+    if (both) {
+      try {
+        sock.setNoDelay(true); // no-op for AF_UNIX
+      } catch {
+        /* not tcp */
+      }
+      return new StreamChannel({ input: sock, output: sock, bidirectional: true, ioKind: 'socket', resources: [sock], describe });
+    }
+    if (side === 'outgoing') {
+      const input = endedReadable();
+      return new StreamChannel({ input, output: sock, bidirectional: false, ioKind: 'file', resources: [sock], dummies: [input], describe });
+    }
+    const output = discardWritable();
+    return new StreamChannel({ input: sock, output, bidirectional: false, ioKind: 'file', resources: [sock], dummies: [output], describe });
+  }
+
+  // A regular file or a character device: blocking I/O on the thread pool.
+  if (side === 'outgoing') {
+    const output = fs.createWriteStream('', { fd, autoClose: true });
+    const input = endedReadable();
+    return new StreamChannel({ input, output, bidirectional: false, ioKind: 'file', resources: [output], dummies: [input], describe });
+  }
+  const input = fs.createReadStream('', { fd, autoClose: true, highWaterMark: 1 << 20 });
+  const output = discardWritable();
+  return new StreamChannel({ input, output, bidirectional: false, ioKind: 'file', resources: [input], dummies: [output], describe });
+}
+
+// ---------------------------------------------------------------- incoming
+
+export async function listenIncoming(uri: MigrationUri, opts: ListenOptions): Promise<IncomingListener> {
+  switch (uri.kind) {
+    case 'tcp': {
+      let host: string | undefined = uri.host === '' ? undefined : uri.host;
+      if (host === undefined && uri.family === 4) host = '0.0.0.0';
+      if (host === undefined && uri.family === 6) host = '::';
+      const listenOpts: net.ListenOptions = { port: uri.port, exclusive: true };
+      if (host !== undefined) listenOpts.host = host;
+      if (uri.family === 6 && uri.host === '') listenOpts.ipv6Only = true;
+      const shown = `${uri.host}:${uri.port}`;
+      return SocketListener.listen(listenOpts, (err) =>
+        isResolveError(err)
+          ? new ChannelError(`address resolution failed for ${shown}: ${strerror(err)}`, errorCode(err), { cause: err })
+          : sysError('Failed to bind socket', err),
+        (s) => `tcp:${formatHostPort(uri.host, uri.port)} (peer ${formatHostPort(s.remoteAddress ?? '?', s.remotePort ?? 0)})`,
+      );
+    }
+    case 'unix':
+      await removeStaleSocket(uri.path);
+      return SocketListener.listen({ path: uri.path, exclusive: true },
+        (err) => sysError(`Failed to bind socket to ${uri.path}`, err),
+        () => `unix:${uri.path}`);
+    case 'exec':
+      return new ReadyListener(await spawnExec(uri.command, 'incoming'));
+    case 'fd':
+      return new ReadyListener(openFd(uri.name, 'incoming', opts.lookupFd));
+  }
+}
+
+/**
+ * QEMU unlinks whatever is at the path before binding. We are gentler: a
+ * socket nobody listens on (stale) is removed, a live one is "in use", and
+ * anything else is left for bind to refuse.
+ */
+async function removeStaleSocket(path: string): Promise<void> {
+  let st: fs.Stats;
+  try {
+    st = await fs.promises.lstat(path);
+  } catch {
+    return;
+  }
+  if (!st.isSocket()) return;
+  const live = await new Promise<boolean>((resolve) => {
+    const probe = net.connect({ path });
+    probe.on('error', (err) => {
+      probe.destroy();
+      resolve(errorCode(err) !== 'ECONNREFUSED' && errorCode(err) !== 'ENOENT' ? true : false);
+    });
+    probe.once('connect', () => {
+      probe.destroy();
+      resolve(true);
+    });
+  });
+  if (live) {
+    throw new ChannelError(`Failed to bind socket to ${path}: ${strerror({ code: 'EADDRINUSE' })}`, 'EADDRINUSE');
+  }
+  try {
+    await fs.promises.unlink(path);
+  } catch (err) {
+    if (errorCode(err) !== 'ENOENT') throw sysError(`Failed to unlink socket ${path}`, err);
+  }
+}
+
+class SocketListener implements IncomingListener {
+  #server: net.Server;
+  #address: ListenAddress | undefined;
+  #describeConn: (s: net.Socket) => string;
+  #channel: StreamChannel | undefined;
+  #taken = false;
+  #closed = false;
+  #waiter: { resolve(c: Channel): void; reject(e: Error): void } | undefined;
+
+  static listen(
+    listenOpts: net.ListenOptions,
+    mapError: (err: unknown) => ChannelError,
+    describeConn: (s: net.Socket) => string,
+  ): Promise<SocketListener> {
+    return new Promise<SocketListener>((resolve, reject) => {
+      const server = net.createServer({ allowHalfOpen: true, noDelay: true });
+      const onError = (err: Error): void => {
+        server.off('listening', onListening);
+        server.on('error', () => {});
+        server.close();
+        reject(mapError(err));
+      };
+      const onListening = (): void => {
+        server.off('error', onError);
+        resolve(new SocketListener(server, describeConn));
+      };
+      server.once('error', onError);
+      server.once('listening', onListening);
+      try {
+        server.listen(listenOpts);
+      } catch (err) {
+        server.off('error', onError);
+        server.off('listening', onListening);
+        reject(mapError(err));
+      }
+    });
+  }
+
+  private constructor(server: net.Server, describeConn: (s: net.Socket) => string) {
+    this.#server = server;
+    this.#describeConn = describeConn;
+    const a = server.address();
+    if (typeof a === 'string') this.#address = { path: a };
+    else if (a !== null) this.#address = { host: a.address, port: a.port };
+    server.on('error', () => {}); // after listening: nothing to report (accept errors are retried by libuv)
+    server.on('connection', (sock) => this.#onConnection(sock));
+  }
+
+  #onConnection(sock: net.Socket): void {
+    if (this.#closed || this.#channel !== undefined) {
+      sock.on('error', () => {});
+      sock.destroy();
+      return;
+    }
+    if (sock.remoteFamily !== undefined) sock.setNoDelay(true);
+    this.#channel = new StreamChannel({
+      input: sock, output: sock, bidirectional: true, ioKind: 'socket', resources: [sock],
+      describe: () => this.#describeConn(sock),
+    });
+    this.#server.close(); // one connection only, like QEMU
+    const w = this.#waiter;
+    if (w !== undefined) {
+      this.#waiter = undefined;
+      this.#taken = true;
+      w.resolve(this.#channel);
+    }
+  }
+
+  accept(): Promise<Channel> {
+    if (this.#taken || this.#waiter !== undefined) {
+      return Promise.reject(new ChannelError('The incoming connection has already been accepted', 'EALREADY'));
+    }
+    if (this.#channel !== undefined) {
+      this.#taken = true;
+      return Promise.resolve(this.#channel);
+    }
+    if (this.#closed) return Promise.reject(new ChannelError('Incoming migration listener closed', 'ABORT_ERR'));
+    return new Promise<Channel>((resolve, reject) => {
+      this.#waiter = { resolve, reject };
+    });
+  }
+
+  address(): ListenAddress | undefined {
+    return this.#address;
+  }
+
+  describe(): string {
+    const a = this.#address;
+    if (a === undefined) return 'listener';
+    return 'path' in a ? `unix:${a.path}` : `tcp:${formatHostPort(a.host, a.port)}`;
+  }
+
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.#server.close();
+    if (this.#channel !== undefined && !this.#taken) this.#channel.close();
+    const w = this.#waiter;
+    if (w !== undefined) {
+      this.#waiter = undefined;
+      w.reject(new ChannelError('Incoming migration listener closed', 'ABORT_ERR'));
+    }
+  }
+}
+
+/** exec: and fd: incoming: the channel exists as soon as the listener does. */
+class ReadyListener implements IncomingListener {
+  #channel: Channel;
+  #taken = false;
+  #closed = false;
+  constructor(channel: Channel) {
+    this.#channel = channel;
+  }
+  accept(): Promise<Channel> {
+    if (this.#taken) return Promise.reject(new ChannelError('The incoming connection has already been accepted', 'EALREADY'));
+    if (this.#closed) return Promise.reject(new ChannelError('Incoming migration listener closed', 'ABORT_ERR'));
+    this.#taken = true;
+    return Promise.resolve(this.#channel);
+  }
+  address(): undefined {
+    return undefined;
+  }
+  describe(): string {
+    return this.#channel.describe();
+  }
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    if (!this.#taken) this.#channel.close();
+  }
+}
