@@ -1,0 +1,207 @@
+/**
+ * RamLoader: the destination side of the `ram` section (stream-format.md §9).
+ * Parses RAM records from a StreamReader straight into the local RamBlocks.
+ */
+import { inflateSync } from 'node:zlib';
+import type { RamBlock } from '../../machine/types.js';
+import { TARGET_PAGE_SIZE } from '../../machine/types.js';
+import { xbzrleDecode } from '../codec/xbzrle.js';
+import { StreamReader } from '../stream/reader.js';
+import { WIRE } from '../wire/constants.js';
+import { ERR, MigrationStreamError } from '../wire/errors.js';
+
+const F = WIRE.RAM;
+const TWO32 = 4294967296;
+const PAGE_WORDS = TARGET_PAGE_SIZE >> 2;
+const PAGE_RECORD = F.ZERO | F.PAGE | F.COMPRESS_PAGE | F.XBZRLE;
+
+export interface RamLoaderOptions {
+  /** Destination has the `compress` capability on (accept COMPRESS_PAGE). */
+  compress?: boolean;
+  /** Keep a bitmap of received pages per block (for postcopy). */
+  trackReceived?: boolean;
+}
+
+export interface RamLoaderCounters {
+  /** page records applied (zero + normal + xbzrle + compressed) */
+  pages: number;
+  zero: number;
+  normal: number;
+  xbzrle: number;
+  compressed: number;
+  /** bytes of RAM payload consumed (records, block lists, EOS) */
+  bytes: number;
+}
+
+function fail(msg: string): never {
+  throw new MigrationStreamError(msg);
+}
+
+export class RamLoader {
+  readonly blocks: readonly RamBlock[];
+  private readonly byName = new Map<string, number>();
+  private readonly words: Int32Array[];
+  /** Received-page bitmaps (when trackReceived), indexed like blocks. */
+  readonly received: Uint32Array[] | null;
+  readonly counters: RamLoaderCounters = { pages: 0, zero: 0, normal: 0, xbzrle: 0, compressed: 0, bytes: 0 };
+  /** Accept COMPRESS_PAGE records. */
+  compress: boolean;
+  /** After POSTCOPY_LISTEN: only ZERO, PAGE and EOS are accepted. */
+  postcopy = false;
+  /** Block of the most recent record that named one; kept across sections. */
+  private current = -1;
+  /** Blocks listed by the source's MEM_SIZE record. */
+  readonly announced = new Set<string>();
+
+  constructor(blocks: readonly RamBlock[], opts: RamLoaderOptions = {}) {
+    this.blocks = blocks;
+    blocks.forEach((b, i) => this.byName.set(b.name, i));
+    this.words = blocks.map((b) =>
+      b.bytes.byteOffset % 4 === 0 ? new Int32Array(b.bytes.buffer, b.bytes.byteOffset, b.bytes.byteLength >> 2) : new Int32Array(0),
+    );
+    this.received = opts.trackReceived ? blocks.map((b) => new Uint32Array((b.pages + 31) >>> 5)) : null;
+    this.compress = opts.compress ?? false;
+  }
+
+  /** Forget the current block (new incoming migration). */
+  reset(): void {
+    this.current = -1;
+  }
+
+  /**
+   * Load the payload of one `ram` section (START, PART or END) up to and
+   * including its EOS record. `versionId` is the section's version (4).
+   */
+  async loadSection(r: StreamReader, versionId: number = F.VERSION): Promise<void> {
+    if (versionId !== F.VERSION) fail(ERR.ramVersion(versionId));
+    const start = r.bytesRead;
+    try {
+      await this.loadRecords(r);
+    } finally {
+      this.counters.bytes += r.bytesRead - start;
+    }
+  }
+
+  private async blockRef(r: StreamReader, flags: number): Promise<number> {
+    if (flags & F.CONTINUE) {
+      if (this.current < 0) fail(ERR.badStream());
+      return this.current;
+    }
+    if (!r.has(1)) await r.ensure(1);
+    const len = r.peek8();
+    if (!r.has(1 + len)) await r.ensure(1 + len);
+    const name = r.getCountedString();
+    const idx = this.byName.get(name);
+    if (idx === undefined) fail(ERR.cantFindBlock(name));
+    this.current = idx;
+    return idx;
+  }
+
+  private markReceived(b: number, page: number): void {
+    const rb = this.received;
+    if (rb !== null) rb[b]![page >>> 5] = (rb[b]![page >>> 5]! | (1 << (page & 31))) >>> 0;
+  }
+
+  private isZeroPage(b: number, page: number): boolean {
+    const v = this.words[b]!;
+    if (v.length === 0) return false;
+    const s = page * PAGE_WORDS;
+    const e = s + PAGE_WORDS;
+    for (let k = s; k < e; k += 8) {
+      if ((v[k]! | v[k + 1]! | v[k + 2]! | v[k + 3]! | v[k + 4]! | v[k + 5]! | v[k + 6]! | v[k + 7]!) !== 0) return false;
+    }
+    return true;
+  }
+
+  private async loadRecords(r: StreamReader): Promise<void> {
+    const invalid = this.compress ? 0 : F.COMPRESS_PAGE;
+    for (;;) {
+      if (!r.has(8)) await r.ensure(8);
+      const hi = r.get32();
+      const lo = r.get32();
+      const flags = lo & F.FLAG_MASK;
+      const offset = hi * TWO32 + ((lo & ~F.FLAG_MASK) >>> 0);
+
+      if (flags & invalid) fail(ERR.unexpectedCompressed());
+      let b = -1;
+      if (flags & PAGE_RECORD) b = await this.blockRef(r, flags);
+      const kind = flags & ~F.CONTINUE;
+      if (this.postcopy && kind !== F.ZERO && kind !== F.PAGE && kind !== F.EOS) fail(ERR.unknownRamFlagsPostcopy(flags));
+
+      if (kind === F.EOS) return;
+      if (kind === F.MEM_SIZE) {
+        await this.loadBlockList(r, offset);
+        continue;
+      }
+      if (b < 0) fail(ERR.unknownRamFlags(flags));
+      const block = this.blocks[b]!;
+      if (offset >= block.size) fail(ERR.illegalRamOffset(offset));
+      const page = offset / TARGET_PAGE_SIZE;
+
+      switch (kind) {
+        case F.ZERO: {
+          if (!r.has(1)) await r.ensure(1);
+          const fill = r.get8();
+          if (fill !== 0 || !this.isZeroPage(b, page)) block.bytes.fill(fill, offset, offset + TARGET_PAGE_SIZE);
+          this.counters.zero++;
+          break;
+        }
+        case F.PAGE:
+          if (!r.has(TARGET_PAGE_SIZE)) await r.ensure(TARGET_PAGE_SIZE);
+          r.copyTo(block.bytes, offset, TARGET_PAGE_SIZE);
+          this.counters.normal++;
+          break;
+        case F.XBZRLE: {
+          if (!r.has(3)) await r.ensure(3);
+          if (r.get8() !== F.XBZRLE_ENCODING) fail(ERR.xbzrleWrongEncoding());
+          const len = r.get16();
+          if (len > TARGET_PAGE_SIZE) fail(ERR.xbzrleLenOverflow());
+          if (!r.has(len)) await r.ensure(len);
+          const data = r.getBytes(len);
+          if (xbzrleDecode(data, 0, len, block.bytes.subarray(offset, offset + TARGET_PAGE_SIZE)) < 0) {
+            fail(ERR.xbzrleDecode(offset));
+          }
+          this.counters.xbzrle++;
+          break;
+        }
+        case F.COMPRESS_PAGE: {
+          if (!r.has(4)) await r.ensure(4);
+          const len = r.get32();
+          if (len > WIRE.LIMITS.COMPRESS_BOUND) fail(ERR.invalidCompressedLength(len | 0));
+          if (!r.has(len)) await r.ensure(len);
+          const data = r.getBytes(len);
+          let out: Buffer;
+          try {
+            out = inflateSync(data, { maxOutputLength: TARGET_PAGE_SIZE });
+          } catch (e) {
+            throw new MigrationStreamError(ERR.decompressFailed(), { cause: e });
+          }
+          block.bytes.set(out, offset);
+          this.counters.compressed++;
+          break;
+        }
+        default:
+          fail(ERR.unknownRamFlags(flags));
+      }
+      this.counters.pages++;
+      this.markReceived(b, page);
+    }
+  }
+
+  /** MEM_SIZE: `total` bytes of blocks follow as (counted name, be64 length). */
+  private async loadBlockList(r: StreamReader, total: number): Promise<void> {
+    let left = total;
+    while (left > 0) {
+      const name = await r.readCountedString();
+      if (!r.has(8)) await r.ensure(8);
+      const length = r.get64();
+      const idx = this.byName.get(name);
+      if (idx === undefined) fail(ERR.unknownRamBlock(name));
+      const block = this.blocks[idx]!;
+      if (length !== block.size) fail(ERR.sizeMismatch(name, length, block.size));
+      if (length > left) fail(ERR.ramBlockListOverrun(name));
+      this.announced.add(name);
+      left -= length;
+    }
+  }
+}

@@ -1,0 +1,292 @@
+/**
+ * RamSender: the source side of the `ram` section (stream-format.md §9).
+ *
+ * Owns one migration bitmap per RAM block (bit set = page must be sent),
+ * all ones for the first pass. syncDirtyLog() moves the vCPUs' dirty bits
+ * into it; sendPages() walks it from a cursor that survives between calls,
+ * emitting ZERO / PAGE records into a StreamWriter, within a budget.
+ */
+import type { RamBlock } from '../../machine/types.js';
+import { TARGET_PAGE_BITS, TARGET_PAGE_SIZE } from '../../machine/types.js';
+import type { ByteSink, StreamWriter } from '../stream/writer.js';
+import { WIRE } from '../wire/constants.js';
+
+const F = WIRE.RAM;
+const TWO32 = 4294967296;
+const PAGE_WORDS = TARGET_PAGE_SIZE >> 2;
+
+export interface SendBudget {
+  /** Stop after this many pages (default unlimited). */
+  maxPages?: number;
+  /** Stop after about this many milliseconds (default 5; checked every 64 pages). */
+  maxMillis?: number;
+}
+
+export interface SendResult {
+  /** Pages taken off the bitmap in this call (sent, or skipped by the page hook). */
+  pages: number;
+  /** The bitmap is empty: nothing left to send until the next sync. */
+  done: boolean;
+}
+
+/** What a page hook did with a page. */
+export enum PageHookResult {
+  /** Not handled: the sender sends ZERO or PAGE as usual. */
+  Default = 0,
+  /** The hook wrote a record for the page (with `cont` honoured). */
+  Sent = 1,
+  /** Nothing was written (e.g. XBZRLE found the page unchanged). */
+  Skipped = 2,
+}
+
+/**
+ * Per-page encoder choice (XBZRLE, compression later). Called for every page
+ * taken off the bitmap; `cont` says whether the record may carry CONTINUE.
+ */
+export type PageHook = (
+  w: StreamWriter,
+  block: RamBlock,
+  blockIndex: number,
+  page: number,
+  cont: boolean,
+  isZero: boolean,
+  bulkStage: boolean,
+) => PageHookResult;
+
+/** Write a RAM record header word (+ block name unless `cont`). */
+export function putRamRecordHeader(w: ByteSink, block: RamBlock, offset: number, flags: number, cont: boolean): void {
+  const hi = offset >= TWO32 ? Math.floor(offset / TWO32) : 0;
+  const lo = ((offset - hi * TWO32) | flags | (cont ? F.CONTINUE : 0)) >>> 0;
+  w.put64Parts(hi, lo);
+  if (!cont) w.putCountedString(block.name);
+}
+
+export interface RamSenderCounters {
+  /** zero pages sent as ZERO records (QEMU "duplicate") */
+  duplicate: number;
+  /** full PAGE records */
+  normal: number;
+  /** normal * page size */
+  normalBytes: number;
+  /** bytes of RAM records incl. headers, names, block list and EOS words */
+  transferred: number;
+  /** pages handled by the page hook */
+  hooked: number;
+}
+
+function popcount(v: number): number {
+  v = v - ((v >>> 1) & 0x55555555);
+  v = (v & 0x33333333) + ((v >>> 2) & 0x33333333);
+  return (((v + (v >>> 4)) & 0x0f0f0f0f) * 0x01010101) >>> 24;
+}
+
+export class RamSender {
+  readonly blocks: readonly RamBlock[];
+  /** Migration bitmap per block: bit p of word p>>5 = page p to send. */
+  readonly bitmaps: Uint32Array[];
+  private readonly words: Int32Array[];
+  /** Pages set in the migration bitmaps. */
+  dirtyPages = 0;
+  /** Number of syncDirtyLog() calls (QEMU dirty-sync-count). */
+  dirtySyncCount = 0;
+  /** Newly dirty pages found by syncs since the last resetDirtyPeriod(). */
+  dirtyPagesPeriod = 0;
+  /** True until the walk has wrapped around once (first complete pass). */
+  bulkStage = true;
+  /** Completed passes over all blocks. */
+  rounds = 0;
+  readonly counters: RamSenderCounters = { duplicate: 0, normal: 0, normalBytes: 0, transferred: 0, hooked: 0 };
+  /** Sum of the blocks' sizes. */
+  readonly totalBytes: number;
+
+  private curBlock = 0;
+  private curPage = 0;
+  /** Index of the block named by the last record; survives sections. */
+  private lastBlock = -1;
+  private hook: PageHook | null = null;
+  private readonly now: () => number;
+
+  constructor(blocks: readonly RamBlock[], opts: { now?: () => number } = {}) {
+    this.blocks = blocks;
+    this.now = opts.now ?? (() => performance.now());
+    this.bitmaps = blocks.map((b) => {
+      const bm = new Uint32Array((b.pages + 31) >>> 5);
+      bm.fill(0xffffffff);
+      const rest = b.pages & 31;
+      if (rest) bm[bm.length - 1] = (1 << rest) - 1;
+      return bm;
+    });
+    this.words = blocks.map((b) => {
+      const u = b.bytes;
+      if (u.byteOffset % 4 === 0) return new Int32Array(u.buffer, u.byteOffset, u.byteLength >> 2);
+      return new Int32Array(u.slice().buffer); // not expected: blocks are page aligned
+    });
+    let total = 0;
+    for (const b of blocks) {
+      total += b.size;
+      this.dirtyPages += b.pages;
+    }
+    this.totalBytes = total;
+  }
+
+  /** Install (or remove) the per-page encoder hook. */
+  setPageHook(hook: PageHook | null): void {
+    this.hook = hook;
+  }
+
+  /** Forget the last block, so the next record carries a name (postcopy switch). */
+  resetLastBlock(): void {
+    this.lastBlock = -1;
+  }
+
+  /** Bytes still to send (dirty pages * page size). */
+  get remainingBytes(): number {
+    return this.dirtyPages * TARGET_PAGE_SIZE;
+  }
+
+  resetDirtyPeriod(): void {
+    this.dirtyPagesPeriod = 0;
+  }
+
+  /**
+   * Take-and-clear every word of each block's dirty log (Atomics.exchange)
+   * and OR it into the migration bitmap. Returns the number of pages that
+   * became dirty in the migration bitmap.
+   */
+  syncDirtyLog(): number {
+    let n = 0;
+    for (let b = 0; b < this.blocks.length; b++) {
+      const dirty = this.blocks[b]!.dirty;
+      const bm = this.bitmaps[b]!;
+      const len = Math.min(bm.length, dirty.length);
+      const last = bm.length - 1;
+      const rest = this.blocks[b]!.pages & 31;
+      for (let i = 0; i < len; i++) {
+        if (dirty[i] === 0) continue;
+        let v = Atomics.exchange(dirty, i, 0) >>> 0;
+        if (i === last && rest) v = (v & ((1 << rest) - 1)) >>> 0;
+        const fresh = (v & ~bm[i]!) >>> 0;
+        if (fresh !== 0) {
+          n += popcount(fresh);
+          bm[i] = (bm[i]! | v) >>> 0;
+        }
+      }
+    }
+    this.dirtyPages += n;
+    this.dirtyPagesPeriod += n;
+    this.dirtySyncCount++;
+    return n;
+  }
+
+  /** The START payload: MEM_SIZE block list, then EOS. */
+  sendSetup(w: StreamWriter): void {
+    const start = w.bytesWritten;
+    this.lastBlock = -1;
+    const hi = Math.floor(this.totalBytes / TWO32);
+    w.put64Parts(hi, ((this.totalBytes - hi * TWO32) | F.MEM_SIZE) >>> 0);
+    for (const b of this.blocks) {
+      w.putCountedString(b.name);
+      w.put64(b.size);
+    }
+    w.put64Parts(0, F.EOS);
+    this.counters.transferred += w.bytesWritten - start;
+  }
+
+  /** End of the RAM payload of a section. */
+  sendEos(w: StreamWriter): void {
+    w.put64Parts(0, F.EOS);
+    this.counters.transferred += 8;
+  }
+
+  /** Whether page `page` of block `b` is all zero. */
+  isZeroPage(b: number, page: number): boolean {
+    const v = this.words[b]!;
+    const s = page * PAGE_WORDS;
+    const e = s + PAGE_WORDS;
+    for (let k = s; k < e; k += 8) {
+      if ((v[k]! | v[k + 1]! | v[k + 2]! | v[k + 3]! | v[k + 4]! | v[k + 5]! | v[k + 6]! | v[k + 7]!) !== 0) return false;
+    }
+    return true;
+  }
+
+  /**
+   * Send dirty pages from the cursor on. Stops when the bitmap is empty, the
+   * writer's rate limit is hit, the staging buffer wants a flush, or the
+   * budget (pages / milliseconds) is spent.
+   */
+  sendPages(w: StreamWriter, budget: SendBudget = {}): SendResult {
+    const maxPages = budget.maxPages ?? Infinity;
+    const maxMs = budget.maxMillis ?? 5;
+    const startBytes = w.bytesWritten;
+    const t0 = this.now();
+    const nblocks = this.blocks.length;
+    let pages = 0;
+    let b = this.curBlock;
+    let p = this.curPage;
+
+    while (this.dirtyPages > 0 && pages < maxPages) {
+      if (w.rateLimitExceeded() || w.wantsFlush()) break;
+      // find the next set bit from (b, p)
+      let bm = this.bitmaps[b]!;
+      let wi = p >>> 5;
+      let word = wi < bm.length ? (bm[wi]! & (0xffffffff << (p & 31))) >>> 0 : 0;
+      while (word === 0) {
+        wi++;
+        if (wi >= bm.length) {
+          b++;
+          if (b >= nblocks) {
+            b = 0;
+            this.rounds++;
+            this.bulkStage = false;
+          }
+          bm = this.bitmaps[b]!;
+          wi = 0;
+          if (bm.length === 0) {
+            wi = -1;
+            continue;
+          }
+        }
+        word = bm[wi]!;
+      }
+      const bit = 31 - Math.clz32(word & -word);
+      p = (wi << 5) | bit;
+      bm[wi] = (bm[wi]! & ~(1 << bit)) >>> 0;
+      this.dirtyPages--;
+
+      const block = this.blocks[b]!;
+      const cont = this.lastBlock === b;
+      const zero = this.isZeroPage(b, p);
+      const offset = p * TARGET_PAGE_SIZE;
+      let handled = PageHookResult.Default;
+      if (this.hook !== null) {
+        handled = this.hook(w, block, b, p, cont, zero, this.bulkStage);
+        if (handled !== PageHookResult.Default) this.counters.hooked++;
+      }
+      if (handled === PageHookResult.Default) {
+        if (zero) {
+          putRamRecordHeader(w, block, offset, F.ZERO, cont);
+          w.put8(0);
+          this.counters.duplicate++;
+        } else {
+          putRamRecordHeader(w, block, offset, F.PAGE, cont);
+          const at = w.reserve(TARGET_PAGE_SIZE);
+          w.buf.set(block.bytes.subarray(offset, offset + TARGET_PAGE_SIZE), at);
+          this.counters.normal++;
+          this.counters.normalBytes += TARGET_PAGE_SIZE;
+        }
+        this.lastBlock = b;
+      } else if (handled === PageHookResult.Sent) {
+        this.lastBlock = b;
+      }
+      p++;
+      pages++;
+      if ((pages & 63) === 0 && this.now() - t0 >= maxMs) break;
+    }
+    this.curBlock = b;
+    this.curPage = p;
+    this.counters.transferred += w.bytesWritten - startBytes;
+    return { pages, done: this.dirtyPages === 0 };
+  }
+}
+
+export { TARGET_PAGE_BITS };

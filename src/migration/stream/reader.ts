@@ -1,0 +1,305 @@
+/**
+ * StreamReader: the incoming migration stream over a node Readable.
+ *
+ * Received chunks are kept in a list; get8/16/32/64/getBytes read them
+ * synchronously and throw "Unexpected end of migration stream" when the
+ * bytes are not there. Callers check has(n) and `await ensure(n)` only when
+ * data is missing. Any length taken from the wire goes through
+ * checkLength() before it is trusted; ensure() refuses more than maxEnsure.
+ */
+import type { Readable } from 'node:stream';
+import { ERR, MigrationStreamError } from '../wire/errors.js';
+
+export interface StreamReaderOptions {
+  /** Largest n ensure() accepts (default 64 MiB). */
+  maxEnsure?: number;
+  /** Pause the source when this much is buffered (default 8 MiB). */
+  highWater?: number;
+}
+
+const EMPTY = Buffer.alloc(0);
+const TWO32 = 4294967296;
+
+interface Waiter {
+  n: number;
+  resolve: () => void;
+  reject: (e: Error) => void;
+}
+
+function toError(e: unknown): Error {
+  return e instanceof Error ? e : new Error(String(e));
+}
+
+export class StreamReader {
+  private chunks: Buffer[] = [];
+  private head = 0;
+  /** current chunk (chunks[head]) and read offset in it */
+  private cur: Buffer = EMPTY;
+  private off = 0;
+  private avail = 0;
+  private ended = false;
+  private err: Error | null = null;
+  private waiter: Waiter | null = null;
+  private paused = false;
+  private readonly maxEnsure: number;
+  private readonly highWater: number;
+  /** Bytes consumed so far. */
+  bytesRead = 0;
+
+  constructor(
+    private readonly src: Readable | null,
+    opts: StreamReaderOptions = {},
+  ) {
+    this.maxEnsure = opts.maxEnsure ?? 64 * 1024 * 1024;
+    this.highWater = opts.highWater ?? 8 * 1024 * 1024;
+    if (!src) {
+      this.ended = true;
+      return;
+    }
+    src.on('data', (c: Buffer | string) => this.push(typeof c === 'string' ? Buffer.from(c) : c));
+    src.on('end', () => this.finish());
+    src.on('close', () => this.finish());
+    src.on('error', (e) => this.fail(new MigrationStreamError(ERR.readFailed(toError(e).message), { cause: e })));
+  }
+
+  /** A reader over bytes already in memory (no source: the end is the end). */
+  static fromBuffer(buf: Uint8Array): StreamReader {
+    const r = new StreamReader(null);
+    if (buf.length > 0) r.push(Buffer.isBuffer(buf) ? buf : Buffer.from(buf.buffer, buf.byteOffset, buf.byteLength));
+    return r;
+  }
+
+  /** Append bytes (also used by fromBuffer and by tests). */
+  push(c: Buffer): void {
+    if (c.length === 0) return;
+    if (this.avail === 0) {
+      this.chunks.length = 0;
+      this.head = 0;
+      this.cur = c;
+      this.off = 0;
+    }
+    this.chunks.push(c);
+    this.avail += c.length;
+    const w = this.waiter;
+    if (w && this.avail >= w.n) {
+      this.waiter = null;
+      w.resolve();
+    }
+    if (!this.waiter && this.avail > this.highWater && this.src && !this.paused) {
+      this.paused = true;
+      this.src.pause();
+    }
+  }
+
+  private finish(): void {
+    if (this.ended) return;
+    this.ended = true;
+    const w = this.waiter;
+    if (w) {
+      this.waiter = null;
+      w.reject(this.err ?? new MigrationStreamError(ERR.truncated()));
+    }
+  }
+
+  private fail(e: Error): void {
+    if (!this.err) this.err = e;
+    const w = this.waiter;
+    if (w) {
+      this.waiter = null;
+      w.reject(this.err);
+    }
+  }
+
+  /** Bytes buffered and unread. */
+  get available(): number {
+    return this.avail;
+  }
+
+  /** True when the source has ended and everything was read. */
+  get atEnd(): boolean {
+    return this.ended && this.avail === 0;
+  }
+
+  get error(): Error | null {
+    return this.err;
+  }
+
+  has(n: number): boolean {
+    return this.avail >= n;
+  }
+
+  /** Wait until n bytes are buffered. */
+  ensure(n: number): Promise<void> {
+    if (this.avail >= n) return Promise.resolve();
+    if (this.err) return Promise.reject(this.err);
+    if (n > this.maxEnsure) return Promise.reject(new MigrationStreamError(ERR.lengthTooLarge('a read', n, this.maxEnsure)));
+    if (this.ended) return Promise.reject(new MigrationStreamError(ERR.truncated()));
+    if (this.waiter) return Promise.reject(new Error('StreamReader: concurrent ensure()'));
+    return new Promise<void>((resolve, reject) => {
+      this.waiter = { n, resolve, reject };
+      if (this.paused && this.src) {
+        this.paused = false;
+        this.src.resume();
+      }
+    });
+  }
+
+  /** Throw unless len <= max (use for every length read from the wire). */
+  static checkLength(len: number, max: number, what: string): number {
+    if (!(len <= max)) throw new MigrationStreamError(ERR.lengthTooLarge(what, len, max));
+    return len;
+  }
+
+  /** Stop reading from the source (pauses it; does not destroy it). */
+  detach(): void {
+    if (this.src && !this.paused) {
+      this.paused = true;
+      this.src.pause();
+    }
+  }
+
+  // ---- consumption --------------------------------------------------------
+
+  private short(): never {
+    throw this.err ?? new MigrationStreamError(ERR.truncated());
+  }
+
+  /** Move to the next chunk once the current one is used up. */
+  private next(): void {
+    this.chunks[this.head] = EMPTY;
+    this.head++;
+    if (this.head < this.chunks.length) {
+      this.cur = this.chunks[this.head]!;
+    } else {
+      this.chunks.length = 0;
+      this.head = 0;
+      this.cur = EMPTY;
+    }
+    this.off = 0;
+    if (this.head > 1024) {
+      this.chunks = this.chunks.slice(this.head);
+      this.head = 0;
+    }
+    if (this.paused && this.src && this.avail < this.highWater >> 1) {
+      this.paused = false;
+      this.src.resume();
+    }
+  }
+
+  private advance(n: number): void {
+    this.off += n;
+    this.avail -= n;
+    this.bytesRead += n;
+    if (this.off === this.cur.length && this.avail > 0) this.next();
+    else if (this.avail === 0) {
+      this.chunks.length = 0;
+      this.head = 0;
+      this.cur = EMPTY;
+      this.off = 0;
+      if (this.paused && this.src) {
+        this.paused = false;
+        this.src.resume();
+      }
+    }
+  }
+
+  peek8(): number {
+    if (this.avail < 1) this.short();
+    return this.cur[this.off]!;
+  }
+
+  get8(): number {
+    if (this.avail < 1) this.short();
+    const v = this.cur[this.off]!;
+    this.advance(1);
+    return v;
+  }
+
+  get16(): number {
+    if (this.avail < 2) this.short();
+    if (this.off + 2 <= this.cur.length) {
+      const v = this.cur.readUInt16BE(this.off);
+      this.advance(2);
+      return v;
+    }
+    return (this.get8() << 8) | this.get8();
+  }
+
+  get32(): number {
+    if (this.avail < 4) this.short();
+    if (this.off + 4 <= this.cur.length) {
+      const v = this.cur.readUInt32BE(this.off);
+      this.advance(4);
+      return v;
+    }
+    return ((this.get8() << 24) | (this.get8() << 16) | (this.get8() << 8) | this.get8()) >>> 0;
+  }
+
+  /** be64 as a number; values >= 2^53 are refused. */
+  get64(): number {
+    if (this.avail < 8) this.short();
+    const hi = this.get32();
+    const lo = this.get32();
+    if (hi >= 0x200000) throw new MigrationStreamError(ERR.lengthTooLarge('a 64-bit value', hi * TWO32 + lo, Number.MAX_SAFE_INTEGER));
+    return hi * TWO32 + lo;
+  }
+
+  /** Copy n bytes into dst at dstOffset. */
+  copyTo(dst: Uint8Array, dstOffset: number, n: number): void {
+    if (this.avail < n) this.short();
+    while (n > 0) {
+      const take = Math.min(n, this.cur.length - this.off);
+      dst.set(this.cur.subarray(this.off, this.off + take), dstOffset);
+      dstOffset += take;
+      n -= take;
+      this.advance(take);
+    }
+  }
+
+  /**
+   * n bytes: a zero-copy view when they lie in one received chunk, else a
+   * fresh copy. The view stays valid (chunks are never reused).
+   */
+  getBytes(n: number): Buffer {
+    if (this.avail < n) this.short();
+    if (this.off + n <= this.cur.length) {
+      const v = this.cur.subarray(this.off, this.off + n);
+      this.advance(n);
+      return v;
+    }
+    const b = Buffer.allocUnsafe(n);
+    this.copyTo(b, 0, n);
+    return b;
+  }
+
+  skip(n: number): void {
+    if (this.avail < n) this.short();
+    while (n > 0) {
+      const take = Math.min(n, this.cur.length - this.off);
+      n -= take;
+      this.advance(take);
+    }
+  }
+
+  /** Counted string (u8 length + bytes), decoded as UTF-8 (latin1-safe for ASCII names). */
+  getCountedString(): string {
+    if (this.avail < 1) this.short();
+    const len = this.cur[this.off]!;
+    if (this.avail < 1 + len) this.short();
+    this.advance(1);
+    if (this.off + len <= this.cur.length) {
+      const s = this.cur.toString('utf8', this.off, this.off + len);
+      this.advance(len);
+      return s;
+    }
+    return this.getBytes(len).toString('utf8');
+  }
+
+  /** Wait for and read a counted string. */
+  async readCountedString(): Promise<string> {
+    if (!this.has(1)) await this.ensure(1);
+    const len = this.peek8();
+    if (!this.has(1 + len)) await this.ensure(1 + len);
+    return this.getCountedString();
+  }
+}

@@ -1,0 +1,368 @@
+/**
+ * StreamWriter: staging buffers for the outgoing migration stream.
+ *
+ * Records are put into a big reusable staging buffer (no allocation per put);
+ * flush() hands the staged bytes to a node Writable and swaps to the second
+ * buffer (double buffering: one buffer is being written while the next one
+ * fills). The first error is sticky: every later put is a no-op and flush()
+ * rejects with it. A rate limiter with 100 ms windows mirrors QEMU's
+ * qemu_file_rate_limit (budget = max-bandwidth / 10 per window).
+ */
+import type { Writable } from 'node:stream';
+import { ERR, MigrationStreamError } from '../wire/errors.js';
+
+/** Anything records can be encoded into. */
+export interface ByteSink {
+  put8(v: number): void;
+  put16(v: number): void;
+  put32(v: number): void;
+  /** v must be a non-negative integer below 2^53 */
+  put64(v: number): void;
+  put64Parts(hi: number, lo: number): void;
+  putBytes(src: Uint8Array, offset?: number, length?: number): void;
+  putCountedString(s: string): void;
+}
+
+export interface StreamWriterOptions {
+  /** Size of each staging buffer (default 2 MiB, minimum 64 KiB). */
+  bufferSize?: number;
+  /** Bytes per second, 0 = unlimited (default). */
+  maxBandwidth?: number;
+  /** Clock in milliseconds (default performance.now). */
+  now?: () => number;
+}
+
+/** Rate-limit window, as in QEMU (BUFFER_DELAY 100 ms). */
+export const RATE_WINDOW_MS = 100;
+const TWO32 = 4294967296;
+/** Headroom kept free when wantsFlush() starts saying yes. */
+const FLUSH_HEADROOM = 64 * 1024;
+
+function toError(e: unknown): Error {
+  return e instanceof Error ? e : new Error(String(e));
+}
+
+export class StreamWriter implements ByteSink {
+  /** Current staging buffer. Valid offsets come from reserve(). */
+  buf: Buffer;
+  private dv: DataView;
+  /** Bytes staged in buf. */
+  private pos = 0;
+  private readonly cap: number;
+  private readonly flushAt: number;
+  private readonly free: Buffer[] = [];
+  /** Full chunks spilled by a put that did not fit, waiting for flush(). */
+  private queued: Buffer[] = [];
+  private inflight: Promise<void> | null = null;
+  private err: Error | null = null;
+  private readonly now: () => number;
+
+  /** Every byte put so far (staged or written). */
+  bytesWritten = 0;
+  /** Bytes whose write callback completed. */
+  bytesFlushed = 0;
+
+  private maxBw = 0;
+  private budget = 0;
+  private windowStart: number;
+  private windowStartBytes = 0;
+
+  constructor(
+    private readonly out: Writable | null,
+    opts: StreamWriterOptions = {},
+  ) {
+    this.cap = Math.max(opts.bufferSize ?? 2 * 1024 * 1024, 64 * 1024);
+    this.flushAt = this.cap - Math.min(FLUSH_HEADROOM, this.cap >> 2);
+    this.buf = Buffer.allocUnsafeSlow(this.cap);
+    this.free.push(Buffer.allocUnsafeSlow(this.cap));
+    this.dv = new DataView(this.buf.buffer, this.buf.byteOffset, this.buf.byteLength);
+    this.now = opts.now ?? (() => performance.now());
+    this.windowStart = this.now();
+    this.setMaxBandwidth(opts.maxBandwidth ?? 0);
+    if (out) {
+      out.on('error', (e) => this.setError(new MigrationStreamError(ERR.writeFailed(toError(e).message), { cause: e })));
+    }
+  }
+
+  /** First error, or null. */
+  get error(): Error | null {
+    return this.err;
+  }
+
+  /** Make `e` the sticky error unless there already is one. */
+  setError(e: Error): void {
+    if (this.err === null) this.err = e;
+  }
+
+  /** Bytes staged and not yet handed to the Writable. */
+  get pending(): number {
+    let n = this.pos;
+    for (const q of this.queued) n += q.length;
+    return n;
+  }
+
+  /** Offset of the next byte in buf. */
+  get offset(): number {
+    return this.pos;
+  }
+
+  /** True when the staging buffer is nearly full and the caller should flush. */
+  wantsFlush(): boolean {
+    return this.pos >= this.flushAt || this.queued.length > 0;
+  }
+
+  // ---- puts -------------------------------------------------------------
+
+  private room(n: number): void {
+    if (this.pos + n > this.cap) this.spill();
+  }
+
+  /** Move the staged bytes to the queue and continue in a fresh buffer. */
+  private spill(): void {
+    if (this.pos === 0) return;
+    this.queued.push(this.buf.subarray(0, this.pos));
+    this.buf = this.free.pop() ?? Buffer.allocUnsafeSlow(this.cap);
+    this.dv = new DataView(this.buf.buffer, this.buf.byteOffset, this.buf.byteLength);
+    this.pos = 0;
+  }
+
+  put8(v: number): void {
+    if (this.err !== null) return;
+    if (this.pos + 1 > this.cap) this.spill();
+    this.buf[this.pos++] = v;
+    this.bytesWritten += 1;
+  }
+
+  put16(v: number): void {
+    if (this.err !== null) return;
+    if (this.pos + 2 > this.cap) this.spill();
+    this.dv.setUint16(this.pos, v);
+    this.pos += 2;
+    this.bytesWritten += 2;
+  }
+
+  put32(v: number): void {
+    if (this.err !== null) return;
+    if (this.pos + 4 > this.cap) this.spill();
+    this.dv.setUint32(this.pos, v >>> 0);
+    this.pos += 4;
+    this.bytesWritten += 4;
+  }
+
+  put64(v: number): void {
+    this.put64Parts(Math.floor(v / TWO32), v >>> 0);
+  }
+
+  put64Parts(hi: number, lo: number): void {
+    if (this.err !== null) return;
+    if (this.pos + 8 > this.cap) this.spill();
+    const dv = this.dv;
+    dv.setUint32(this.pos, hi >>> 0);
+    dv.setUint32(this.pos + 4, lo >>> 0);
+    this.pos += 8;
+    this.bytesWritten += 8;
+  }
+
+  putBytes(src: Uint8Array, offset = 0, length = src.length - offset): void {
+    if (this.err !== null) return;
+    this.bytesWritten += length;
+    while (length > 0) {
+      let space = this.cap - this.pos;
+      if (space === 0) {
+        this.spill();
+        space = this.cap;
+      }
+      const n = length < space ? length : space;
+      this.buf.set(n === src.length ? src : src.subarray(offset, offset + n), this.pos);
+      this.pos += n;
+      offset += n;
+      length -= n;
+    }
+  }
+
+  putCountedString(s: string): void {
+    if (this.err !== null) return;
+    const len = Buffer.byteLength(s, 'utf8');
+    if (len > 255) throw new MigrationStreamError(`Counted string too long (${len} bytes): ${s.slice(0, 40)}`);
+    this.room(1 + len);
+    this.buf[this.pos] = len;
+    if (len > 0) this.buf.write(s, this.pos + 1, len, 'utf8');
+    this.pos += 1 + len;
+    this.bytesWritten += 1 + len;
+  }
+
+  /**
+   * Reserve n bytes (n <= buffer size) and return their offset in `this.buf`;
+   * the caller fills them before the next put. After an error the offset is
+   * still valid scratch space but the bytes are never written.
+   */
+  reserve(n: number): number {
+    if (n > this.cap) throw new RangeError(`reserve(${n}) exceeds the staging buffer`);
+    if (this.err !== null) return 0;
+    if (this.pos + n > this.cap) this.spill();
+    const at = this.pos;
+    this.pos += n;
+    this.bytesWritten += n;
+    return at;
+  }
+
+  // ---- output -----------------------------------------------------------
+
+  /**
+   * Hand the staged bytes to the Writable. Resolves once the previous write
+   * has completed and this one is issued (so the caller can fill the other
+   * buffer while this one drains). Rejects with the sticky error.
+   */
+  async flush(): Promise<void> {
+    if (this.err) throw this.err;
+    if (this.inflight) await this.inflight;
+    if (this.err) throw this.err;
+    if (this.pos === 0 && this.queued.length === 0) return;
+    this.spill();
+    const chunks = this.queued;
+    this.queued = [];
+    if (!this.out) {
+      // null sink: bytes vanish
+      for (const c of chunks) this.release(c);
+      return;
+    }
+    this.inflight = this.writeChunks(chunks);
+  }
+
+  /** flush() and wait until everything is written. */
+  async drain(): Promise<void> {
+    await this.flush();
+    if (this.inflight) await this.inflight;
+    this.inflight = null;
+    if (this.err) throw this.err;
+  }
+
+  private release(chunk: Buffer): void {
+    this.bytesFlushed += chunk.length;
+    if (this.free.length < 2) {
+      // chunk is a view at offset 0 of a staging buffer
+      this.free.push(Buffer.from(chunk.buffer, chunk.byteOffset, this.cap));
+    }
+  }
+
+  /** Never rejects: failures become the sticky error. */
+  private async writeChunks(chunks: Buffer[]): Promise<void> {
+    const out = this.out!;
+    for (const chunk of chunks) {
+      if (this.err) return;
+      try {
+        await new Promise<void>((resolve, reject) => {
+          if (out.destroyed || out.writableEnded) {
+            reject(new Error(out.writableEnded ? 'write after end' : 'stream destroyed'));
+            return;
+          }
+          out.write(chunk, (e) => (e ? reject(e) : resolve()));
+        });
+        this.release(chunk);
+      } catch (e) {
+        this.setError(new MigrationStreamError(ERR.writeFailed(toError(e).message), { cause: e }));
+        return;
+      }
+    }
+  }
+
+  // ---- rate limit -------------------------------------------------------
+
+  get maxBandwidth(): number {
+    return this.maxBw;
+  }
+
+  /** Bytes per second; 0 = unlimited. Takes effect in the current window. */
+  setMaxBandwidth(bps: number): void {
+    this.maxBw = bps > 0 ? bps : 0;
+    this.budget = this.maxBw / (1000 / RATE_WINDOW_MS);
+  }
+
+  /** Bytes put in the current window. */
+  get windowBytes(): number {
+    return this.bytesWritten - this.windowStartBytes;
+  }
+
+  private roll(now: number): void {
+    if (now - this.windowStart < RATE_WINDOW_MS) return;
+    // carry the overshoot of the last window (at most one budget) into the next
+    const used = this.bytesWritten - this.windowStartBytes;
+    const over = this.budget > 0 ? Math.min(Math.max(used - this.budget, 0), this.budget) : 0;
+    this.windowStart = now;
+    this.windowStartBytes = this.bytesWritten - over;
+  }
+
+  /** True when this window's budget is spent (or after an error). */
+  rateLimitExceeded(): boolean {
+    if (this.err !== null) return true;
+    if (this.budget === 0) return false;
+    this.roll(this.now());
+    return this.bytesWritten - this.windowStartBytes >= this.budget;
+  }
+
+  /** Sleep until the current window ends and start a new one. */
+  async waitForWindow(): Promise<void> {
+    const left = this.windowStart + RATE_WINDOW_MS - this.now();
+    if (left > 0) await new Promise<void>((r) => setTimeout(r, Math.ceil(left)));
+    this.roll(Math.max(this.now(), this.windowStart + RATE_WINDOW_MS));
+  }
+}
+
+/**
+ * A growable in-memory ByteSink (for PACKAGED blobs, COLO buffers, tests).
+ * Not for the hot path.
+ */
+export class BufferSink implements ByteSink {
+  private buf = Buffer.alloc(4096);
+  private pos = 0;
+
+  private room(n: number): void {
+    if (this.pos + n <= this.buf.length) return;
+    let size = this.buf.length * 2;
+    while (size < this.pos + n) size *= 2;
+    const b = Buffer.alloc(size);
+    this.buf.copy(b, 0, 0, this.pos);
+    this.buf = b;
+  }
+  get length(): number {
+    return this.pos;
+  }
+  put8(v: number): void {
+    this.room(1);
+    this.buf[this.pos++] = v;
+  }
+  put16(v: number): void {
+    this.room(2);
+    this.buf.writeUInt16BE(v, this.pos);
+    this.pos += 2;
+  }
+  put32(v: number): void {
+    this.room(4);
+    this.buf.writeUInt32BE(v >>> 0, this.pos);
+    this.pos += 4;
+  }
+  put64(v: number): void {
+    this.put64Parts(Math.floor(v / TWO32), v >>> 0);
+  }
+  put64Parts(hi: number, lo: number): void {
+    this.room(8);
+    this.buf.writeUInt32BE(hi >>> 0, this.pos);
+    this.buf.writeUInt32BE(lo >>> 0, this.pos + 4);
+    this.pos += 8;
+  }
+  putBytes(src: Uint8Array, offset = 0, length = src.length - offset): void {
+    this.room(length);
+    this.buf.set(src.subarray(offset, offset + length), this.pos);
+    this.pos += length;
+  }
+  putCountedString(s: string): void {
+    const b = Buffer.from(s, 'utf8');
+    if (b.length > 255) throw new MigrationStreamError(`Counted string too long (${b.length} bytes): ${s.slice(0, 40)}`);
+    this.put8(b.length);
+    this.putBytes(b);
+  }
+  /** A copy of the bytes put so far. */
+  toBuffer(): Buffer {
+    return Buffer.from(this.buf.subarray(0, this.pos));
+  }
+}
