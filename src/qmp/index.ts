@@ -1,0 +1,5 @@
+export * from './types.js';
+export * from './json.js';
+export * from './address.js';
+export * from './server.js';
+export * from './client.js';
