@@ -54,3 +54,69 @@ export interface MigratableDevice {
  * layer writes a be32 length before the payload, so our own devices are
  * self-delimiting in the stream.
  */
+
+/* ------------------------------------------------------------------------ */
+/* Machine configuration (extension; the CLI builds these from -m/-smp/...). */
+
+/**
+ * Guest workload run by the vCPU workers. Sizes are bytes, addresses are
+ * guest-physical (RAM blocks laid out back to back from 0).
+ *
+ * - `idle`: no writes.
+ * - `sweep`: vCPU 0 sets the first byte of every page in [start, end) to
+ *   (round+1) & 0xff, ascending, round after round (QEMU migration-test style;
+ *   on zero-filled RAM that is exactly "increment"). Other vCPUs idle.
+ *   Defaults start = 1M, end = ramSize. One step = one page.
+ * - `stress`: dirties random pages of the working set [start, start+wss)
+ *   (defaults start = 0, wss = ramSize - start), split into one disjoint
+ *   stripe per vCPU, `write` bytes (1..4096, default 8) at a random offset per
+ *   step, at `rate` bytes of pages per second in total (0/undefined =
+ *   unlimited). One step = one page write.
+ * `steps`: when set, each vCPU stops writing after that many steps.
+ */
+export type WorkloadConfig =
+  | { kind: 'idle' }
+  | { kind: 'sweep'; start?: number; end?: number; steps?: number }
+  | {
+      kind: 'stress';
+      rate?: number;
+      wss?: number;
+      start?: number;
+      write?: number;
+      seed?: number;
+      steps?: number;
+    };
+
+export type WorkloadKind = WorkloadConfig['kind'];
+
+/** Boot-time RAM content; deterministic by seed (default seed 0). */
+export interface FillConfig {
+  kind: 'zero' | 'random' | 'text';
+  seed?: number;
+}
+
+export type SerialConfig =
+  | { kind: 'file'; path: string }
+  | { kind: 'stdout' }
+  | { kind: 'none' };
+
+export interface MachineConfig {
+  /** bytes, a positive multiple of TARGET_PAGE_SIZE */
+  ramSize: number;
+  /** number of vCPU worker threads, 1..64 */
+  smp: number;
+  name?: string;
+  /** machine type name sent in the configuration record; default 'none' */
+  machineType?: string;
+  /** when given, RAM block(s) are named after it instead of pc.ram */
+  memoryBackendId?: string;
+  workload?: WorkloadConfig;
+  fill?: FillConfig;
+  /** -S: initial run state prelaunch */
+  startPaused?: boolean;
+  /** -incoming: initial run state inmigrate (wins over startPaused) */
+  incoming?: boolean;
+  serial?: SerialConfig;
+  /** heartbeat period in ns of virtual time; default 1e9 */
+  heartbeatPeriodNs?: number;
+}

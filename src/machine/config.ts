@@ -1,0 +1,86 @@
+/**
+ * Parsers for the `-workload` and `-fill` option strings, for the CLI:
+ *   idle
+ *   sweep[,start=SIZE][,end=SIZE][,steps=N]
+ *   stress[,rate=SIZE][,wss=SIZE][,start=SIZE][,write=BYTES][,seed=N][,steps=N]
+ *   zero | random[,seed=N] | text[,seed=N]
+ */
+import { parseSize } from '../base/size.js';
+import type { FillConfig, WorkloadConfig } from './types.js';
+
+function splitOpts(spec: string, what: string): { head: string; opts: Map<string, string> } {
+  const parts = spec.split(',');
+  const head = parts[0]!.trim();
+  const opts = new Map<string, string>();
+  for (const p of parts.slice(1)) {
+    const eq = p.indexOf('=');
+    if (eq <= 0) throw new Error(`Invalid ${what} option '${p}': expected key=value`);
+    const k = p.slice(0, eq).trim();
+    if (opts.has(k)) throw new Error(`Duplicate ${what} option '${k}'`);
+    opts.set(k, p.slice(eq + 1).trim());
+  }
+  return { head, opts };
+}
+
+function parseUint(s: string, what: string, max = Number.MAX_SAFE_INTEGER): number {
+  if (!/^\d+$/.test(s)) throw new Error(`Invalid ${what} '${s}': expected a non-negative integer`);
+  const v = Number(s);
+  if (v > max) throw new Error(`Invalid ${what} '${s}': maximum is ${max}`);
+  return v;
+}
+
+function onlyKeys(opts: Map<string, string>, allowed: string[], what: string): void {
+  for (const k of opts.keys()) {
+    if (!allowed.includes(k)) {
+      throw new Error(`Unknown ${what} option '${k}' (allowed: ${allowed.join(', ') || 'none'})`);
+    }
+  }
+}
+
+export function parseWorkload(spec: string): WorkloadConfig {
+  const { head, opts } = splitOpts(spec, 'workload');
+  switch (head) {
+    case 'idle':
+      onlyKeys(opts, [], 'workload idle');
+      return { kind: 'idle' };
+    case 'sweep': {
+      onlyKeys(opts, ['start', 'end', 'steps'], 'workload sweep');
+      const w: WorkloadConfig = { kind: 'sweep' };
+      if (opts.has('start')) w.start = parseSize(opts.get('start')!, 'sweep start');
+      if (opts.has('end')) w.end = parseSize(opts.get('end')!, 'sweep end');
+      if (opts.has('steps')) w.steps = parseUint(opts.get('steps')!, 'steps');
+      return w;
+    }
+    case 'stress': {
+      onlyKeys(opts, ['rate', 'wss', 'start', 'write', 'seed', 'steps'], 'workload stress');
+      const w: WorkloadConfig = { kind: 'stress' };
+      if (opts.has('rate')) w.rate = parseSize(opts.get('rate')!, 'stress rate');
+      if (opts.has('wss')) w.wss = parseSize(opts.get('wss')!, 'stress wss');
+      if (opts.has('start')) w.start = parseSize(opts.get('start')!, 'stress start');
+      if (opts.has('write')) w.write = parseSize(opts.get('write')!, 'stress write');
+      if (opts.has('seed')) w.seed = parseUint(opts.get('seed')!, 'seed', 0xffffffff);
+      if (opts.has('steps')) w.steps = parseUint(opts.get('steps')!, 'steps');
+      return w;
+    }
+    default:
+      throw new Error(`Unknown workload '${head}' (expected idle, sweep or stress)`);
+  }
+}
+
+export function parseFill(spec: string): FillConfig {
+  const { head, opts } = splitOpts(spec, 'fill');
+  if (head !== 'zero' && head !== 'random' && head !== 'text') {
+    throw new Error(`Unknown fill '${head}' (expected zero, random or text)`);
+  }
+  onlyKeys(opts, ['seed'], 'fill');
+  const f: FillConfig = { kind: head };
+  if (opts.has('seed')) f.seed = parseUint(opts.get('seed')!, 'seed', 0xffffffff);
+  return f;
+}
+
+/** Canonical string form of a workload (for logs and `info`). */
+export function formatWorkload(w: WorkloadConfig): string {
+  const parts: string[] = [w.kind];
+  for (const [k, v] of Object.entries(w)) if (k !== 'kind' && v !== undefined) parts.push(`${k}=${v}`);
+  return parts.join(',');
+}

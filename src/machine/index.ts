@@ -1,0 +1,5 @@
+export * from './types.js';
+export { Machine, countDirty, clearDirty, type MemoryDigest } from './machine.js';
+export { checkSweep, type SweepMismatch } from './sweep-check.js';
+export { parseWorkload, parseFill, formatWorkload } from './config.js';
+export { encodeGlobalState, decodeGlobalState, QAPI_RUN_STATES } from './devices.js';

@@ -1,0 +1,186 @@
+/**
+ * vCPU worker thread: runs one vCPU's workload against guest RAM under the
+ * shared control block (see layout.ts). Compiled to
+ * dist/src/machine/vcpu-worker.js and started by Machine.
+ *
+ * Protocol:
+ * - The worker polls ctl[CTL_CMD] after every batch (<= BATCH writes).
+ * - On PAUSE/EXIT it writes its full workload state back to vstate, then
+ *   Atomics.store(ctl, CTL_ACK+i, ACK_PAUSED/ACK_EXITED) + notify. That store
+ *   is sequentially consistent and comes after the last guest write, so once
+ *   the main thread sees ACK_PAUSED every write of this vCPU is visible and no
+ *   further write happens until the next RUN.
+ * - On RUN it (re)loads its workload state from vstate (the main thread may
+ *   have loaded migrated state meanwhile) and acks ACK_RUNNING.
+ * - Sleeping (paused, idle, throttled, rate-limited) is Atomics.wait on
+ *   ctl[CTL_SEQ] with a timeout, so any command wakes it at once.
+ */
+import { parentPort, workerData } from 'node:worker_threads';
+import {
+  ACK_EXITED,
+  ACK_PAUSED,
+  ACK_RUNNING,
+  CMD_EXIT,
+  CMD_RUN,
+  CTL_ACK,
+  CTL_CMD,
+  CTL_SEQ,
+  CTL_THROTTLE,
+  KIND_STRESS,
+  KIND_SWEEP,
+  VS_ACTIVE,
+  VS_KIND,
+  VS_NACTIVE,
+  VS_POS,
+  VS_RATE,
+  VS_RNG0,
+  VS_ROUND,
+  VS_STEPS,
+  VS_STEPS_LIMIT,
+  VS_STRIDE,
+  VS_STRIPE_END,
+  VS_STRIPE_START,
+  VS_WRITE,
+} from './layout.js';
+import { StressLoop, SweepLoop, stressSalt } from './workload.js';
+
+export interface VcpuWorkerData {
+  index: number;
+  ctlBuf: SharedArrayBuffer;
+  vstateBuf: SharedArrayBuffer;
+  ramBufs: SharedArrayBuffer[];
+  dirtyBufs: SharedArrayBuffer[];
+}
+
+const BATCH = 128;
+/** Throttle slice: run this long, then sleep slice * p / (1 - p). */
+const SLICE_MS = 10;
+
+function main(): void {
+  const wd = workerData as VcpuWorkerData;
+  const idx = wd.index;
+  const ctl = new Int32Array(wd.ctlBuf);
+  const vs = new Float64Array(wd.vstateBuf, idx * VS_STRIDE * 8, VS_STRIDE);
+  const bytes = wd.ramBufs.map((b) => new Uint8Array(b));
+  const dirty = wd.dirtyBufs.map((b) => new Int32Array(b));
+  const ackIdx = CTL_ACK + idx;
+
+  const ack = (v: number): void => {
+    Atomics.store(ctl, ackIdx, v);
+    Atomics.notify(ctl, ackIdx);
+  };
+
+  let stress: StressLoop | null = null;
+  let sweep: SweepLoop | null = null;
+
+  const loadState = (): void => {
+    stress = null;
+    sweep = null;
+    if (vs[VS_ACTIVE] !== 1) return;
+    const kind = vs[VS_KIND];
+    if (kind === KIND_STRESS) {
+      const start = vs[VS_STRIPE_START]!;
+      const l = new StressLoop(bytes, dirty, start, vs[VS_STRIPE_END]! - start, vs[VS_WRITE]!, stressSalt(idx), true);
+      l.setRng([vs[VS_RNG0]!, vs[VS_RNG0 + 1]!, vs[VS_RNG0 + 2]!, vs[VS_RNG0 + 3]!]);
+      l.steps = vs[VS_STEPS]!;
+      stress = l;
+    } else if (kind === KIND_SWEEP) {
+      const l = new SweepLoop(bytes, dirty, vs[VS_STRIPE_START]!, vs[VS_STRIPE_END]!, true);
+      l.pos = vs[VS_POS]!;
+      l.round = vs[VS_ROUND]!;
+      l.steps = vs[VS_STEPS]!;
+      sweep = l;
+    }
+  };
+
+  const saveState = (): void => {
+    if (stress) {
+      const l: StressLoop = stress;
+      vs[VS_RNG0] = l.s0 >>> 0;
+      vs[VS_RNG0 + 1] = l.s1 >>> 0;
+      vs[VS_RNG0 + 2] = l.s2 >>> 0;
+      vs[VS_RNG0 + 3] = l.s3 >>> 0;
+      vs[VS_STEPS] = l.steps;
+    } else if (sweep) {
+      const l: SweepLoop = sweep;
+      vs[VS_POS] = l.pos;
+      vs[VS_ROUND] = l.round;
+      vs[VS_STEPS] = l.steps;
+    }
+  };
+
+  for (;;) {
+    const seq = Atomics.load(ctl, CTL_SEQ);
+    const cmd = Atomics.load(ctl, CTL_CMD);
+    if (cmd === CMD_EXIT) {
+      ack(ACK_EXITED);
+      return;
+    }
+    if (cmd !== CMD_RUN) {
+      if (Atomics.load(ctl, ackIdx) !== ACK_PAUSED) ack(ACK_PAUSED);
+      Atomics.wait(ctl, CTL_SEQ, seq);
+      continue;
+    }
+    // RUN
+    loadState();
+    ack(ACK_RUNNING);
+    runUntilCommand(ctl, vs, stress, sweep);
+    saveState();
+  }
+}
+
+/** Runs the workload until ctl[CTL_CMD] is no longer RUN. */
+function runUntilCommand(ctl: Int32Array, vs: Float64Array, stress: StressLoop | null, sweep: SweepLoop | null): void {
+  const loop = stress ?? sweep;
+  const limit = vs[VS_STEPS_LIMIT]!;
+  const rate = vs[VS_RATE]!;
+  const nActive = Math.max(1, vs[VS_NACTIVE]!);
+  // pages per ms for this vCPU; 0 = unlimited
+  const ppms = rate > 0 ? rate / 4096 / nActive / 1000 : 0;
+  const t0 = performance.now();
+  const steps0 = loop ? loop.steps : 0;
+  let sliceStart = t0;
+  for (;;) {
+    const seq = Atomics.load(ctl, CTL_SEQ);
+    if (Atomics.load(ctl, CTL_CMD) !== CMD_RUN) return;
+    if (!loop || (limit >= 0 && loop.steps >= limit)) {
+      // nothing (more) to do: sleep until the next command
+      Atomics.wait(ctl, CTL_SEQ, seq);
+      continue;
+    }
+    let n = BATCH;
+    if (limit >= 0 && limit - loop.steps < n) n = limit - loop.steps;
+    if (ppms > 0) {
+      const allowed = Math.floor((performance.now() - t0) * ppms) - (loop.steps - steps0);
+      if (allowed < 1) {
+        const waitMs = Math.min(50, Math.max(0.05, (1 - allowed) / ppms));
+        Atomics.wait(ctl, CTL_SEQ, seq, waitMs);
+        continue;
+      }
+      if (allowed < n) n = allowed;
+    }
+    loop.run(n);
+    vs[VS_STEPS] = loop.steps;
+    const thr = Atomics.load(ctl, CTL_THROTTLE);
+    if (thr > 0) {
+      const now = performance.now();
+      if (now - sliceStart >= SLICE_MS) {
+        const p = Math.min(99, thr) / 100;
+        const sleepMs = (SLICE_MS * p) / (1 - p);
+        const until = now + sleepMs;
+        // sleep, but wake at once on a command (SEQ bump)
+        for (;;) {
+          const left = until - performance.now();
+          if (left <= 0) break;
+          if (Atomics.wait(ctl, CTL_SEQ, seq, left) !== 'timed-out') break;
+        }
+        sliceStart = performance.now();
+      }
+    } else {
+      sliceStart = 0;
+    }
+  }
+}
+
+main();
+parentPort?.close();
