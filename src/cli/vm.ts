@@ -1,0 +1,142 @@
+/**
+ * `ferry vm`: one virtual machine process, driven over QMP like
+ * qemu-system. See vm-args.ts for the command line.
+ */
+import { parseSize } from '../base/size.js';
+import { handlers } from '../commands/handlers.js';
+import type { Ctx, UserObject, VmServices } from '../commands/context.js';
+import { addObject } from '../commands/objects.js';
+import { COMMANDS } from '../generated/qapi-commands.js';
+import { QapiEvents } from '../generated/qapi-events.js';
+import { Machine, parseFill, parseWorkload, type SerialConfig } from '../machine/index.js';
+import {
+  MigrationDestination,
+  MigrationOptions,
+  MigrationSource,
+  machinePort,
+} from '../migration/index.js';
+import { QmpError } from '../qapi/errors.js';
+import { QmpServer } from '../qmp/index.js';
+import { parseVmArgs, UsageError } from './vm-args.js';
+
+export const FERRY_VERSION = { qemu: { major: 2, minor: 10, micro: 0 }, package: 'ferry-0.1.0' };
+
+function parseSerial(s: string): SerialConfig {
+  if (s === 'none' || s === 'null') return { kind: 'none' };
+  if (s === 'stdio' || s === 'stdout') return { kind: 'stdout' };
+  if (s.startsWith('file:')) return { kind: 'file', path: s.slice(5) };
+  throw new UsageError(`-serial ${s}: expected none, stdio or file:PATH`);
+}
+
+export async function main(argv: string[]): Promise<number> {
+  let vm: VmServices;
+  let server: QmpServer<Ctx>;
+  try {
+    const a = parseVmArgs(argv);
+    let ramSize = parseSize(a.ramSize);
+    // -object memory-backend-ram,id=m,size=16M -machine memory-backend=m
+    const objects = new Map<string, UserObject>();
+    for (const o of a.objects) {
+      const props: Record<string, unknown> = { ...o.props };
+      if (o.qomType === 'memory-backend-ram' && typeof props.size === 'string') props.size = parseSize(props.size);
+      try {
+        addObject(objects, { qomType: o.qomType, id: o.id, props });
+      } catch (e) {
+        throw new UsageError(`-object ${o.qomType},id=${o.id}: ${(e as Error).message}`);
+      }
+    }
+    if (a.memoryBackend) {
+      const be = objects.get(a.memoryBackend);
+      if (!be || be.qomType !== 'memory-backend-ram') {
+        throw new UsageError(`Memory backend '${a.memoryBackend}' not found`);
+      }
+      ramSize = be.props.size as number;
+    }
+    const machine = await Machine.create({
+      ramSize,
+      smp: a.smp,
+      name: a.name,
+      machineType: a.machineType,
+      memoryBackendId: a.memoryBackend,
+      workload: parseWorkload(a.workload),
+      fill: parseFill(a.fill),
+      startPaused: a.startPaused,
+      incoming: a.incoming !== undefined,
+      serial: parseSerial(a.serial),
+    });
+    const options = new MigrationOptions();
+    const fds = new Map<string, number>();
+    const lookupFd = (name: string) => fds.get(name);
+    let quitting = false;
+    const services: VmServices = {
+      machine,
+      options,
+      objects,
+      fds,
+      incomingMode: a.incoming === undefined ? 'none' : a.incoming === 'defer' ? 'defer' : 'uri',
+      commandNames: [...COMMANDS.keys()],
+      version: FERRY_VERSION,
+      autostart: !a.startPaused,
+      source: undefined as unknown as MigrationSource,
+      destination: undefined as unknown as MigrationDestination,
+      requestQuit() {
+        if (quitting) return;
+        quitting = true;
+        setTimeout(() => void shutdown(0), 20);
+      },
+    };
+    const port = machinePort(machine, services);
+    const source = new MigrationSource(port, options, { lookupFd });
+    const destination = new MigrationDestination(port, options, {
+      lookupFd,
+      log: (msg) => process.stderr.write(`ferry: ${msg}\n`),
+    });
+    Object.assign(services, { source, destination });
+    vm = services;
+
+    server = new QmpServer<Ctx>({
+      commands: COMMANDS,
+      handlers,
+      makeContext: (conn) => ({ vm, conn }),
+      version: FERRY_VERSION,
+    });
+    const events = new QapiEvents((name, data) => server.broadcast(name, data));
+    machine.on('runstate', (now: string, old: string) => {
+      if (old === 'running') events.STOP();
+      if (now === 'running') events.RESUME();
+    });
+    source.on('status', (status) => {
+      if (options.capability('events')) events.MIGRATION({ status });
+    });
+    source.on('pass', (pass) => {
+      if (options.capability('events')) events.MIGRATION_PASS({ pass });
+    });
+    destination.on('status', (status) => {
+      if (status === 'setup' || options.capability('events')) events.MIGRATION({ status });
+    });
+
+    const shutdown = async (code: number) => {
+      try {
+        source.cancel();
+        destination.close();
+        await server.close();
+        await machine.destroy();
+      } finally {
+        process.exit(code);
+      }
+    };
+    process.on('SIGINT', () => void shutdown(0));
+    process.on('SIGTERM', () => void shutdown(0));
+    process.on('SIGHUP', () => void shutdown(0));
+
+    for (const spec of a.qmp) await server.listen(spec);
+    if (a.incoming !== undefined && a.incoming !== 'defer') {
+      await destination.start(a.incoming);
+    }
+    return -1; // keep running
+  } catch (e) {
+    const msg = e instanceof QmpError ? e.desc : e instanceof Error ? e.message : String(e);
+    process.stderr.write(`ferry vm: ${msg}\n`);
+    return 1;
+  }
+}

@@ -1,0 +1,39 @@
+/**
+ * What every command handler sees: the VM's services and the monitor
+ * connection that issued the command.
+ */
+import type { Machine } from '../machine/machine.js';
+import type { MigrationDestination, MigrationOptions, MigrationSource } from '../migration/index.js';
+import type { QmpClientConn } from '../qmp/index.js';
+
+export interface UserObject {
+  qomType: string;
+  id: string;
+  props: Record<string, unknown>;
+}
+
+export interface VmServices {
+  readonly machine: Machine;
+  readonly options: MigrationOptions;
+  readonly source: MigrationSource;
+  readonly destination: MigrationDestination;
+  /** How -incoming was given: not at all, `defer`, or a URI. */
+  readonly incomingMode: 'none' | 'defer' | 'uri';
+  /** Objects created by -object and object-add, by id. */
+  readonly objects: Map<string, UserObject>;
+  /** Descriptors received with getfd, by name. */
+  readonly fds: Map<string, number>;
+  /** Names of every command in the schema (query-commands). */
+  readonly commandNames: readonly string[];
+  /** Greeting / query-version value. */
+  readonly version: { qemu: { major: number; minor: number; micro: number }; package: string };
+  /** Whether the guest starts when an incoming migration completes (no -S). */
+  autostart: boolean;
+  /** Ends the process after the reply has been written. */
+  requestQuit(): void;
+}
+
+export interface Ctx {
+  vm: VmServices;
+  conn: QmpClientConn;
+}

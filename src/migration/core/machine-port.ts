@@ -1,0 +1,37 @@
+/** Adapts a Machine to what the migration engine needs (MachinePort). */
+import type { Machine } from '../../machine/machine.js';
+import type { MachinePort } from './port.js';
+
+export function machinePort(m: Machine, opts: { autostart: boolean }): MachinePort {
+  return {
+    get ram() {
+      return m.ram;
+    },
+    get machineType() {
+      return m.machineType;
+    },
+    get devices() {
+      return m.devices;
+    },
+    get runState() {
+      return m.runState;
+    },
+    stopForMigration: () => m.stop('finish-migrate'),
+    async resumeAfterMigration() {
+      const before = m.savedRunStateForMigration ?? 'running';
+      m.savedRunStateForMigration = undefined;
+      await m.setRunState(before === 'finish-migrate' ? 'running' : before);
+    },
+    enterPostmigrate() {
+      void m.stop('postmigrate');
+    },
+    async finishIncoming() {
+      const got = m.loadedGlobalState;
+      if (got === undefined || got === 'running') {
+        await (opts.autostart ? m.start() : m.stop('paused'));
+      } else {
+        await m.setRunState(got as Parameters<Machine['setRunState']>[0]);
+      }
+    },
+  };
+}

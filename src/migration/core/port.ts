@@ -1,0 +1,30 @@
+/**
+ * What the migration engine needs from the guest. `Machine` implements it;
+ * tests may pass a smaller fake. Nothing here knows about QMP.
+ */
+import type { MigratableDevice, RamBlock, RunState } from '../../machine/types.js';
+
+export interface MachinePort {
+  readonly ram: readonly RamBlock[];
+  /** Machine type name sent in the configuration record, e.g. "none". */
+  readonly machineType: string;
+  /** Devices in section order. */
+  readonly devices: readonly MigratableDevice[];
+  readonly runState: RunState;
+  /**
+   * Source, switchover: stop the vCPUs and enter `finish-migrate`. Resolves
+   * only when no vCPU will write guest memory again. Remembers the state the
+   * VM had, which globalstate carries.
+   */
+  stopForMigration(): Promise<void>;
+  /** Source, after a failed or cancelled migration: back to the state before stopForMigration. */
+  resumeAfterMigration(): Promise<void>;
+  /** Source, after completion: run state `postmigrate`. */
+  enterPostmigrate(): void;
+  /**
+   * Destination, after a complete load: enter the run state the stream's
+   * globalstate asked for (running unless started with -S, or the received
+   * state). Resolves once the vCPUs run (or the state is set).
+   */
+  finishIncoming(): Promise<void>;
+}
