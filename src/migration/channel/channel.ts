@@ -21,6 +21,8 @@ export interface Channel {
   readonly bidirectional: boolean;
   /** True once close() was called or the transport went away. */
   readonly closed: boolean;
+  /** True once 'close' was emitted: every underlying resource is released (child exited). */
+  readonly released: boolean;
   /** The first error seen (also emitted as 'error'), if any. */
   readonly error: ChannelError | undefined;
   /**
@@ -114,6 +116,10 @@ export class StreamChannel extends EventEmitter implements Channel {
     return this.#closeRequested || this.#closeEmitted;
   }
 
+  get released(): boolean {
+    return this.#closeEmitted;
+  }
+
   get error(): ChannelError | undefined {
     return this.#error;
   }
@@ -134,17 +140,17 @@ export class StreamChannel extends EventEmitter implements Channel {
       } catch {
         /* already gone */
       }
+      // A child that ignores SIGTERM gets SIGKILL; one that survives even
+      // that (uninterruptible sleep) must not keep this process alive.
       this.#killTimer = setTimeout(() => {
         try {
           if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
         } catch {
           /* already gone */
         }
+        child.unref();
       }, KILL_GRACE_MS);
       this.#killTimer.unref();
-      // Node reaps the child whether or not it is referenced; a child that
-      // ignores SIGTERM must not keep this process alive.
-      child.unref();
     }
   }
 

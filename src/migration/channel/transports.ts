@@ -5,6 +5,7 @@
 import * as net from 'node:net';
 import * as fs from 'node:fs';
 import { spawn, type ChildProcess } from 'node:child_process';
+import { resolve as pathResolve } from 'node:path';
 import { ChannelError, errorCode, strerror, sysError } from './errors.js';
 import { StreamChannel, discardWritable, endedReadable, type Channel } from './channel.js';
 import { formatHostPort, type MigrationUri } from './uri.js';
@@ -268,7 +269,9 @@ export async function listenIncoming(uri: MigrationUri, opts: ListenOptions): Pr
 /**
  * QEMU unlinks whatever is at the path before binding. We are gentler: a
  * socket nobody listens on (stale) is removed, a live one is "in use", and
- * anything else is left for bind to refuse.
+ * anything else is left for bind to refuse. Liveness comes from
+ * /proc/net/unix (a probe connect would eat a live listener's one
+ * connection); without /proc we unlink like QEMU.
  */
 async function removeStaleSocket(path: string): Promise<void> {
   let st: fs.Stats;
@@ -278,18 +281,7 @@ async function removeStaleSocket(path: string): Promise<void> {
     return;
   }
   if (!st.isSocket()) return;
-  const live = await new Promise<boolean>((resolve) => {
-    const probe = net.connect({ path });
-    probe.on('error', (err) => {
-      probe.destroy();
-      resolve(errorCode(err) !== 'ECONNREFUSED' && errorCode(err) !== 'ENOENT' ? true : false);
-    });
-    probe.once('connect', () => {
-      probe.destroy();
-      resolve(true);
-    });
-  });
-  if (live) {
+  if (await isListeningUnixSocket(path)) {
     throw new ChannelError(`Failed to bind socket to ${path}: ${strerror({ code: 'EADDRINUSE' })}`, 'EADDRINUSE');
   }
   try {
@@ -297,6 +289,32 @@ async function removeStaleSocket(path: string): Promise<void> {
   } catch (err) {
     if (errorCode(err) !== 'ENOENT') throw sysError(`Failed to unlink socket ${path}`, err);
   }
+}
+
+const SO_ACCEPTCON = 0x10000;
+
+async function isListeningUnixSocket(path: string): Promise<boolean> {
+  let table: string;
+  try {
+    table = await fs.promises.readFile('/proc/net/unix', 'latin1');
+  } catch {
+    return false;
+  }
+  const wanted = new Set([path, pathResolve(path)]);
+  try {
+    wanted.add(await fs.promises.realpath(path));
+  } catch {
+    /* keep the others */
+  }
+  for (const line of table.split('\n').slice(1)) {
+    // Num RefCount Protocol Flags Type St Inode Path
+    const f = line.trim().split(/\s+/);
+    if (f.length < 8) continue;
+    const flags = parseInt(f[3]!, 16);
+    const p = f.slice(7).join(' ');
+    if ((flags & SO_ACCEPTCON) !== 0 && (wanted.has(p) || wanted.has(pathResolve(p)))) return true;
+  }
+  return false;
 }
 
 class SocketListener implements IncomingListener {
