@@ -1,9 +1,10 @@
 /** Backend: docs/qapi.md, a QMP reference generated from the schema's doc comments. */
 import type { DocBlock } from './doc.js';
 import type { Definition, Member, Schema, TypeRef } from './schema.js';
+import { refs } from './util.js';
 
 function cell(s: string | undefined): string {
-  return (s ?? '').replace(/\s*\n\s*/g, ' ').replace(/\|/g, '\\|');
+  return refs(s ?? '').replace(/\s*\n\s*/g, ' ').replace(/\|/g, '\\|');
 }
 
 function typeText(ref: TypeRef): string {
@@ -28,14 +29,14 @@ function sections(doc: DocBlock | undefined, skipReturns: boolean): string {
     if (sec.name === 'Example' || sec.name === 'Examples') {
       s += `**${sec.name}:**\n\n\`\`\`\n${sec.text}\n\`\`\`\n\n`;
     } else {
-      s += `**${sec.name}:** ${sec.text.replace(/\s*\n\s*/g, ' ')}\n\n`;
+      s += `**${sec.name}:** ${refs(sec.text).replace(/\s*\n\s*/g, ' ')}\n\n`;
     }
   }
   return s;
 }
 
 function body(doc: DocBlock | undefined): string {
-  return doc?.body ? `${doc.body.split('\n').map((l) => l.trim()).join('\n')}\n\n` : '';
+  return doc?.body ? `${refs(doc.body).split('\n').map((l) => l.trim()).join('\n')}\n\n` : '';
 }
 
 function inheritedDocs(schema: Schema, name: string): Map<string, string> {
@@ -58,7 +59,7 @@ function describe(schema: Schema, d: Definition): string {
       }
       const ret = doc?.sections.find((x) => x.name === 'Returns')?.text;
       s += d.returns
-        ? `**Returns:** \`${typeText(d.returns)}\`${ret ? ` — ${ret.replace(/\s*\n\s*/g, ' ')}` : ''}\n\n`
+        ? `**Returns:** \`${typeText(d.returns)}\`${ret ? ` — ${refs(ret).replace(/\s*\n\s*/g, ' ')}` : ''}\n\n`
         : '**Returns:** nothing (`{}`).\n\n';
       return s + sections(doc, true);
     }

@@ -415,7 +415,7 @@ export function buildSchema(parsed: ParsedSchema): Schema {
     refs.push(() => {
       const baseMembers = schema.allMembers(baseName);
       const m = baseMembers.find((x) => x.name === tag);
-      if (!m) fail(discWhere, `${what}: discriminator '${tag}' is not a member of base '${baseName}'`);
+      if (!m) fail(discWhere, `${what}: discriminator '${tag}' is not a member of ${schema.type(baseName).implicit ? 'the base' : `base '${baseName}'`}`);
       const t = schema.type(m.type.name);
       if (m.type.array || t.meta !== 'enum') fail(discWhere, `${what}: discriminator member '${tag}' must be of enum type`);
       if (m.optional) fail(discWhere, `${what}: discriminator member '${tag}' must not be optional`);

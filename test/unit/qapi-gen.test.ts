@@ -1,0 +1,143 @@
+// The generator end to end: committed output is up to date, the schema
+// carries every seed definition unchanged, and the generated modules work.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { generate } from '../../tools/qapi-gen/generate.js';
+import { loadSchema, parseText, type QNode } from '../../tools/qapi-gen/parser.js';
+import { QMP_SCHEMA } from '../../src/generated/qapi-introspect.js';
+import { QapiEvents, EVENT_NAMES } from '../../src/generated/qapi-events.js';
+import { COMMANDS } from '../../src/generated/qapi-commands.js';
+import { MigrationCapability_VALUES, MigrationStatus_VALUES, RunState_VALUES } from '../../src/generated/qapi-types.js';
+
+// dist/test/unit/ -> repository root
+const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
+const schemaFile = path.join(repoRoot, 'qapi/schema.json');
+
+test('regenerating from qapi/ reproduces the committed output byte for byte', () => {
+  const out = generate(schemaFile, { displayBase: repoRoot });
+  for (const [name, text] of out.files) {
+    const committed = fs.readFileSync(path.join(repoRoot, 'src/generated', name), 'utf8');
+    assert.ok(committed === text, `src/generated/${name} is stale: run npm run gen`);
+  }
+  const doc = fs.readFileSync(path.join(repoRoot, 'docs/qapi.md'), 'utf8');
+  assert.ok(doc === out.doc, 'docs/qapi.md is stale: run npm run gen');
+});
+
+/** A comparable form: objects become ordered [key, value] lists. */
+function canon(n: QNode): unknown {
+  switch (n.t) {
+    case 'str':
+    case 'bool':
+      return n.v;
+    case 'list':
+      return n.v.map(canon);
+    case 'obj':
+      return n.v.map((e) => [e.key, canon(e.value)]);
+  }
+}
+
+const META = ['struct', 'enum', 'union', 'alternate', 'command', 'event'];
+
+function keyOf(n: Extract<QNode, { t: 'obj' }>): string | undefined {
+  const m = n.v.find((e) => META.includes(e.key));
+  return m && m.value.t === 'str' ? `${m.key} ${m.value.v}` : undefined;
+}
+
+test('every seed definition appears with identical members', (t) => {
+  const seedFile = path.resolve(repoRoot, '../shared/spec/seed-qapi-migration.json');
+  if (!fs.existsSync(seedFile)) {
+    t.skip(`seed schema not found at ${seedFile}`);
+    return;
+  }
+  const ours = new Map<string, Extract<QNode, { t: 'obj' }>>();
+  for (const it of loadSchema(schemaFile, { displayBase: repoRoot }).items) {
+    if (it.kind !== 'expr') continue;
+    const k = keyOf(it.item.expr);
+    if (k) ours.set(k, it.item.expr);
+  }
+  let count = 0;
+  for (const it of parseText(fs.readFileSync(seedFile, 'utf8'), 'seed.json')) {
+    if (it.kind !== 'expr') continue;
+    const k = keyOf(it.expr);
+    if (!k) continue; // include
+    count++;
+    const mine = ours.get(k);
+    assert.ok(mine, `${k} is missing from qapi/`);
+    const a = new Map(mine.v.map((e) => [e.key, canon(e.value)]));
+    const b = new Map(it.expr.v.map((e) => [e.key, canon(e.value)]));
+    assert.deepEqual([...a.keys()].sort(), [...b.keys()].sort(), `${k}: keys differ`);
+    for (const [key, v] of b) assert.deepEqual(a.get(key), v, `${k}: '${key}' differs`);
+  }
+  assert.ok(count >= 30, `only ${count} seed definitions found`);
+});
+
+test('introspection lists every command and event, and every referenced type', () => {
+  const entries = QMP_SCHEMA as Array<Record<string, unknown>>;
+  const names = new Set(entries.map((e) => e['name'] as string));
+  for (const c of COMMANDS.keys()) assert.ok(entries.some((e) => e['name'] === c && e['meta-type'] === 'command'), c);
+  for (const ev of EVENT_NAMES) assert.ok(entries.some((e) => e['name'] === ev && e['meta-type'] === 'event'), ev);
+  for (const e of entries) {
+    const refs: string[] = [];
+    for (const k of ['arg-type', 'ret-type', 'element-type']) if (typeof e[k] === 'string') refs.push(e[k] as string);
+    for (const m of (e['members'] as Array<Record<string, unknown>> | undefined) ?? []) if (typeof m['type'] === 'string') refs.push(m['type'] as string);
+    for (const v of (e['variants'] as Array<Record<string, unknown>> | undefined) ?? []) refs.push(v['type'] as string);
+    for (const r of refs) assert.ok(names.has(r), `${String(e['name'])} refers to missing ${r}`);
+  }
+  const migrate = entries.find((e) => e['name'] === 'migrate')!;
+  assert.equal(migrate['ret-type'], 'q_empty');
+  const arg = entries.find((e) => e['name'] === migrate['arg-type'])!;
+  assert.deepEqual(arg['members'], [
+    { name: 'uri', type: 'str' },
+    { name: 'blk', type: 'bool', default: null },
+    { name: 'inc', type: 'bool', default: null },
+    { name: 'detach', type: 'bool', default: null },
+  ]);
+  const status = entries.find((e) => e['name'] === 'MigrationStatus')!;
+  assert.equal(status['meta-type'], 'enum');
+  assert.deepEqual(status['values'], [...MigrationStatus_VALUES]);
+  assert.deepEqual(entries.find((e) => e['name'] === 'int'), { name: 'int', 'meta-type': 'builtin', 'json-type': 'int' });
+  assert.deepEqual(entries.find((e) => e['name'] === 'StrOrNull'), {
+    name: 'StrOrNull', 'meta-type': 'alternate', members: [{ type: 'str' }, { type: 'null' }],
+  });
+  const oo = entries.find((e) => e['name'] === 'ObjectOptions')!;
+  assert.equal(oo['tag'], 'qom-type');
+  assert.equal((oo['variants'] as unknown[]).length, 4);
+  assert.deepEqual(entries.find((e) => e['name'] === '[MigrationCapabilityStatus]'), {
+    name: '[MigrationCapabilityStatus]', 'meta-type': 'array', 'element-type': 'MigrationCapabilityStatus',
+  });
+  // Integer types collapse to 'int' as in QEMU.
+  const mbp = entries.find((e) => e['name'] === 'MemoryBackendProperties')!;
+  assert.deepEqual(mbp['members'], [{ name: 'size', type: 'int' }, { name: 'share', type: 'bool', default: null }]);
+});
+
+test('QapiEvents passes typed events to the sink', () => {
+  const seen: Array<[string, unknown]> = [];
+  const ev = new QapiEvents((name, data) => seen.push([name, data]));
+  ev.MIGRATION({ status: 'active' });
+  ev.MIGRATION_PASS({ pass: 2 });
+  ev.STOP();
+  ev.RESUME();
+  assert.deepEqual(seen, [
+    ['MIGRATION', { status: 'active' }],
+    ['MIGRATION_PASS', { pass: 2 }],
+    ['STOP', undefined],
+    ['RESUME', undefined],
+  ]);
+});
+
+test('enum value lists match QEMU', () => {
+  assert.deepEqual([...MigrationCapability_VALUES], [
+    'xbzrle', 'rdma-pin-all', 'auto-converge', 'zero-blocks', 'compress', 'events',
+    'postcopy-ram', 'x-colo', 'release-ram', 'block', 'return-path',
+  ]);
+  assert.ok(RunState_VALUES.includes('finish-migrate'));
+  assert.ok(RunState_VALUES.includes('postmigrate'));
+});
+
+test('docs/qapi.md documents every command', () => {
+  const doc = fs.readFileSync(path.join(repoRoot, 'docs/qapi.md'), 'utf8');
+  for (const c of COMMANDS.keys()) assert.ok(doc.includes(`### \`${c}\` (command)`), c);
+});
