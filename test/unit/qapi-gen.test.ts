@@ -3,6 +3,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import * as fs from 'node:fs';
+import * as os from 'node:os';
 import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { generate } from '../../tools/qapi-gen/generate.js';
@@ -10,6 +11,7 @@ import { loadSchema, parseText, type QNode } from '../../tools/qapi-gen/parser.j
 import { QMP_SCHEMA } from '../../src/generated/qapi-introspect.js';
 import { QapiEvents, EVENT_NAMES } from '../../src/generated/qapi-events.js';
 import { COMMANDS } from '../../src/generated/qapi-commands.js';
+import * as R from '../../src/qapi/runtime.js';
 import { MigrationCapability_VALUES, MigrationStatus_VALUES, RunState_VALUES } from '../../src/generated/qapi-types.js';
 
 // dist/test/unit/ -> repository root
@@ -140,4 +142,50 @@ test('enum value lists match QEMU', () => {
 test('docs/qapi.md documents every command', () => {
   const doc = fs.readFileSync(path.join(repoRoot, 'docs/qapi.md'), 'utf8');
   for (const c of COMMANDS.keys()) assert.ok(doc.includes(`### \`${c}\` (command)`), c);
+});
+
+test('generator handles simple unions, alternates, features, boxed events and array returns', () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'qapi-gen-'));
+  try {
+    fs.writeFileSync(path.join(dir, 'inc.json'), "{ 'enum': 'Color', 'data': [ 'red', { 'name': 'blue' } ] }\n");
+    fs.writeFileSync(
+      path.join(dir, 's.json'),
+      [
+        "{ 'include': 'inc.json' }",
+        "{ 'struct': 'Point', 'data': { 'x': 'int', 'y': 'int' }, 'features': [ 'deprecated' ] }",
+        "{ 'union': 'Shape', 'data': { 'point': 'Point', 'count': 'uint8', 'names': [ 'str' ] } }",
+        "{ 'alternate': 'IntOrColor', 'data': { 'i': 'int', 'c': 'Color' } }",
+        "{ 'command': 'draw', 'data': { 'shape': 'Shape', '*fill': 'IntOrColor' }, 'returns': [ 'Point' ] }",
+        "{ 'event': 'DRAWN', 'data': 'Point', 'boxed': true }",
+      ].join('\n'),
+    );
+    const out = generate(path.join(dir, 's.json'), { displayBase: dir });
+    const types = out.files.get('qapi-types.ts')!;
+    assert.match(types, /export type Shape =\n {2}\| \{ type: 'point'; data: Point \}\n {2}\| \{ type: 'count'; data: number \}\n {2}\| \{ type: 'names'; data: string\[\] \};/);
+    assert.match(types, /export type IntOrColor =\n {2}\| number\n {2}\| Color;/);
+    assert.match(types, /export const Color_VALUES = \['red', 'blue'\] as const;/);
+    const cmds = out.files.get('qapi-commands.ts')!;
+    assert.match(cmds, /'draw'\(args: CommandArgs\['draw'\], ctx: Ctx\): T\.Point\[\] \| Promise<T\.Point\[\]>;/);
+    assert.match(out.files.get('qapi-events.ts')!, /DRAWN\(data: EventData\['DRAWN'\]\): void/);
+    const intro = out.files.get('qapi-introspect.ts')!;
+    assert.match(intro, /"name":"Shape","meta-type":"object","members":\[\{"name":"type","type":"ShapeKind"\}\],"tag":"type"/);
+    assert.match(intro, /"name":"q_obj_Point-wrapper","meta-type":"object","members":\[\{"name":"data","type":"Point"\}\]/);
+    assert.match(out.doc, /### `draw` \(command\)/);
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('runtime: simple unions and alternates dispatch by JSON kind', () => {
+  const point = (v: unknown, p: R.Path) => R.struct(v, p, [['x', false, R.int], ['y', false, R.int]]);
+  const shape = (v: unknown, p: R.Path) => R.simpleUnion(v, p, ['point', 'count'], { point, count: R.uint8 });
+  assert.deepEqual(shape({ type: 'point', data: { x: 1, y: 2 } }, R.ROOT), { type: 'point', data: { x: 1, y: 2 } });
+  assert.throws(() => shape({ type: 'point', data: { x: 1 } }, R.member(R.ROOT, 's')), { desc: "Parameter 's.data.y' is missing" });
+  assert.throws(() => shape({ type: 'circle', data: 1 }, R.member(R.ROOT, 's')), { desc: "Parameter 's.type' does not accept value 'circle'" });
+  assert.throws(() => shape({ type: 'count', data: 300 }, R.ROOT), { desc: "Parameter 'data' expects uint8_t" });
+  const alt = (v: unknown, p: R.Path) => R.alternate(v, p, 'IntOrColor', { number: R.int, string: (x, q) => R.enumValue(x, q, ['red'] as const) });
+  assert.equal(alt(3, R.ROOT), 3);
+  assert.equal(alt('red', R.ROOT), 'red');
+  assert.throws(() => alt(true, R.member(R.ROOT, 'fill')), { desc: "Invalid parameter type for 'fill', expected: IntOrColor" });
+  assert.throws(() => alt(1.5, R.member(R.ROOT, 'fill')), { desc: "Invalid parameter type for 'fill', expected: integer" });
 });
