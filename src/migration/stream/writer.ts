@@ -8,6 +8,8 @@
  * rejects with it. A rate limiter with 100 ms windows mirrors QEMU's
  * qemu_file_rate_limit (budget = max-bandwidth / 10 per window).
  */
+import { WriteStream } from 'node:fs';
+import { Socket } from 'node:net';
 import type { Writable } from 'node:stream';
 import { ERR, MigrationStreamError } from '../wire/errors.js';
 
@@ -28,6 +30,13 @@ export interface StreamWriterOptions {
   bufferSize?: number;
   /** Bytes per second, 0 = unlimited (default). */
   maxBandwidth?: number;
+  /**
+   * Reuse a staging buffer once its write callback has fired. Safe for
+   * sockets, pipes and files (the data left the process by then), not for
+   * in-memory streams that keep the chunk (PassThrough). Default: true for
+   * net.Socket and fs.WriteStream, false otherwise.
+   */
+  reuseBuffers?: boolean;
   /** Clock in milliseconds (default performance.now). */
   now?: () => number;
 }
@@ -46,8 +55,9 @@ export class StreamWriter implements ByteSink {
   /** Current staging buffer. Valid offsets come from reserve(). */
   buf: Buffer;
   private dv: DataView;
-  /** Bytes staged in buf. */
+  /** Staged bytes are buf[base, pos) (base > 0 only without buffer reuse). */
   private pos = 0;
+  private base = 0;
   private readonly cap: number;
   private readonly flushAt: number;
   private readonly free: Buffer[] = [];
@@ -56,6 +66,7 @@ export class StreamWriter implements ByteSink {
   private inflight: Promise<void> | null = null;
   private err: Error | null = null;
   private readonly now: () => number;
+  private readonly reuse: boolean;
 
   /** Every byte put so far (staged or written). */
   bytesWritten = 0;
@@ -74,9 +85,10 @@ export class StreamWriter implements ByteSink {
     this.cap = Math.max(opts.bufferSize ?? 2 * 1024 * 1024, 64 * 1024);
     this.flushAt = this.cap - Math.min(FLUSH_HEADROOM, this.cap >> 2);
     this.buf = Buffer.allocUnsafeSlow(this.cap);
-    this.free.push(Buffer.allocUnsafeSlow(this.cap));
     this.dv = new DataView(this.buf.buffer, this.buf.byteOffset, this.buf.byteLength);
     this.now = opts.now ?? (() => performance.now());
+    this.reuse = opts.reuseBuffers ?? (out === null || out instanceof Socket || out instanceof WriteStream);
+    if (this.reuse) this.free.push(Buffer.allocUnsafeSlow(this.cap));
     this.windowStart = this.now();
     this.setMaxBandwidth(opts.maxBandwidth ?? 0);
     if (out) {
@@ -96,7 +108,7 @@ export class StreamWriter implements ByteSink {
 
   /** Bytes staged and not yet handed to the Writable. */
   get pending(): number {
-    let n = this.pos;
+    let n = this.pos - this.base;
     for (const q of this.queued) n += q.length;
     return n;
   }
@@ -108,34 +120,45 @@ export class StreamWriter implements ByteSink {
 
   /** True when the staging buffer is nearly full and the caller should flush. */
   wantsFlush(): boolean {
-    return this.pos >= this.flushAt || this.queued.length > 0;
+    return this.pos - this.base >= this.flushAt || this.queued.length > 0;
   }
 
   // ---- puts -------------------------------------------------------------
 
   private room(n: number): void {
-    if (this.pos + n > this.cap) this.spill();
+    if (this.pos + n > this.cap) this.spill(n);
   }
 
-  /** Move the staged bytes to the queue and continue in a fresh buffer. */
-  private spill(): void {
-    if (this.pos === 0) return;
-    this.queued.push(this.buf.subarray(0, this.pos));
-    this.buf = this.free.pop() ?? Buffer.allocUnsafeSlow(this.cap);
+  /**
+   * Move the staged bytes to the queue. With buffer reuse, continue in a free
+   * buffer; without, continue after them in the same buffer (the queued view
+   * is handed off for good) until it runs out, then allocate a new one.
+   */
+  private spill(need = 0): void {
+    if (this.pos > this.base) this.queued.push(this.buf.subarray(this.base, this.pos));
+    if (this.reuse) {
+      if (this.pos === 0) return;
+      this.buf = this.free.pop() ?? Buffer.allocUnsafeSlow(this.cap);
+    } else {
+      this.base = this.pos;
+      if (this.pos + Math.max(need, FLUSH_HEADROOM) <= this.cap) return;
+      this.buf = Buffer.allocUnsafeSlow(this.cap);
+    }
     this.dv = new DataView(this.buf.buffer, this.buf.byteOffset, this.buf.byteLength);
     this.pos = 0;
+    this.base = 0;
   }
 
   put8(v: number): void {
     if (this.err !== null) return;
-    if (this.pos + 1 > this.cap) this.spill();
+    if (this.pos + 1 > this.cap) this.spill(1);
     this.buf[this.pos++] = v;
     this.bytesWritten += 1;
   }
 
   put16(v: number): void {
     if (this.err !== null) return;
-    if (this.pos + 2 > this.cap) this.spill();
+    if (this.pos + 2 > this.cap) this.spill(2);
     this.dv.setUint16(this.pos, v);
     this.pos += 2;
     this.bytesWritten += 2;
@@ -143,7 +166,7 @@ export class StreamWriter implements ByteSink {
 
   put32(v: number): void {
     if (this.err !== null) return;
-    if (this.pos + 4 > this.cap) this.spill();
+    if (this.pos + 4 > this.cap) this.spill(4);
     this.dv.setUint32(this.pos, v >>> 0);
     this.pos += 4;
     this.bytesWritten += 4;
@@ -155,7 +178,7 @@ export class StreamWriter implements ByteSink {
 
   put64Parts(hi: number, lo: number): void {
     if (this.err !== null) return;
-    if (this.pos + 8 > this.cap) this.spill();
+    if (this.pos + 8 > this.cap) this.spill(8);
     const dv = this.dv;
     dv.setUint32(this.pos, hi >>> 0);
     dv.setUint32(this.pos + 4, lo >>> 0);
@@ -169,8 +192,8 @@ export class StreamWriter implements ByteSink {
     while (length > 0) {
       let space = this.cap - this.pos;
       if (space === 0) {
-        this.spill();
-        space = this.cap;
+        this.spill(1);
+        space = this.cap - this.pos;
       }
       const n = length < space ? length : space;
       this.buf.set(n === src.length ? src : src.subarray(offset, offset + n), this.pos);
@@ -199,7 +222,7 @@ export class StreamWriter implements ByteSink {
   reserve(n: number): number {
     if (n > this.cap) throw new RangeError(`reserve(${n}) exceeds the staging buffer`);
     if (this.err !== null) return 0;
-    if (this.pos + n > this.cap) this.spill();
+    if (this.pos + n > this.cap) this.spill(n);
     const at = this.pos;
     this.pos += n;
     this.bytesWritten += n;
@@ -217,7 +240,7 @@ export class StreamWriter implements ByteSink {
     if (this.err) throw this.err;
     if (this.inflight) await this.inflight;
     if (this.err) throw this.err;
-    if (this.pos === 0 && this.queued.length === 0) return;
+    if (this.pos === this.base && this.queued.length === 0) return;
     this.spill();
     const chunks = this.queued;
     this.queued = [];
@@ -239,7 +262,7 @@ export class StreamWriter implements ByteSink {
 
   private release(chunk: Buffer): void {
     this.bytesFlushed += chunk.length;
-    if (this.free.length < 2) {
+    if (this.reuse && this.free.length < 2) {
       // chunk is a view at offset 0 of a staging buffer
       this.free.push(Buffer.from(chunk.buffer, chunk.byteOffset, this.cap));
     }
