@@ -323,9 +323,23 @@ export class Machine extends EventEmitter implements DeviceHost {
     });
   }
 
-  /** Enter a run state: 'running' = start(), anything else = stop(state). */
+  /**
+   * Enter any run state: 'running' = start(); from running, stop(s);
+   * otherwise the state is set directly (e.g. an incoming VM whose
+   * globalstate said 'paused': inmigrate -> paused).
+   */
   setRunState(s: RunState): Promise<void> {
-    return s === 'running' ? this.start() : this.stop(s);
+    if (s === 'running') return this.start();
+    return this.serialize(async () => {
+      this.checkAlive();
+      if (this._runState === 'running') {
+        await this.pauseVcpus();
+        this.clockAccNs = this.vclockNs();
+        this.clockRunStart = null;
+        if (s === 'finish-migrate') this.savedRunStateForMigration = 'running';
+      }
+      this.setState(s);
+    });
   }
 
   /** Explicit QEMU global_state_store(): remember the current run state for globalstate. */

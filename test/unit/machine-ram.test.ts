@@ -153,6 +153,10 @@ test('devices: fixed order, globalstate records the state before finish-migrate'
     assert.throws(() => timer.load(neg, 2), /out of range/);
     gs.load(encodeGlobalState('paused'), 1);
     assert.equal(m.loadedGlobalState, 'paused');
+    await m.setRunState('paused');
+    assert.equal(m.runState, 'paused');
+    await m.stop(); // stop of a stopped VM: no change
+    assert.equal(m.runState, 'paused');
   } finally {
     await m.destroy();
   }
