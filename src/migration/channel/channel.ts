@@ -135,19 +135,11 @@ export class StreamChannel extends EventEmitter implements Channel {
     for (const s of this.#dummies) s.destroy();
     const child = this.#child;
     if (child !== undefined && child.exitCode === null && child.signalCode === null) {
-      try {
-        child.kill('SIGTERM');
-      } catch {
-        /* already gone */
-      }
+      killTree(child, 'SIGTERM');
       // A child that ignores SIGTERM gets SIGKILL; one that survives even
       // that (uninterruptible sleep) must not keep this process alive.
       this.#killTimer = setTimeout(() => {
-        try {
-          if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
-        } catch {
-          /* already gone */
-        }
+        if (child.exitCode === null && child.signalCode === null) killTree(child, 'SIGKILL');
         child.unref();
       }, KILL_GRACE_MS);
       this.#killTimer.unref();
@@ -175,6 +167,27 @@ export class StreamChannel extends EventEmitter implements Channel {
     this.#closeEmitted = true;
     for (const s of this.#dummies) s.destroy();
     this.emit('close');
+  }
+}
+
+/**
+ * Signals an exec: child. It runs in its own process group (spawned
+ * detached), so commands the shell forked (`cat > f; sync`, pipelines) die
+ * with it instead of keeping our stdio open.
+ */
+export function killTree(child: ChildProcess, signal: NodeJS.Signals): void {
+  if (child.pid !== undefined) {
+    try {
+      process.kill(-child.pid, signal);
+      return;
+    } catch {
+      /* not a group leader (or gone): fall back to the process itself */
+    }
+  }
+  try {
+    child.kill(signal);
+  } catch {
+    /* already gone */
   }
 }
 

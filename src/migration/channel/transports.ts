@@ -7,7 +7,7 @@ import * as fs from 'node:fs';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { resolve as pathResolve } from 'node:path';
 import { ChannelError, errorCode, strerror, sysError } from './errors.js';
-import { StreamChannel, discardWritable, endedReadable, type Channel } from './channel.js';
+import { StreamChannel, discardWritable, endedReadable, killTree, type Channel } from './channel.js';
 import { formatHostPort, type MigrationUri } from './uri.js';
 
 export interface ConnectOptions {
@@ -77,7 +77,13 @@ function connectSocket(
   describe: (s: net.Socket) => string,
 ): Promise<Channel> {
   return new Promise<Channel>((resolve, reject) => {
-    const sock = net.connect(connectOpts);
+    let sock: net.Socket;
+    try {
+      sock = net.connect(connectOpts);
+    } catch (err) {
+      reject(mapError(err));
+      return;
+    }
     const done = (): void => {
       sock.off('error', onError);
       sock.off('connect', onConnect);
@@ -115,8 +121,9 @@ function spawnExec(command: string, side: 'outgoing' | 'incoming', signal?: Abor
   return new Promise<Channel>((resolve, reject) => {
     let child: ChildProcess;
     try {
-      // stderr is shared with us, like QEMU's exec: migration.
-      child = spawn('/bin/sh', ['-c', command], { stdio: ['pipe', 'pipe', 'inherit'] });
+      // stderr is shared with us, like QEMU's exec: migration. detached: the
+      // command gets its own process group, so close() can end all of it.
+      child = spawn('/bin/sh', ['-c', command], { stdio: ['pipe', 'pipe', 'inherit'], detached: true });
     } catch (err) {
       reject(sysError(`Unable to execute command '${command}'`, err));
       return;
@@ -135,11 +142,7 @@ function spawnExec(command: string, side: 'outgoing' | 'incoming', signal?: Abor
       stdout.on('error', quiet);
       stdin.destroy();
       stdout.destroy();
-      try {
-        if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM');
-      } catch {
-        /* gone */
-      }
+      if (child.exitCode === null && child.signalCode === null) killTree(child, 'SIGTERM');
     };
     const onSpawn = (): void => {
       done();
@@ -251,7 +254,7 @@ export async function listenIncoming(uri: MigrationUri, opts: ListenOptions): Pr
         isResolveError(err)
           ? new ChannelError(`address resolution failed for ${shown}: ${strerror(err)}`, errorCode(err), { cause: err })
           : sysError('Failed to bind socket', err),
-        (s) => `tcp:${formatHostPort(uri.host, uri.port)} (peer ${formatHostPort(s.remoteAddress ?? '?', s.remotePort ?? 0)})`,
+        (s) => `tcp:${formatHostPort(s.localAddress ?? uri.host, s.localPort ?? uri.port)} (peer ${formatHostPort(s.remoteAddress ?? '?', s.remotePort ?? 0)})`,
       );
     }
     case 'unix':
