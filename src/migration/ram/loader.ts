@@ -12,7 +12,7 @@ import { ERR, MigrationStreamError } from '../wire/errors.js';
 
 const F = WIRE.RAM;
 const TWO32 = 4294967296;
-const PAGE_WORDS = TARGET_PAGE_SIZE >> 2;
+const ZERO_PAGE = Buffer.alloc(TARGET_PAGE_SIZE);
 const PAGE_RECORD = F.ZERO | F.PAGE | F.COMPRESS_PAGE | F.XBZRLE;
 
 export interface RamLoaderOptions {
@@ -40,7 +40,7 @@ function fail(msg: string): never {
 export class RamLoader {
   readonly blocks: readonly RamBlock[];
   private readonly byName = new Map<string, number>();
-  private readonly words: Int32Array[];
+  private readonly views: Buffer[];
   /** Received-page bitmaps (when trackReceived), indexed like blocks. */
   readonly received: Uint32Array[] | null;
   readonly counters: RamLoaderCounters = { pages: 0, zero: 0, normal: 0, xbzrle: 0, compressed: 0, bytes: 0 };
@@ -56,9 +56,7 @@ export class RamLoader {
   constructor(blocks: readonly RamBlock[], opts: RamLoaderOptions = {}) {
     this.blocks = blocks;
     blocks.forEach((b, i) => this.byName.set(b.name, i));
-    this.words = blocks.map((b) =>
-      b.bytes.byteOffset % 4 === 0 ? new Int32Array(b.bytes.buffer, b.bytes.byteOffset, b.bytes.byteLength >> 2) : new Int32Array(0),
-    );
+    this.views = blocks.map((b) => Buffer.from(b.bytes.buffer, b.bytes.byteOffset, b.bytes.byteLength));
     this.received = opts.trackReceived ? blocks.map((b) => new Uint32Array((b.pages + 31) >>> 5)) : null;
     this.compress = opts.compress ?? false;
   }
@@ -103,14 +101,9 @@ export class RamLoader {
   }
 
   private isZeroPage(b: number, page: number): boolean {
-    const v = this.words[b]!;
-    if (v.length === 0) return false;
-    const s = page * PAGE_WORDS;
-    const e = s + PAGE_WORDS;
-    for (let k = s; k < e; k += 8) {
-      if ((v[k]! | v[k + 1]! | v[k + 2]! | v[k + 3]! | v[k + 4]! | v[k + 5]! | v[k + 6]! | v[k + 7]!) !== 0) return false;
-    }
-    return true;
+    // native memcmp against a zero page: fastest measured (bench/codec-ram.ts)
+    const off = page * TARGET_PAGE_SIZE;
+    return ZERO_PAGE.compare(this.views[b]!, off, off + TARGET_PAGE_SIZE) === 0;
   }
 
   private async loadRecords(r: StreamReader): Promise<void> {
