@@ -161,3 +161,25 @@ test('devices: fixed order, globalstate records the state before finish-migrate'
     await m.destroy();
   }
 });
+
+test('serial heartbeat lines go to the file; quit shuts down', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'ferry-serial-'));
+  const path = join(dir, 'serial.log');
+  const m = await Machine.create({ ramSize: 4 * M, smp: 1, serial: { kind: 'file', path }, heartbeatPeriodNs: 30e6 });
+  try {
+    const deadline = Date.now() + 5000;
+    while (m.heartbeatState().count < 3 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
+    const states: string[] = [];
+    m.on('runstate', (s: string) => states.push(s));
+    await m.quit();
+    assert.deepEqual(states, ['shutdown']);
+    const lines = readFileSync(path, 'utf8').trim().split('\n');
+    assert.ok(lines.length >= 3);
+    assert.match(lines[0]!, /^heartbeat 1 vclock=0\.\d{3}s steps=0$/);
+    assert.match(lines[2]!, /^heartbeat 3 /);
+    await assert.rejects(m.start(), /destroyed/);
+  } finally {
+    await m.destroy();
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
