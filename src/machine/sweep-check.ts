@@ -35,7 +35,7 @@ export function checkSweep(m: Machine, range?: { start: number; end: number }): 
       cur = v;
       continue;
     }
-    return { addr: a, expected: dropped ? cur : cur, actual: v };
+    return { addr: a, expected: cur, actual: v };
   }
   return null;
 }
