@@ -28,7 +28,7 @@ export function machinePort(m: Machine, opts: { autostart: boolean }): MachinePo
     async finishIncoming() {
       const got = m.loadedGlobalState;
       if (got === undefined || got === 'running') {
-        await (opts.autostart ? m.start() : m.stop('paused'));
+        await (opts.autostart ? m.start() : m.setRunState('paused'));
       } else {
         await m.setRunState(got as Parameters<Machine['setRunState']>[0]);
       }

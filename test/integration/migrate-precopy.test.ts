@@ -1,0 +1,43 @@
+import { after, describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+import { join } from 'node:path';
+import { cleanupAll, startVm, tempDir, waitMigration } from '../helpers/vm.js';
+
+after(cleanupAll);
+
+describe('precopy migration between two ferry vm processes', () => {
+  it('migrates a dirtying guest over unix: with an identical memory digest', async () => {
+    const dir = tempDir();
+    const uri = `unix:${join(dir, 'mig.sock')}`;
+    const src = await startVm({ dir, name: 'src', args: ['-m', '64M', '-smp', '2', '-workload', 'stress,rate=4M,seed=7', '-fill', 'random,seed=3'] });
+    // -S: the destination stays paused after loading, so its digest is the switchover digest
+    const dst = await startVm({ dir, name: 'dst', args: ['-m', '64M', '-smp', '2', '-workload', 'stress,rate=4M,seed=7', '-S', '-incoming', uri] });
+    await src.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] });
+    await src.execute('migrate-set-parameters', { 'max-bandwidth': 0 });
+    await src.execute('migrate', { uri });
+    const info = await waitMigration(src);
+    assert.equal(info.status, 'completed', JSON.stringify(info));
+    assert.equal(await src.status(), 'postmigrate');
+    const dinfo = await waitMigration(dst);
+    assert.equal(dinfo.status, 'completed');
+    assert.equal(await dst.status(), 'paused');
+    assert.equal(await dst.digest(), await src.digest());
+    // statistics: every page went once at least; total is the RAM size
+    assert.equal(info.ram.total, 64 << 20);
+    assert.ok(info.ram.normal + info.ram.duplicate >= 16384);
+    assert.equal(info.ram['page-size'], 4096);
+    assert.equal(info.ram.remaining, 0);
+    assert.ok(info.downtime >= 0 && info['total-time'] >= info.downtime);
+    // events: setup, active, completed in order, passes counted
+    const statuses = src.qmp.eventLog.filter((e) => e.event === 'MIGRATION').map((e) => (e.data as any).status);
+    assert.deepEqual(statuses, ['setup', 'active', 'completed']);
+    const passes = src.qmp.eventLog.filter((e) => e.event === 'MIGRATION_PASS').map((e) => (e.data as any).pass);
+    assert.equal(passes[0], 1);
+    assert.equal(passes.at(-1), info.ram['dirty-sync-count']);
+    // the guest goes on: cont on the destination runs it
+    await dst.execute('cont');
+    assert.equal(await dst.status(), 'running');
+    await src.quit();
+    await dst.quit();
+  });
+});
