@@ -16,6 +16,8 @@ export interface VmArgs {
   name?: string;
   machineType: string;
   memoryBackend?: string;
+  /** -machine ...,x-qemu-compat=on: send only the device sections QEMU knows (timer, globalstate) */
+  qemuCompat: boolean;
   qmp: string[];
   incoming?: string;
   startPaused: boolean;
@@ -74,6 +76,7 @@ export function parseVmArgs(argv: readonly string[]): VmArgs {
     ramSize: '128M',
     smp: 1,
     machineType: 'none',
+    qemuCompat: false,
     qmp: [],
     startPaused: false,
     objects: [],
@@ -139,6 +142,7 @@ export function parseVmArgs(argv: readonly string[]): VmArgs {
         const o = parseOptString(val, 'type');
         if (o.type) a.machineType = o.type;
         if (o['memory-backend']) a.memoryBackend = o['memory-backend'];
+        if (o['x-qemu-compat'] !== undefined) a.qemuCompat = o['x-qemu-compat'] === 'on';
         break;
       }
       case 'workload':

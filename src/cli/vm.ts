@@ -86,7 +86,7 @@ export async function main(argv: string[]): Promise<number> {
       },
     };
     const port = machinePort(machine, services);
-    const source = new MigrationSource(port, options, { lookupFd });
+    const source = new MigrationSource(port, options, { lookupFd, qemuCompatible: a.qemuCompat });
     const destination = new MigrationDestination(port, options, {
       lookupFd,
       log: (msg) => process.stderr.write(`ferry: ${msg}\n`),

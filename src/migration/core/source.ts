@@ -40,6 +40,8 @@ import type { MachinePort } from './port.js';
 import { SourceStats } from './stats.js';
 
 const S = WIRE.SECTION;
+/** Device sections a QEMU `-M none` guest has. */
+const QEMU_DEVICES: ReadonlySet<string> = new Set(['timer', 'globalstate']);
 /** Section id of `ram`; device sections are numbered after it. */
 const RAM_SECTION_ID = 2;
 
@@ -50,6 +52,12 @@ const BUSY_STATES: ReadonlySet<MigrationStatus> = new Set([
 
 export interface SourceDeps {
   lookupFd(name: string): number | undefined;
+  /**
+   * Send only the device sections QEMU itself knows (`timer`, `globalstate`),
+   * so that a QEMU 7.2 `-M none` guest can be the destination. Workload and
+   * serial state then stay behind.
+   */
+  qemuCompatible?: boolean;
   /** Clock in ms (default performance.now). */
   now?: () => number;
 }
@@ -296,7 +304,9 @@ export class MigrationSource extends EventEmitter {
     putFooter(w, RAM_SECTION_ID);
     this.copyCounters(sender);
 
-    const devices = [...this.machine.devices, new MigrationClockDevice(stopWall)];
+    const devices = this.deps.qemuCompatible
+      ? this.machine.devices.filter((d) => QEMU_DEVICES.has(d.idstr))
+      : [...this.machine.devices, new MigrationClockDevice(stopWall)];
     const { entries } = writeDeviceSections(w, devices, RAM_SECTION_ID + 1);
     putEof(w);
     putVmdesc(w, buildVmdesc(entries));
