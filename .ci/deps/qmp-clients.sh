@@ -32,6 +32,12 @@ export FERRY_QEMU_PYTHON="${FERRY_QEMU_PYTHON:-/opt/ferry-deps/qemu-python}"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 >/dev/null
   fi
 
+  # --- strace: qmp-protocol.test.ts checks the monitor's write() boundaries
+  if ! command -v strace >/dev/null 2>&1; then
+    apt_update_main
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends strace >/dev/null
+  fi
+
   # --- go + go-qemu
   if ! command -v go >/dev/null 2>&1 || [ ! -f /usr/share/gocode/src/github.com/digitalocean/go-qemu/qmp/socket.go ]; then
     apt_update_main
