@@ -14,7 +14,8 @@ import { fileURLToPath } from 'node:url';
 import { parseSize } from '../src/base/size.js';
 import { GiB, MiB, median, writeResult } from './lib/common.js';
 
-const RECEIVER = `
+/** node -e script: listens on 127.0.0.1, prints its port, counts bytes, prints {bytes, ms} at end. */
+export const RECEIVER = `
 const net = require('node:net');
 const srv = net.createServer((s) => {
   let n = 0; let t0 = 0;
