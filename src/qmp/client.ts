@@ -6,6 +6,7 @@ import { EventEmitter } from 'node:events';
 import * as net from 'node:net';
 import { parseClientTarget, QmpAddress } from './address.js';
 import { JsonStreamParser, JsonValue, toQmpJson } from './json.js';
+import { writeWithFds } from './scm-rights.js';
 import { QmpEventMessage, QmpGreeting } from './types.js';
 
 export type QmpTarget = string | { path: string } | { host: string; port: number };
@@ -22,6 +23,11 @@ export interface QmpConnectOptions {
 export interface QmpExecuteOptions {
   /** Reject with a timeout error if no reply arrives in time (default: none). */
   timeoutMs?: number;
+  /**
+   * File descriptors to pass with the command (SCM_RIGHTS, unix sockets,
+   * needs the native addon), e.g. for `getfd`.
+   */
+  fds?: number[];
 }
 
 /** A command answered with {"error": ...}. */
@@ -198,7 +204,16 @@ export class QmpClient {
         }, opts.timeoutMs);
       }
       this.pending.set(id, p);
-      this.sock.write(toQmpJson(msg) + '\n');
+      const line = toQmpJson(msg) + '\n';
+      if (opts.fds && opts.fds.length) {
+        writeWithFds(this.sock, Buffer.from(line), opts.fds).catch((e: Error) => {
+          this.pending.delete(id);
+          if (p.timer) clearTimeout(p.timer);
+          reject(e);
+        });
+      } else {
+        this.sock.write(line);
+      }
     });
   }
 

@@ -3,3 +3,4 @@ export * from './json.js';
 export * from './address.js';
 export * from './server.js';
 export * from './client.js';
+export * from "./scm-rights.js";

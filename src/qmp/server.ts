@@ -9,6 +9,7 @@ import * as net from 'node:net';
 import { QmpError } from '../qapi/errors.js';
 import { parseListenSpec, QmpAddress } from './address.js';
 import { JsonLimits, JsonParseResult, JsonStreamParser, toQmpJson } from './json.js';
+import { ScmReader, scmRightsAvailable } from './scm-rights.js';
 import { CommandDef, DEFAULT_QMP_VERSION, QmpErrorBody, QmpTimestamp, QmpVersion } from './types.js';
 
 export type QmpMode = 'negotiation' | 'command';
@@ -28,6 +29,11 @@ export interface QmpServerOptions<Ctx> {
   limits?: Partial<JsonLimits>;
   /** Parsed requests queued per client before its socket is paused (default 8). */
   maxQueuedRequests?: number;
+  /**
+   * Receive file descriptors (SCM_RIGHTS) on unix monitors through the native
+   * addon: 'auto' (default) uses it when it is built, false never does.
+   */
+  scmRights?: 'auto' | false;
 }
 
 /** Where a listener is bound (tcp: the real port, also for port 0). */
@@ -49,6 +55,11 @@ export class QmpClientConn {
   /** @internal */ paused = false;
   /** @internal */ pendingEvents: string[] = [];
   /** @internal */ ctx: unknown;
+  /** @internal input flow control (socket or native reader) */
+  pauseInput: () => void;
+  /** @internal */ resumeInput: () => void;
+  /** True when this connection reads with recvmsg and can receive fds. */
+  scmRights = false;
   private fds: number[] = [];
 
   /** @internal */
@@ -60,6 +71,8 @@ export class QmpClientConn {
     this.id = nextConnId++;
     this.peer = peer;
     this.parser = new JsonStreamParser(limits);
+    this.pauseInput = () => socket.pause();
+    this.resumeInput = () => socket.resume();
   }
 
   /** `negotiation` until qmp_capabilities succeeded, then `command`. */
@@ -171,6 +184,7 @@ export class QmpServer<Ctx = QmpClientConn> extends EventEmitter<QmpServerEvents
   private readonly greetingLine: string;
   private readonly limits: Partial<JsonLimits> | undefined;
   private readonly maxQueued: number;
+  private readonly useScm: boolean;
   private readonly listeners_: { server: net.Server; address: QmpListenAddress; unlink?: string }[] = [];
   private readonly clients = new Set<QmpClientConn>();
   private closing = false;
@@ -194,6 +208,7 @@ export class QmpServer<Ctx = QmpClientConn> extends EventEmitter<QmpServerEvents
       }) + '\r\n';
     this.limits = opts.limits;
     this.maxQueued = Math.max(1, opts.maxQueuedRequests ?? 8);
+    this.useScm = opts.scmRights !== false && scmRightsAvailable();
   }
 
   /** Bound addresses of all listeners. */
@@ -230,7 +245,12 @@ export class QmpServer<Ctx = QmpClientConn> extends EventEmitter<QmpServerEvents
       }
       unlink = address.path;
     }
-    const server = net.createServer({ allowHalfOpen: true }, (sock) => this.onConnection(sock, address));
+    // With the addon, unix connections are read by recvmsg() (fds arrive);
+    // the net.Socket must then never start reading on its own.
+    const native = address.kind === 'unix' && this.useScm;
+    const server = net.createServer({ allowHalfOpen: true, pauseOnConnect: native }, (sock) =>
+      this.onConnection(sock, address, native),
+    );
     await new Promise<void>((resolve, reject) => {
       const onError = (err: Error) => {
         reject(new Error(`Failed to listen on '${spec}': ${err.message}`));
@@ -299,7 +319,7 @@ export class QmpServer<Ctx = QmpClientConn> extends EventEmitter<QmpServerEvents
 
   // -------------------------------------------------------------------------
 
-  private onConnection(sock: net.Socket, address: QmpAddress): void {
+  private onConnection(sock: net.Socket, address: QmpAddress, native: boolean): void {
     if (this.closing) {
       sock.destroy();
       return;
@@ -313,7 +333,9 @@ export class QmpServer<Ctx = QmpClientConn> extends EventEmitter<QmpServerEvents
     sock.on('error', () => {
       /* reset by peer etc.: 'close' follows */
     });
+    let reader: ScmReader | undefined;
     sock.on('close', () => {
+      reader?.close();
       conn.closed = true;
       conn.queue.length = 0;
       conn.pendingEvents = [];
@@ -330,11 +352,31 @@ export class QmpServer<Ctx = QmpClientConn> extends EventEmitter<QmpServerEvents
     this.clients.add(conn);
     // greeting: one line, one write
     this.rawWrite(conn, this.greetingLine);
-    sock.on('data', (chunk: Buffer) => this.onData(conn, chunk));
-    sock.on('end', () => {
+    const onEnd = () => {
       conn.inputEnded = true;
       this.maybeEnd(conn);
-    });
+    };
+    if (native) {
+      reader = ScmReader.start(sock, {
+        data: (chunk, fds) => {
+          // descriptors belong to the commands in (or completed by) this chunk
+          if (fds.length) conn.pushFds(fds);
+          this.onData(conn, chunk);
+        },
+        end: onEnd,
+        error: () => sock.destroy(),
+      });
+    }
+    if (reader) {
+      const r = reader;
+      conn.scmRights = true;
+      conn.pauseInput = () => r.pause();
+      conn.resumeInput = () => r.resume();
+    } else {
+      sock.on('data', (chunk: Buffer) => this.onData(conn, chunk));
+      sock.on('end', onEnd);
+      if (native) sock.resume();
+    }
     this.emit('connect', conn);
   }
 
@@ -346,14 +388,18 @@ export class QmpServer<Ctx = QmpClientConn> extends EventEmitter<QmpServerEvents
     conn.queue.push(...results);
     if (conn.queue.length >= this.maxQueued && !conn.paused) {
       conn.paused = true;
-      conn.socket.pause();
+      conn.pauseInput();
     }
     void this.pump(conn);
   }
 
   private maybeEnd(conn: QmpClientConn): void {
     if (conn.inputEnded && !conn.busy && conn.queue.length === 0 && !conn.closed) {
-      conn.socket.end();
+      // With the native reader Node never sees the peer's EOF itself, so
+      // finish the socket explicitly once our side has been flushed.
+      conn.socket.end(() => {
+        if (conn.scmRights) conn.socket.destroy();
+      });
     }
   }
 
@@ -365,7 +411,7 @@ export class QmpServer<Ctx = QmpClientConn> extends EventEmitter<QmpServerEvents
         const item = conn.queue.shift()!;
         if (conn.paused && conn.queue.length < this.maxQueued / 2) {
           conn.paused = false;
-          conn.socket.resume();
+          conn.resumeInput();
         }
         let outcome: Outcome;
         try {
@@ -395,7 +441,7 @@ export class QmpServer<Ctx = QmpClientConn> extends EventEmitter<QmpServerEvents
       conn.busy = false;
       if (conn.paused && !conn.closed) {
         conn.paused = false;
-        conn.socket.resume();
+        conn.resumeInput();
       }
       this.maybeEnd(conn);
     }

@@ -112,7 +112,11 @@ export function fakeHandlers(vm: FakeVm) {
     getfd: (a: { fdname: string }, ctx: FakeCtx) => {
       const fd = ctx.conn.takeFd();
       if (fd === undefined) throw new QmpError('GenericError', 'No file descriptor supplied via SCM_RIGHTS');
-      fs.closeSync(fd);
+      try {
+        fs.writeSync(fd, `hello from getfd ${a.fdname}\n`);
+      } finally {
+        fs.closeSync(fd);
+      }
       vm.log.push(`getfd ${a.fdname}`);
     },
   };

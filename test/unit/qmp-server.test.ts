@@ -1,9 +1,12 @@
 import assert from 'node:assert/strict';
 import * as fs from 'node:fs';
-import * as net from 'node:net';
+import { spawnSync } from 'node:child_process';
 import { after, before, describe, it } from 'node:test';
 import { QmpServer } from '../../src/qmp/server.js';
 import { parseListenSpec } from '../../src/qmp/address.js';
+import { scmRightsAvailable, writeWithFds } from '../../src/qmp/scm-rights.js';
+import * as os from 'node:os';
+import * as path from 'node:path';
 import { FAKE_COMMANDS, FakeServer, RawConn, sleep, startFakeServer, tmpSocketPath } from '../helpers/qmp-fixtures.js';
 
 const GREETING_RE = /^\{"QMP": \{"version": \{"qemu": \{"micro": 0, "minor": 2, "major": 7\}, "package": "ferry-test"\}, "capabilities": \[\]\}\}\r\n$/;
@@ -19,12 +22,13 @@ async function exchange(c: RawConn, input: string | Buffer, n: number): Promise<
 
 const gerr = (desc: string) => ({ error: { class: 'GenericError', desc } });
 
-for (const kind of ['unix', 'tcp'] as const) {
-  describe(`qmp server over ${kind}`, () => {
+for (const variant of ['unix', 'unix-no-native', 'tcp'] as const) {
+  const kind = variant === 'tcp' ? 'tcp' : 'unix';
+  describe(`qmp server over ${variant}`, () => {
     let fx: FakeServer;
     const target = () => (kind === 'unix' ? { path: fx.socketPath! } : { port: fx.port! });
     before(async () => {
-      fx = await startFakeServer(kind);
+      fx = await startFakeServer(kind, variant === 'unix-no-native' ? { scmRights: false } : {});
     });
     after(async () => {
       await fx.close();
@@ -258,6 +262,16 @@ for (const kind of ['unix', 'tcp'] as const) {
       for (const c of cs) c.close();
     });
 
+    it('client half-close: pending replies still arrive, then the server closes', async () => {
+      const c = await RawConn.connect(target());
+      await c.waitLines(1);
+      c.sock.end('{"execute":"qmp_capabilities"}{"execute":"sleep","arguments":{"ms":20},"id":1}');
+      const rs = await c.json(1, 2);
+      assert.deepEqual(rs[1], { return: { slept: 20, tag: null }, id: 1 });
+      for (let i = 0; i < 100 && !c.closed; i++) await sleep(10);
+      assert.equal(c.closed, true);
+    });
+
     it('getfd without SCM_RIGHTS', async () => {
       const c = await RawConn.connect(target());
       await c.negotiate();
@@ -375,20 +389,14 @@ describe('qmp server: listen specs', () => {
 
   it('replaces a stale unix socket, refuses a regular file, listens repeatedly', async () => {
     const p = tmpSocketPath('stale');
-    const stale = net.createServer();
-    await new Promise<void>((r) => stale.listen(p, r));
-    // leave the socket file behind as a crashed process would
-    await new Promise<void>((r) => {
-      (stale as unknown as { _handle: { close(): void } | null })._handle?.close();
-      r();
-    });
+    // a socket file left behind by a killed process
+    spawnSync(process.execPath, [
+      '-e',
+      `require('net').createServer().listen(${JSON.stringify(p)}, () => process.kill(process.pid, 'SIGKILL'))`,
+    ]);
+    assert.ok(fs.lstatSync(p).isSocket(), 'stale socket file exists');
     const s = mk();
     try {
-      if (!fs.existsSync(p)) {
-        // platform removed it; create a dangling socket file another way
-        const t = net.createServer();
-        await new Promise<void>((r) => t.listen(p, r));
-      }
       await s.listen(`unix:${p},server=on,wait=off`);
       const a = await s.listen('tcp:127.0.0.1:0,server=on,wait=off');
       assert.equal(a.kind, 'tcp');
@@ -459,6 +467,56 @@ describe('qmp server: listen specs', () => {
     } finally {
       await s.close();
       await s2.close();
+    }
+  });
+});
+
+describe('qmp server: file descriptors over SCM_RIGHTS', { skip: !scmRightsAvailable() && 'native addon not built' }, () => {
+  it('getfd receives the descriptor sent with the command', async () => {
+    const fx = await startFakeServer('unix');
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-fd-'));
+    const file = path.join(dir, 'out.txt');
+    const fd = fs.openSync(file, 'w');
+    try {
+      const c = await RawConn.connect({ path: fx.socketPath! });
+      await c.negotiate();
+      const from = c.lines.length;
+      await writeWithFds(c.sock, Buffer.from('{"execute":"getfd","arguments":{"fdname":"mig"},"id":1}'), [fd]);
+      assert.deepEqual(await c.json(from, 1), [{ return: {}, id: 1 }]);
+      assert.equal(fs.readFileSync(file, 'utf8'), 'hello from getfd mig\n');
+      // the next getfd has no descriptor
+      assert.deepEqual(await exchange(c, '{"execute":"getfd","arguments":{"fdname":"x"},"id":2}', 1), [
+        { id: 2, ...gerr('No file descriptor supplied via SCM_RIGHTS') },
+      ]);
+      // QmpClient can pass one too
+      const { QmpClient } = await import('../../src/qmp/client.js');
+      const q = await QmpClient.connect(fx.socketPath!, { negotiate: true });
+      await q.execute('getfd', { fdname: 'q' }, { fds: [fd] });
+      assert.match(fs.readFileSync(file, 'utf8'), /hello from getfd q/);
+      await q.close();
+      c.close();
+      assert.deepEqual(fx.vm.log.filter((l) => l.startsWith('getfd')), ['getfd mig', 'getfd q']);
+    } finally {
+      fs.closeSync(fd);
+      await fx.close();
+    }
+  });
+
+  it('unix connections on the native reader: many commands, pause/resume, disconnect', async () => {
+    const fx = await startFakeServer('unix', { maxQueuedRequests: 2 });
+    try {
+      const c = await RawConn.connect({ path: fx.socketPath! });
+      await c.negotiate();
+      let input = '';
+      for (let i = 0; i < 500; i++) input += `{"execute":"echo","arguments":{"value":${i}},"id":${i}}`;
+      const rs = await exchange(c, input, 500);
+      assert.deepEqual(rs.map((r) => r.id), [...Array(500).keys()]);
+      assert.ok(fx.server.connections.every((x) => x.scmRights));
+      c.close();
+      for (let i = 0; i < 100 && fx.server.connections.length; i++) await sleep(10);
+      assert.equal(fx.server.connections.length, 0);
+    } finally {
+      await fx.close();
     }
   });
 });
