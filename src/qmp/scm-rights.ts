@@ -1,6 +1,6 @@
 /**
  * File descriptors over unix sockets (SCM_RIGHTS), through the optional
- * native addon in native/ (build: see native/README.md). Node's net module
+ * native addon in native/scm-rights/ (build: see native/scm-rights/README.md). Node's net module
  * cannot receive ancillary data, so when the addon is present the monitor
  * reads its unix connections with recvmsg() in the addon and keeps the
  * net.Socket for writing only. Without the addon everything works except
@@ -28,7 +28,7 @@ let cached: Addon | null | undefined;
 function findAddon(): string | undefined {
   let dir = path.dirname(fileURLToPath(import.meta.url));
   for (let i = 0; i < 6; i++) {
-    const p = path.join(dir, 'native', 'build', 'Release', 'ferry_scm.node');
+    const p = path.join(dir, 'native', 'scm-rights', 'build', 'Release', 'ferry_scm.node');
     if (fs.existsSync(p)) return p;
     const up = path.dirname(dir);
     if (up === dir) break;
@@ -132,7 +132,7 @@ function closeQuiet(fd: number): void {
  */
 export async function writeWithFds(sock: net.Socket, data: Buffer, fds: number[]): Promise<void> {
   const a = addon();
-  if (!a) throw new Error('passing file descriptors needs the native addon (native/, see native/README.md)');
+  if (!a) throw new Error('passing file descriptors needs the native addon (native/scm-rights/, see its README.md)');
   const fd = socketFd(sock);
   if (fd === undefined) throw new Error('passing file descriptors needs a unix socket');
   if (fds.length > 16) throw new Error('at most 16 file descriptors per message');
