@@ -117,7 +117,15 @@ export class RamLoader {
 
       if (flags & invalid) fail(ERR.unexpectedCompressed());
       let b = -1;
-      if (flags & PAGE_RECORD) b = await this.blockRef(r, flags);
+      if (flags & PAGE_RECORD) {
+        // CONTINUE (nearly every record) resolves without a promise
+        if (flags & F.CONTINUE) {
+          if (this.current < 0) fail(ERR.badStream());
+          b = this.current;
+        } else {
+          b = await this.blockRef(r, flags);
+        }
+      }
       const kind = flags & ~F.CONTINUE;
       if (this.postcopy && kind !== F.ZERO && kind !== F.PAGE && kind !== F.EOS) fail(ERR.unknownRamFlagsPostcopy(flags));
 

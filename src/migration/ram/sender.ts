@@ -262,7 +262,7 @@ export class RamSender {
         } else {
           putRamRecordHeader(w, block, offset, F.PAGE, cont);
           const at = w.reserve(TARGET_PAGE_SIZE);
-          w.buf.set(block.bytes.subarray(offset, offset + TARGET_PAGE_SIZE), at);
+          this.views[b]!.copy(w.buf, at, offset, offset + TARGET_PAGE_SIZE);
           this.counters.normal++;
           this.counters.normalBytes += TARGET_PAGE_SIZE;
         }
