@@ -1,0 +1,41 @@
+import { describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { FERRY_MAIN } from '../helpers/vm.js';
+
+/** Run `ferry demo` as `npm start` does, small: 128 MiB, no progress bar. */
+function runDemo(args: string[], timeoutMs = 120000): Promise<{ code: number | null; out: string; err: string }> {
+  return new Promise((resolve) => {
+    const p = spawn(process.execPath, [FERRY_MAIN, 'demo', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    let err = '';
+    p.stdout.on('data', (b: Buffer) => (out += b.toString()));
+    p.stderr.on('data', (b: Buffer) => (err += b.toString()));
+    const t = setTimeout(() => p.kill('SIGINT'), timeoutMs);
+    p.once('exit', (code) => {
+      clearTimeout(t);
+      resolve({ code, out, err });
+    });
+  });
+}
+
+describe('ferry demo', () => {
+  it('migrates a small VM and verifies it (exit 0, verdict lines)', { timeout: 150000 }, async () => {
+    const r = await runDemo(['--mem', '128M', '--no-progress']);
+    const all = `${r.out}\n${r.err}`;
+    assert.equal(r.code, 0, all);
+    assert.match(r.out, /status\s*│\s*completed/, all);
+    assert.match(r.out, /memory digests equal\s*│\s*yes: source ([0-9a-f]{12})\s+destination \1/, all);
+    assert.match(r.out, /heartbeat continued\s*│\s*yes/, all);
+    assert.match(r.out, /destination running\s*│\s*yes: status running/, all);
+    assert.match(r.out, /VERIFIED/, all);
+    // no progress bar without a TTY: plain progress lines instead
+    assert.match(r.out, /\[\s*[\d.]+ s\] (setup|active|completed)/, all);
+  });
+
+  it('rejects an unknown option with exit 1', async () => {
+    const r = await runDemo(['--bogus']);
+    assert.equal(r.code, 1);
+    assert.match(r.err, /--bogus: unknown option/);
+  });
+});
