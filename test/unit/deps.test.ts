@@ -1,0 +1,76 @@
+/**
+ * The dependency rules of docs/architecture.md, checked on the sources:
+ * cli → commands → migration → machine → base, with qmp beside commands.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { readdirSync, readFileSync, statSync } from 'node:fs';
+import { dirname, join, relative, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const root = resolve(dirname(fileURLToPath(import.meta.url)), '../../..');
+
+function walk(dir: string): string[] {
+  const out: string[] = [];
+  for (const e of readdirSync(dir)) {
+    const p = join(dir, e);
+    if (statSync(p).isDirectory()) out.push(...walk(p));
+    else if (p.endsWith('.ts')) out.push(p);
+  }
+  return out;
+}
+
+interface Import {
+  file: string;
+  target: string;
+  typeOnly: boolean;
+}
+
+function imports(file: string): Import[] {
+  const src = readFileSync(file, 'utf8');
+  const out: Import[] = [];
+  const re = /^\s*(import|export)\s+(type\s+)?[^;]*?from\s+'([^']+)'/gms;
+  for (const m of src.matchAll(re)) {
+    const spec = m[3]!;
+    if (!spec.startsWith('.')) continue;
+    const target = relative(root, resolve(dirname(file), spec)).replace(/\.js$/, '.ts');
+    out.push({ file: relative(root, file), target, typeOnly: Boolean(m[2]) });
+  }
+  return out;
+}
+
+const all = [...walk(join(root, 'src')), ...walk(join(root, 'tools'))].flatMap(imports);
+
+function check(from: string, allowed: (i: Import) => boolean): void {
+  const bad = all.filter((i) => i.file.startsWith(from) && !allowed(i));
+  assert.deepEqual(bad.map((i) => `${i.file} → ${i.target}`), []);
+}
+
+test('the scan finds imports at all (guards against a broken regex)', () => {
+  assert.ok(all.length > 100, `only ${all.length} imports found`);
+  assert.ok(all.some((i) => i.file.startsWith('src/migration/') && i.target.startsWith('src/machine/')));
+});
+
+test('machine imports only machine and base', () => {
+  check('src/machine/', (i) => i.target.startsWith('src/machine/') || i.target.startsWith('src/base/'));
+});
+
+test('migration knows nothing of QMP: no qmp, commands, cli; generated types only as types', () => {
+  check('src/migration/', (i) => {
+    if (i.target.startsWith('src/generated/')) return i.typeOnly && i.target === 'src/generated/qapi-types.ts';
+    return ['src/migration/', 'src/machine/', 'src/base/'].some((p) => i.target.startsWith(p));
+  });
+});
+
+test('qmp knows no command meaning and no engine', () => {
+  check('src/qmp/', (i) => ['src/qmp/', 'src/base/', 'src/qapi/'].some((p) => i.target.startsWith(p)));
+});
+
+test('commands never import the cli', () => {
+  check('src/commands/', (i) => !i.target.startsWith('src/cli/'));
+});
+
+test('tools and src never import each other', () => {
+  check('tools/', (i) => i.target.startsWith('tools/'));
+  check('src/', (i) => !i.target.startsWith('tools/'));
+});
