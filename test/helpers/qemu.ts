@@ -1,0 +1,230 @@
+/**
+ * Interop harness: start a real QEMU (qemu-system-x86_64, TCG) with a QMP unix
+ * socket, talk QMP to it with our own QmpClient, stop it.
+ *
+ * Tests that need QEMU use `QEMU_SKIP` as node:test's `skip` option: it is
+ * false when the binary exists, otherwise a reason string.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { accessSync, constants, existsSync, readFileSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { join, resolve } from 'node:path';
+import { gunzipSync } from 'node:zlib';
+import { QmpClient } from '../../src/qmp/client.js';
+import { REPO_ROOT, tempDir, waitFor } from './vm.js';
+
+export const QEMU_BIN = process.env.FERRY_QEMU ?? '/usr/bin/qemu-system-x86_64';
+
+function executable(p: string): boolean {
+  try {
+    accessSync(p, constants.X_OK);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** false when QEMU is usable, else the reason to skip. */
+export const QEMU_SKIP: false | string = executable(QEMU_BIN) ? false : `${QEMU_BIN} is not installed`;
+
+export const VECTORS_DIR = resolve(REPO_ROOT, '../shared/spec/vectors');
+
+/** `-machine none` with one 16 MiB RAM backend `m`, as in the spec's interop section. */
+export const MEM = 16 << 20;
+export const QEMU_RAM_ARGS = ['-machine', 'none,memory-backend=m', '-object', `memory-backend-ram,id=m,size=16M`];
+
+const live = new Set<QemuHandle>();
+
+export interface QemuOptions {
+  /** extra arguments (the harness adds -nodefaults -display none -qmp) */
+  args: string[];
+  dir?: string;
+  name?: string;
+  /** wait for the QMP socket this long (default 20 s) */
+  timeoutMs?: number;
+}
+
+export class QemuHandle {
+  stderr = '';
+  stdout = '';
+  exitCode: number | null = null;
+  exitSignal: NodeJS.Signals | null = null;
+  readonly exited: Promise<void>;
+
+  constructor(
+    readonly proc: ChildProcess,
+    readonly sock: string,
+    readonly dir: string,
+    public qmp: QmpClient,
+  ) {
+    this.exited = new Promise((res) => {
+      if (proc.exitCode !== null || proc.signalCode !== null) {
+        this.exitCode = proc.exitCode;
+        this.exitSignal = proc.signalCode;
+        live.delete(this);
+        res();
+        return;
+      }
+      proc.once('exit', (code, sig) => {
+        this.exitCode = code;
+        this.exitSignal = sig;
+        live.delete(this);
+        res();
+      });
+    });
+  }
+
+  get running(): boolean {
+    return this.exitCode === null && this.exitSignal === null;
+  }
+
+  execute<T = unknown>(cmd: string, args?: object): Promise<T> {
+    return this.qmp.execute<T>(cmd, args, { timeoutMs: 30000 });
+  }
+
+  async status(): Promise<string> {
+    return (await this.execute<{ status: string }>('query-status')).status;
+  }
+
+  /** pmemsave the whole guest RAM and return it. */
+  async ram(size = MEM, file = join(this.dir, `qemu-${Date.now()}-${Math.random().toString(36).slice(2)}.ram`)): Promise<Buffer> {
+    await this.execute('pmemsave', { val: 0, size, filename: file });
+    return readFileSync(file);
+  }
+
+  kill(sig: NodeJS.Signals = 'SIGKILL'): void {
+    if (this.running) this.proc.kill(sig);
+  }
+
+  async quit(): Promise<void> {
+    if (this.running) {
+      try {
+        await this.qmp.execute('quit', undefined, { timeoutMs: 5000 });
+      } catch {
+        /* gone already, or closed the socket while quitting */
+      }
+      const t = setTimeout(() => this.kill(), 5000);
+      await this.exited;
+      clearTimeout(t);
+    }
+    this.qmp.destroy();
+  }
+}
+
+export async function startQemu(opts: QemuOptions): Promise<QemuHandle> {
+  const dir = opts.dir ?? tempDir('ferry-qemu-');
+  const sock = join(dir, `${opts.name ?? 'qemu'}.qmp`);
+  const args = ['-nodefaults', '-display', 'none', '-qmp', `unix:${sock},server=on,wait=off`, ...opts.args];
+  const proc = spawn(QEMU_BIN, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  let stderr = '';
+  let stdout = '';
+  proc.stderr!.on('data', (b: Buffer) => (stderr += b.toString()));
+  proc.stdout!.on('data', (b: Buffer) => (stdout += b.toString()));
+  let exited = false;
+  proc.once('exit', () => (exited = true));
+  let qmp: QmpClient | undefined;
+  try {
+    qmp = await waitFor(
+      async () => {
+        if (exited) throw new Error(`qemu exited early (${proc.exitCode}): ${stderr}`);
+        if (!existsSync(sock)) return undefined;
+        try {
+          return await QmpClient.connect(sock, { negotiate: true });
+        } catch (e) {
+          if (/ECONNREFUSED|ENOENT/.test(String(e))) return undefined;
+          throw e;
+        }
+      },
+      opts.timeoutMs ?? 20000,
+      `QEMU QMP socket ${sock}`,
+    );
+  } catch (e) {
+    proc.kill('SIGKILL');
+    throw e;
+  }
+  const h = new QemuHandle(proc, sock, dir, qmp!);
+  // keep collecting output on the handle (copy what came before the handle existed)
+  h.stderr = stderr;
+  h.stdout = stdout;
+  proc.stderr!.on('data', (b: Buffer) => (h.stderr += b.toString()));
+  proc.stdout!.on('data', (b: Buffer) => (h.stdout += b.toString()));
+  live.add(h);
+  return h;
+}
+
+/** Run QEMU to completion without QMP (e.g. to see a startup / load error). */
+export async function runQemu(args: string[], timeoutMs = 20000): Promise<{ code: number | null; stderr: string }> {
+  const proc = spawn(QEMU_BIN, ['-nodefaults', '-display', 'none', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let stderr = '';
+  proc.stderr!.on('data', (b: Buffer) => (stderr += b.toString()));
+  const t = setTimeout(() => proc.kill('SIGKILL'), timeoutMs);
+  const code = await new Promise<number | null>((r) => proc.once('exit', (c) => r(c)));
+  clearTimeout(t);
+  return { code, stderr };
+}
+
+/** Poll QEMU's query-migrate until the status is one of `states`. */
+export async function waitQemuMigration(
+  q: QemuHandle,
+  states: string[] = ['completed', 'failed', 'cancelled'],
+  timeoutMs = 30000,
+): Promise<Record<string, any>> {
+  return waitFor<Record<string, any> | null>(
+    async () => {
+      const info = await q.execute<Record<string, any>>('query-migrate');
+      return states.includes(info.status) ? info : null;
+    },
+    timeoutMs,
+    `QEMU migration status in ${states.join('|')}`,
+    50,
+  ) as Promise<Record<string, any>>;
+}
+
+/** A free TCP port on 127.0.0.1 (closed again before returning). */
+export function freePort(): Promise<number> {
+  return new Promise((res, rej) => {
+    const s = createServer();
+    s.once('error', rej);
+    s.listen(0, '127.0.0.1', () => {
+      const port = (s.address() as { port: number }).port;
+      s.close(() => res(port));
+    });
+  });
+}
+
+/** pmemsave of a Ferry VM (anything with execute()) into `dir`. */
+export async function pmem(vm: { execute(cmd: string, args?: object): Promise<unknown> }, dir: string, size = MEM): Promise<Buffer> {
+  const file = join(dir, `ferry-${Date.now()}-${Math.random().toString(36).slice(2)}.ram`);
+  await vm.execute('pmemsave', { val: 0, size, filename: file });
+  return readFileSync(file);
+}
+
+export function readExpect(name: string): Buffer {
+  return gunzipSync(readFileSync(join(VECTORS_DIR, `${name}.expect.gz`)));
+}
+
+/** First differing offset of two buffers, or -1 (for readable assertion messages). */
+export function firstDiff(a: Buffer, b: Buffer): number {
+  const n = Math.min(a.length, b.length);
+  for (let i = 0; i < n; i++) if (a[i] !== b[i]) return i;
+  return a.length === b.length ? -1 : n;
+}
+
+export function assertSameRam(actual: Buffer, expected: Buffer, what: string): void {
+  const d = firstDiff(actual, expected);
+  if (d !== -1) {
+    throw new Error(
+      `${what}: RAM differs at offset 0x${d.toString(16)} (page ${d >> 12}); lengths ${actual.length}/${expected.length}; ` +
+        `got ${actual.subarray(d, d + 8).toString('hex')} want ${expected.subarray(d, d + 8).toString('hex')}`,
+    );
+  }
+}
+
+/** Kill every QEMU still running (call from after(), before cleanupAll). */
+export async function cleanupQemu(): Promise<void> {
+  for (const h of [...live]) {
+    h.kill();
+    await h.exited;
+    h.qmp.destroy();
+  }
+}
