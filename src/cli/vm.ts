@@ -137,6 +137,7 @@ export async function main(argv: string[]): Promise<number> {
   } catch (e) {
     const msg = e instanceof QmpError ? e.desc : e instanceof Error ? e.message : String(e);
     process.stderr.write(`ferry vm: ${msg}\n`);
-    return 1;
+    // vCPU workers or listeners may already exist and would keep the process alive
+    process.exit(1);
   }
 }

@@ -23,6 +23,7 @@
  * Events: 'runstate' (new, old), 'heartbeat' (n, line),
  * 'vcpu-error' (index, Error) — after which the run state is internal-error.
  */
+import { adviseHugepages } from '../base/native.js';
 import { EventEmitter } from 'node:events';
 import { closeSync, openSync, writeSync } from 'node:fs';
 import { open } from 'node:fs/promises';
@@ -185,7 +186,9 @@ export class Machine extends EventEmitter implements DeviceHost {
       const pages = size / TARGET_PAGE_SIZE;
       let bytes: Uint8Array;
       try {
-        bytes = new Uint8Array(new SharedArrayBuffer(size));
+        const sab = new SharedArrayBuffer(size);
+        adviseHugepages(sab);
+        bytes = new Uint8Array(sab);
       } catch (e) {
         throw new Error(`cannot allocate ${size} bytes of guest RAM: ${(e as Error).message}`);
       }
@@ -667,7 +670,8 @@ export class Machine extends EventEmitter implements DeviceHost {
 
   private async doFill(): Promise<void> {
     const f = this.fill;
-    if (f.kind === 'zero') return;
+    // an incoming VM's RAM comes from the stream: filling it would be wasted work
+    if (f.kind === 'zero' || this._runState === 'inmigrate') return;
     if (f.kind !== 'random' && f.kind !== 'text') throw new Error(`Unknown fill '${(f as { kind: string }).kind}'`);
     const seed = f.seed ?? 0;
     if (!Number.isInteger(seed) || seed < 0 || seed > 0xffffffff) throw new Error(`fill seed ${seed} must be 0..4294967295`);
