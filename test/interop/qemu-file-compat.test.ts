@@ -1,0 +1,80 @@
+/**
+ * Ferry-written streams read by QEMU 7.2:
+ *  - a Ferry `migrate exec:cat > FILE` (x-qemu-compat=on) loads in QEMU with
+ *    `-incoming "exec:cat FILE"`, RAM identical;
+ *  - without x-qemu-compat Ferry also sends its own device sections, which
+ *    QEMU rejects: "Unknown savevm section or instance 'ferry-serial' 0".
+ *    `-machine ...,x-qemu-compat=on` is REQUIRED when QEMU is the destination.
+ */
+import { after, describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { cleanupAll, startVm, tempDir, waitFor, waitMigration } from '../helpers/vm.js';
+import {
+  MEM, QEMU_RAM_ARGS, QEMU_SKIP, assertSameRam, cleanupQemu, freePort, pmem, runQemu, startQemu, waitQemuMigration,
+} from '../helpers/qemu.js';
+
+after(async () => {
+  await cleanupQemu();
+  await cleanupAll();
+});
+
+const RAM16 = ['-machine', 'none,memory-backend=m', '-object', 'memory-backend-ram,id=m,size=16M'];
+const COMPAT16 = ['-machine', 'none,memory-backend=m,x-qemu-compat=on', '-object', 'memory-backend-ram,id=m,size=16M'];
+
+async function ferryToFile(dir: string, machine: string[], file: string): Promise<Buffer> {
+  const src = await startVm({ dir, name: 'src', args: [...machine, '-fill', 'random,seed=11'] });
+  await src.execute('migrate-set-parameters', { 'max-bandwidth': 0 });
+  await src.execute('migrate', { uri: `exec:cat > '${file}'` });
+  const info = await waitMigration(src, undefined, 30000);
+  assert.equal(info.status, 'completed', `${JSON.stringify(info)}\n${src.stderr}`);
+  const ram = await pmem(src, dir);
+  await src.quit();
+  return ram;
+}
+
+describe('Ferry streams read by QEMU 7.2', { skip: QEMU_SKIP, timeout: 150000 }, () => {
+  it('x-qemu-compat=on: a stream saved to a file loads with -incoming "exec:cat FILE"', { timeout: 50000 }, async () => {
+    const dir = tempDir('ferry-qfile-');
+    const file = join(dir, 'ferry.mig');
+    const want = await ferryToFile(dir, COMPAT16, file);
+    const qemu = await startQemu({ dir, args: [...QEMU_RAM_ARGS, '-incoming', `exec:cat '${file}'`] });
+    const qinfo = await waitQemuMigration(qemu, undefined, 20000);
+    assert.equal(qinfo.status, 'completed', `${JSON.stringify(qinfo)}\n${qemu.stderr}`);
+    await waitFor(async () => (await qemu.status()) === 'running', 10000, 'QEMU running');
+    assertSameRam(await qemu.ram(MEM), want, 'ferry file → qemu');
+    assert.equal(qemu.stderr.trim(), '', 'QEMU loads the stream silently');
+    await qemu.quit();
+  });
+
+  it('without x-qemu-compat QEMU rejects the live stream: unknown section ferry-serial', { timeout: 50000 }, async () => {
+    const dir = tempDir('ferry-qfile-');
+    const uri = `tcp:127.0.0.1:${await freePort()}`;
+    const qemu = await startQemu({ dir, args: [...QEMU_RAM_ARGS, '-incoming', uri] });
+    const src = await startVm({ dir, name: 'src', args: [...RAM16, '-fill', 'random,seed=12'] });
+    await src.execute('migrate-set-parameters', { 'max-bandwidth': 0 });
+    await src.execute('migrate', { uri });
+    // QEMU's incoming load fails and QEMU exits (status 1)
+    const t = setTimeout(() => qemu.kill(), 30000);
+    await qemu.exited;
+    clearTimeout(t);
+    assert.equal(qemu.exitCode, 1, `qemu exit ${qemu.exitCode}/${qemu.exitSignal}: ${qemu.stderr}`);
+    assert.match(qemu.stderr, /Unknown savevm section or instance 'ferry-serial' 0/, qemu.stderr);
+    assert.match(qemu.stderr, /load of migration failed: Invalid argument/, qemu.stderr);
+    // whatever Ferry's source concludes, it must end (completed: the bytes were written; failed: peer closed)
+    const info = await waitMigration(src, undefined, 30000);
+    assert.ok(['completed', 'failed'].includes(info.status), JSON.stringify(info));
+    await src.quit();
+  });
+
+  it('without x-qemu-compat a saved stream fails the same way in QEMU (and holds a ferry-serial section)', { timeout: 50000 }, async () => {
+    const dir = tempDir('ferry-qfile-');
+    const file = join(dir, 'ferry-nocompat.mig');
+    await ferryToFile(dir, RAM16, file);
+    assert.ok(readFileSync(file).includes(Buffer.from('\x0cferry-serial', 'latin1')), 'stream names ferry-serial');
+    const r = await runQemu([...QEMU_RAM_ARGS, '-incoming', `exec:cat '${file}'`], 30000);
+    assert.equal(r.code, 1, r.stderr);
+    assert.match(r.stderr, /Unknown savevm section or instance 'ferry-serial' 0/, r.stderr);
+  });
+});
