@@ -121,7 +121,11 @@ export function clearDirty(block: RamBlock): number {
   let n = 0;
   const d = block.dirty;
   for (let i = 0; i < d.length; i++) {
-    if (d[i] !== 0) n += popcount32(Atomics.exchange(d, i, 0));
+    if (d[i] !== 0) {
+      const v = Atomics.exchange(d, i, 0);
+      block.touched[i] = (block.touched[i]! | v) >>> 0;
+      n += popcount32(v);
+    }
   }
   return n;
 }
@@ -193,7 +197,8 @@ export class Machine extends EventEmitter implements DeviceHost {
         throw new Error(`cannot allocate ${size} bytes of guest RAM: ${(e as Error).message}`);
       }
       const dirty = new Int32Array(new SharedArrayBuffer(Math.ceil(pages / 32) * 4));
-      blocks.push({ name: i === 0 ? base : `${base}.${i}`, size, pages, bytes, dirty });
+      const touched = new Uint32Array(Math.ceil(pages / 32));
+      blocks.push({ name: i === 0 ? base : `${base}.${i}`, size, pages, bytes, dirty, touched });
     }
     this.ram = blocks;
 
@@ -672,6 +677,7 @@ export class Machine extends EventEmitter implements DeviceHost {
     const f = this.fill;
     // an incoming VM's RAM comes from the stream: filling it would be wasted work
     if (f.kind === 'zero' || this._runState === 'inmigrate') return;
+    for (const b of this.ram) b.touched.fill(0xffffffff);
     if (f.kind !== 'random' && f.kind !== 'text') throw new Error(`Unknown fill '${(f as { kind: string }).kind}'`);
     const seed = f.seed ?? 0;
     if (!Number.isInteger(seed) || seed < 0 || seed > 0xffffffff) throw new Error(`fill seed ${seed} must be 0..4294967295`);

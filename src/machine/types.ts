@@ -15,6 +15,15 @@ export interface RamBlock {
   readonly pages: number;
   readonly bytes: Uint8Array;
   readonly dirty: Int32Array;
+  /**
+   * Pages that may hold non-zero data (bit set), kept on the main thread.
+   * A page whose `touched` bit is clear is zero unless its `dirty` bit is
+   * set: the boot fill sets it for every page it writes, whoever takes dirty
+   * bits off `dirty` ORs them in here, and the migration loader sets it for
+   * every page it writes. This lets a migration skip reading (and so
+   * faulting in) RAM that was never written.
+   */
+  readonly touched: Uint32Array;
 }
 
 /** QEMU run states that Ferry uses (QAPI RunState names). */

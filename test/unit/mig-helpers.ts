@@ -26,6 +26,8 @@ export function makeBlock(name: string, size: number): RamBlock {
     pages,
     bytes: new Uint8Array(new SharedArrayBuffer(size)),
     dirty: new Int32Array(new SharedArrayBuffer(Math.ceil(pages / 32) * 4)),
+    // tests write blocks directly: every page may hold data
+    touched: new Uint32Array(Math.ceil(pages / 32)).fill(0xffffffff),
   };
 }
 

@@ -95,6 +95,10 @@ export class RamLoader {
     return idx;
   }
 
+  private markTouched(block: RamBlock, page: number): void {
+    block.touched[page >>> 5] = (block.touched[page >>> 5]! | (1 << (page & 31))) >>> 0;
+  }
+
   private markReceived(b: number, page: number): void {
     const rb = this.received;
     if (rb !== null) rb[b]![page >>> 5] = (rb[b]![page >>> 5]! | (1 << (page & 31))) >>> 0;
@@ -143,13 +147,19 @@ export class RamLoader {
         case F.ZERO: {
           if (!r.has(1)) await r.ensure(1);
           const fill = r.get8();
-          if (fill !== 0 || !this.isZeroPage(b, page)) block.bytes.fill(fill, offset, offset + TARGET_PAGE_SIZE);
+          // an untouched page is known to be zero: skip it without reading it
+          const touched = ((block.touched[page >>> 5]! >>> (page & 31)) & 1) !== 0;
+          if (fill !== 0 || (touched && !this.isZeroPage(b, page))) {
+            block.bytes.fill(fill, offset, offset + TARGET_PAGE_SIZE);
+          }
+          if (fill !== 0) this.markTouched(block, page);
           this.counters.zero++;
           break;
         }
         case F.PAGE:
           if (!r.has(TARGET_PAGE_SIZE)) await r.ensure(TARGET_PAGE_SIZE);
           r.copyTo(block.bytes, offset, TARGET_PAGE_SIZE);
+          this.markTouched(block, page);
           this.counters.normal++;
           break;
         case F.XBZRLE: {
@@ -163,6 +173,7 @@ export class RamLoader {
             fail(ERR.xbzrleDecode(offset));
           }
           this.counters.xbzrle++;
+          this.markTouched(block, page);
           break;
         }
         case F.COMPRESS_PAGE: {
@@ -179,6 +190,7 @@ export class RamLoader {
           }
           block.bytes.set(out, offset);
           this.counters.compressed++;
+          this.markTouched(block, page);
           break;
         }
         default:

@@ -153,6 +153,7 @@ export class RamSender {
     let n = 0;
     for (let b = 0; b < this.blocks.length; b++) {
       const dirty = this.blocks[b]!.dirty;
+      const touched = this.blocks[b]!.touched;
       const bm = this.bitmaps[b]!;
       const len = Math.min(bm.length, dirty.length);
       const last = bm.length - 1;
@@ -160,6 +161,7 @@ export class RamSender {
       for (let i = 0; i < len; i++) {
         if (dirty[i] === 0) continue;
         let v = Atomics.exchange(dirty, i, 0) >>> 0;
+        touched[i] = (touched[i]! | v) >>> 0;
         if (i === last && rest) v = (v & ((1 << rest) - 1)) >>> 0;
         const fresh = (v & ~bm[i]!) >>> 0;
         if (fresh !== 0) {
@@ -247,7 +249,8 @@ export class RamSender {
 
       const block = this.blocks[b]!;
       const cont = this.lastBlock === b;
-      const zero = this.isZeroPage(b, p);
+      // never written since boot: zero without reading (and faulting in) the page
+      const zero = ((block.touched[p >>> 5]! >>> (p & 31)) & 1) === 0 || this.isZeroPage(b, p);
       const offset = p * TARGET_PAGE_SIZE;
       let handled = PageHookResult.Default;
       if (this.hook !== null) {
