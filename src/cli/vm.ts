@@ -86,7 +86,11 @@ export async function main(argv: string[]): Promise<number> {
       },
     };
     const port = machinePort(machine, services);
-    const source = new MigrationSource(port, options, { lookupFd, qemuCompatible: a.qemuCompat });
+    const source = new MigrationSource(port, options, {
+      lookupFd,
+      qemuCompatible: a.qemuCompat,
+      hasObject: (id) => objects.has(id),
+    });
     const destination = new MigrationDestination(port, options, {
       lookupFd,
       log: (msg) => process.stderr.write(`ferry: ${msg}\n`),

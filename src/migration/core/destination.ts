@@ -99,6 +99,9 @@ export class MigrationDestination extends EventEmitter {
    */
   async start(uri: string): Promise<void> {
     if (this.begun) throw new MigrationError('The incoming migration has already been started');
+    if (this.options.get('tls-creds') !== '') {
+      throw new MigrationError('TLS migration is not supported by this build yet');
+    }
     let parsed;
     try {
       parsed = parseMigrationUri(uri, 'incoming');
