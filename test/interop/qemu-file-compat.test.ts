@@ -8,7 +8,7 @@
  */
 import { after, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { readFileSync } from 'node:fs';
+import { readFileSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { cleanupAll, startVm, tempDir, waitFor, waitMigration } from '../helpers/vm.js';
 import {
@@ -31,6 +31,14 @@ async function ferryToFile(dir: string, machine: string[], file: string): Promis
   assert.equal(info.status, 'completed', `${JSON.stringify(info)}\n${src.stderr}`);
   const ram = await pmem(src, dir);
   await src.quit();
+  // The file must hold at least every byte Ferry counted as transferred (plus the
+  // vmdesc trailer). Shorter means the exec: child was killed (SIGTERM on channel
+  // close) before it had drained the pipe: the saved stream is truncated.
+  const size = statSync(file).size;
+  assert.ok(
+    size >= info.ram.transferred,
+    `exec:cat > FILE wrote ${size} bytes but Ferry transferred ${info.ram.transferred}: stream truncated (exec child killed before draining its pipe)`,
+  );
   return ram;
 }
 
