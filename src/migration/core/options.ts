@@ -171,6 +171,6 @@ export function checkParameters(p: Parameters): void {
     );
   }
   if (p['x-checkpoint-delay'] < 0) {
-    throw new MigrationError("Parameter 'x_checkpoint_delay' expects a non-negative value");
+    throw new MigrationError("Parameter 'x_checkpoint_delay' expects is invalid, it should be positive");
   }
 }

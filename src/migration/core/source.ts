@@ -15,7 +15,7 @@
 import { EventEmitter } from 'node:events';
 import { setImmediate as yieldToLoop } from 'node:timers/promises';
 import type { MigrationInfo, MigrationStatus } from '../../generated/qapi-types.js';
-import { connectOutgoing, parseMigrationUri, type Channel } from '../channel/index.js';
+import { connectOutgoing, parseMigrationUri, resolveFdParam, type Channel } from '../channel/index.js';
 import { RamSender } from '../ram/sender.js';
 import { StreamReader } from '../stream/reader.js';
 import { StreamWriter } from '../stream/writer.js';
@@ -164,6 +164,16 @@ export class MigrationSource extends EventEmitter {
       // a bad URI fails the migration without error-desc (as QEMU does)
       this.setStatus('failed');
       throw new MigrationError(errorMessage(e));
+    }
+    if (parsed.kind === 'fd') {
+      // QEMU looks the descriptor up before it returns from `migrate`
+      try {
+        resolveFdParam(parsed.name, this.deps.lookupFd);
+      } catch (e) {
+        this.errorDesc = errorMessage(e);
+        this.setStatus('failed');
+        throw new MigrationError(this.errorDesc);
+      }
     }
     this.abort = new AbortController();
     this.running = this.run(parsed).catch(() => undefined);
@@ -336,6 +346,10 @@ export class MigrationSource extends EventEmitter {
       await endOutput(this.channel!);
     }
     const end = this.now();
+    // An exec: command (a forwarder such as socat) must get to pass the tail
+    // of the stream on before close() signals it: wait, bounded, for the
+    // channel to wind down by itself.
+    if (!rp) await waitForClose(this.channel!, CHANNEL_LINGER_MS);
     this.stats.downtime = Math.round(end - stopTime);
     this.stats.totalTime = Math.round(end - this.stats.startTime);
     const total = w.bytesWritten;
@@ -390,6 +404,22 @@ export class MigrationSource extends EventEmitter {
     }
     return info;
   }
+}
+
+/** How long a finished source waits for its channel to close by itself. */
+const CHANNEL_LINGER_MS = 5000;
+
+function waitForClose(ch: Channel, ms: number): Promise<void> {
+  if (ch.released) return Promise.resolve();
+  return new Promise((resolve) => {
+    const t = setTimeout(done, ms);
+    function done() {
+      clearTimeout(t);
+      ch.off('close', done);
+      resolve();
+    }
+    ch.once('close', done);
+  });
 }
 
 /** End the forward direction and wait until the bytes are handed to the OS. */
