@@ -41,7 +41,7 @@ import { SourceStats } from './stats.js';
 
 const S = WIRE.SECTION;
 /** Share of downtime-limit given to the final RAM transfer (see iterate()). */
-const SWITCHOVER_SHARE = 0.75;
+const SWITCHOVER_SHARE = 0.5;
 /** Device sections a QEMU `-M none` guest has. */
 const QEMU_DEVICES: ReadonlySet<string> = new Set(['timer', 'globalstate']);
 /** Section id of `ram`; device sections are numbered after it. */
@@ -270,7 +270,7 @@ export class MigrationSource extends EventEmitter {
       const now = this.now();
       if (this.stats.updateWindow(now, w.bytesWritten)) {
         // Bytes that fit in the downtime budget. QEMU uses the whole limit;
-        // we keep a quarter of it for what the estimate does not see (stopping
+        // we keep half of it for what the estimate does not see (stopping
         // the vCPUs, the device sections, the destination starting its guest),
         // so that the measured downtime stays within downtime-limit.
         threshold = this.stats.bandwidth * this.options.get('downtime-limit') * SWITCHOVER_SHARE;
