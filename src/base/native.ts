@@ -10,6 +10,7 @@ import { fileURLToPath } from 'node:url';
 interface HugepageAddon {
   available: boolean;
   madviseHugepage(buf: SharedArrayBuffer | ArrayBuffer): boolean;
+  madviseAdvice(buf: SharedArrayBuffer | ArrayBuffer, advice: string): boolean;
 }
 
 /** dist/src/base → repo root (three up), where native/ lives. */
@@ -34,4 +35,14 @@ function loadHugepage(): HugepageAddon | null {
 export function adviseHugepages(buf: SharedArrayBuffer): boolean {
   const hp = loadHugepage();
   return hp !== null && hp.available && hp.madviseHugepage(buf);
+}
+
+/**
+ * Fault every page of the buffer in for writing without changing its
+ * contents (MADV_POPULATE_WRITE). Blocks the calling thread: call it from a
+ * worker. Returns false when the addon or the kernel cannot do it.
+ */
+export function populateWrite(buf: SharedArrayBuffer): boolean {
+  const hp = loadHugepage();
+  return hp !== null && hp.available && hp.madviseAdvice(buf, 'populate_write');
 }

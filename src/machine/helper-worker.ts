@@ -4,10 +4,12 @@
  */
 import { createHash } from 'node:crypto';
 import { parentPort } from 'node:worker_threads';
+import { populateWrite } from '../base/native.js';
 import { fillRandom, fillText, makeTextPool } from './workload.js';
 
 export type HelperTask =
   | { id: number; op: 'digest'; buf: SharedArrayBuffer; offset: number; length: number }
+  | { id: number; op: 'prefault'; buf: SharedArrayBuffer }
   | {
       id: number;
       op: 'fill';
@@ -32,7 +34,17 @@ let pool: { seed: number; data: Uint8Array } | null = null;
 
 parentPort!.on('message', (t: HelperTask) => {
   try {
-    if (t.op === 'digest') {
+    if (t.op === 'prefault') {
+      // Fault the memory in without changing a byte: the loader may be
+      // writing into it at the same time. MADV_POPULATE_WRITE where we can,
+      // else an atomic add of 0 to one word per page (a locked RMW never
+      // loses a concurrent store to the same word).
+      if (!populateWrite(t.buf)) {
+        const words = new Int32Array(t.buf, 0, t.buf.byteLength >> 2);
+        for (let i = 0; i < words.length; i += 1024) Atomics.add(words, i, 0);
+      }
+      parentPort!.postMessage({ id: t.id, ok: true } satisfies HelperResult);
+    } else if (t.op === 'digest') {
       const h = createHash('sha256');
       h.update(new Uint8Array(t.buf, t.offset, t.length));
       const r: HelperResult = { id: t.id, ok: true, digest: h.digest() };
