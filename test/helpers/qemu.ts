@@ -11,7 +11,7 @@ import { createServer } from 'node:net';
 import { join, resolve } from 'node:path';
 import { gunzipSync } from 'node:zlib';
 import { QmpClient } from '../../src/qmp/client.js';
-import { REPO_ROOT, tempDir, waitFor } from './vm.js';
+import { REPO_ROOT, runToExit, tempDir, waitFor, waitMigration } from './vm.js';
 
 export const QEMU_BIN = process.env.FERRY_QEMU ?? '/usr/bin/qemu-system-x86_64';
 
@@ -153,31 +153,17 @@ export async function startQemu(opts: QemuOptions): Promise<QemuHandle> {
 }
 
 /** Run QEMU to completion without QMP (e.g. to see a startup / load error). */
-export async function runQemu(args: string[], timeoutMs = 20000): Promise<{ code: number | null; stderr: string }> {
-  const proc = spawn(QEMU_BIN, ['-nodefaults', '-display', 'none', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-  let stderr = '';
-  proc.stderr!.on('data', (b: Buffer) => (stderr += b.toString()));
-  const t = setTimeout(() => proc.kill('SIGKILL'), timeoutMs);
-  const code = await new Promise<number | null>((r) => proc.once('exit', (c) => r(c)));
-  clearTimeout(t);
-  return { code, stderr };
+export function runQemu(args: string[], timeoutMs = 20000): Promise<{ code: number | null; stderr: string }> {
+  return runToExit(QEMU_BIN, ['-nodefaults', '-display', 'none', ...args], timeoutMs);
 }
 
 /** Poll QEMU's query-migrate until the status is one of `states`. */
-export async function waitQemuMigration(
+export function waitQemuMigration(
   q: QemuHandle,
   states: string[] = ['completed', 'failed', 'cancelled'],
   timeoutMs = 30000,
 ): Promise<Record<string, any>> {
-  return waitFor<Record<string, any> | null>(
-    async () => {
-      const info = await q.execute<Record<string, any>>('query-migrate');
-      return states.includes(info.status) ? info : null;
-    },
-    timeoutMs,
-    `QEMU migration status in ${states.join('|')}`,
-    50,
-  ) as Promise<Record<string, any>>;
+  return waitMigration(q, states, timeoutMs);
 }
 
 /** A free TCP port on 127.0.0.1 (closed again before returning). */

@@ -142,8 +142,13 @@ export async function startVm(opts: VmOptions = {}): Promise<VmHandle> {
 }
 
 /** Run `ferry vm` expecting it to fail at startup; returns exit code and stderr. */
-export async function runVmExpectingExit(args: string[], timeoutMs = 10000): Promise<{ code: number | null; stderr: string }> {
-  const proc = spawn(process.execPath, [FERRY_MAIN, 'vm', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+export function runVmExpectingExit(args: string[], timeoutMs = 10000): Promise<{ code: number | null; stderr: string }> {
+  return runToExit(process.execPath, [FERRY_MAIN, 'vm', ...args], timeoutMs);
+}
+
+/** Run a program to its end (killed after timeoutMs); returns exit code and stderr. */
+export async function runToExit(bin: string, args: string[], timeoutMs: number): Promise<{ code: number | null; stderr: string }> {
+  const proc = spawn(bin, args, { stdio: ['ignore', 'pipe', 'pipe'] });
   let stderr = '';
   proc.stderr!.on('data', (b: Buffer) => (stderr += b.toString()));
   const t = setTimeout(() => proc.kill('SIGKILL'), timeoutMs);
@@ -152,9 +157,9 @@ export async function runVmExpectingExit(args: string[], timeoutMs = 10000): Pro
   return { code, stderr };
 }
 
-/** Poll query-migrate until the status is one of `states`. */
+/** Poll query-migrate (of a Ferry or a QEMU) until the status is one of `states`. */
 export async function waitMigration(
-  vm: VmHandle,
+  vm: { execute<T>(cmd: string): Promise<T> },
   states: string[] = ['completed', 'failed', 'cancelled'],
   timeoutMs = 60000,
 ): Promise<Record<string, any>> {
