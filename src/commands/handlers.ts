@@ -171,7 +171,8 @@ export const handlers: CommandHandlers<Ctx> = {
   },
   'migrate-set-cache-size'(args, ctx) {
     return generic(() => {
-      ctx.vm.options.setXbzrleCacheSize(args.value, ctx.vm.machine.ramSize);
+      const size = ctx.vm.options.setXbzrleCacheSize(args.value, ctx.vm.machine.ramSize);
+      ctx.vm.source.resizeXbzrleCache(size);
     });
   },
   'query-migrate-cache-size'(_args, ctx) {

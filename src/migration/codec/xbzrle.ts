@@ -15,11 +15,17 @@ function ulebPut(out: Uint8Array, at: number, v: number): number {
   return 2;
 }
 
+const EMPTY32 = new Int32Array(0);
+
 /**
  * Encode the delta from `oldPage` to `newPage` (same length, at most 16383)
  * into out[outOffset ..]. `maxLen` is the room QEMU allows (one page).
  * Returns the encoded length (0: the pages are equal, nothing to send) or
  * -1 on overflow.
+ *
+ * Equal runs are skipped 8 bytes at a time (two 32-bit compares) when both
+ * pages are 4-byte aligned, then finished byte by byte, so the runs found are
+ * exactly those of the byte loop of xbzrle.md §2.1 and the output is the same.
  */
 export function xbzrleEncode(
   oldPage: Uint8Array,
@@ -32,11 +38,28 @@ export function xbzrleEncode(
   if (oldPage.length !== n) throw new RangeError('xbzrleEncode: page sizes differ');
   if (n > 0x3fff) throw new RangeError('xbzrleEncode: page too large');
   if (outOffset + maxLen > out.length) maxLen = out.length - outOffset;
+  const oOff = oldPage.byteOffset;
+  const nOff = newPage.byteOffset;
+  const words = ((oOff | nOff) & 3) === 0;
+  const o32 = words ? new Int32Array(oldPage.buffer, oOff, n >>> 2) : EMPTY32;
+  const n32 = words ? new Int32Array(newPage.buffer, nOff, n >>> 2) : EMPTY32;
+  const n8 = n & ~7;
   let i = 0;
   let d = 0;
   while (i < n) {
     if (d + 2 > maxLen) return -1;
     const zs = i;
+    if (words) {
+      // to an 8-byte boundary of the page, then 8 bytes per step
+      while (i < n && (i & 7) !== 0 && oldPage[i] === newPage[i]) i++;
+      if ((i & 7) === 0) {
+        let w = i >>> 2;
+        while (i < n8 && o32[w] === n32[w] && o32[w + 1] === n32[w + 1]) {
+          i += 8;
+          w += 2;
+        }
+      }
+    }
     while (i < n && oldPage[i] === newPage[i]) i++;
     if (i === n) break;
     d += ulebPut(out, outOffset + d, i - zs);

@@ -17,6 +17,7 @@ import { setImmediate as yieldToLoop } from 'node:timers/promises';
 import type { MigrationInfo, MigrationStatus } from '../../generated/qapi-types.js';
 import { connectOutgoing, parseMigrationUri, resolveFdParam, type Channel } from '../channel/index.js';
 import { RamSender } from '../ram/sender.js';
+import { XbzrleSender } from '../ram/xbzrle.js';
 import { StreamReader } from '../stream/reader.js';
 import { StreamWriter } from '../stream/writer.js';
 import { WIRE } from '../wire/constants.js';
@@ -87,6 +88,8 @@ export class MigrationSource extends EventEmitter {
   private writer: StreamWriter | null = null;
   private abort: AbortController | null = null;
   private sender: RamSender | null = null;
+  /** XBZRLE encoder of the current (or last) migration when `xbzrle` is on. */
+  private xbzrle: XbzrleSender | null = null;
   /** true while the VM is stopped by us and must be restarted on failure */
   private vmStoppedByUs = false;
   private readonly now: () => number;
@@ -151,6 +154,7 @@ export class MigrationSource extends EventEmitter {
     }
     // reset: statistics zeroed, error cleared, none -> setup (event)
     this.stats = new SourceStats();
+    this.xbzrle = null;
     this.errorDesc = undefined;
     this.started = true;
     this.state = 'none';
@@ -195,6 +199,19 @@ export class MigrationSource extends EventEmitter {
     }
   }
 
+  /** migrate-set-cache-size: the running migration's cache takes the new size (emptied). */
+  resizeXbzrleCache(size: number): void {
+    if (this.isActive()) this.xbzrle?.resize(size);
+  }
+
+  /** `xbzrle-cache` whenever the capability is on (D.1, xbzrle.md §5). */
+  private addXbzrle(info: MigrationInfo): void {
+    if (!this.options.capability('xbzrle')) return;
+    const size = this.options.xbzrleCacheSize();
+    info['xbzrle-cache'] = this.xbzrle?.stats(size) ??
+      { 'cache-size': size, bytes: 0, pages: 0, 'cache-miss': 0, 'cache-miss-rate': 0, overflow: 0 };
+  }
+
   private checkCancelled(): void {
     if (this.state === 'cancelling') throw new Cancelled('migration cancelled');
   }
@@ -230,6 +247,10 @@ export class MigrationSource extends EventEmitter {
       // all ones and the first sync clears what the vCPUs dirtied so far
       const sender = new RamSender(this.machine.ram, { now: this.now });
       this.sender = sender;
+      if (this.options.capability('xbzrle')) {
+        this.xbzrle = new XbzrleSender(sender, this.options.xbzrleCacheSize(), this.now());
+        sender.setPageHook(this.xbzrle.hook);
+      }
       putSectionStartFull(w, S.START, RAM_SECTION_ID, 'ram', 0, WIRE.RAM.VERSION);
       sender.syncDirtyLog();
       this.onSync(sender, 0);
@@ -251,6 +272,7 @@ export class MigrationSource extends EventEmitter {
       this.channel = null;
       this.writer = null;
       this.sender = null;
+      this.xbzrle?.release();
       this.abort = null;
     }
   }
@@ -258,6 +280,7 @@ export class MigrationSource extends EventEmitter {
   private onSync(sender: RamSender, newlyDirty: number): void {
     this.stats.onSync(this.now(), newlyDirty);
     this.stats.remainingPages = sender.dirtyPages;
+    this.xbzrle?.onSync(this.now());
     this.emit('pass', this.stats.dirtySyncCount);
   }
 
@@ -315,6 +338,7 @@ export class MigrationSource extends EventEmitter {
     const found = sender.syncDirtyLog();
     this.onSync(sender, found);
 
+    this.xbzrle?.setLastStage();
     putSectionPartEnd(w, S.END, RAM_SECTION_ID);
     for (;;) {
       const r = sender.sendPages(w, { maxMillis: 50 });
@@ -394,11 +418,13 @@ export class MigrationSource extends EventEmitter {
       info['expected-downtime'] = s.expectedDowntime;
       info['setup-time'] = s.setupTime;
       info.ram = s.ram(false);
+      this.addXbzrle(info);
     } else if (st === 'completed') {
       info['total-time'] = s.totalTime;
       info.downtime = s.downtime;
       info['setup-time'] = s.setupTime;
       info.ram = s.ram(true);
+      this.addXbzrle(info);
     } else if (st === 'failed') {
       if (this.errorDesc !== undefined) info['error-desc'] = this.errorDesc;
     }
