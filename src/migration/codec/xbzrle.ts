@@ -23,9 +23,10 @@ const EMPTY32 = new Int32Array(0);
  * Returns the encoded length (0: the pages are equal, nothing to send) or
  * -1 on overflow.
  *
- * Equal runs are skipped 8 bytes at a time (two 32-bit compares) when both
- * pages are 4-byte aligned, then finished byte by byte, so the runs found are
- * exactly those of the byte loop of xbzrle.md §2.1 and the output is the same.
+ * Equal runs are skipped 16 bytes at a time (xor-or of four 32-bit words),
+ * then 8, when both pages are 4-byte aligned, and finished byte by byte, so
+ * the runs found are exactly those of the byte loop of xbzrle.md §2.1 and the
+ * output is the same.
  */
 export function xbzrleEncode(
   oldPage: Uint8Array,
@@ -50,10 +51,15 @@ export function xbzrleEncode(
     if (d + 2 > maxLen) return -1;
     const zs = i;
     if (words) {
-      // to an 8-byte boundary of the page, then 8 bytes per step
+      // to an 8-byte boundary of the page, then whole words
       while (i < n && (i & 7) !== 0 && oldPage[i] === newPage[i]) i++;
       if ((i & 7) === 0) {
         let w = i >>> 2;
+        // 16 bytes per step (xor-or of four words), then 8
+        while (i + 16 <= n && ((o32[w]! ^ n32[w]!) | (o32[w + 1]! ^ n32[w + 1]!) | (o32[w + 2]! ^ n32[w + 2]!) | (o32[w + 3]! ^ n32[w + 3]!)) === 0) {
+          i += 16;
+          w += 4;
+        }
         while (i < n8 && o32[w] === n32[w] && o32[w + 1] === n32[w + 1]) {
           i += 8;
           w += 2;
