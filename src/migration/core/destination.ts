@@ -12,6 +12,7 @@
 import { EventEmitter } from 'node:events';
 import type { MigrationInfo, MigrationStatus } from '../../generated/qapi-types.js';
 import { listenIncoming, parseMigrationUri, type Channel, type IncomingListener } from '../channel/index.js';
+import { DecompressPool } from '../codec/compress-pool.js';
 import { devicesByKey, readDeviceSection } from '../devices.js';
 import { RamLoader } from '../ram/loader.js';
 import { StreamReader } from '../stream/reader.js';
@@ -182,11 +183,23 @@ export class MigrationDestination extends EventEmitter {
 
   /** Runs the section loop to EOF. Returns whether a return path was opened. */
   private async load(ch: Channel): Promise<boolean> {
+    // with `compress`, COMPRESS_PAGE records are inflated on decompress-threads workers
+    const pool = this.options.capability('compress')
+      ? new DecompressPool({ threads: this.options.get('decompress-threads') })
+      : null;
+    try {
+      return await this.loadStream(ch, pool);
+    } finally {
+      void pool?.close();
+    }
+  }
+
+  private async loadStream(ch: Channel, pool: DecompressPool | null): Promise<boolean> {
     const r = new StreamReader(ch.input);
     this.reader = r;
     await readHeader(r);
     await readConfiguration(r, this.machine.machineType);
-    const ram = new RamLoader(this.machine.ram, { compress: this.options.capability('compress') });
+    const ram = new RamLoader(this.machine.ram, { compress: pool !== null, decompressPool: pool ?? undefined });
     const devices = devicesByKey([...this.machine.devices, this.clock]);
     /** section id → idstr and version, from START */
     const live = new Map<number, { idstr: string; version: number }>();

@@ -16,7 +16,8 @@ import { EventEmitter } from 'node:events';
 import { setImmediate as yieldToLoop } from 'node:timers/promises';
 import type { MigrationInfo, MigrationStatus } from '../../generated/qapi-types.js';
 import { connectOutgoing, parseMigrationUri, resolveFdParam, type Channel } from '../channel/index.js';
-import { RamSender } from '../ram/sender.js';
+import { CompressPool } from '../codec/compress-pool.js';
+import { RamSender, type SendBudget, type SendResult } from '../ram/sender.js';
 import { XbzrleSender } from '../ram/xbzrle.js';
 import { StreamReader } from '../stream/reader.js';
 import { StreamWriter } from '../stream/writer.js';
@@ -88,6 +89,8 @@ export class MigrationSource extends EventEmitter {
   private writer: StreamWriter | null = null;
   private abort: AbortController | null = null;
   private sender: RamSender | null = null;
+  /** compress-threads workers while a migration with `compress` runs. */
+  private compressPool: CompressPool | null = null;
   /** XBZRLE encoder of the current (or last) migration when `xbzrle` is on. */
   private xbzrle: XbzrleSender | null = null;
   /** true while the VM is stopped by us and must be restarted on failure */
@@ -272,6 +275,8 @@ export class MigrationSource extends EventEmitter {
       this.channel = null;
       this.writer = null;
       this.sender = null;
+      void this.compressPool?.close();
+      this.compressPool = null;
       this.xbzrle?.release();
       this.abort = null;
     }
@@ -309,7 +314,7 @@ export class MigrationSource extends EventEmitter {
 
       // one slice: a PART section of dirty pages
       putSectionPartEnd(w, S.PART, RAM_SECTION_ID);
-      sender.sendPages(w, { maxMillis: 5 });
+      await this.sendSlice(w, sender, { maxMillis: 5 });
       sender.sendEos(w);
       putFooter(w, RAM_SECTION_ID);
       this.copyCounters(sender);
@@ -317,6 +322,15 @@ export class MigrationSource extends EventEmitter {
       if (w.rateLimitExceeded()) await w.waitForWindow();
       else await yieldToLoop();
     }
+  }
+
+  /** One batch of dirty pages: compressed on the pool with `compress` on (xbzrle.md §6). */
+  private sendSlice(w: StreamWriter, sender: RamSender, budget: SendBudget): SendResult | Promise<SendResult> {
+    if (this.options.capability('compress')) {
+      this.compressPool ??= new CompressPool({ threads: this.options.get('compress-threads') });
+      return sender.sendPagesCompressed(w, this.compressPool, this.options.get('compress-level'), budget);
+    }
+    return sender.sendPages(w, budget);
   }
 
   private copyCounters(sender: RamSender): void {
@@ -341,7 +355,7 @@ export class MigrationSource extends EventEmitter {
     this.xbzrle?.setLastStage();
     putSectionPartEnd(w, S.END, RAM_SECTION_ID);
     for (;;) {
-      const r = sender.sendPages(w, { maxMillis: 50 });
+      const r = await this.sendSlice(w, sender, { maxMillis: 50 });
       if (r.done) break;
       if (w.wantsFlush()) {
         await w.flush();

@@ -2,10 +2,11 @@
  * RamLoader: the destination side of the `ram` section (stream-format.md §9).
  * Parses RAM records from a StreamReader straight into the local RamBlocks.
  */
-import { inflateSync } from 'node:zlib';
 import type { RamBlock } from '../../machine/types.js';
 import { TARGET_PAGE_SIZE } from '../../machine/types.js';
+import type { DecompressPool } from '../codec/compress-pool.js';
 import { xbzrleDecode } from '../codec/xbzrle.js';
+import { PageInflater } from '../codec/zlib-page.js';
 import { StreamReader } from '../stream/reader.js';
 import { WIRE } from '../wire/constants.js';
 import { ERR, MigrationStreamError } from '../wire/errors.js';
@@ -20,6 +21,12 @@ export interface RamLoaderOptions {
   compress?: boolean;
   /** Keep a bitmap of received pages per block (for postcopy). */
   trackReceived?: boolean;
+  /**
+   * Inflate COMPRESS_PAGE records in batches on these workers (the
+   * `decompress-threads` pool). Without it they are inflated one by one on
+   * the calling thread.
+   */
+  decompressPool?: DecompressPool;
 }
 
 export interface RamLoaderCounters {
@@ -52,6 +59,13 @@ export class RamLoader {
   private current = -1;
   /** Blocks listed by the source's MEM_SIZE record. */
   readonly announced = new Set<string>();
+  private readonly pool: DecompressPool | null;
+  /** Target (block, page) of each COMPRESS_PAGE waiting in the pool's input slots. */
+  private readonly pendBlock: Uint32Array;
+  private readonly pendPage: Uint32Array;
+  private pendN = 0;
+  private inflater: PageInflater | null = null;
+  private readonly scratch = new Uint8Array(TARGET_PAGE_SIZE + 1);
 
   constructor(blocks: readonly RamBlock[], opts: RamLoaderOptions = {}) {
     this.blocks = blocks;
@@ -59,11 +73,16 @@ export class RamLoader {
     this.views = blocks.map((b) => Buffer.from(b.bytes.buffer, b.bytes.byteOffset, b.bytes.byteLength));
     this.received = opts.trackReceived ? blocks.map((b) => new Uint32Array((b.pages + 31) >>> 5)) : null;
     this.compress = opts.compress ?? false;
+    this.pool = opts.decompressPool ?? null;
+    const cap = this.pool?.capacity ?? 0;
+    this.pendBlock = new Uint32Array(cap);
+    this.pendPage = new Uint32Array(cap);
   }
 
   /** Forget the current block (new incoming migration). */
   reset(): void {
     this.current = -1;
+    this.pendN = 0;
   }
 
   /**
@@ -75,6 +94,9 @@ export class RamLoader {
     const start = r.bytesRead;
     try {
       await this.loadRecords(r);
+    } catch (e) {
+      this.pendN = 0;
+      throw e;
     } finally {
       this.counters.bytes += r.bytesRead - start;
     }
@@ -132,6 +154,9 @@ export class RamLoader {
       }
       const kind = flags & ~F.CONTINUE;
       if (this.postcopy && kind !== F.ZERO && kind !== F.PAGE && kind !== F.EOS) fail(ERR.unknownRamFlagsPostcopy(flags));
+      // pages still in the decompress pool go to RAM before any other record
+      // (a later record for the same page must win) and before the section ends
+      if (this.pendN > 0 && kind !== F.COMPRESS_PAGE) await this.flushCompressed();
 
       if (kind === F.EOS) return;
       if (kind === F.MEM_SIZE) {
@@ -181,14 +206,21 @@ export class RamLoader {
           const len = r.get32();
           if (len > WIRE.LIMITS.COMPRESS_BOUND) fail(ERR.invalidCompressedLength(len | 0));
           if (!r.has(len)) await r.ensure(len);
-          const data = r.getBytes(len);
-          let out: Buffer;
-          try {
-            out = inflateSync(data, { maxOutputLength: TARGET_PAGE_SIZE });
-          } catch (e) {
-            throw new MigrationStreamError(ERR.decompressFailed(), { cause: e });
+          const pool = this.pool;
+          if (pool !== null) {
+            // applied (and counted) when the batch comes back
+            const k = this.pendN++;
+            r.copyTo(pool.input, k * pool.inStride, len);
+            pool.setLength(k, len);
+            this.pendBlock[k] = b;
+            this.pendPage[k] = page;
+            if (this.pendN === pool.capacity) await this.flushCompressed();
+            continue;
           }
-          block.bytes.set(out, offset);
+          const data = r.getBytes(len);
+          this.inflater ??= new PageInflater();
+          if (!this.inflater.inflate(data, 0, len, this.scratch, 0)) fail(ERR.decompressFailed());
+          block.bytes.set(this.scratch.subarray(0, TARGET_PAGE_SIZE), offset);
           this.counters.compressed++;
           this.markTouched(block, page);
           break;
@@ -198,6 +230,25 @@ export class RamLoader {
       }
       this.counters.pages++;
       this.markReceived(b, page);
+    }
+  }
+
+  /** Inflate the pending COMPRESS_PAGE records on the pool and write them to RAM in stream order. */
+  private async flushCompressed(): Promise<void> {
+    const pool = this.pool!;
+    const n = this.pendN;
+    this.pendN = 0;
+    await pool.decompress(n);
+    for (let i = 0; i < n; i++) {
+      if (!pool.ok(i)) fail(ERR.decompressFailed());
+      const b = this.pendBlock[i]!;
+      const page = this.pendPage[i]!;
+      const block = this.blocks[b]!;
+      block.bytes.set(pool.page(i), page * TARGET_PAGE_SIZE);
+      this.markTouched(block, page);
+      this.markReceived(b, page);
+      this.counters.compressed++;
+      this.counters.pages++;
     }
   }
 

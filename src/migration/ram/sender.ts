@@ -8,6 +8,7 @@
  */
 import type { RamBlock } from '../../machine/types.js';
 import { TARGET_PAGE_BITS, TARGET_PAGE_SIZE } from '../../machine/types.js';
+import type { CompressPool } from '../codec/compress-pool.js';
 import type { ByteSink, StreamWriter } from '../stream/writer.js';
 import { WIRE } from '../wire/constants.js';
 
@@ -72,6 +73,18 @@ export interface RamSenderCounters {
   transferred: number;
   /** pages handled by the page hook */
   hooked: number;
+  /** COMPRESS_PAGE records (QEMU 2.10 counts them as `normal` too) */
+  compressed: number;
+  /** bytes of COMPRESS_PAGE records (header word, name, length, data) */
+  compressedBytes: number;
+}
+
+/** Kinds of the records of a compressed batch, in stream order. */
+const enum Item {
+  Zero = 0,
+  /** plain PAGE: first page after a change of block */
+  Page = 1,
+  Compressed = 2,
 }
 
 function popcount(v: number): number {
@@ -95,7 +108,9 @@ export class RamSender {
   bulkStage = true;
   /** Completed passes over all blocks. */
   rounds = 0;
-  readonly counters: RamSenderCounters = { duplicate: 0, normal: 0, normalBytes: 0, transferred: 0, hooked: 0 };
+  readonly counters: RamSenderCounters = {
+    duplicate: 0, normal: 0, normalBytes: 0, transferred: 0, hooked: 0, compressed: 0, compressedBytes: 0,
+  };
   /** Sum of the blocks' sizes. */
   readonly totalBytes: number;
 
@@ -281,6 +296,183 @@ export class RamSender {
     this.curPage = p;
     this.counters.transferred += w.bytesWritten - startBytes;
     return { pages, done: this.dirtyPages === 0 };
+  }
+
+  // ---- compressed pages (`compress`, xbzrle.md §6) ------------------------
+
+  /** Batch bookkeeping for sendPagesCompressed, sized on first use. */
+  private batchKind: Uint8Array = new Uint8Array(0);
+  private batchBlock: Uint32Array = new Uint32Array(0);
+  private batchPage: Uint32Array = new Uint32Array(0);
+  /** Average bytes of a COMPRESS_PAGE record so far (sizes batches to the rate limit). */
+  private compressedAvg = TARGET_PAGE_SIZE;
+
+  /**
+   * Move the cursor (curBlock, curPage) to the next page whose bit is set,
+   * without taking it. Wrapping around ends the bulk stage. False when the
+   * bitmaps are empty.
+   */
+  private seekDirty(): boolean {
+    if (this.dirtyPages === 0) return false;
+    const nblocks = this.blocks.length;
+    let b = this.curBlock;
+    let p = this.curPage;
+    let bm = this.bitmaps[b]!;
+    let wi = p >>> 5;
+    let word = wi < bm.length ? (bm[wi]! & (0xffffffff << (p & 31))) >>> 0 : 0;
+    while (word === 0) {
+      wi++;
+      if (wi >= bm.length) {
+        b++;
+        if (b >= nblocks) {
+          b = 0;
+          this.rounds++;
+          this.bulkStage = false;
+        }
+        bm = this.bitmaps[b]!;
+        wi = 0;
+        if (bm.length === 0) {
+          wi = -1;
+          continue;
+        }
+      }
+      word = bm[wi]!;
+    }
+    this.curBlock = b;
+    this.curPage = (wi << 5) | (31 - Math.clz32(word & -word));
+    return true;
+  }
+
+  /**
+   * sendPages with the `compress` capability: non-zero pages go out as
+   * COMPRESS_PAGE records deflated on `pool`'s workers; zero pages stay ZERO
+   * records; the first page after a change of block is a plain PAGE (as
+   * QEMU 7.2 sends it), so every compressed record carries CONTINUE and
+   * CONTINUE stays valid across sections.
+   *
+   * One call is one batch: pages are taken off the bitmap in walk order
+   * (at most pool.capacity, ~maxMillis of main-thread work, and about what
+   * the rate-limit window has left), the non-zero ones copied into the pool,
+   * compressed in parallel while the event loop runs, and then all records
+   * are written in walk order, so the stream is deterministic.
+   *
+   * Compression is used in the bulk stage, and afterwards only when no page
+   * hook is installed (QEMU: XBZRLE, when on, takes over after the bulk
+   * stage); with a hook the walk stops at the end of the bulk stage and
+   * later calls go to sendPages.
+   */
+  async sendPagesCompressed(w: StreamWriter, pool: CompressPool, level: number, budget: SendBudget = {}): Promise<SendResult> {
+    if (w.error) throw w.error;
+    if (this.hook !== null && !this.bulkStage) return this.sendPages(w, budget);
+    if (w.rateLimitExceeded() || w.wantsFlush()) return { pages: 0, done: this.dirtyPages === 0 };
+    const maxMs = budget.maxMillis ?? 5;
+    let maxPages = Math.min(budget.maxPages ?? Infinity, pool.capacity);
+    if (w.maxBandwidth > 0) {
+      // about what is left of this window's budget (the writer carries an overshoot over)
+      const left = w.maxBandwidth / 10 - w.windowBytes;
+      maxPages = Math.min(maxPages, Math.max(1, Math.ceil(left / this.compressedAvg)));
+    }
+    if (this.batchKind.length < pool.capacity) {
+      this.batchKind = new Uint8Array(pool.capacity);
+      this.batchBlock = new Uint32Array(pool.capacity);
+      this.batchPage = new Uint32Array(pool.capacity);
+    }
+    const kind = this.batchKind;
+    const blockOf = this.batchBlock;
+    const pageOf = this.batchPage;
+    const t0 = this.now();
+
+    // 1. take pages off the bitmap, in walk order
+    let n = 0;
+    let slots = 0;
+    let last = this.lastBlock;
+    while (n < maxPages && this.seekDirty()) {
+      if (this.hook !== null && !this.bulkStage) break;
+      const b = this.curBlock;
+      const p = this.curPage;
+      const bm = this.bitmaps[b]!;
+      bm[p >>> 5] = (bm[p >>> 5]! & ~(1 << (p & 31))) >>> 0;
+      this.dirtyPages--;
+      this.curPage = p + 1;
+      const block = this.blocks[b]!;
+      const zero = ((block.touched[p >>> 5]! >>> (p & 31)) & 1) === 0 || this.isZeroPage(b, p);
+      if (zero) {
+        kind[n] = Item.Zero;
+      } else if (last !== b) {
+        kind[n] = Item.Page;
+      } else {
+        kind[n] = Item.Compressed;
+        pool.putPage(slots++, block.bytes, p * TARGET_PAGE_SIZE);
+      }
+      last = b;
+      blockOf[n] = b;
+      pageOf[n] = p;
+      n++;
+      if ((n & 63) === 0 && this.now() - t0 >= maxMs) break;
+    }
+
+    // 2. compress the batch on the workers
+    if (slots > 0) await pool.compress(slots, level);
+
+    // 3. write every record in walk order. The page hook still sees every
+    // page (in the bulk stage; XBZRLE only counts it there); if it handles
+    // one, its record takes the page's place in the order.
+    const startBytes = w.bytesWritten;
+    const hook = this.hook;
+    let cbytes = 0;
+    for (let i = 0, s = 0; i < n; i++) {
+      const b = blockOf[i]!;
+      const block = this.blocks[b]!;
+      const page = pageOf[i]!;
+      const offset = page * TARGET_PAGE_SIZE;
+      const cont = this.lastBlock === b;
+      let k = kind[i]!;
+      const slot = k === Item.Compressed ? s++ : -1;
+      if (hook !== null) {
+        const handled = hook(w, block, b, page, cont, k === Item.Zero, true);
+        if (handled !== PageHookResult.Default) {
+          this.counters.hooked++;
+          if (handled === PageHookResult.Sent) this.lastBlock = b;
+          continue;
+        }
+      }
+      // a compressed record must carry CONTINUE (only a skipping hook can change that)
+      if (k === Item.Compressed && !cont) k = Item.Page;
+      switch (k) {
+        case Item.Zero:
+          putRamRecordHeader(w, block, offset, F.ZERO, cont);
+          w.put8(0);
+          this.counters.duplicate++;
+          break;
+        case Item.Page: {
+          putRamRecordHeader(w, block, offset, F.PAGE, cont);
+          const at = w.reserve(TARGET_PAGE_SIZE);
+          this.views[b]!.copy(w.buf, at, offset, offset + TARGET_PAGE_SIZE);
+          this.counters.normal++;
+          this.counters.normalBytes += TARGET_PAGE_SIZE;
+          break;
+        }
+        default: {
+          const before = w.bytesWritten;
+          const z = pool.result(slot);
+          putRamRecordHeader(w, block, offset, F.COMPRESS_PAGE, cont);
+          w.put32(z.length);
+          w.putBytes(z);
+          this.counters.compressed++;
+          // QEMU 2.10 counts compressed pages as `normal`
+          this.counters.normal++;
+          this.counters.normalBytes += TARGET_PAGE_SIZE;
+          cbytes += w.bytesWritten - before;
+        }
+      }
+      this.lastBlock = b;
+    }
+    if (slots > 0) {
+      this.counters.compressedBytes += cbytes;
+      this.compressedAvg = Math.max(16, (this.compressedAvg * 3 + cbytes / slots) / 4);
+    }
+    this.counters.transferred += w.bytesWritten - startBytes;
+    return { pages: n, done: this.dirtyPages === 0 };
   }
 }
 
