@@ -148,7 +148,8 @@ test('dirty log: every changed page is marked', async () => {
 });
 
 test('device save/load into a second machine continues the workload exactly', async () => {
-  const wl = { kind: 'stress', seed: 77, steps: 5000, write: 8, rate: 100 * M } as const;
+  // slow enough (about 4 s of work) that the stop below always lands mid-workload, even on a loaded box
+  const wl = { kind: 'stress', seed: 77, steps: 10000, write: 8, rate: 20 * M } as const;
   const src = await Machine.create({ ramSize: 16 * M, smp: 2, workload: wl, heartbeatPeriodNs: 20e6 });
   const dst = await Machine.create({ ramSize: 16 * M, smp: 2, incoming: true, heartbeatPeriodNs: 20e6 });
   try {
