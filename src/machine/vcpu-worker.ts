@@ -137,7 +137,8 @@ function runUntilCommand(ctl: Int32Array, vs: Float64Array, stress: StressLoop |
   const nActive = Math.max(1, vs[VS_NACTIVE]!);
   // pages per ms for this vCPU; 0 = unlimited
   const ppms = rate > 0 ? rate / 4096 / nActive / 1000 : 0;
-  const t0 = performance.now();
+  // start of the pacing; moved forward by every throttle sleep (below)
+  let t0 = performance.now();
   const steps0 = loop ? loop.steps : 0;
   let sliceStart = t0;
   for (;;) {
@@ -175,6 +176,10 @@ function runUntilCommand(ctl: Int32Array, vs: Float64Array, stress: StressLoop |
           if (Atomics.wait(ctl, CTL_SEQ, seq, left) !== 'timed-out') break;
         }
         sliceStart = performance.now();
+        // A rate is paced over the time the vCPU runs: time taken away by
+        // the throttle is not made up afterwards, or a rate-limited workload
+        // would catch up in its next slice and the throttle would not slow it.
+        t0 += sliceStart - now;
       }
     } else {
       sliceStart = 0;

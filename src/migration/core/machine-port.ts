@@ -25,6 +25,7 @@ export function machinePort(m: Machine, opts: { autostart: boolean }): MachinePo
     enterPostmigrate() {
       void m.stop('postmigrate');
     },
+    setThrottle: (pct) => m.setThrottle(pct),
     async finishIncoming() {
       const got = m.loadedGlobalState;
       if (got === undefined || got === 'running') {

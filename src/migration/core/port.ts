@@ -22,6 +22,11 @@ export interface MachinePort {
   /** Source, after completion: run state `postmigrate`. */
   enterPostmigrate(): void;
   /**
+   * Source, auto-converge: throttle the vCPUs to `pct` percent (0..99; 0 =
+   * full speed). Each vCPU runs ~10 ms, then sleeps 10 ms × p/(1 − p).
+   */
+  setThrottle(pct: number): void;
+  /**
    * Destination, after a complete load: enter the run state the stream's
    * globalstate asked for (running unless started with -S, or the received
    * state). Resolves once the vCPUs run (or the state is set).

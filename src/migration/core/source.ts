@@ -39,7 +39,8 @@ import { MigrationError, errorMessage } from './errors.js';
 import { MigrationClockDevice, wallClockUs } from './clock-device.js';
 import type { MigrationOptions } from './options.js';
 import type { MachinePort } from './port.js';
-import { SourceStats } from './stats.js';
+import { SourceStats, DIRTY_RATE_PERIOD_MS } from './stats.js';
+import { AutoConverge } from './auto-converge.js';
 
 const S = WIRE.SECTION;
 /** Share of downtime-limit given to the final RAM transfer (see iterate()). */
@@ -93,6 +94,9 @@ export class MigrationSource extends EventEmitter {
   private compressPool: CompressPool | null = null;
   /** XBZRLE encoder of the current (or last) migration when `xbzrle` is on. */
   private xbzrle: XbzrleSender | null = null;
+  private autoConverge: AutoConverge | null = null;
+  /** now() of the last dirty-bitmap sync (auto-converge's periodic sync). */
+  private lastSync = 0;
   /** true while the VM is stopped by us and must be restarted on failure */
   private vmStoppedByUs = false;
   private readonly now: () => number;
@@ -183,6 +187,7 @@ export class MigrationSource extends EventEmitter {
       }
     }
     this.abort = new AbortController();
+    this.autoConverge = new AutoConverge(this.machine, this.options);
     this.running = this.run(parsed).catch(() => undefined);
   }
 
@@ -270,6 +275,8 @@ export class MigrationSource extends EventEmitter {
     } catch (e) {
       await this.fail(e);
     } finally {
+      // the migration left its loop, whatever the outcome: unthrottle (E.3)
+      this.autoConverge?.lift();
       rp?.stop();
       this.channel?.close();
       this.channel = null;
@@ -283,7 +290,10 @@ export class MigrationSource extends EventEmitter {
   }
 
   private onSync(sender: RamSender, newlyDirty: number): void {
-    this.stats.onSync(this.now(), newlyDirty);
+    const now = this.now();
+    this.lastSync = now;
+    const dirtied = this.stats.onSync(now, newlyDirty);
+    if (dirtied !== undefined) this.autoConverge?.onPeriod(dirtied, sender.counters.transferred);
     this.stats.remainingPages = sender.dirtyPages;
     this.xbzrle?.onSync(this.now());
     this.emit('pass', this.stats.dirtySyncCount);
@@ -304,7 +314,7 @@ export class MigrationSource extends EventEmitter {
         threshold = this.stats.bandwidth * this.options.get('downtime-limit') * SWITCHOVER_SHARE;
       }
       let pending = sender.dirtyPages * 4096;
-      if (pending < threshold || pending === 0) {
+      if (pending < threshold || pending === 0 || this.periodicSyncDue(sender, now)) {
         const found = sender.syncDirtyLog();
         this.onSync(sender, found);
         pending = sender.dirtyPages * 4096;
@@ -322,6 +332,23 @@ export class MigrationSource extends EventEmitter {
       if (w.rateLimitExceeded()) await w.waitForWindow();
       else await yieldToLoop();
     }
+  }
+
+  /**
+   * auto-converge only looks at the guest when a sync closes a ≥ 1 s period.
+   * Like QEMU we sync when the rest fits the threshold or a pass is over
+   * (pending 0), so a workload that never converges still gets one sync per
+   * pass. A pass lasts (dirty set / bandwidth), which can be many seconds: with
+   * auto-converge on, after the bulk stage, we also sync once a period is
+   * due, so the trigger is evaluated about every second whatever the pass
+   * length. The rule compares bytes dirtied with bytes sent in the same
+   * period, so the shorter periods change how soon it answers, not what.
+   * During the bulk stage there is no extra sync (QEMU does not throttle
+   * then: its first sync after setup comes at the end of the bulk pass).
+   */
+  private periodicSyncDue(sender: RamSender, now: number): boolean {
+    return this.autoConverge !== null && this.autoConverge.enabled && !sender.bulkStage &&
+      now - this.lastSync >= DIRTY_RATE_PERIOD_MS;
   }
 
   /** One batch of dirty pages: compressed on the pool with `compress` on (xbzrle.md §6). */
@@ -433,16 +460,24 @@ export class MigrationSource extends EventEmitter {
       info['setup-time'] = s.setupTime;
       info.ram = s.ram(false);
       this.addXbzrle(info);
+      this.addThrottle(info);
     } else if (st === 'completed') {
       info['total-time'] = s.totalTime;
       info.downtime = s.downtime;
       info['setup-time'] = s.setupTime;
       info.ram = s.ram(true);
       this.addXbzrle(info);
+      this.addThrottle(info);
     } else if (st === 'failed') {
       if (this.errorDesc !== undefined) info['error-desc'] = this.errorDesc;
     }
     return info;
+  }
+
+  /** `cpu-throttle-percentage`: only while auto-converge throttles (D.1). */
+  private addThrottle(info: MigrationInfo): void {
+    const pct = this.autoConverge?.throttle ?? 0;
+    if (pct > 0) info['cpu-throttle-percentage'] = pct;
   }
 }
 

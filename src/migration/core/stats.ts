@@ -66,16 +66,23 @@ export class SourceStats {
     return true;
   }
 
-  /** A dirty-bitmap sync found `newlyDirty` pages. */
-  onSync(now: number, newlyDirty: number): void {
+  /**
+   * A dirty-bitmap sync found `newlyDirty` pages. When it closes a period of
+   * at least 1 s, returns the pages dirtied in that period (auto-converge
+   * looks at the same periods); otherwise undefined.
+   */
+  onSync(now: number, newlyDirty: number): number | undefined {
     this.dirtySyncCount++;
     this.periodDirtied += newlyDirty;
     const period = now - this.periodStart;
     if (period >= DIRTY_RATE_PERIOD_MS) {
-      this.dirtyPagesRate = Math.round((this.periodDirtied * 1000) / period);
+      const dirtied = this.periodDirtied;
+      this.dirtyPagesRate = Math.round((dirtied * 1000) / period);
       this.periodDirtied = 0;
       this.periodStart = now;
+      return dirtied;
     }
+    return undefined;
   }
 
   ram(completed: boolean): MigrationStats {
