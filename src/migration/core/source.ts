@@ -295,7 +295,7 @@ export class MigrationSource extends EventEmitter {
     const dirtied = this.stats.onSync(now, newlyDirty);
     if (dirtied !== undefined) this.autoConverge?.onPeriod(dirtied, sender.counters.transferred);
     this.stats.remainingPages = sender.dirtyPages;
-    this.xbzrle?.onSync(this.now());
+    this.xbzrle?.onSync(now);
     this.emit('pass', this.stats.dirtySyncCount);
   }
 
