@@ -50,6 +50,10 @@ interface Scenario {
   qemuDst?: () => string[];
   /** give the source guest this long to run before migrating (stress) */
   warmupMs?: number;
+  /** Ferry: capabilities turned on (compress also on the destination) */
+  caps?: string[];
+  /** Ferry: max-bandwidth in bytes/s (default 0, unlimited) */
+  maxBandwidth?: number;
 }
 
 const randomFile = (): string => {
@@ -99,6 +103,24 @@ function scenarios(): Scenario[] {
       ferrySrc: ['-m', '1G', '-fill', 'random,seed=1', '-workload', `stress,rate=${rate}`],
       ferryDst: ['-m', '1G', '-S'],
       warmupMs: 1000,
+    });
+  }
+  // Convergence tools: a guest that dirties 48 MiB/s of sparse writes over a
+  // link held to 32 MiB/s, which plain precopy can never drain. Ferry only:
+  // QEMU has no dirtying guest without a kernel.
+  const tools: [string, string[]][] = [
+    ['none', []], ['xbzrle', ['xbzrle']], ['compress', ['compress']], ['auto-converge', ['auto-converge']],
+  ];
+  for (const [tool, caps] of tools) {
+    list.push({
+      name: `tools-${tool}`,
+      what: `256M text fill, stress 48M/s (64 B writes, 64M set) over 32 MiB/s, ${tool} (Ferry only)`,
+      ramBytes: 256 * MiB,
+      ferrySrc: ['-m', '256M', '-fill', 'text,seed=1', '-workload', 'stress,rate=48M,wss=64M,write=64,seed=2'],
+      ferryDst: ['-m', '256M', '-S'],
+      warmupMs: 500,
+      caps,
+      maxBandwidth: 32 * MiB,
     });
   }
   return list;
@@ -154,7 +176,15 @@ async function runOnce(engine: Engine, sc: Scenario, timeoutMs: number): Promise
         startFerry([...sc.ferryDst, ...incoming], dir, { name: 'dst' }),
         startFerry(sc.ferrySrc, dir, { name: 'src' }),
       ]);
-      await src.qmp.execute('migrate-set-parameters', { 'max-bandwidth': 0, 'downtime-limit': 300 });
+      await src.qmp.execute('migrate-set-parameters', { 'max-bandwidth': sc.maxBandwidth ?? 0, 'downtime-limit': 300 });
+      if (sc.caps?.length) {
+        await src.qmp.execute('migrate-set-capabilities', {
+          capabilities: sc.caps.map((capability) => ({ capability, state: true })),
+        });
+        if (sc.caps.includes('compress')) {
+          await dst.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'compress', state: true }] });
+        }
+      }
     } else {
       [dst, src] = await Promise.all([
         startQemu([...sc.qemuDst!(), ...incoming], dir, { name: 'dst' }),
