@@ -228,38 +228,16 @@ export class RamSender {
     const maxMs = budget.maxMillis ?? 5;
     const startBytes = w.bytesWritten;
     const t0 = this.now();
-    const nblocks = this.blocks.length;
     let pages = 0;
-    let b = this.curBlock;
-    let p = this.curPage;
 
-    while (this.dirtyPages > 0 && pages < maxPages) {
+    while (pages < maxPages) {
       if (w.rateLimitExceeded() || w.wantsFlush()) break;
-      // find the next set bit from (b, p)
-      let bm = this.bitmaps[b]!;
-      let wi = p >>> 5;
-      let word = wi < bm.length ? (bm[wi]! & (0xffffffff << (p & 31))) >>> 0 : 0;
-      while (word === 0) {
-        wi++;
-        if (wi >= bm.length) {
-          b++;
-          if (b >= nblocks) {
-            b = 0;
-            this.rounds++;
-            this.bulkStage = false;
-          }
-          bm = this.bitmaps[b]!;
-          wi = 0;
-          if (bm.length === 0) {
-            wi = -1;
-            continue;
-          }
-        }
-        word = bm[wi]!;
-      }
-      const bit = 31 - Math.clz32(word & -word);
-      p = (wi << 5) | bit;
-      bm[wi] = (bm[wi]! & ~(1 << bit)) >>> 0;
+      if (!this.seekDirty()) break;
+      // take the page under the cursor
+      const b = this.curBlock;
+      const p = this.curPage;
+      const bm = this.bitmaps[b]!;
+      bm[p >>> 5] = (bm[p >>> 5]! & ~(1 << (p & 31))) >>> 0;
       this.dirtyPages--;
 
       const block = this.blocks[b]!;
@@ -288,12 +266,10 @@ export class RamSender {
       } else if (handled === PageHookResult.Sent) {
         this.lastBlock = b;
       }
-      p++;
+      this.curPage = p + 1;
       pages++;
       if ((pages & 63) === 0 && this.now() - t0 >= maxMs) break;
     }
-    this.curBlock = b;
-    this.curPage = p;
     this.counters.transferred += w.bytesWritten - startBytes;
     return { pages, done: this.dirtyPages === 0 };
   }
