@@ -142,19 +142,26 @@ export class QmpClient {
       };
       const onData = (b: Buffer) => {
         buf = buf.length ? Buffer.concat([buf, b]) : b;
-        const nl = buf.indexOf(0x0a);
-        if (nl < 0) {
-          if (buf.length > 1 << 20) onError(new Error('greeting too long'));
-          return;
+        let nl = buf.indexOf(0x0a);
+        let g: unknown;
+        for (;;) {
+          if (nl < 0) {
+            if (buf.length > 1 << 20) onError(new Error('greeting too long'));
+            return;
+          }
+          try {
+            g = JSON.parse(buf.subarray(0, nl).toString('utf8'));
+          } catch {
+            g = undefined;
+          }
+          // QEMU 7.2 started with -incoming can write its incoming MIGRATION
+          // event on a fresh connection before the greeting: skip such lines
+          if (!g || typeof g !== 'object' || !('event' in g) || 'QMP' in g) break;
+          buf = buf.subarray(nl + 1);
+          nl = buf.indexOf(0x0a);
         }
         cleanup();
         sock.pause();
-        let g: unknown;
-        try {
-          g = JSON.parse(buf.subarray(0, nl).toString('utf8'));
-        } catch {
-          g = undefined;
-        }
         if (!g || typeof g !== 'object' || !('QMP' in g)) {
           sock.destroy();
           reject(new Error(`QMP ${where}: not a QMP greeting: ${buf.subarray(0, Math.min(nl, 200)).toString()}`));

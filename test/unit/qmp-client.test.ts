@@ -193,3 +193,24 @@ describe('ferry qmp CLI', () => {
     assert.equal(err.text, "error: GenericError: Parameter 'uri' is missing\n");
   });
 });
+
+it('QmpClient skips an event written before the greeting (QEMU 7.2 with -incoming does that)', async () => {
+  const greeting = { QMP: { version: { qemu: { major: 7, minor: 2, micro: 0 }, package: '' }, capabilities: [] } };
+  const srv = net.createServer((c) => {
+    c.write('{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "MIGRATION", "data": {"status": "setup"}}\r\n');
+    c.write(JSON.stringify(greeting) + '\r\n');
+  });
+  await new Promise<void>((r) => srv.listen(0, '127.0.0.1', r));
+  const port = (srv.address() as { port: number }).port;
+  try {
+    const q = await QmpClient.connect({ host: '127.0.0.1', port });
+    assert.deepEqual(q.greeting, greeting);
+    q.destroy();
+    // anything else before the greeting is still refused
+    srv.removeAllListeners('connection');
+    srv.on('connection', (c) => c.write('{"return": {}}\r\n'));
+    await assert.rejects(QmpClient.connect({ host: '127.0.0.1', port }), /not a QMP greeting/);
+  } finally {
+    srv.close();
+  }
+});
