@@ -68,24 +68,9 @@ export async function main(argv: string[]): Promise<number> {
     const fds = new Map<string, number>();
     const lookupFd = (name: string) => fds.get(name);
     let quitting = false;
-    const services: VmServices = {
-      machine,
-      options,
-      objects,
-      fds,
-      incomingMode: a.incoming === undefined ? 'none' : a.incoming === 'defer' ? 'defer' : 'uri',
-      commandNames: [...COMMANDS.keys()],
-      version: FERRY_VERSION,
-      autostart: !a.startPaused,
-      source: undefined as unknown as MigrationSource,
-      destination: undefined as unknown as MigrationDestination,
-      requestQuit() {
-        if (quitting) return;
-        quitting = true;
-        setTimeout(() => void shutdown(0), 20);
-      },
-    };
-    const port = machinePort(machine, services);
+    // -S, or `stop` during an incoming migration, keeps the guest paused after the load
+    const incomingRun = { autostart: !a.startPaused };
+    const port = machinePort(machine, incomingRun);
     const source = new MigrationSource(port, options, {
       lookupFd,
       qemuCompatible: a.qemuCompat,
@@ -95,8 +80,28 @@ export async function main(argv: string[]): Promise<number> {
       lookupFd,
       log: (msg) => process.stderr.write(`ferry: ${msg}\n`),
     });
-    Object.assign(services, { source, destination });
-    vm = services;
+    vm = {
+      machine,
+      options,
+      objects,
+      fds,
+      source,
+      destination,
+      incomingMode: a.incoming === undefined ? 'none' : a.incoming === 'defer' ? 'defer' : 'uri',
+      commandNames: [...COMMANDS.keys()],
+      version: FERRY_VERSION,
+      get autostart() {
+        return incomingRun.autostart;
+      },
+      set autostart(v: boolean) {
+        incomingRun.autostart = v;
+      },
+      requestQuit() {
+        if (quitting) return;
+        quitting = true;
+        setTimeout(() => void shutdown(0), 20);
+      },
+    };
 
     server = new QmpServer<Ctx>({
       commands: COMMANDS,
