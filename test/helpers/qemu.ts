@@ -5,13 +5,11 @@
  * Tests that need QEMU use `QEMU_SKIP` as node:test's `skip` option: it is
  * false when the binary exists, otherwise a reason string.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
-import { accessSync, constants, existsSync, readFileSync } from 'node:fs';
+import { accessSync, constants, readFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { join, resolve } from 'node:path';
 import { gunzipSync } from 'node:zlib';
-import { QmpClient } from '../../src/qmp/client.js';
-import { REPO_ROOT, runToExit, tempDir, waitFor, waitMigration } from './vm.js';
+import { QmpProcess, REPO_ROOT, runToExit, spawnWithQmp, tempDir, waitMigration } from './vm.js';
 
 export const QEMU_BIN = process.env.FERRY_QEMU ?? '/usr/bin/qemu-system-x86_64';
 
@@ -44,46 +42,9 @@ export interface QemuOptions {
   timeoutMs?: number;
 }
 
-export class QemuHandle {
-  stderr = '';
-  stdout = '';
-  exitCode: number | null = null;
-  exitSignal: NodeJS.Signals | null = null;
-  readonly exited: Promise<void>;
-
-  constructor(
-    readonly proc: ChildProcess,
-    readonly sock: string,
-    readonly dir: string,
-    public qmp: QmpClient,
-  ) {
-    this.exited = new Promise((res) => {
-      if (proc.exitCode !== null || proc.signalCode !== null) {
-        this.exitCode = proc.exitCode;
-        this.exitSignal = proc.signalCode;
-        live.delete(this);
-        res();
-        return;
-      }
-      proc.once('exit', (code, sig) => {
-        this.exitCode = code;
-        this.exitSignal = sig;
-        live.delete(this);
-        res();
-      });
-    });
-  }
-
-  get running(): boolean {
-    return this.exitCode === null && this.exitSignal === null;
-  }
-
-  execute<T = unknown>(cmd: string, args?: object): Promise<T> {
+export class QemuHandle extends QmpProcess {
+  override execute<T = unknown>(cmd: string, args?: object): Promise<T> {
     return this.qmp.execute<T>(cmd, args, { timeoutMs: 30000 });
-  }
-
-  async status(): Promise<string> {
-    return (await this.execute<{ status: string }>('query-status')).status;
   }
 
   /** pmemsave the whole guest RAM and return it. */
@@ -92,62 +53,15 @@ export class QemuHandle {
     return readFileSync(file);
   }
 
-  kill(sig: NodeJS.Signals = 'SIGKILL'): void {
-    if (this.running) this.proc.kill(sig);
-  }
-
-  async quit(): Promise<void> {
-    if (this.running) {
-      try {
-        await this.qmp.execute('quit', undefined, { timeoutMs: 5000 });
-      } catch {
-        /* gone already, or closed the socket while quitting */
-      }
-      const t = setTimeout(() => this.kill(), 5000);
-      await this.exited;
-      clearTimeout(t);
-    }
-    this.qmp.destroy();
-  }
 }
 
 export async function startQemu(opts: QemuOptions): Promise<QemuHandle> {
   const dir = opts.dir ?? tempDir('ferry-qemu-');
   const sock = join(dir, `${opts.name ?? 'qemu'}.qmp`);
   const args = ['-nodefaults', '-display', 'none', '-qmp', `unix:${sock},server=on,wait=off`, ...opts.args];
-  const proc = spawn(QEMU_BIN, args, { stdio: ['ignore', 'pipe', 'pipe'] });
-  let stderr = '';
-  let stdout = '';
-  proc.stderr!.on('data', (b: Buffer) => (stderr += b.toString()));
-  proc.stdout!.on('data', (b: Buffer) => (stdout += b.toString()));
-  let exited = false;
-  proc.once('exit', () => (exited = true));
-  let qmp: QmpClient | undefined;
-  try {
-    qmp = await waitFor(
-      async () => {
-        if (exited) throw new Error(`qemu exited early (${proc.exitCode}): ${stderr}`);
-        if (!existsSync(sock)) return undefined;
-        try {
-          return await QmpClient.connect(sock, { negotiate: true });
-        } catch (e) {
-          if (/ECONNREFUSED|ENOENT/.test(String(e))) return undefined;
-          throw e;
-        }
-      },
-      opts.timeoutMs ?? 20000,
-      `QEMU QMP socket ${sock}`,
-    );
-  } catch (e) {
-    proc.kill('SIGKILL');
-    throw e;
-  }
-  const h = new QemuHandle(proc, sock, dir, qmp!);
-  // keep collecting output on the handle (copy what came before the handle existed)
-  h.stderr = stderr;
-  h.stdout = stdout;
-  proc.stderr!.on('data', (b: Buffer) => (h.stderr += b.toString()));
-  proc.stdout!.on('data', (b: Buffer) => (h.stdout += b.toString()));
+  const { proc, qmp, early } = await spawnWithQmp(QEMU_BIN, args, sock, { timeoutMs: opts.timeoutMs, what: 'qemu' });
+  const h = new QemuHandle(proc, sock, dir, qmp, early);
+  void h.exited.then(() => live.delete(h));
   live.add(h);
   return h;
 }

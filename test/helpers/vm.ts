@@ -33,9 +33,13 @@ export interface VmOptions {
   name?: string;
 }
 
-export class VmHandle {
-  stderr = '';
-  stdout = '';
+/**
+ * A child process with a QMP monitor (a `ferry vm` or a QEMU): its output,
+ * its exit, and the QMP calls every test needs.
+ */
+export class QmpProcess {
+  stderr: string;
+  stdout: string;
   exitCode: number | null = null;
   exitSignal: NodeJS.Signals | null = null;
   readonly exited: Promise<void>;
@@ -45,23 +49,95 @@ export class VmHandle {
     readonly sock: string,
     readonly dir: string,
     public qmp: QmpClient,
+    early: { stderr: string; stdout: string } = { stderr: '', stdout: '' },
   ) {
+    // keep collecting output (what came before the handle existed is copied)
+    this.stderr = early.stderr;
+    this.stdout = early.stdout;
     proc.stderr?.on('data', (b: Buffer) => (this.stderr += b.toString()));
     proc.stdout?.on('data', (b: Buffer) => (this.stdout += b.toString()));
     this.exited = new Promise((res) => {
-      proc.once('exit', (code, sig) => {
-        this.exitCode = code;
-        this.exitSignal = sig;
-        live.delete(this);
+      const done = () => {
+        this.exitCode = proc.exitCode;
+        this.exitSignal = proc.signalCode;
         res();
-      });
+      };
+      if (proc.exitCode !== null || proc.signalCode !== null) done();
+      else proc.once('exit', done);
     });
+  }
+
+  get running(): boolean {
+    return this.exitCode === null && this.exitSignal === null;
   }
 
   execute<T = unknown>(cmd: string, args?: object): Promise<T> {
     return this.qmp.execute<T>(cmd, args);
   }
 
+  async status(): Promise<string> {
+    return (await this.execute<{ status: string }>('query-status')).status;
+  }
+
+  kill(sig: NodeJS.Signals = 'SIGKILL'): void {
+    if (this.running) this.proc.kill(sig);
+  }
+
+  async quit(): Promise<void> {
+    if (this.running) {
+      try {
+        await this.qmp.execute('quit', undefined, { timeoutMs: 5000 });
+      } catch {
+        /* gone already, or closed the socket while quitting */
+      }
+      const t = setTimeout(() => this.kill(), 5000);
+      await this.exited;
+      clearTimeout(t);
+    }
+    this.qmp.destroy();
+  }
+}
+
+/**
+ * Spawn `bin args`, wait for its QMP socket `sock` and connect. The socket
+ * file appears at bind(), a moment before listen(): refused connects are
+ * retried. Kills the process if it never answers.
+ */
+export async function spawnWithQmp(
+  bin: string,
+  args: string[],
+  sock: string,
+  opts: { negotiate?: boolean; timeoutMs?: number; what: string },
+): Promise<{ proc: ChildProcess; qmp: QmpClient; early: { stderr: string; stdout: string } }> {
+  const proc = spawn(bin, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  const early = { stderr: '', stdout: '' };
+  proc.stderr!.on('data', (b: Buffer) => (early.stderr += b.toString()));
+  proc.stdout!.on('data', (b: Buffer) => (early.stdout += b.toString()));
+  let exited = false;
+  proc.once('exit', () => (exited = true));
+  try {
+    const qmp = await waitFor(
+      async () => {
+        if (exited) throw new Error(`${opts.what} exited early (${proc.exitCode}): ${early.stderr}`);
+        if (!existsSync(sock)) return undefined;
+        try {
+          return await QmpClient.connect(sock, { negotiate: opts.negotiate ?? true });
+        } catch (e) {
+          if (/ECONNREFUSED|ENOENT/.test(String(e))) return undefined;
+          throw e;
+        }
+      },
+      opts.timeoutMs ?? 20000,
+      `QMP socket ${sock}`,
+    );
+    return { proc, qmp: qmp!, early };
+  } catch (e) {
+    proc.kill('SIGKILL');
+    throw e;
+  }
+}
+
+export class VmHandle extends QmpProcess {
   /** Another QMP connection to the same VM. */
   async connect(negotiate = true): Promise<QmpClient> {
     return QmpClient.connect(this.sock, { negotiate });
@@ -70,27 +146,6 @@ export class VmHandle {
   async digest(): Promise<string> {
     const d = await this.execute<{ digest: string }>('x-query-memory-digest');
     return d.digest;
-  }
-
-  async status(): Promise<string> {
-    return (await this.execute<{ status: string }>('query-status')).status;
-  }
-
-  kill(sig: NodeJS.Signals = 'SIGKILL'): void {
-    if (this.exitCode === null && this.exitSignal === null) this.proc.kill(sig);
-  }
-
-  async quit(): Promise<void> {
-    if (this.exitCode !== null || this.exitSignal !== null) return;
-    try {
-      await this.qmp.execute('quit');
-    } catch {
-      /* already gone */
-    }
-    const t = setTimeout(() => this.kill(), 5000);
-    await this.exited;
-    clearTimeout(t);
-    this.qmp.destroy();
   }
 }
 
@@ -109,34 +164,12 @@ export async function startVm(opts: VmOptions = {}): Promise<VmHandle> {
   const dir = opts.dir ?? tempDir();
   const sock = join(dir, `${opts.name ?? 'vm'}.qmp`);
   const args = [FERRY_MAIN, 'vm', '-qmp', `unix:${sock},server=on,wait=off`, ...(opts.args ?? [])];
-  const proc = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'] });
-  let stderr = '';
-  proc.stderr!.on('data', (b: Buffer) => (stderr += b.toString()));
-  let exited = false;
-  proc.once('exit', () => (exited = true));
-  let qmp: QmpClient | undefined;
-  try {
-    // the socket file appears at bind(), a moment before listen(): retry refused connects
-    qmp = await waitFor(
-      async () => {
-        if (exited) throw new Error(`ferry vm exited early: ${stderr}`);
-        if (!existsSync(sock)) return undefined;
-        try {
-          return await QmpClient.connect(sock, { negotiate: opts.negotiate ?? true });
-        } catch (e) {
-          if (/ECONNREFUSED|ENOENT/.test(String(e))) return undefined;
-          throw e;
-        }
-      },
-      20000,
-      `QMP socket ${sock}`,
-    );
-  } catch (e) {
-    proc.kill('SIGKILL');
-    throw e;
-  }
-  const h = new VmHandle(proc, sock, dir, qmp!);
-  h.stderr = stderr;
+  const { proc, qmp, early } = await spawnWithQmp(process.execPath, args, sock, {
+    negotiate: opts.negotiate,
+    what: 'ferry vm',
+  });
+  const h = new VmHandle(proc, sock, dir, qmp, early);
+  void h.exited.then(() => live.delete(h));
   live.add(h);
   return h;
 }
