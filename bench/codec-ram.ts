@@ -23,7 +23,7 @@ function makeBlock(name: string, size: number, random: boolean): RamBlock {
       v[i] = x | 1;
     }
   }
-  return { name, size, pages, bytes, dirty: new Int32Array(new SharedArrayBuffer(Math.ceil(pages / 32) * 4)), touched: new Uint32Array(Math.ceil(pages / 32)).fill(0xffffffff) };
+  return { name, size, pages, bytes, dirty: new Int32Array(new SharedArrayBuffer(Math.ceil(pages / 32) * 4)), touched: new Uint32Array(Math.ceil(pages / 32)).fill(0xffffffff), present: new Int32Array(new SharedArrayBuffer(Math.ceil(pages / 32) * 4)).fill(-1) };
 }
 
 async function run(kind: 'zero' | 'random', size: number): Promise<number> {

@@ -44,6 +44,7 @@ function textBlock(size: number): RamBlock {
     bytes,
     dirty: new Int32Array(new SharedArrayBuffer(Math.ceil(pages / 32) * 4)),
     touched: new Uint32Array(Math.ceil(pages / 32)).fill(0xffffffff),
+    present: new Int32Array(new SharedArrayBuffer(Math.ceil(pages / 32) * 4)).fill(-1),
   };
 }
 

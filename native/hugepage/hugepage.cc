@@ -6,7 +6,8 @@
 //
 //   madviseHugepage(buf): boolean   true when madvise succeeded on the
 //                                   2 MiB-aligned part of the buffer
-//   madviseAdvice(buf, name): boolean  'hugepage' | 'nohugepage' | 'willneed' | 'populate_write'
+//   madviseAdvice(buf, name): boolean  'hugepage' | 'nohugepage' | 'willneed' | 'populate_write' |
+//                                   'dontneed' (only the whole host pages inside buf)
 #include <node.h>
 #include <v8.h>
 #include <sys/mman.h>
@@ -86,6 +87,7 @@ void MadviseAdvice(const FunctionCallbackInfo<Value>& args) {
   else if (strcmp(*name, "nohugepage") == 0) advice = MADV_NOHUGEPAGE;
   else if (strcmp(*name, "willneed") == 0) advice = MADV_WILLNEED;
   else if (strcmp(*name, "populate_write") == 0) advice = MADV_POPULATE_WRITE;
+  else if (strcmp(*name, "dontneed") == 0) advice = MADV_DONTNEED;
   else return Throw(iso, "madviseAdvice: unknown advice");
   args.GetReturnValue().Set(Advise(data, len, advice));
 }

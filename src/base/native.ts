@@ -10,7 +10,7 @@ import { fileURLToPath } from 'node:url';
 interface HugepageAddon {
   available: boolean;
   madviseHugepage(buf: SharedArrayBuffer | ArrayBuffer): boolean;
-  madviseAdvice(buf: SharedArrayBuffer | ArrayBuffer, advice: string): boolean;
+  madviseAdvice(buf: SharedArrayBuffer | ArrayBuffer | ArrayBufferView, advice: string): boolean;
 }
 
 /** dist/src/base → repo root (three up), where native/ lives. */
@@ -45,4 +45,21 @@ export function adviseHugepages(buf: SharedArrayBuffer): boolean {
 export function populateWrite(buf: SharedArrayBuffer): boolean {
   const hp = loadHugepage();
   return hp !== null && hp.available && hp.madviseAdvice(buf, 'populate_write');
+}
+
+/**
+ * Gives the host memory behind the whole host pages inside `view` back to
+ * the kernel (MADV_DONTNEED): RSS falls, the pages read back as zero and are
+ * faulted in again (zeroed) on the next touch. Bytes of partial host pages
+ * at either end of the view are left alone, so release large contiguous
+ * ranges: a SharedArrayBuffer's memory does not start on a host page
+ * boundary (measured on Node 20 / glibc: 16 bytes past one for buffers of
+ * 1 MiB and up, the malloc chunk header), so one 4 KiB guest page never
+ * holds a whole host page and releasing it alone frees nothing; N
+ * contiguous guest pages free N-1 host pages. Returns false without the
+ * addon or when no whole host page lies inside the view.
+ */
+export function releaseMemory(view: Uint8Array): boolean {
+  const hp = loadHugepage();
+  return hp !== null && hp.available && hp.madviseAdvice(view, 'dontneed');
 }

@@ -79,6 +79,8 @@ export interface CommandArgs {
     filename: string;
   };
   'x-query-memory-digest': Record<string, never>;
+  'x-query-workload': Record<string, never>;
+  'x-query-page-faults': Record<string, never>;
 }
 
 /** Result of each command (`void` is answered as `{}`). */
@@ -116,6 +118,8 @@ export interface CommandReturns {
   'closefd': void;
   'pmemsave': void;
   'x-query-memory-digest': T.MemoryDigest;
+  'x-query-workload': T.WorkloadVcpuInfo[];
+  'x-query-page-faults': T.PageFaultInfo;
 }
 
 /** Names of all commands. */
@@ -415,13 +419,31 @@ export interface CommandHandlers<Ctx> {
   'pmemsave'(args: CommandArgs['pmemsave'], ctx: Ctx): void | Promise<void>;
   /**
    * Hash the guest's RAM.  The answer is only stable while the vCPUs are
-   * stopped.
+   * stopped.  Fails while guest memory is still being fetched from a
+   * postcopy migration source.
    *
    * @returns `MemoryDigest`
    *
    * @since Ferry 0.1
    */
   'x-query-memory-digest'(args: CommandArgs['x-query-memory-digest'], ctx: Ctx): T.MemoryDigest | Promise<T.MemoryDigest>;
+  /**
+   * Report the workload counters of every vCPU.
+   *
+   * @returns one `WorkloadVcpuInfo` per vCPU, in index order
+   *
+   * @since Ferry 0.1
+   */
+  'x-query-workload'(args: CommandArgs['x-query-workload'], ctx: Ctx): T.WorkloadVcpuInfo[] | Promise<T.WorkloadVcpuInfo[]>;
+  /**
+   * Report the demand-paging faults of the vCPUs.  All values are zero
+   * when there were none.
+   *
+   * @returns `PageFaultInfo`
+   *
+   * @since Ferry 0.1
+   */
+  'x-query-page-faults'(args: CommandArgs['x-query-page-faults'], ctx: Ctx): T.PageFaultInfo | Promise<T.PageFaultInfo>;
 }
 
 /** How the dispatcher treats one command. */
@@ -472,4 +494,6 @@ export const COMMANDS: ReadonlyMap<string, CommandDef> = new Map<string, Command
   ['closefd', { name: 'closefd', boxed: false, validate: (a) => V.v_q_obj_closefd_arg(a, R.ROOT) }],
   ['pmemsave', { name: 'pmemsave', boxed: false, validate: (a) => V.v_q_obj_pmemsave_arg(a, R.ROOT) }],
   ['x-query-memory-digest', { name: 'x-query-memory-digest', boxed: false, validate: (a) => R.struct(a, R.ROOT, NO_ARGS) }],
+  ['x-query-workload', { name: 'x-query-workload', boxed: false, validate: (a) => R.struct(a, R.ROOT, NO_ARGS) }],
+  ['x-query-page-faults', { name: 'x-query-page-faults', boxed: false, validate: (a) => R.struct(a, R.ROOT, NO_ARGS) }],
 ]);

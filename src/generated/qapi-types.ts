@@ -930,3 +930,52 @@ export interface MemoryDigest {
   /** one entry per RAM block */
   blocks: MemoryBlockDigest[];
 }
+
+/**
+ * Workload counters of one vCPU.
+ *
+ * @since Ferry 0.1
+ */
+export interface WorkloadVcpuInfo {
+  /** the vCPU's index */
+  'cpu-index': number;
+  /** workload steps done so far (exact while the vCPUs are stopped) */
+  steps: number;
+  /**
+   * checksum of the bytes read by a stress workload with read=on
+   * (0 otherwise); a function of the boot fill, the workload and
+   * `steps`, so a migrated guest and a reference guest that ran to the
+   * same step count report the same value
+   */
+  sum: number;
+  /**
+   * true while the vCPU waits for a page that is still being
+   * fetched from a postcopy migration source
+   */
+  blocked: boolean;
+}
+
+/**
+ * Demand-paging faults of the vCPUs since the last postcopy migration
+ * began on this (destination) machine.
+ *
+ * @since Ferry 0.1
+ */
+export interface PageFaultInfo {
+  /** faults resolved (the missing page arrived) */
+  faults: number;
+  /**
+   * median time in microseconds from a fault to the page's
+   * arrival
+   */
+  'p50-us': number;
+  /** 99th percentile of that time */
+  'p99-us': number;
+  /** the longest such time */
+  'max-us': number;
+  /**
+   * number of latencies the percentiles are taken over (the
+   * most recent 65536 at most)
+   */
+  samples: number;
+}

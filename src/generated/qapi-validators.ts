@@ -183,6 +183,19 @@ const F_MemoryDigest: readonly R.Field[] = [
   ['digest', false, R.str],
   ['blocks', false, (v, p) => R.list(v, p, v_MemoryBlockDigest)],
 ];
+const F_WorkloadVcpuInfo: readonly R.Field[] = [
+  ['cpu-index', false, R.int],
+  ['steps', false, R.int],
+  ['sum', false, R.int],
+  ['blocked', false, R.bool],
+];
+const F_PageFaultInfo: readonly R.Field[] = [
+  ['faults', false, R.int],
+  ['p50-us', false, R.number],
+  ['p99-us', false, R.number],
+  ['max-us', false, R.number],
+  ['samples', false, R.int],
+];
 const F_q_obj_MIGRATION_arg: readonly R.Field[] = [
   ['status', false, v_MigrationStatus],
 ];
@@ -409,6 +422,12 @@ export function v_MemoryBlockDigest(v: unknown, p: R.Path): T.MemoryBlockDigest 
 }
 export function v_MemoryDigest(v: unknown, p: R.Path): T.MemoryDigest {
   return R.struct(v, p, F_MemoryDigest) as unknown as T.MemoryDigest;
+}
+export function v_WorkloadVcpuInfo(v: unknown, p: R.Path): T.WorkloadVcpuInfo {
+  return R.struct(v, p, F_WorkloadVcpuInfo) as unknown as T.WorkloadVcpuInfo;
+}
+export function v_PageFaultInfo(v: unknown, p: R.Path): T.PageFaultInfo {
+  return R.struct(v, p, F_PageFaultInfo) as unknown as T.PageFaultInfo;
 }
 export function v_q_obj_MIGRATION_arg(v: unknown, p: R.Path): Record<string, unknown> {
   return R.struct(v, p, F_q_obj_MIGRATION_arg);

@@ -2,7 +2,7 @@
  * Parsers for the `-workload` and `-fill` option strings, for the CLI:
  *   idle
  *   sweep[,start=SIZE][,end=SIZE][,steps=N]
- *   stress[,rate=SIZE][,wss=SIZE][,start=SIZE][,write=BYTES][,seed=N][,steps=N]
+ *   stress[,rate=SIZE][,wss=SIZE][,start=SIZE][,write=BYTES][,seed=N][,steps=N][,read=on|off]
  *   zero | random[,seed=N] | text[,seed=N]
  */
 import { parseSize } from '../base/size.js';
@@ -52,7 +52,7 @@ export function parseWorkload(spec: string): WorkloadConfig {
       return w;
     }
     case 'stress': {
-      onlyKeys(opts, ['rate', 'wss', 'start', 'write', 'seed', 'steps'], 'workload stress');
+      onlyKeys(opts, ['rate', 'wss', 'start', 'write', 'seed', 'steps', 'read'], 'workload stress');
       const w: WorkloadConfig = { kind: 'stress' };
       if (opts.has('rate')) w.rate = parseSize(opts.get('rate')!, 'stress rate');
       if (opts.has('wss')) w.wss = parseSize(opts.get('wss')!, 'stress wss');
@@ -60,6 +60,11 @@ export function parseWorkload(spec: string): WorkloadConfig {
       if (opts.has('write')) w.write = parseSize(opts.get('write')!, 'stress write');
       if (opts.has('seed')) w.seed = parseUint(opts.get('seed')!, 'seed', 0xffffffff);
       if (opts.has('steps')) w.steps = parseUint(opts.get('steps')!, 'steps');
+      if (opts.has('read')) {
+        const r = opts.get('read')!;
+        if (r !== 'on' && r !== 'off') throw new Error(`Invalid stress read '${r}': expected on or off`);
+        if (r === 'on') w.read = true;
+      }
       return w;
     }
     default:
@@ -81,6 +86,9 @@ export function parseFill(spec: string): FillConfig {
 /** Canonical string form of a workload (for logs and `info`). */
 export function formatWorkload(w: WorkloadConfig): string {
   const parts: string[] = [w.kind];
-  for (const [k, v] of Object.entries(w)) if (k !== 'kind' && v !== undefined) parts.push(`${k}=${v}`);
+  for (const [k, v] of Object.entries(w)) {
+    if (k === 'kind' || v === undefined) continue;
+    parts.push(`${k}=${typeof v === 'boolean' ? (v ? 'on' : 'off') : v}`);
+  }
   return parts.join(',');
 }

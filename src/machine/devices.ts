@@ -6,6 +6,7 @@
  * through the migration layer's be32 length, see types.ts).
  */
 import type { MigratableDevice, RunState } from './types.js';
+import { VS_NSLOTS, VS_NSLOTS_V1 } from './layout.js';
 
 /** What the devices need from the machine. */
 export interface DeviceHost {
@@ -167,15 +168,17 @@ export class SerialDevice implements MigratableDevice {
 const VCPU_MAGIC = 0x46564350; // "FVCP"
 
 /**
- * ferry-vcpu, version 1, instance = vCPU index: "FVCP", be32 slot count,
+ * ferry-vcpu, version 2, instance = vCPU index: "FVCP", be32 slot count,
  * then the vCPU's workload slots (layout.ts VS_*) as be64 doubles: workload
- * kind and parameters, seed, stripe, steps, PRNG state, sweep position/round.
+ * kind and parameters, seed, stripe, steps, PRNG state, sweep position/round,
+ * stress read flag and read checksum. Version 1 is the same with the first
+ * 20 slots only (no read flag / checksum); it loads as read=off, sum 0.
  * Loading adopts the source's workload (after validating it against this
  * machine's RAM size and vCPU count).
  */
 export class VcpuDevice implements MigratableDevice {
   readonly idstr = 'ferry-vcpu';
-  readonly version = 1;
+  readonly version = 2;
   readonly minVersion = 1;
   constructor(
     private host: DeviceHost,
@@ -202,7 +205,11 @@ export class VcpuDevice implements MigratableDevice {
     if (data.length !== 8 + n * 8) {
       throw new Error(`ferry-vcpu ${this.instanceId}: payload is ${data.length} bytes, expected ${8 + n * 8} for ${n} slots`);
     }
-    const slots = new Float64Array(n);
+    if (version === 1 && n !== VS_NSLOTS_V1) {
+      throw new Error(`ferry-vcpu ${this.instanceId}: version 1 has ${VS_NSLOTS_V1} slots, got ${n}`);
+    }
+    // version 1: the missing slots (read flag, checksum) are 0
+    const slots = new Float64Array(version === 1 ? VS_NSLOTS : n);
     for (let i = 0; i < n; i++) slots[i] = dv.getFloat64(8 + i * 8);
     this.host.loadVcpu(this.instanceId, slots);
   }

@@ -1,5 +1,12 @@
 export * from './types.js';
-export { Machine, countDirty, clearDirty, type MemoryDigest } from './machine.js';
+export {
+  Machine,
+  countDirty,
+  clearDirty,
+  DEMAND_PAGING_RAM_ERROR,
+  type MemoryDigest,
+  type VcpuWorkloadInfo,
+} from './machine.js';
 export { checkSweep, type SweepMismatch } from './sweep-check.js';
 export { parseWorkload, parseFill, formatWorkload } from './config.js';
 export { encodeGlobalState, decodeGlobalState, QAPI_RUN_STATES } from './devices.js';

@@ -7,7 +7,14 @@
  *   [CTL_SEQ]       bumped (and notified) on every command or throttle change;
  *                   sleeping workers Atomics.wait on it
  *   [CTL_THROTTLE]  throttle percentage 0..99
+ *   [CTL_DEMAND]    1 = demand paging on: a vCPU checks a page's `present`
+ *                   bit (Atomics.load) before touching it and blocks on a
+ *                   missing page until the bit is set
+ *   [CTL_FAULT_WAITERS] number of vCPUs now blocked on a missing page
+ *   [CTL_FAULT_COUNT]   faults resolved since beginDemandPaging (the slot
+ *                   of the next latency sample is this % FAULT_RING)
  *   [CTL_ACK + i]   vCPU i's acknowledged state (ACK_*), notified on change
+ *   [CTL_BLOCKED + i] 1 while vCPU i waits for a missing page
  *
  * vstate: Float64Array over a SharedArrayBuffer, VS_STRIDE slots per vCPU.
  *   Written by the main thread only while the vCPU is paused (or before it
@@ -20,8 +27,16 @@ export const MAX_VCPUS = 64;
 export const CTL_CMD = 0;
 export const CTL_SEQ = 1;
 export const CTL_THROTTLE = 2;
+export const CTL_DEMAND = 3;
+export const CTL_FAULT_WAITERS = 4;
+export const CTL_FAULT_COUNT = 5;
 export const CTL_ACK = 16;
-export const CTL_LENGTH = CTL_ACK + MAX_VCPUS;
+/** CTL_BLOCKED + i: 1 while vCPU i waits for a missing page */
+export const CTL_BLOCKED = CTL_ACK + MAX_VCPUS;
+export const CTL_LENGTH = CTL_BLOCKED + MAX_VCPUS;
+
+/** Fault latency samples kept (a ring of Float64 µs values). */
+export const FAULT_RING = 65536;
 
 export const CMD_RUN = 1;
 export const CMD_PAUSE = 2;
@@ -60,7 +75,13 @@ export const VS_POS = 17;
 export const VS_ROUND = 18;
 /** number of active vCPUs sharing the rate */
 export const VS_NACTIVE = 19;
-export const VS_NSLOTS = 20;
+/** stress read=on: 1 when every step also reads a byte of another page of the stripe */
+export const VS_READ = 20;
+/** stress read=on: 32-bit checksum of the bytes read, sum = (sum*31 + byte) >>> 0 */
+export const VS_SUM = 21;
+export const VS_NSLOTS = 22;
+/** slot count of ferry-vcpu version 1 (before VS_READ / VS_SUM) */
+export const VS_NSLOTS_V1 = 20;
 export const VS_STRIDE = 32;
 
 /** RAM blocks are cut at 2 GiB: physical page p lives in block p >>> BLOCK_PAGE_BITS. */

@@ -38,10 +38,15 @@ import {
   CMD_PAUSE,
   CMD_RUN,
   CTL_ACK,
+  CTL_BLOCKED,
   CTL_CMD,
+  CTL_DEMAND,
+  CTL_FAULT_COUNT,
+  CTL_FAULT_WAITERS,
   CTL_LENGTH,
   CTL_SEQ,
   CTL_THROTTLE,
+  FAULT_RING,
   KIND_IDLE,
   KIND_STRESS,
   KIND_SWEEP,
@@ -54,6 +59,7 @@ import {
   VS_NSLOTS,
   VS_POS,
   VS_RATE,
+  VS_READ,
   VS_RNG0,
   VS_ROUND,
   VS_SEED,
@@ -63,6 +69,7 @@ import {
   VS_STRIDE,
   VS_STRIPE_END,
   VS_STRIPE_START,
+  VS_SUM,
   VS_WRITE,
   VS_WS_END,
   VS_WS_START,
@@ -83,6 +90,20 @@ import {
 
 const DIGEST_CHUNK = 64 << 20;
 const KIND_NAMES = ['idle', 'sweep', 'stress'] as const;
+
+/** Error thrown by RAM readers (digest, pmemsave) while demand paging is on. */
+export const DEMAND_PAGING_RAM_ERROR = 'Guest memory is still being fetched from the migration source';
+
+/** Workload counters of one vCPU (x-query-workload). */
+export interface VcpuWorkloadInfo {
+  cpuIndex: number;
+  /** steps done (exact while paused, sampled after every batch while running) */
+  steps: number;
+  /** stress read=on checksum (0 otherwise) */
+  sum: number;
+  /** waiting for a missing page (demand paging) */
+  blocked: boolean;
+}
 
 export interface MemoryDigest {
   digest: string;
@@ -163,6 +184,8 @@ export class Machine extends EventEmitter implements DeviceHost {
   private vcpuError: Error | null = null;
   private destroyed = false;
   private vcpusRunning = false;
+  private readonly faultLat: Float64Array;
+  private onFault: ((block: number, page: number) => void) | null = null;
 
   private constructor(cfg: MachineConfig) {
     super();
@@ -198,11 +221,13 @@ export class Machine extends EventEmitter implements DeviceHost {
       }
       const dirty = new Int32Array(new SharedArrayBuffer(Math.ceil(pages / 32) * 4));
       const touched = new Uint32Array(Math.ceil(pages / 32));
-      blocks.push({ name: i === 0 ? base : `${base}.${i}`, size, pages, bytes, dirty, touched });
+      const present = new Int32Array(new SharedArrayBuffer(Math.ceil(pages / 32) * 4)).fill(-1);
+      blocks.push({ name: i === 0 ? base : `${base}.${i}`, size, pages, bytes, dirty, touched, present });
     }
     this.ram = blocks;
 
     this.ctl = new Int32Array(new SharedArrayBuffer(CTL_LENGTH * 4));
+    this.faultLat = new Float64Array(new SharedArrayBuffer(FAULT_RING * 8));
     this.vstate = new Float64Array(new SharedArrayBuffer(MAX_VCPUS * VS_STRIDE * 8));
     this.ctl[CTL_CMD] = CMD_PAUSE;
     this._workload = { kind: 'idle' };
@@ -377,6 +402,94 @@ export class Machine extends EventEmitter implements DeviceHost {
     Atomics.store(this.ctl, CTL_CMD, cmd);
     Atomics.add(this.ctl, CTL_SEQ, 1);
     Atomics.notify(this.ctl, CTL_SEQ);
+    // a vCPU blocked on a missing page waits on the page's present word
+    if (Atomics.load(this.ctl, CTL_FAULT_WAITERS) > 0) this.wakeBlocked();
+  }
+
+  /** Wakes every vCPU blocked on a missing page so that it rechecks the command / demand flag. */
+  private wakeBlocked(): void {
+    for (let i = 0; i < this.smp; i++) {
+      const v = Atomics.load(this.ctl, CTL_BLOCKED + i);
+      if (v === 0) continue;
+      const p = v - 1;
+      const blk = this.ram[Math.floor(p / BLOCK_PAGES)];
+      if (blk) Atomics.notify(blk.present, (p % BLOCK_PAGES) >>> 5);
+    }
+  }
+
+  /* ---------------------------------------------------- demand paging */
+
+  /**
+   * Turns demand paging on (postcopy destination). The caller has already
+   * cleared the `present` bits of the pages still missing (RamBlock.present).
+   * From now on a vCPU that is about to touch a missing page blocks before
+   * the access and posts one fault: onFault(block, page) is called on the
+   * main thread (block index into `ram`, block-local page). A fault may be
+   * reported for a page that arrived meanwhile. Resets faultStats().
+   */
+  beginDemandPaging(onFault: (block: number, page: number) => void): void {
+    this.checkAliveForRam();
+    Atomics.store(this.ctl, CTL_FAULT_COUNT, 0);
+    this.faultLat.fill(0);
+    this.onFault = onFault;
+    Atomics.store(this.ctl, CTL_DEMAND, 1);
+  }
+
+  /**
+   * Marks a page present (after its bytes were written) and wakes a vCPU
+   * waiting for it. Cheap: one Atomics.or, plus a notify only while some
+   * vCPU is blocked.
+   */
+  markPresent(block: number, page: number): void {
+    const arr = this.ram[block]!.present;
+    const wi = page >>> 5;
+    Atomics.or(arr, wi, 1 << (page & 31));
+    if (Atomics.load(this.ctl, CTL_FAULT_WAITERS) > 0) Atomics.notify(arr, wi);
+  }
+
+  /**
+   * Ends demand paging: the vCPUs stop checking present bits (a blocked
+   * vCPU is released and does its step), onFault is no longer called.
+   * Does not change the present bitmaps.
+   */
+  endDemandPaging(): void {
+    Atomics.store(this.ctl, CTL_DEMAND, 0);
+    this.onFault = null;
+    this.wakeBlocked();
+  }
+
+  get demandPaging(): boolean {
+    return Atomics.load(this.ctl, CTL_DEMAND) !== 0;
+  }
+
+  /**
+   * Faults resolved (page arrived) since beginDemandPaging, and their
+   * latencies in µs (fault to page present), oldest first: the newest
+   * FAULT_RING samples at most.
+   */
+  faultStats(): { faults: number; latenciesUs: Float64Array } {
+    const faults = Atomics.load(this.ctl, CTL_FAULT_COUNT);
+    if (faults <= FAULT_RING) return { faults, latenciesUs: this.faultLat.slice(0, faults) };
+    const out = new Float64Array(FAULT_RING);
+    const head = faults % FAULT_RING;
+    out.set(this.faultLat.subarray(head), 0);
+    out.set(this.faultLat.subarray(0, head), FAULT_RING - head);
+    return { faults, latenciesUs: out };
+  }
+
+  /** Per-vCPU workload counters (x-query-workload). */
+  workloadInfo(): VcpuWorkloadInfo[] {
+    const r: VcpuWorkloadInfo[] = [];
+    for (let i = 0; i < this.smp; i++) {
+      const o = i * VS_STRIDE;
+      r.push({
+        cpuIndex: i,
+        steps: this.vstate[o + VS_STEPS]!,
+        sum: this.vstate[o + VS_SUM]! >>> 0,
+        blocked: Atomics.load(this.ctl, CTL_BLOCKED + i) !== 0,
+      });
+    }
+    return r;
   }
 
   private async waitAcks(want: number, timeoutMs = 10_000): Promise<void> {
@@ -436,11 +549,28 @@ export class Machine extends EventEmitter implements DeviceHost {
   private async spawnVcpus(): Promise<void> {
     const ramBufs = this.ram.map((b) => b.bytes.buffer as SharedArrayBuffer);
     const dirtyBufs = this.ram.map((b) => b.dirty.buffer as SharedArrayBuffer);
+    const presentBufs = this.ram.map((b) => b.present.buffer as SharedArrayBuffer);
+    const faultBuf = this.faultLat.buffer as SharedArrayBuffer;
     const url = new URL('./vcpu-worker.js', import.meta.url);
     for (let i = 0; i < this.smp; i++) {
       const w = new Worker(url, {
-        workerData: { index: i, ctlBuf: this.ctl.buffer, vstateBuf: this.vstate.buffer, ramBufs, dirtyBufs },
+        workerData: {
+          index: i,
+          ctlBuf: this.ctl.buffer,
+          vstateBuf: this.vstate.buffer,
+          ramBufs,
+          dirtyBufs,
+          presentBufs,
+          faultBuf,
+        },
         name: `vcpu${i}`,
+      });
+      w.on('message', (m: unknown) => {
+        const f = this.onFault;
+        if (f === null || typeof m !== 'object' || m === null) return;
+        const msg = m as { type?: unknown; block?: unknown; page?: unknown };
+        if (msg.type !== 'fault') return;
+        f(msg.block as number, msg.page as number);
       });
       w.on('error', (e) => {
         if (this.destroyed) return;
@@ -536,6 +666,7 @@ export class Machine extends EventEmitter implements DeviceHost {
         s[VS_RATE] = rate;
         s[VS_STEPS_LIMIT] = lim;
         s[VS_NACTIVE] = nActive;
+        s[VS_READ] = w.read ? 1 : 0;
         if (i < nActive) {
           s[VS_ACTIVE] = 1;
           s[VS_STRIPE_START] = sp + Math.floor((i * np) / nActive);
@@ -553,6 +684,7 @@ export class Machine extends EventEmitter implements DeviceHost {
         rate,
         seed,
         ...(w.steps !== undefined ? { steps: w.steps } : {}),
+        ...(w.read ? { read: true } : {}),
       };
     } else {
       throw new Error(`Unknown workload kind '${(w as { kind: string }).kind}'`);
@@ -607,6 +739,8 @@ export class Machine extends EventEmitter implements DeviceHost {
           any += v;
         }
         if (any === 0) throw new Error(`${p}: PRNG state is all zero`);
+        if (s[VS_READ] !== 0 && s[VS_READ] !== 1) throw new Error(`${p}: bad read flag ${s[VS_READ]}`);
+        if (s[VS_SUM]! < 0 || s[VS_SUM]! > 0xffffffff) throw new Error(`${p}: read checksum ${s[VS_SUM]} out of range`);
       } else {
         if (s[VS_POS]! < a || s[VS_POS]! >= b) throw new Error(`${p}: sweep position ${s[VS_POS]} outside [${a}, ${b})`);
         if (s[VS_ROUND]! < 0) throw new Error(`${p}: negative sweep round`);
@@ -629,6 +763,7 @@ export class Machine extends EventEmitter implements DeviceHost {
         rate: s[VS_RATE]!,
         seed: s[VS_SEED]!,
         ...lim,
+        ...(s[VS_READ] === 1 ? { read: true } : {}),
       };
     }
   }
@@ -732,6 +867,7 @@ export class Machine extends EventEmitter implements DeviceHost {
   /** sha256 of every block in 64 MiB chunks hashed in parallel by helper workers. */
   async digest(): Promise<MemoryDigest> {
     this.checkAliveForRam();
+    this.checkNoDemandPaging();
     const perBlock = await Promise.all(
       this.ram.map((b) => {
         const jobs: Promise<Uint8Array>[] = [];
@@ -762,9 +898,15 @@ export class Machine extends EventEmitter implements DeviceHost {
     if (this.destroyed) throw new Error('machine destroyed');
   }
 
+  /** RAM readers must not read the holes of pages not fetched yet. */
+  private checkNoDemandPaging(): void {
+    if (this.demandPaging) throw new Error(DEMAND_PAGING_RAM_ERROR);
+  }
+
   /** Writes guest-physical [addr, addr+size) to filename (blocks back to back from 0). */
   async pmemsave(addr: number, size: number, filename: string): Promise<void> {
     this.checkAliveForRam();
+    this.checkNoDemandPaging();
     if (!Number.isSafeInteger(addr) || addr < 0) throw new Error(`pmemsave: invalid address ${addr}`);
     if (!Number.isSafeInteger(size) || size < 0) throw new Error(`pmemsave: invalid size ${size}`);
     if (addr + size > this.ramSize) {

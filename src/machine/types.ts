@@ -24,6 +24,15 @@ export interface RamBlock {
    * faulting in) RAM that was never written.
    */
   readonly touched: Uint32Array;
+  /**
+   * Demand paging (postcopy): one bit per target page (bit p&31 of word
+   * p>>>5) over its own SharedArrayBuffer; set = the page's contents are
+   * here. All ones except while a caller has cleared bits for pages still to
+   * be fetched. Only consulted by the vCPUs while demand paging is on
+   * (Machine.beginDemandPaging); set bits with Machine.markPresent (or
+   * Atomics.or) after writing the page's bytes.
+   */
+  readonly present: Int32Array;
 }
 
 /** QEMU run states that Ferry uses (QAPI RunState names). */
@@ -80,7 +89,9 @@ export interface MigratableDevice {
  *   (defaults start = 0, wss = ramSize - start), split into one disjoint
  *   stripe per vCPU, `write` bytes (1..4096, default 8) at a random offset per
  *   step, at `rate` bytes of pages per second in total (0/undefined =
- *   unlimited). One step = one page write.
+ *   unlimited). One step = one page write. With `read` on, every step
+ *   also reads one byte at a random offset of another random page of the
+ *   same stripe and folds it into a per-vCPU checksum (see x-query-workload).
  * `steps`: when set, each vCPU stops writing after that many steps.
  */
 export type WorkloadConfig =
@@ -94,6 +105,7 @@ export type WorkloadConfig =
       write?: number;
       seed?: number;
       steps?: number;
+      read?: boolean;
     };
 
 export type WorkloadKind = WorkloadConfig['kind'];

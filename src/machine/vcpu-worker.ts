@@ -14,18 +14,31 @@
  *   have loaded migrated state meanwhile) and acks ACK_RUNNING.
  * - Sleeping (paused, idle, throttled, rate-limited) is Atomics.wait on
  *   ctl[CTL_SEQ] with a timeout, so any command wakes it at once.
+ * - Demand paging (ctl[CTL_DEMAND] = 1): the loops check the present bit of
+ *   every page a step touches and stop before a missing one without doing
+ *   the step. The worker then posts { type: 'fault', block, page } once,
+ *   counts itself in CTL_FAULT_WAITERS, publishes the page in CTL_BLOCKED+i
+ *   and waits on the present word until the bit is set, the command is no
+ *   longer RUN or demand paging ends. The step is retried afterwards (after
+ *   a resume if it was a pause), so state saved while blocked is consistent.
  */
 import { parentPort, workerData } from 'node:worker_threads';
 import {
   ACK_EXITED,
+  BLOCK_PAGES,
   ACK_PAUSED,
   ACK_RUNNING,
   CMD_EXIT,
   CMD_RUN,
   CTL_ACK,
+  CTL_BLOCKED,
   CTL_CMD,
+  CTL_DEMAND,
+  CTL_FAULT_COUNT,
+  CTL_FAULT_WAITERS,
   CTL_SEQ,
   CTL_THROTTLE,
+  FAULT_RING,
   KIND_STRESS,
   KIND_SWEEP,
   VS_ACTIVE,
@@ -33,6 +46,7 @@ import {
   VS_NACTIVE,
   VS_POS,
   VS_RATE,
+  VS_READ,
   VS_RNG0,
   VS_ROUND,
   VS_STEPS,
@@ -40,6 +54,7 @@ import {
   VS_STRIDE,
   VS_STRIPE_END,
   VS_STRIPE_START,
+  VS_SUM,
   VS_WRITE,
 } from './layout.js';
 import { StressLoop, SweepLoop, stressSalt } from './workload.js';
@@ -50,6 +65,9 @@ export interface VcpuWorkerData {
   vstateBuf: SharedArrayBuffer;
   ramBufs: SharedArrayBuffer[];
   dirtyBufs: SharedArrayBuffer[];
+  presentBufs: SharedArrayBuffer[];
+  /** FAULT_RING Float64 fault latencies in µs */
+  faultBuf: SharedArrayBuffer;
 }
 
 const BATCH = 128;
@@ -63,6 +81,8 @@ function main(): void {
   const vs = new Float64Array(wd.vstateBuf, idx * VS_STRIDE * 8, VS_STRIDE);
   const bytes = wd.ramBufs.map((b) => new Uint8Array(b));
   const dirty = wd.dirtyBufs.map((b) => new Int32Array(b));
+  const present = wd.presentBufs.map((b) => new Int32Array(b));
+  const faultLat = new Float64Array(wd.faultBuf);
   const ackIdx = CTL_ACK + idx;
 
   const ack = (v: number): void => {
@@ -80,9 +100,10 @@ function main(): void {
     const kind = vs[VS_KIND];
     if (kind === KIND_STRESS) {
       const start = vs[VS_STRIPE_START]!;
-      const l = new StressLoop(bytes, dirty, start, vs[VS_STRIPE_END]! - start, vs[VS_WRITE]!, stressSalt(idx), true);
+      const l = new StressLoop(bytes, dirty, start, vs[VS_STRIPE_END]! - start, vs[VS_WRITE]!, stressSalt(idx), true, vs[VS_READ] === 1);
       l.setRng([vs[VS_RNG0]!, vs[VS_RNG0 + 1]!, vs[VS_RNG0 + 2]!, vs[VS_RNG0 + 3]!]);
       l.steps = vs[VS_STEPS]!;
+      l.sum = vs[VS_SUM]! >>> 0;
       stress = l;
     } else if (kind === KIND_SWEEP) {
       const l = new SweepLoop(bytes, dirty, vs[VS_STRIPE_START]!, vs[VS_STRIPE_END]!, true);
@@ -101,6 +122,7 @@ function main(): void {
       vs[VS_RNG0 + 2] = l.s2 >>> 0;
       vs[VS_RNG0 + 3] = l.s3 >>> 0;
       vs[VS_STEPS] = l.steps;
+      vs[VS_SUM] = l.sum;
     } else if (sweep) {
       const l: SweepLoop = sweep;
       vs[VS_POS] = l.pos;
@@ -124,13 +146,62 @@ function main(): void {
     // RUN
     loadState();
     ack(ACK_RUNNING);
-    runUntilCommand(ctl, vs, stress, sweep);
+    runUntilCommand(ctl, vs, stress, sweep, new PageWaiter(ctl, idx, present, faultLat));
     saveState();
   }
 }
 
+/** Blocks a vCPU on a missing page (demand paging). */
+class PageWaiter {
+  constructor(
+    readonly ctl: Int32Array,
+    readonly idx: number,
+    readonly present: Int32Array[],
+    readonly lat: Float64Array,
+  ) {}
+
+  /**
+   * Reports the fault and waits until the page is present, the command is
+   * no longer RUN or demand paging ends. Returns the time blocked in ms.
+   */
+  wait(block: number, page: number): number {
+    const ctl = this.ctl;
+    const t0 = performance.now();
+    parentPort!.postMessage({ type: 'fault', block, page });
+    Atomics.add(ctl, CTL_FAULT_WAITERS, 1);
+    Atomics.store(ctl, CTL_BLOCKED + this.idx, block * BLOCK_PAGES + page + 1);
+    const arr = this.present[block]!;
+    const wi = page >>> 5;
+    const bit = 1 << (page & 31);
+    let arrived = false;
+    for (;;) {
+      const w = Atomics.load(arr, wi);
+      if ((w & bit) !== 0) {
+        arrived = true;
+        break;
+      }
+      if (Atomics.load(ctl, CTL_CMD) !== CMD_RUN || Atomics.load(ctl, CTL_DEMAND) === 0) break;
+      Atomics.wait(arr, wi, w, 20);
+    }
+    Atomics.store(ctl, CTL_BLOCKED + this.idx, 0);
+    Atomics.sub(ctl, CTL_FAULT_WAITERS, 1);
+    const dt = performance.now() - t0;
+    if (arrived) {
+      const slot = Atomics.add(ctl, CTL_FAULT_COUNT, 1) % FAULT_RING;
+      this.lat[slot] = dt * 1000;
+    }
+    return dt;
+  }
+}
+
 /** Runs the workload until ctl[CTL_CMD] is no longer RUN. */
-function runUntilCommand(ctl: Int32Array, vs: Float64Array, stress: StressLoop | null, sweep: SweepLoop | null): void {
+function runUntilCommand(
+  ctl: Int32Array,
+  vs: Float64Array,
+  stress: StressLoop | null,
+  sweep: SweepLoop | null,
+  waiter: PageWaiter,
+): void {
   const loop = stress ?? sweep;
   const limit = vs[VS_STEPS_LIMIT]!;
   const rate = vs[VS_RATE]!;
@@ -160,8 +231,18 @@ function runUntilCommand(ctl: Int32Array, vs: Float64Array, stress: StressLoop |
       }
       if (allowed < n) n = allowed;
     }
-    loop.run(n);
+    const demand = Atomics.load(ctl, CTL_DEMAND) !== 0;
+    const done = loop.run(n, demand ? waiter.present : null);
     vs[VS_STEPS] = loop.steps;
+    if (stress) vs[VS_SUM] = stress.sum;
+    if (done < n) {
+      // a missing page (only with demand paging): time spent blocked is
+      // not made up afterwards, like the throttle sleep below
+      const blocked = waiter.wait(loop.faultBlock, loop.faultPage);
+      t0 += blocked;
+      if (sliceStart !== 0) sliceStart += blocked;
+      continue;
+    }
     const thr = Atomics.load(ctl, CTL_THROTTLE);
     if (thr > 0) {
       const now = performance.now();

@@ -36,6 +36,16 @@ export function stressSalt(vcpu: number): number {
  * stripePages) and a random offset, and writes `write` bytes there:
  * byte j = (step + salt + j) & 255 — a pure function of (vcpu, step) plus the
  * PRNG stream. With `log` on, marks the page in the dirty bitmap.
+ *
+ * With `read` on, every step first draws two more numbers (a page of the
+ * stripe and an offset in it), reads that byte and folds it into `sum`:
+ * sum = (sum * 31 + byte) >>> 0. Without `read` the PRNG stream is exactly
+ * the one of a plain stress loop.
+ *
+ * Demand paging: run(n, present) checks the present bit (Atomics.load) of
+ * every page a step touches before the step; on a missing page it returns
+ * early, leaving the state (PRNG, steps, sum) as it was before that step,
+ * with the page in faultBlock/faultPage (block-local page index).
  */
 export class StressLoop {
   s0 = 0;
@@ -43,6 +53,11 @@ export class StressLoop {
   s2 = 0;
   s3 = 1;
   steps = 0;
+  /** read=on checksum (uint32) */
+  sum = 0;
+  /** block and block-local page of the last fault (valid after run() returned < n) */
+  faultBlock = -1;
+  faultPage = -1;
   readonly span: number;
   constructor(
     readonly bytes: readonly Uint8Array[],
@@ -52,6 +67,7 @@ export class StressLoop {
     readonly write: number,
     readonly salt: number,
     readonly log: boolean,
+    readonly read = false,
   ) {
     if (stripePages < 1) throw new Error('StressLoop: empty stripe');
     if (!(write >= 1 && write <= 4096)) throw new Error('StressLoop: write must be 1..4096');
@@ -65,13 +81,18 @@ export class StressLoop {
     this.s3 = s[3]! | 0;
   }
 
-  /** Runs n steps. */
-  run(n: number): void {
+  /**
+   * Runs n steps; returns the number done (n unless a page was missing).
+   * `present` (one bitmap per block) turns on the demand checks.
+   */
+  run(n: number, present: readonly Int32Array[] | null = null): number {
+    if (present !== null) return this.runDemand(n, present);
     let s0 = this.s0;
     let s1 = this.s1;
     let s2 = this.s2;
     let s3 = this.s3;
     let st = this.steps;
+    let sum = this.sum;
     const bytesA = this.bytes;
     const dirtyA = this.dirty;
     const base = this.stripeStart;
@@ -80,6 +101,7 @@ export class StressLoop {
     const w = this.write;
     const salt = this.salt;
     const log = this.log;
+    const rd = this.read;
     for (let i = 0; i < n; i++) {
       let t = s0 ^ (s0 << 11);
       s0 = s1;
@@ -93,6 +115,21 @@ export class StressLoop {
       s2 = s3;
       s3 = s3 ^ (s3 >>> 19) ^ t ^ (t >>> 8);
       const off = (s3 >>> 1) % span;
+      if (rd) {
+        t = s0 ^ (s0 << 11);
+        s0 = s1;
+        s1 = s2;
+        s2 = s3;
+        s3 = s3 ^ (s3 >>> 19) ^ t ^ (t >>> 8);
+        const q = base + ((s3 >>> 1) % np);
+        t = s0 ^ (s0 << 11);
+        s0 = s1;
+        s1 = s2;
+        s2 = s3;
+        s3 = s3 ^ (s3 >>> 19) ^ t ^ (t >>> 8);
+        const roff = (s3 >>> 1) & 4095;
+        sum = (Math.imul(sum, 31) + bytesA[q >>> BLOCK_PAGE_BITS]![((q & BLOCK_PAGE_MASK) << 12) + roff]!) >>> 0;
+      }
       const b = p >>> BLOCK_PAGE_BITS;
       const lp = p & BLOCK_PAGE_MASK;
       const bytes = bytesA[b]!;
@@ -112,17 +149,113 @@ export class StressLoop {
     this.s2 = s2;
     this.s3 = s3;
     this.steps = st;
+    this.sum = sum;
+    return n;
+  }
+
+  /** run() with present-bit checks: the next state is computed in temporaries and committed after the step. */
+  private runDemand(n: number, present: readonly Int32Array[]): number {
+    let s0 = this.s0;
+    let s1 = this.s1;
+    let s2 = this.s2;
+    let s3 = this.s3;
+    let st = this.steps;
+    let sum = this.sum;
+    const bytesA = this.bytes;
+    const dirtyA = this.dirty;
+    const base = this.stripeStart;
+    const np = this.stripePages;
+    const span = this.span;
+    const w = this.write;
+    const salt = this.salt;
+    const log = this.log;
+    const rd = this.read;
+    let i = 0;
+    for (; i < n; i++) {
+      let a0 = s0;
+      let a1 = s1;
+      let a2 = s2;
+      let a3 = s3;
+      let t = a0 ^ (a0 << 11);
+      a0 = a1;
+      a1 = a2;
+      a2 = a3;
+      a3 = a3 ^ (a3 >>> 19) ^ t ^ (t >>> 8);
+      const p = base + ((a3 >>> 1) % np);
+      t = a0 ^ (a0 << 11);
+      a0 = a1;
+      a1 = a2;
+      a2 = a3;
+      a3 = a3 ^ (a3 >>> 19) ^ t ^ (t >>> 8);
+      const off = (a3 >>> 1) % span;
+      const b = p >>> BLOCK_PAGE_BITS;
+      const lp = p & BLOCK_PAGE_MASK;
+      let nsum = sum;
+      if (rd) {
+        t = a0 ^ (a0 << 11);
+        a0 = a1;
+        a1 = a2;
+        a2 = a3;
+        a3 = a3 ^ (a3 >>> 19) ^ t ^ (t >>> 8);
+        const q = base + ((a3 >>> 1) % np);
+        t = a0 ^ (a0 << 11);
+        a0 = a1;
+        a1 = a2;
+        a2 = a3;
+        a3 = a3 ^ (a3 >>> 19) ^ t ^ (t >>> 8);
+        const roff = (a3 >>> 1) & 4095;
+        const qb = q >>> BLOCK_PAGE_BITS;
+        const qlp = q & BLOCK_PAGE_MASK;
+        if ((Atomics.load(present[qb]!, qlp >>> 5) & (1 << (qlp & 31))) === 0) {
+          this.faultBlock = qb;
+          this.faultPage = qlp;
+          break;
+        }
+        nsum = (Math.imul(sum, 31) + bytesA[qb]![(qlp << 12) + roff]!) >>> 0;
+      }
+      if ((Atomics.load(present[b]!, lp >>> 5) & (1 << (lp & 31))) === 0) {
+        this.faultBlock = b;
+        this.faultPage = lp;
+        break;
+      }
+      const bytes = bytesA[b]!;
+      const o = (lp << 12) + off;
+      const v = (st + salt) & 255;
+      for (let j = 0; j < w; j++) bytes[o + j] = v + j;
+      if (log) {
+        const d = dirtyA[b]!;
+        const wi = lp >>> 5;
+        const bit = 1 << (lp & 31);
+        if ((d[wi]! & bit) === 0) Atomics.or(d, wi, bit);
+      }
+      st++;
+      sum = nsum;
+      s0 = a0;
+      s1 = a1;
+      s2 = a2;
+      s3 = a3;
+    }
+    this.s0 = s0;
+    this.s1 = s1;
+    this.s2 = s2;
+    this.s3 = s3;
+    this.steps = st;
+    this.sum = sum;
+    return i;
   }
 }
 
 /**
  * Sweep loop: sets the first byte of page `pos` to (round + 1) & 255, then
  * moves to the next page of [start, end), wrapping to the next round.
+ * run(n, present) stops before a missing page (see StressLoop).
  */
 export class SweepLoop {
   pos: number;
   round = 0;
   steps = 0;
+  faultBlock = -1;
+  faultPage = -1;
   constructor(
     readonly bytes: readonly Uint8Array[],
     readonly dirty: readonly Int32Array[],
@@ -134,7 +267,8 @@ export class SweepLoop {
     this.pos = start;
   }
 
-  run(n: number): void {
+  /** Runs n steps; returns the number done (n unless a page was missing). */
+  run(n: number, present: readonly Int32Array[] | null = null): number {
     let pos = this.pos;
     let round = this.round;
     let st = this.steps;
@@ -144,9 +278,15 @@ export class SweepLoop {
     const dirtyA = this.dirty;
     const log = this.log;
     let v = (round + 1) & 255;
-    for (let i = 0; i < n; i++) {
+    let i = 0;
+    for (; i < n; i++) {
       const b = pos >>> BLOCK_PAGE_BITS;
       const lp = pos & BLOCK_PAGE_MASK;
+      if (present !== null && (Atomics.load(present[b]!, lp >>> 5) & (1 << (lp & 31))) === 0) {
+        this.faultBlock = b;
+        this.faultPage = lp;
+        break;
+      }
       bytesA[b]![lp << 12] = v;
       if (log) {
         const d = dirtyA[b]!;
@@ -164,6 +304,7 @@ export class SweepLoop {
     this.pos = pos;
     this.round = round;
     this.steps = st;
+    return i;
   }
 }
 

@@ -195,10 +195,10 @@ test('device load validates', async () => {
   const c = await Machine.create({ ramSize: 16 * M, smp: 1, incoming: true });
   try {
     const v0 = a.devices[2]!.save();
-    assert.throws(() => b.devices[2]!.load(v0, 1), /does not fit/);
-    assert.throws(() => c.devices[2]!.load(v0, 1), /source has 2 vCPUs, this machine has 1/);
-    assert.throws(() => b.devices[3]!.load(v0, 1), /state is for vCPU 0/);
-    assert.throws(() => b.devices[2]!.load(v0.subarray(0, 20), 1), /payload/);
+    assert.throws(() => b.devices[2]!.load(v0, 2), /does not fit/);
+    assert.throws(() => c.devices[2]!.load(v0, 2), /source has 2 vCPUs, this machine has 1/);
+    assert.throws(() => b.devices[3]!.load(v0, 2), /state is for vCPU 0/);
+    assert.throws(() => b.devices[2]!.load(v0.subarray(0, 20), 2), /payload/);
     assert.throws(() => b.devices[1]!.load(new Uint8Array(3), 1), /ferry-serial: payload is 3 bytes/);
   } finally {
     await Promise.all([a.destroy(), b.destroy(), c.destroy()]);

@@ -28,6 +28,7 @@ export function makeBlock(name: string, size: number): RamBlock {
     dirty: new Int32Array(new SharedArrayBuffer(Math.ceil(pages / 32) * 4)),
     // tests write blocks directly: every page may hold data
     touched: new Uint32Array(Math.ceil(pages / 32)).fill(0xffffffff),
+    present: new Int32Array(new SharedArrayBuffer(Math.ceil(pages / 32) * 4)).fill(-1),
   };
 }
 
