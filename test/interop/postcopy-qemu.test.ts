@@ -1,0 +1,222 @@
+/**
+ * Postcopy interop with QEMU 7.2, both directions, 64 MiB `-machine none`
+ * guests over tcp. `postcopy-ram` is on on both sides (the destination before
+ * the stream starts) and `migrate-start-postcopy` is issued right after
+ * `migrate`, with max-bandwidth low enough that precopy cannot finish first:
+ * most RAM crosses in the postcopy phase (stream-format.md §11). Only RAM
+ * crosses; the destination's pmemsave must equal the frozen source's.
+ * Neither guest touches its RAM after the switch, so the destination raises no
+ * page faults and `postcopy-requests` is normally 0 (reported, not asserted).
+ * A tcp proxy between the two records the return path (destination → source,
+ * stream-format.md §12): PONG 1–4 (PING 3 travels inside PACKAGED), SHUT 0.
+ */
+import { after, before, describe, it, type TestContext } from 'node:test';
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { writeFileSync } from 'node:fs';
+import { connect, createServer, type Socket } from 'node:net';
+import { join } from 'node:path';
+import { cleanupAll, startVm, tempDir, waitFor, waitMigration } from '../helpers/vm.js';
+import { QEMU_SKIP, assertSameRam, cleanupQemu, freePort, pmem, startQemu, waitQemuMigration } from '../helpers/qemu.js';
+
+after(async () => {
+  for (const p of taps.splice(0)) p.close();
+  await cleanupQemu();
+  await cleanupAll();
+});
+
+const SIZE = 64 << 20;
+/** 20 MB/s: a 64 MiB random guest needs > 3 s of precopy, the switch comes first */
+const SLOW = 20e6;
+const FERRY_DST = ['-machine', 'none,memory-backend=m', '-object', 'memory-backend-ram,id=m,size=64M'];
+const FERRY_COMPAT = ['-machine', 'none,memory-backend=m,x-qemu-compat=on', '-object', 'memory-backend-ram,id=m,size=64M'];
+const QEMU_DST = ['-machine', 'none,memory-backend=m', '-object', 'memory-backend-ram,id=m,size=64M'];
+
+const caps = (...names: string[]) => ({ capabilities: names.map((capability) => ({ capability, state: true })) });
+
+function seq(log: { event: string; data?: unknown }[]): string[] {
+  return log.filter((e) => e.event === 'MIGRATION').map((e) => (e.data as { status: string }).status);
+}
+
+interface Tap {
+  port: number;
+  /** everything the destination sent back (the return path) */
+  back(): Buffer;
+  close(): void;
+}
+
+const taps: Tap[] = [];
+
+/** A tcp proxy 127.0.0.1:port → 127.0.0.1:target that records the reverse direction. */
+function tap(target: number): Promise<Tap> {
+  const chunks: Buffer[] = [];
+  const socks: Socket[] = [];
+  const server = createServer((a) => {
+    const b = connect(target, '127.0.0.1');
+    socks.push(a, b);
+    b.on('data', (d: Buffer) => chunks.push(d));
+    a.pipe(b);
+    b.pipe(a);
+    a.on('error', () => b.destroy());
+    b.on('error', () => a.destroy());
+  });
+  return new Promise((res, rej) => {
+    server.once('error', rej);
+    server.listen(0, '127.0.0.1', () => {
+      const t: Tap = {
+        port: (server.address() as { port: number }).port,
+        back: () => Buffer.concat(chunks),
+        close: () => {
+          for (const s of socks) s.destroy();
+          server.close();
+        },
+      };
+      taps.push(t);
+      res(t);
+    });
+  });
+}
+
+const RP = ['INVALID', 'SHUT', 'PONG', 'REQ_PAGES_ID', 'REQ_PAGES'];
+
+/** Decode return path messages (be16 type, be16 length, data) as e.g. "PONG 1", "SHUT 0", "REQ_PAGES_ID". */
+function returnPath(buf: Buffer): string[] {
+  const out: string[] = [];
+  for (let o = 0; o + 4 <= buf.length; ) {
+    const type = buf.readUInt16BE(o);
+    const len = buf.readUInt16BE(o + 2);
+    const name = RP[type] ?? `type${type}`;
+    out.push(len === 4 && (type === 1 || type === 2) ? `${name} ${buf.readUInt32BE(o + 4)}` : name);
+    o += 4 + len;
+  }
+  return out;
+}
+
+/** PONG 1–4 in any order (7.2 answers PING 3 from the package after PING 4), page requests anywhere, SHUT 0 last. */
+function assertReturnPath(msgs: string[], what: string): void {
+  const pongs = msgs.filter((m) => m.startsWith('PONG')).sort();
+  assert.deepEqual(pongs, ['PONG 1', 'PONG 2', 'PONG 3', 'PONG 4'], `${what}: ${msgs.join(', ')}`);
+  assert.equal(msgs.at(-1), 'SHUT 0', `${what}: ${msgs.join(', ')}`);
+  const other = msgs.filter((m) => !m.startsWith('PONG') && !m.startsWith('REQ_PAGES')).slice(0, -1);
+  assert.deepEqual(other, [], `${what}: ${msgs.join(', ')}`);
+}
+
+let dir = '';
+let image: Buffer = Buffer.alloc(0);
+let imagePath = '';
+
+async function qemuToFerry(t: TestContext): Promise<void> {
+  const t0 = Date.now();
+  const port = await freePort();
+  const uri = `tcp:127.0.0.1:${port}`;
+  const proxy = await tap(port);
+  const qemu = await startQemu({
+    dir,
+    name: `qemu-${port}`,
+    args: ['-machine', 'none,memory-backend=m', '-object', `memory-backend-file,id=m,size=64M,mem-path=${imagePath},share=off`],
+  });
+  const dst = await startVm({ dir, name: `dst-${port}`, args: [...FERRY_DST, '-incoming', 'defer'] });
+  await dst.execute('migrate-set-capabilities', caps('events', 'postcopy-ram'));
+  await dst.execute('migrate-incoming', { uri });
+  await qemu.execute('migrate-set-capabilities', caps('events', 'postcopy-ram'));
+  await qemu.execute('migrate-set-parameters', { 'max-bandwidth': SLOW });
+  await qemu.execute('migrate', { uri: `tcp:127.0.0.1:${proxy.port}` });
+  await qemu.execute('migrate-start-postcopy');
+
+  const qinfo = await waitQemuMigration(qemu, undefined, 30000);
+  const tDone = Date.now() - t0;
+  assert.equal(qinfo.status, 'completed', `qemu: ${JSON.stringify(qinfo)}\n${qemu.stderr}\nferry: ${dst.stderr}`);
+  assert.equal(await qemu.status(), 'postmigrate');
+  const dinfo = await waitMigration(dst, undefined, 30000);
+  assert.equal(dinfo.status, 'completed', `ferry: ${JSON.stringify(dinfo)}\n${dst.stderr}`);
+  await waitFor(async () => (await dst.status()) === 'running', 10000, 'ferry running').catch(async () => {
+    assert.equal(await dst.status(), 'running');
+  });
+
+  await waitFor(() => seq(qemu.qmp.eventLog).at(-1) === 'completed', 5000, 'QEMU MIGRATION completed event');
+  await waitFor(() => seq(dst.qmp.eventLog).at(-1) === 'completed', 5000, 'Ferry MIGRATION completed event');
+  assert.deepEqual(seq(qemu.qmp.eventLog), ['setup', 'active', 'postcopy-active', 'completed'], 'QEMU source events');
+  assert.deepEqual(seq(dst.qmp.eventLog), ['setup', 'active', 'postcopy-active', 'completed'], 'Ferry destination events');
+
+  assertSameRam(await pmem(dst, dir, SIZE), image, 'qemu → ferry (postcopy)');
+  assertSameRam(await qemu.ram(SIZE, join(dir, `q-${port}.ram`)), image, 'qemu source itself');
+  assert.equal(qemu.stderr.trim(), '', 'QEMU source printed nothing');
+  const rp = returnPath(proxy.back());
+  proxy.close();
+  assertReturnPath(rp, 'Ferry destination return path');
+  const ram = qinfo.ram ?? {};
+  t.diagnostic(`qemu→ferry return path: ${rp.join(', ')}`);
+  t.diagnostic(
+    `qemu→ferry: ${Date.now() - t0} ms (source completed at ${tDone} ms); source total-time ${qinfo['total-time']} ms, downtime ${qinfo.downtime} ms, ` +
+      `transferred ${ram.transferred}, postcopy-requests ${ram['postcopy-requests']}`,
+  );
+  await qemu.quit();
+  await dst.quit();
+}
+
+async function ferryToQemu(t: TestContext, guest: 'random' | 'stress'): Promise<void> {
+  const t0 = Date.now();
+  const port = await freePort();
+  const uri = `tcp:127.0.0.1:${port}`;
+  const qemu = await startQemu({ dir, name: `qemu-${port}`, args: [...QEMU_DST, '-incoming', 'defer'] });
+  await qemu.execute('migrate-set-capabilities', caps('events', 'postcopy-ram'));
+  await qemu.execute('migrate-incoming', { uri });
+  const proxy = await tap(port);
+  const g =
+    guest === 'random'
+      ? ['-fill', 'random,seed=14']
+      : ['-smp', '2', '-fill', 'random,seed=15', '-workload', 'stress,rate=4M,seed=19'];
+  const src = await startVm({ dir, name: `src-${port}`, args: [...FERRY_COMPAT, ...g] });
+  await src.execute('migrate-set-capabilities', caps('events', 'postcopy-ram'));
+  await src.execute('migrate-set-parameters', { 'max-bandwidth': SLOW });
+  await src.execute('migrate', { uri: `tcp:127.0.0.1:${proxy.port}` });
+  await src.execute('migrate-start-postcopy');
+
+  const info = await waitMigration(src, undefined, 30000);
+  const tDone = Date.now() - t0;
+  assert.equal(info.status, 'completed', `ferry source: ${JSON.stringify(info)}\nqemu stderr: ${qemu.stderr}\nferry stderr: ${src.stderr}`);
+  assert.equal(await src.status(), 'postmigrate');
+  const qinfo = await waitQemuMigration(qemu, undefined, 20000);
+  assert.equal(qinfo.status, 'completed', `qemu: ${JSON.stringify(qinfo)} stderr: ${qemu.stderr}`);
+  await waitFor(async () => (await qemu.status()) === 'running', 10000, 'qemu running').catch(async () => {
+    assert.equal(await qemu.status(), 'running', qemu.stderr);
+  });
+
+  await waitFor(() => seq(src.qmp.eventLog).at(-1) === 'completed', 5000, 'Ferry MIGRATION completed event');
+  await waitFor(() => seq(qemu.qmp.eventLog).at(-1) === 'completed', 5000, 'QEMU MIGRATION completed event');
+  assert.deepEqual(seq(src.qmp.eventLog), ['setup', 'active', 'postcopy-active', 'completed'], 'Ferry source events');
+  assert.deepEqual(seq(qemu.qmp.eventLog), ['setup', 'active', 'postcopy-active', 'completed'], 'QEMU destination events');
+
+  const want = await pmem(src, dir, SIZE);
+  const got = await qemu.ram(SIZE, join(dir, `q-${port}.ram`));
+  assertSameRam(got, want, `ferry(${guest}) → qemu (postcopy)`);
+  assert.equal(qemu.stderr.trim(), '', 'QEMU printed nothing while loading');
+  const rp = returnPath(proxy.back());
+  proxy.close();
+  assertReturnPath(rp, 'QEMU destination return path');
+  const ram = info.ram ?? {};
+  t.diagnostic(`ferry(${guest})→qemu return path: ${rp.join(', ')}`);
+  t.diagnostic(
+    `ferry(${guest})→qemu: ${Date.now() - t0} ms (source completed at ${tDone} ms); source total-time ${info['total-time']} ms, downtime ${info.downtime} ms, ` +
+      `transferred ${ram.transferred}, postcopy-requests ${ram['postcopy-requests']}`,
+  );
+  await src.quit();
+  await qemu.quit();
+}
+
+describe('postcopy interop with QEMU 7.2 (64 MiB, tcp)', { skip: QEMU_SKIP, timeout: 300000 }, () => {
+  before(() => {
+    dir = tempDir('ferry-postcopy-');
+    image = randomBytes(SIZE);
+    // some zero pages and a text page, so both ZERO and normal records appear
+    image.fill(0, 0x10000, 0x30000);
+    image.write('ferry postcopy interop page', 0x40000);
+    imagePath = join(dir, 'guest.img');
+    writeFileSync(imagePath, image);
+  });
+  it('QEMU source → Ferry destination, postcopy switch right away', { timeout: 60000 }, (t) => qemuToFerry(t));
+  it('Ferry source (x-qemu-compat=on, random fill) → QEMU destination, postcopy', { timeout: 60000 }, (t) =>
+    ferryToQemu(t, 'random'));
+  it('Ferry source (x-qemu-compat=on, stress workload) → QEMU destination, postcopy', { timeout: 60000 }, (t) =>
+    ferryToQemu(t, 'stress'));
+});
