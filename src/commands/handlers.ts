@@ -111,6 +111,20 @@ export const handlers: CommandHandlers<Ctx> = {
   async 'x-query-memory-digest'(_args, ctx) {
     return generic(() => ctx.vm.machine.digest());
   },
+  'x-query-workload'(_args, ctx) {
+    return ctx.vm.machine.workloadInfo().map((v) => ({
+      'cpu-index': v.cpuIndex,
+      steps: v.steps,
+      sum: v.sum,
+      blocked: v.blocked,
+    }));
+  },
+  'x-query-page-faults'(_args, ctx) {
+    const { faults, latenciesUs } = ctx.vm.machine.faultStats();
+    const s = Float64Array.from(latenciesUs).sort();
+    const pct = (q: number): number => (s.length === 0 ? 0 : s[Math.min(s.length - 1, Math.ceil(q * s.length) - 1)]!);
+    return { faults, 'p50-us': pct(0.5), 'p99-us': pct(0.99), 'max-us': pct(1), samples: s.length };
+  },
 
   // ---- migration
   'query-migrate'(_args, ctx) {
