@@ -27,6 +27,11 @@ export interface RamLoaderOptions {
    * the calling thread.
    */
   decompressPool?: DecompressPool;
+  /**
+   * Postcopy: called after a page has been placed (its contents complete),
+   * so that the machine can set its present bit and wake blocked vCPUs.
+   */
+  placed?: (block: number, page: number) => void;
 }
 
 export interface RamLoaderCounters {
@@ -53,8 +58,14 @@ export class RamLoader {
   readonly counters: RamLoaderCounters = { pages: 0, zero: 0, normal: 0, xbzrle: 0, compressed: 0, bytes: 0 };
   /** Accept COMPRESS_PAGE records. */
   compress: boolean;
-  /** After POSTCOPY_LISTEN: only ZERO, PAGE and EOS are accepted. */
+  /**
+   * After POSTCOPY_LISTEN: only ZERO, PAGE and EOS are accepted, and a page
+   * is placed only if it is still missing (its bit clear in the block's
+   * `present` bitmap): once placed, the running guest owns it, and a second
+   * copy in flight must not overwrite what the guest wrote since.
+   */
   postcopy = false;
+  private readonly placed: ((block: number, page: number) => void) | null;
   /** Block of the most recent record that named one; kept across sections. */
   private current = -1;
   /** Blocks listed by the source's MEM_SIZE record. */
@@ -74,6 +85,7 @@ export class RamLoader {
     this.received = opts.trackReceived ? blocks.map((b) => new Uint32Array((b.pages + 31) >>> 5)) : null;
     this.compress = opts.compress ?? false;
     this.pool = opts.decompressPool ?? null;
+    this.placed = opts.placed ?? null;
     const cap = this.pool?.capacity ?? 0;
     this.pendBlock = new Uint32Array(cap);
     this.pendPage = new Uint32Array(cap);
@@ -167,6 +179,10 @@ export class RamLoader {
       const block = this.blocks[b]!;
       if (offset >= block.size) fail(ERR.illegalRamOffset(offset));
       const page = offset / TARGET_PAGE_SIZE;
+      if (this.postcopy) {
+        await this.placePostcopy(r, b, page, kind);
+        continue;
+      }
 
       switch (kind) {
         case F.ZERO: {
@@ -231,6 +247,31 @@ export class RamLoader {
       this.counters.pages++;
       this.markReceived(b, page);
     }
+  }
+
+  /** One ZERO or PAGE record in postcopy mode. */
+  private async placePostcopy(r: StreamReader, b: number, page: number, kind: number): Promise<void> {
+    const block = this.blocks[b]!;
+    const n = kind === F.ZERO ? 1 : TARGET_PAGE_SIZE;
+    if (!r.has(n)) await r.ensure(n);
+    if (((block.present[page >>> 5]! >>> (page & 31)) & 1) !== 0) {
+      r.skip(n);
+      return;
+    }
+    const offset = page * TARGET_PAGE_SIZE;
+    if (kind === F.ZERO) {
+      // the local copy may be stale (discarded): always write
+      const fill = r.get8();
+      block.bytes.fill(fill, offset, offset + TARGET_PAGE_SIZE);
+      this.counters.zero++;
+    } else {
+      r.copyTo(block.bytes, offset, TARGET_PAGE_SIZE);
+      this.counters.normal++;
+    }
+    this.markTouched(block, page);
+    this.counters.pages++;
+    this.markReceived(b, page);
+    this.placed?.(b, page);
   }
 
   /** Inflate the pending COMPRESS_PAGE records on the pool and write them to RAM in stream order. */

@@ -244,25 +244,13 @@ export class RamSender {
       const cont = this.lastBlock === b;
       // never written since boot: zero without reading (and faulting in) the page
       const zero = ((block.touched[p >>> 5]! >>> (p & 31)) & 1) === 0 || this.isZeroPage(b, p);
-      const offset = p * TARGET_PAGE_SIZE;
       let handled = PageHookResult.Default;
       if (this.hook !== null) {
         handled = this.hook(w, block, b, p, cont, zero, this.bulkStage);
         if (handled !== PageHookResult.Default) this.counters.hooked++;
       }
       if (handled === PageHookResult.Default) {
-        if (zero) {
-          putRamRecordHeader(w, block, offset, F.ZERO, cont);
-          w.put8(0);
-          this.counters.duplicate++;
-        } else {
-          putRamRecordHeader(w, block, offset, F.PAGE, cont);
-          const at = w.reserve(TARGET_PAGE_SIZE);
-          this.views[b]!.copy(w.buf, at, offset, offset + TARGET_PAGE_SIZE);
-          this.counters.normal++;
-          this.counters.normalBytes += TARGET_PAGE_SIZE;
-        }
-        this.lastBlock = b;
+        this.putPage(w, b, p, cont, zero);
       } else if (handled === PageHookResult.Sent) {
         this.lastBlock = b;
       }
@@ -272,6 +260,79 @@ export class RamSender {
     }
     this.counters.transferred += w.bytesWritten - startBytes;
     return { pages, done: this.dirtyPages === 0 };
+  }
+
+  /** A ZERO or PAGE record for page p of block b; the block becomes the last block. */
+  private putPage(w: StreamWriter, b: number, p: number, cont: boolean, zero: boolean): void {
+    const block = this.blocks[b]!;
+    const offset = p * TARGET_PAGE_SIZE;
+    if (zero) {
+      putRamRecordHeader(w, block, offset, F.ZERO, cont);
+      w.put8(0);
+      this.counters.duplicate++;
+    } else {
+      putRamRecordHeader(w, block, offset, F.PAGE, cont);
+      const at = w.reserve(TARGET_PAGE_SIZE);
+      this.views[b]!.copy(w.buf, at, offset, offset + TARGET_PAGE_SIZE);
+      this.counters.normal++;
+      this.counters.normalBytes += TARGET_PAGE_SIZE;
+    }
+    this.lastBlock = b;
+  }
+
+  /**
+   * Postcopy page request: send the pages of [page, page + n) of block b that
+   * are still in the bitmap (a page already sent is not sent again, the
+   * destination has it or it is on its way), as plain ZERO/PAGE records, and
+   * move the background walk's cursor behind them. Returns the pages sent.
+   */
+  sendRequested(w: StreamWriter, b: number, page: number, n: number): number {
+    const startBytes = w.bytesWritten;
+    const bm = this.bitmaps[b]!;
+    const block = this.blocks[b]!;
+    let sent = 0;
+    for (let p = page; p < page + n; p++) {
+      const bit = 1 << (p & 31);
+      if ((bm[p >>> 5]! & bit) === 0) continue;
+      bm[p >>> 5] = (bm[p >>> 5]! & ~bit) >>> 0;
+      this.dirtyPages--;
+      const zero = ((block.touched[p >>> 5]! >>> (p & 31)) & 1) === 0 || this.isZeroPage(b, p);
+      this.putPage(w, b, p, this.lastBlock === b, zero);
+      sent++;
+    }
+    if (page + n < block.pages) {
+      this.curBlock = b;
+      this.curPage = page + n;
+    }
+    this.counters.transferred += w.bytesWritten - startBytes;
+    return sent;
+  }
+
+  /**
+   * The pages still in the bitmap of block b as byte ranges [start, length),
+   * coalesced (the POSTCOPY_RAM_DISCARD list: never sent, or dirtied since).
+   */
+  dirtyRanges(b: number): Array<[number, number]> {
+    const bm = this.bitmaps[b]!;
+    const pages = this.blocks[b]!.pages;
+    const out: Array<[number, number]> = [];
+    let p = 0;
+    while (p < pages) {
+      const word = bm[p >>> 5]! >>> (p & 31);
+      if (word === 0) {
+        p = ((p >>> 5) + 1) << 5;
+        continue;
+      }
+      p += 31 - Math.clz32(word & -word);
+      if (p >= pages) break;
+      const start = p;
+      while (p < pages && ((bm[p >>> 5]! >>> (p & 31)) & 1) !== 0) {
+        if ((p & 31) === 0 && bm[p >>> 5] === 0xffffffff && p + 32 <= pages) p += 32;
+        else p++;
+      }
+      out.push([start * TARGET_PAGE_SIZE, (p - start) * TARGET_PAGE_SIZE]);
+    }
+    return out;
   }
 
   // ---- compressed pages (`compress`, xbzrle.md §6) ------------------------

@@ -42,7 +42,7 @@ export class StreamReader {
   private waiter: Waiter | null = null;
   private paused = false;
   private readonly maxEnsure: number;
-  private readonly highWater: number;
+  private highWater: number;
   /** Bytes consumed so far. */
   bytesRead = 0;
 
@@ -148,6 +148,15 @@ export class StreamReader {
   static checkLength(len: number, max: number, what: string): number {
     if (!(len <= max)) throw new MigrationStreamError(ERR.lengthTooLarge(what, len, max));
     return len;
+  }
+
+  /**
+   * Buffer at most about this much before pausing the source. Postcopy lowers
+   * it, so that a requested page does not queue behind megabytes of
+   * background pages read ahead.
+   */
+  setHighWater(n: number): void {
+    this.highWater = n;
   }
 
   /** Stop reading from the source (pauses it; does not destroy it). */

@@ -76,5 +76,20 @@ export const ERR = {
     `RP: Received '${name}' message (0x${hex(type).padStart(4, '0')}) withincorrect length ${len} expecting ${expected}`,
   rpReqPagesIdLength: (len: number, expected: number) =>
     `RP: Req_Page_id with length ${len} expecting ${expected}`,
+  postcopyWrongState: (cmd: string, state: number) => `${cmd} in wrong postcopy state (${state})`,
+  postcopyPageSizes: (src: number, dst: number) =>
+    `Postcopy needs matching RAM page sizes (s=${hex(src)} d=${hex(dst)})`,
+  postcopyTargetPageSizes: (src: number, dst: number) =>
+    `Postcopy needs matching target page sizes (s=${src} d=${dst})`,
+  discardNoBlock: (name: string) => `ram_discard_range: Failed to find block '${name}'`,
+  discardOverrun: (name: string, start: number, len: number) =>
+    `ram_discard_range: Overrun block '${name}' (${hex(start)}/${hex(len)})`,
+  postcopyPagesMissing: (n: number) => `Postcopy stream ended with ${n} pages never received`,
+  rpMisaligned: (start: number, len: number) =>
+    `migrate_handle_rp_req_pages: Misaligned page request, start: ${hex(start)} len: ${len}`,
+  rpNoPreviousBlock: () => 'ram_save_queue_pages no previous block',
+  rpNoBlock: (name: string) => `ram_save_queue_pages no block '${name}'`,
+  rpOverrun: (start: number, len: number, blockLen: number) =>
+    `ram_save_queue_pages request overrun start=${hex(start)} len=${hex(len)} blocklen=${hex(blockLen)}`,
   noVmdesc: (got: number) => `Expected vmdescription section, but got ${got}`,
 } as const;
