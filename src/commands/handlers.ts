@@ -163,6 +163,8 @@ export const handlers: CommandHandlers<Ctx> = {
     if (ctx.vm.source.status === 'none') {
       throw new QmpError('GenericError', 'Postcopy must be started after migration has been started');
     }
+    // also after the migration ended or when already requested: {} (qmp.md B.9)
+    ctx.vm.source.requestPostcopy();
   },
   'x-colo-lost-heartbeat'() {
     throw new QmpError('GenericError', "The feature 'colo' is not enabled");

@@ -34,5 +34,9 @@ export function machinePort(m: Machine, opts: { autostart: boolean }): MachinePo
         await m.setRunState(got as Parameters<Machine['setRunState']>[0]);
       }
     },
+    beginDemandPaging: (onFault) => m.beginDemandPaging(onFault),
+    markPresent: (block, page) => m.markPresent(block, page),
+    endDemandPaging: () => m.endDemandPaging(),
+    abandonIncoming: () => m.stop('internal-error'),
   };
 }

@@ -32,4 +32,21 @@ export interface MachinePort {
    * state). Resolves once the vCPUs run (or the state is set).
    */
   finishIncoming(): Promise<void>;
+  /**
+   * Destination, postcopy (userfaultfd-like): from now on a vCPU that touches
+   * a page whose bit is clear in its block's `present` bitmap blocks until
+   * markPresent() sets it, and `onFault(block, page)` is called on the main
+   * thread for it. The caller clears the bits of the missing pages first.
+   */
+  beginDemandPaging(onFault: (block: number, page: number) => void): void;
+  /** The page's contents are in place: set its present bit and wake its waiters. */
+  markPresent(block: number, page: number): void;
+  /** Every page is present: vCPUs stop checking. */
+  endDemandPaging(): void;
+  /**
+   * Destination, a postcopy that failed after the guest started: stop the
+   * vCPUs for good (run state internal-error), so that the guest never runs on
+   * with pages missing.
+   */
+  abandonIncoming(): Promise<void>;
 }

@@ -4,27 +4,41 @@
  *
  *   none/completed/failed/cancelled --start--> setup
  *   setup  -> active | failed | cancelling
- *   active -> completed | failed | cancelling
+ *   active -> completed | failed | cancelling | postcopy-active
+ *   postcopy-active -> completed | failed | cancelling
  *   cancelling -> cancelled
  *
  * The data path runs on the main thread in slices: each slice encodes at most
  * one staging buffer (or ~5 ms) of pages into a PART section, hands it to the
  * channel and yields to the event loop with setImmediate, so QMP stays
  * responsive at full speed.
+ *
+ * Postcopy (stream-format.md §11, qmp.md E.4): with `postcopy-ram`, once
+ * `migrate-start-postcopy` was requested the source stops the VM, tells the
+ * destination which pages not to trust (RAM_DISCARD), sends the devices in a
+ * PACKAGED blob that ends with POSTCOPY_RUN, and then streams the rest of RAM
+ * while serving the destination's page requests first.
  */
 import { EventEmitter } from 'node:events';
 import { setImmediate as yieldToLoop } from 'node:timers/promises';
 import type { MigrationInfo, MigrationStatus } from '../../generated/qapi-types.js';
 import { connectOutgoing, parseMigrationUri, resolveFdParam, type Channel } from '../channel/index.js';
 import { CompressPool } from '../codec/compress-pool.js';
+import { RamReleaser } from '../ram/release.js';
 import { RamSender, type SendBudget, type SendResult } from '../ram/sender.js';
 import { XbzrleSender } from '../ram/xbzrle.js';
 import { StreamReader } from '../stream/reader.js';
-import { StreamWriter } from '../stream/writer.js';
+import { BufferSink, StreamWriter } from '../stream/writer.js';
 import { WIRE } from '../wire/constants.js';
+import { ERR } from '../wire/errors.js';
 import {
   putCmdOpenReturnPath,
+  putCmdPackaged,
   putCmdPing,
+  putCmdPostcopyAdvise,
+  putCmdPostcopyListen,
+  putCmdPostcopyRun,
+  putCmdRamDiscard,
   putConfiguration,
   putEof,
   putFooter,
@@ -39,6 +53,8 @@ import { MigrationError, errorMessage } from './errors.js';
 import { MigrationClockDevice, wallClockUs } from './clock-device.js';
 import type { MigrationOptions } from './options.js';
 import type { MachinePort } from './port.js';
+import type { RamBlock } from '../../machine/types.js';
+import { TARGET_PAGE_SIZE } from '../../machine/types.js';
 import { SourceStats, DIRTY_RATE_PERIOD_MS } from './stats.js';
 import { AutoConverge } from './auto-converge.js';
 
@@ -49,6 +65,11 @@ const SWITCHOVER_SHARE = 0.5;
 const QEMU_DEVICES: ReadonlySet<string> = new Set(['timer', 'globalstate']);
 /** Section id of `ram`; device sections are numbered after it. */
 const RAM_SECTION_ID = 2;
+/**
+ * Background pages per PART section after the switch to postcopy. Small, so
+ * that a page request waits behind at most this much of the background walk.
+ */
+const POSTCOPY_SLICE_PAGES = 16;
 
 const ACTIVE_STATES: ReadonlySet<MigrationStatus> = new Set(['setup', 'active', 'postcopy-active']);
 const BUSY_STATES: ReadonlySet<MigrationStatus> = new Set([
@@ -99,6 +120,11 @@ export class MigrationSource extends EventEmitter {
   private lastSync = 0;
   /** true while the VM is stopped by us and must be restarted on failure */
   private vmStoppedByUs = false;
+  /** migrate-start-postcopy was issued for this migration. */
+  private postcopyRequested = false;
+  /** The switch to postcopy has begun: the guest may run on the destination. */
+  private inPostcopy = false;
+  private rp: ReturnPath | null = null;
   private readonly now: () => number;
   /** Resolves when the current run() has finished all cleanup (tests, quit). */
   private running: Promise<void> = Promise.resolve();
@@ -163,6 +189,8 @@ export class MigrationSource extends EventEmitter {
     this.stats = new SourceStats();
     this.xbzrle = null;
     this.errorDesc = undefined;
+    this.postcopyRequested = false;
+    this.inPostcopy = false;
     this.started = true;
     this.state = 'none';
     this.stats.begin(this.now(), this.machine.ram.reduce((a, b) => a + b.size, 0));
@@ -200,6 +228,15 @@ export class MigrationSource extends EventEmitter {
     this.channel?.close();
   }
 
+  /**
+   * `migrate-start-postcopy`: switch at the next decision point (qmp.md B.9,
+   * E.2). The caller has checked the capability; a request when no migration
+   * is running is remembered and has no effect, as in QEMU.
+   */
+  requestPostcopy(): void {
+    this.postcopyRequested = true;
+  }
+
   /** `migrate_set_speed` / max-bandwidth changed: applies to the running stream at once. */
   applyMaxBandwidth(): void {
     if (this.writer && this.state === 'active') {
@@ -226,7 +263,9 @@ export class MigrationSource extends EventEmitter {
 
   private async run(uri: ReturnType<typeof parseMigrationUri>): Promise<void> {
     const setupStart = this.now();
-    const useReturnPath = this.options.capability('return-path');
+    const postcopy = this.options.capability('postcopy-ram');
+    // postcopy-ram implies the return path (qmp.md B.2)
+    const useReturnPath = postcopy || this.options.capability('return-path');
     let rp: ReturnPath | null = null;
     try {
       const channel = await connectOutgoing(uri, {
@@ -246,9 +285,16 @@ export class MigrationSource extends EventEmitter {
       putHeader(w);
       putConfiguration(w, this.machine.machineType);
       if (useReturnPath) {
-        rp = new ReturnPath(channel, (e) => this.onReturnPathError(e));
+        rp = new ReturnPath(channel, postcopy ? this.machine.ram : null, (e) => this.onReturnPathError(e), () => {
+          this.stats.postcopyRequests++;
+        });
+        this.rp = rp;
         putCmdOpenReturnPath(w);
         putCmdPing(w, 1);
+      }
+      if (postcopy) {
+        // page-size summary: the OR of every block's page size (all 4 KiB here)
+        putCmdPostcopyAdvise(w, TARGET_PAGE_SIZE, TARGET_PAGE_SIZE);
       }
 
       // setup: START section with the block list; the migration bitmap starts
@@ -270,14 +316,16 @@ export class MigrationSource extends EventEmitter {
       this.setStatus('active', ['setup']);
       this.checkCancelled();
 
-      await this.iterate(w, sender);
-      await this.complete(w, sender, rp);
+      const next = await this.iterate(w, sender);
+      if (next === 'postcopy') await this.runPostcopy(w, sender, rp!);
+      else await this.complete(w, sender, rp);
     } catch (e) {
       await this.fail(e);
     } finally {
       // the migration left its loop, whatever the outcome: unthrottle (E.3)
       this.autoConverge?.lift();
       rp?.stop();
+      this.rp = null;
       this.channel?.close();
       this.channel = null;
       this.writer = null;
@@ -299,8 +347,11 @@ export class MigrationSource extends EventEmitter {
     this.emit('pass', this.stats.dirtySyncCount);
   }
 
-  /** Precopy iterations until the rest fits in downtime-limit (qmp.md E.2). */
-  private async iterate(w: StreamWriter, sender: RamSender): Promise<void> {
+  /**
+   * Precopy iterations until the rest fits in downtime-limit (qmp.md E.2),
+   * or until a requested switch to postcopy can happen.
+   */
+  private async iterate(w: StreamWriter, sender: RamSender): Promise<'complete' | 'postcopy'> {
     let threshold = 0;
     for (;;) {
       this.checkCancelled();
@@ -320,7 +371,9 @@ export class MigrationSource extends EventEmitter {
         pending = sender.dirtyPages * 4096;
       }
       this.stats.remainingPages = sender.dirtyPages;
-      if (pending === 0 || pending < threshold) return;
+      if (pending === 0 || pending < threshold) return 'complete';
+      // all of what is pending is RAM, which postcopy can carry
+      if (this.postcopyRequested && this.options.capability('postcopy-ram')) return 'postcopy';
 
       // one slice: a PART section of dirty pages
       putSectionPartEnd(w, S.PART, RAM_SECTION_ID);
@@ -393,10 +446,7 @@ export class MigrationSource extends EventEmitter {
     putFooter(w, RAM_SECTION_ID);
     this.copyCounters(sender);
 
-    const devices = this.deps.qemuCompatible
-      ? this.machine.devices.filter((d) => QEMU_DEVICES.has(d.idstr))
-      : [...this.machine.devices, new MigrationClockDevice(stopWall)];
-    const { entries } = writeDeviceSections(w, devices, RAM_SECTION_ID + 1);
+    const { entries } = writeDeviceSections(w, this.devicesToSend(stopWall), RAM_SECTION_ID + 1);
     putEof(w);
     putVmdesc(w, buildVmdesc(entries));
     await w.drain();
@@ -416,13 +466,106 @@ export class MigrationSource extends EventEmitter {
     // channel to wind down by itself.
     if (!rp) await waitForClose(this.channel!, CHANNEL_LINGER_MS);
     this.stats.downtime = Math.round(end - stopTime);
+    this.finish(w, end);
+  }
+
+  /** Device sections for the switchover (stop time in the ferry-migration section). */
+  private devicesToSend(stopWallUs: number) {
+    return this.deps.qemuCompatible
+      ? this.machine.devices.filter((d) => QEMU_DEVICES.has(d.idstr))
+      : [...this.machine.devices, new MigrationClockDevice(stopWallUs)];
+  }
+
+  /** Final statistics, run state postmigrate, state completed. */
+  private finish(w: StreamWriter, end: number): void {
     this.stats.totalTime = Math.round(end - this.stats.startTime);
     const total = w.bytesWritten;
     this.stats.mbps = this.stats.totalTime > 0 ? (total * 8) / this.stats.totalTime / 1000 : 0;
     this.stats.remainingPages = 0;
     this.vmStoppedByUs = false;
     this.machine.enterPostmigrate();
-    this.setStatus('completed', ['active']);
+    this.setStatus('completed', ['active', 'postcopy-active']);
+  }
+
+  /**
+   * The switch to postcopy and the postcopy phase (stream-format.md §11).
+   * `downtime` is the time from the stop until the package is sent (D.2).
+   */
+  private async runPostcopy(w: StreamWriter, sender: RamSender, rp: ReturnPath): Promise<void> {
+    // E.4: postcopy-active comes before the VM stops
+    if (!this.setStatus('postcopy-active', ['active'])) this.checkCancelled();
+    const stopWall = wallClockUs();
+    const stopTime = this.now();
+    await this.machine.stopForMigration();
+    this.vmStoppedByUs = true;
+    this.inPostcopy = true;
+    this.checkCancelled();
+    w.setMaxBandwidth(0);
+    // after the switch the destination takes ZERO and PAGE records only
+    sender.setPageHook(null);
+    const found = sender.syncDirtyLog();
+    this.onSync(sender, found);
+
+    // every page the destination must not trust: never sent, or dirtied since
+    const max = WIRE.LIMITS.DISCARD_MAX_RANGES;
+    for (let b = 0; b < sender.blocks.length; b++) {
+      const ranges = sender.dirtyRanges(b);
+      for (let i = 0; i < ranges.length; i += max) {
+        putCmdRamDiscard(w, sender.blocks[b]!.name, ranges.slice(i, i + max));
+      }
+    }
+    sender.resetLastBlock();
+    putCmdPing(w, 2);
+    const pkg = new BufferSink();
+    putCmdPostcopyListen(pkg);
+    writeDeviceSections(pkg, this.devicesToSend(stopWall), RAM_SECTION_ID + 1);
+    putCmdPing(pkg, 3);
+    putCmdPostcopyRun(pkg);
+    putCmdPackaged(w, pkg.length);
+    w.putBytes(pkg.toBuffer());
+    putCmdPing(w, 4);
+    await w.flush();
+    this.checkCancelled();
+    this.stats.downtime = Math.round(this.now() - stopTime);
+
+    // release-ram frees only once the destination has loaded the devices
+    // (PONG 3): until then a failure can still give the guest back to us
+    const releaser = this.options.capability('release-ram') ? new RamReleaser(sender.blocks, sender.bitmaps) : null;
+    for (;;) {
+      this.checkCancelled();
+      if (w.error) throw w.error;
+      if (releaser && rp.ponged(3)) releaser.releaseSent();
+      if (sender.dirtyPages === 0) break;
+      putSectionPartEnd(w, S.PART, RAM_SECTION_ID);
+      this.serveRequests(w, sender, rp);
+      sender.sendPages(w, { maxPages: POSTCOPY_SLICE_PAGES, maxMillis: 1 });
+      this.serveRequests(w, sender, rp);
+      sender.sendEos(w);
+      putFooter(w, RAM_SECTION_ID);
+      this.copyCounters(sender);
+      await w.flush();
+      // lets the return path deliver the requests that came meanwhile
+      await yieldToLoop();
+    }
+    putSectionPartEnd(w, S.END, RAM_SECTION_ID);
+    sender.sendEos(w);
+    putFooter(w, RAM_SECTION_ID);
+    this.copyCounters(sender);
+    putEof(w);
+    await w.drain();
+    this.checkCancelled();
+    const shut = await rp.waitForShut();
+    this.checkCancelled();
+    if (shut !== 0) throw new MigrationError(`Destination reported failure (SHUT ${shut})`);
+    releaser?.releaseSent();
+    this.finish(w, this.now());
+  }
+
+  /** Pages the destination asked for go out before any background page. */
+  private serveRequests(w: StreamWriter, sender: RamSender, rp: ReturnPath): void {
+    for (let q = rp.nextRequest(); q !== null; q = rp.nextRequest()) {
+      sender.sendRequested(w, q.block, q.page, q.pages);
+    }
   }
 
   private onReturnPathError(e: Error): void {
@@ -432,12 +575,25 @@ export class MigrationSource extends EventEmitter {
 
   private async fail(e: unknown): Promise<void> {
     const cancelled = this.state === 'cancelling';
+    const rp = this.rp;
+    if (this.inPostcopy && rp) {
+      // a destination that gave up says so (SHUT) just before it closes: let
+      // that message arrive, it decides whether our copy may run again
+      await rp.settle(RP_SETTLE_MS);
+      if (rp.failedBeforeRun()) e = new MigrationError(`Destination reported failure (SHUT ${rp.shutValue})`);
+    }
     if (this.vmStoppedByUs) {
       this.vmStoppedByUs = false;
-      try {
-        await this.machine.resumeAfterMigration();
-      } catch {
-        /* the VM stays stopped; the failure below is what the user sees */
+      if (this.inPostcopy && !rp?.failedBeforeRun()) {
+        // The guest may have run on the destination: our copy is stale and
+        // must not run again (qmp.md C.1). It stays stopped in postmigrate.
+        this.machine.enterPostmigrate();
+      } else {
+        try {
+          await this.machine.resumeAfterMigration();
+        } catch {
+          /* the VM stays stopped; the failure below is what the user sees */
+        }
       }
     }
     if (cancelled) {
@@ -481,6 +637,9 @@ export class MigrationSource extends EventEmitter {
   }
 }
 
+/** How long a failed postcopy source waits for the return path's last words. */
+const RP_SETTLE_MS = 1000;
+
 /** How long a finished source waits for its channel to close by itself. */
 const CHANNEL_LINGER_MS = 5000;
 
@@ -507,13 +666,28 @@ function endOutput(ch: Channel): Promise<void> {
   });
 }
 
+/** A page request from the destination, in pages of one block. */
+interface PageRequest {
+  block: number;
+  page: number;
+  pages: number;
+}
+
 /**
  * Reader of the destination's messages (stream-format.md §12). PONGs are
- * noted, SHUT ends it; anything malformed fails the migration.
+ * noted, SHUT ends it, page requests (postcopy only: `blocks` given) are
+ * checked and queued; anything malformed fails the migration.
  */
 class ReturnPath {
   private readonly reader: StreamReader;
   private shut: number | null = null;
+  /** PONG 3 had not arrived when a failing SHUT came. */
+  private shutBeforeRun = false;
+  private readonly requests: PageRequest[] = [];
+  private reqHead = 0;
+  /** Block of the last REQ_PAGES_ID (REQ_PAGES refers to it). */
+  private reqBlock = -1;
+  private readonly byName = new Map<string, number>();
   private shutWaiters: ((v: number) => void)[] = [];
   private failWaiters: ((e: Error) => void)[] = [];
   private error: Error | null = null;
@@ -522,10 +696,60 @@ class ReturnPath {
 
   constructor(
     ch: Channel,
+    private readonly blocks: readonly RamBlock[] | null,
     private readonly onError: (e: Error) => void,
+    private readonly onRequest: () => void,
   ) {
+    blocks?.forEach((b, i) => this.byName.set(b.name, i));
     this.reader = new StreamReader(ch.input);
-    void this.loop();
+    this.ended = this.loop();
+  }
+
+  private readonly ended: Promise<void>;
+
+  get shutValue(): number | null {
+    return this.shut;
+  }
+
+  /** Resolves when the reader has stopped (SHUT, error, end) or after `ms`. */
+  async settle(ms: number): Promise<void> {
+    let t: NodeJS.Timeout | undefined;
+    await Promise.race([this.ended, new Promise<void>((r) => (t = setTimeout(r, ms)))]);
+    clearTimeout(t);
+  }
+
+  ponged(v: number): boolean {
+    return this.pongs.includes(v);
+  }
+
+  /**
+   * The destination said it failed (SHUT non-zero) before it answered PING 3,
+   * which it does just before POSTCOPY_RUN: its guest never ran.
+   */
+  failedBeforeRun(): boolean {
+    return this.shutBeforeRun;
+  }
+
+  nextRequest(): PageRequest | null {
+    if (this.reqHead >= this.requests.length) {
+      if (this.reqHead > 0) {
+        this.requests.length = 0;
+        this.reqHead = 0;
+      }
+      return null;
+    }
+    return this.requests[this.reqHead++]!;
+  }
+
+  /** Check a page request (stream-format.md §12) and queue it. */
+  private request(block: number, start: number, length: number): void {
+    const b = this.blocks![block]!;
+    if (start % TARGET_PAGE_SIZE !== 0 || length % TARGET_PAGE_SIZE !== 0) {
+      throw new MigrationError(ERR.rpMisaligned(start, length));
+    }
+    if (start + length > b.size) throw new MigrationError(ERR.rpOverrun(start, length, b.size));
+    this.onRequest();
+    if (length > 0) this.requests.push({ block, page: start / TARGET_PAGE_SIZE, pages: length / TARGET_PAGE_SIZE });
   }
 
   private async loop(): Promise<void> {
@@ -537,9 +761,22 @@ class ReturnPath {
           this.shut = m.value;
           for (const f of this.shutWaiters) f(m.value);
           this.shutWaiters = [];
+          if (m.value !== 0) {
+            this.shutBeforeRun = !this.pongs.includes(3);
+            // stop sending at once: the destination gave up
+            this.onError(new MigrationError(`Destination reported failure (SHUT ${m.value})`));
+          }
           return;
-        } else {
+        } else if (this.blocks === null) {
           throw new MigrationError(`Unexpected return path message ${m.type} in precopy`);
+        } else if (m.type === 'REQ_PAGES_ID') {
+          const b = this.byName.get(m.blockName);
+          if (b === undefined) throw new MigrationError(ERR.rpNoBlock(m.blockName));
+          this.reqBlock = b;
+          this.request(b, m.start, m.length);
+        } else {
+          if (this.reqBlock < 0) throw new MigrationError(ERR.rpNoPreviousBlock());
+          this.request(this.reqBlock, m.start, m.length);
         }
       }
     } catch (e) {
