@@ -7,6 +7,7 @@
  *   npm run bench                       all of them
  *   npm run bench -- migrate --runs 5   one, with its flags
  *   npm run bench -- loopback hugepage
+ *   npm run bench -- postcopy --runs 3
  */
 import { spawnSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
@@ -14,7 +15,7 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const here = dirname(fileURLToPath(import.meta.url));
-const ALL = ['loopback', 'dirty-log', 'codec-ram', 'xbzrle', 'compress', 'hugepage', 'migrate'];
+const ALL = ['loopback', 'dirty-log', 'codec-ram', 'xbzrle', 'compress', 'hugepage', 'migrate', 'postcopy'];
 
 const args = process.argv.slice(2);
 const firstFlag = args.findIndex((a) => a.startsWith('--'));
