@@ -12,6 +12,10 @@
  *   close(reader)             stops polling, closes the duplicate fd
  *   send(fd, data, fds) -> n  one sendmsg(MSG_DONTWAIT) of data with fds as
  *                             SCM_RIGHTS; returns bytes sent or -errno
+ *   sndbuf(fd, bytes) -> r    setsockopt(SO_SNDBUF); returns 0 or -errno. Not
+ *                             about SCM_RIGHTS, but the same kind of socket
+ *                             call Node does not offer (postcopy uses it to
+ *                             keep the migration socket's queue short).
  */
 #define NAPI_VERSION 8
 #include <node_api.h>
@@ -285,6 +289,21 @@ static napi_value js_send(napi_env env, napi_callback_info info) {
   return res;
 }
 
+static napi_value js_sndbuf(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2], res;
+  int32_t fd, bytes;
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (argc < 2 || napi_get_value_int32(env, argv[0], &fd) != napi_ok ||
+      napi_get_value_int32(env, argv[1], &bytes) != napi_ok || bytes <= 0) {
+    napi_throw_type_error(env, NULL, "ferry_scm.sndbuf(fd, bytes)");
+    return NULL;
+  }
+  int r = setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &bytes, sizeof bytes) < 0 ? -errno : 0;
+  CHECK(napi_create_int32(env, r, &res));
+  return res;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
     { "open", NULL, js_open, NULL, NULL, NULL, napi_enumerable, NULL },
@@ -292,6 +311,7 @@ static napi_value init(napi_env env, napi_value exports) {
     { "resume", NULL, js_resume, NULL, NULL, NULL, napi_enumerable, NULL },
     { "close", NULL, js_close, NULL, NULL, NULL, napi_enumerable, NULL },
     { "send", NULL, js_send, NULL, NULL, NULL, napi_enumerable, NULL },
+    { "sndbuf", NULL, js_sndbuf, NULL, NULL, NULL, napi_enumerable, NULL },
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
   return exports;

@@ -63,3 +63,31 @@ export function releaseMemory(view: Uint8Array): boolean {
   const hp = loadHugepage();
   return hp !== null && hp.available && hp.madviseAdvice(view, 'dontneed');
 }
+
+interface SocketAddon {
+  sndbuf(fd: number, bytes: number): number;
+}
+let sockAddon: SocketAddon | null | undefined;
+
+function loadSocketAddon(): SocketAddon | null {
+  if (sockAddon !== undefined) return sockAddon;
+  sockAddon = null;
+  if (process.env.FERRY_NO_NATIVE === '1') return null;
+  try {
+    const a = createRequire(import.meta.url)(resolve(root, 'native/scm-rights/build/Release/ferry_scm.node')) as Partial<SocketAddon>;
+    if (typeof a.sndbuf === 'function') sockAddon = a as SocketAddon;
+  } catch {
+    sockAddon = null;
+  }
+  return sockAddon;
+}
+
+/**
+ * setsockopt(SO_SNDBUF) on a socket's descriptor (the kernel doubles the
+ * value). Node offers no way to do it for stream sockets. Returns false
+ * without the addon or on failure.
+ */
+export function setSendBuffer(fd: number, bytes: number): boolean {
+  const a = loadSocketAddon();
+  return a !== null && a.sndbuf(fd, bytes) === 0;
+}

@@ -5,7 +5,9 @@
  */
 import { EventEmitter } from 'node:events';
 import type { ChildProcess } from 'node:child_process';
+import { Socket } from 'node:net';
 import { Readable, Writable } from 'node:stream';
+import { setSendBuffer } from '../../base/native.js';
 import { ChannelError, sysError } from './errors.js';
 
 export interface Channel {
@@ -32,6 +34,14 @@ export interface Channel {
   close(): void;
   /** Human-readable form, e.g. "tcp:127.0.0.1:4444 (local 127.0.0.1:50000)". */
   describe(): string;
+  /**
+   * Keep the kernel's send queue of the channel's socket to about `bytes`
+   * (SO_SNDBUF), when the peer is on this host (a unix socket or loopback
+   * TCP), so that little data waits in it. Over a network the buffer is
+   * left alone: there it must hold a bandwidth-delay product. False when
+   * nothing was changed (no local socket, or no native addon).
+   */
+  limitSocketBuffers(bytes: number): boolean;
   /** Emitted once, when every underlying resource is released. */
   on(event: 'close', listener: () => void): this;
   /** The first transport error (ChannelError, QEMU-style text). Emitted only when someone listens. */
@@ -114,6 +124,18 @@ export class StreamChannel extends EventEmitter implements Channel {
 
   get closed(): boolean {
     return this.#closeRequested || this.#closeEmitted;
+  }
+
+  limitSocketBuffers(bytes: number): boolean {
+    let done = false;
+    for (const s of this.#resources) {
+      if (!(s instanceof Socket)) continue;
+      const remote = s.remoteAddress;
+      const local = remote === undefined || remote === '::1' || /^(::ffff:)?127\./.test(remote);
+      const fd = (s as unknown as { _handle?: { fd?: unknown } | null })._handle?.fd;
+      if (local && typeof fd === 'number' && fd >= 0 && setSendBuffer(fd, bytes)) done = true;
+    }
+    return done;
   }
 
   get released(): boolean {

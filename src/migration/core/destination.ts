@@ -50,7 +50,7 @@ import type { MachinePort } from './port.js';
 const S = WIRE.SECTION;
 
 /** Read-ahead of the main stream in postcopy (see StreamReader.setHighWater). */
-const POSTCOPY_READ_AHEAD = 64 * 1024;
+const POSTCOPY_READ_AHEAD = 16 * 1024;
 
 /** QEMU's PostcopyState numbers (they appear in its error texts). */
 const enum Pc {

@@ -21,6 +21,8 @@ export interface SendBudget {
   maxPages?: number;
   /** Stop after about this many milliseconds (default 5; checked every 64 pages). */
   maxMillis?: number;
+  /** Stop once this many bytes were written (sendPages only; default unlimited). */
+  maxBytes?: number;
 }
 
 export interface SendResult {
@@ -227,11 +229,12 @@ export class RamSender {
     const maxPages = budget.maxPages ?? Infinity;
     const maxMs = budget.maxMillis ?? 5;
     const startBytes = w.bytesWritten;
+    const endBytes = startBytes + (budget.maxBytes ?? Infinity);
     const t0 = this.now();
     let pages = 0;
 
     while (pages < maxPages) {
-      if (w.rateLimitExceeded() || w.wantsFlush()) break;
+      if (w.rateLimitExceeded() || w.wantsFlush() || w.bytesWritten >= endBytes) break;
       if (!this.seekDirty()) break;
       // take the page under the cursor
       const b = this.curBlock;
