@@ -222,6 +222,19 @@ describe('postcopy: failures', () => {
     await src.quit();
   });
 
+  it('migrate_cancel during postcopy: cancelled, and neither side runs a split guest', async () => {
+    const { src, dst } = await inPostcopy('cancel');
+    assert.deepEqual(await src.execute('migrate_cancel'), {});
+    const s = await waitMigration(src);
+    assert.equal(s.status, 'cancelled');
+    assert.equal(await src.status(), 'postmigrate');
+    const d = await waitMigration(dst);
+    assert.equal(d.status, 'failed');
+    assert.equal(await dst.status(), 'internal-error');
+    await src.quit();
+    await dst.quit();
+  });
+
   it('a destination without postcopy-ram fails the switch before its guest ran: the source resumes', async () => {
     const dir = tempDir();
     const uri = `unix:${join(dir, 'nocap.sock')}`;
