@@ -15,7 +15,7 @@ ferry vm options:
   -qmp unix:PATH,server=on,wait=off | tcp:HOST:PORT,server=on,wait=off   (repeatable)
   -incoming URI|defer   (tcp:HOST:PORT, unix:PATH, exec:CMD, fd:NAME)
   -object memory-backend-ram,id=ID,size=SIZE | tls-creds-x509,id=ID,dir=DIR,endpoint=server|client
-  -workload idle | sweep[,start=SIZE][,end=SIZE] | stress[,rate=BYTES][,wss=SIZE][,write=BYTES][,seed=N]
+  -workload idle | sweep[,start=SIZE][,end=SIZE] | stress[,rate=BYTES][,wss=SIZE][,write=BYTES][,seed=N][,read=on]
   -fill zero | random[,seed=N] | text[,seed=N]
   -serial none | stdio | file:PATH
 `;
