@@ -260,15 +260,22 @@ export class RamLoader {
     }
     const offset = page * TARGET_PAGE_SIZE;
     if (kind === F.ZERO) {
-      // the local copy may be stale (discarded): always write
+      // The local copy may be stale (received, then discarded): clear it,
+      // unless it was never written, so known to be zero already (a missing
+      // page cannot have been written by the guest). Untouched memory stays
+      // unallocated, as UFFDIO_ZEROPAGE leaves it in QEMU.
       const fill = r.get8();
-      block.bytes.fill(fill, offset, offset + TARGET_PAGE_SIZE);
+      const touched = ((block.touched[page >>> 5]! >>> (page & 31)) & 1) !== 0;
+      if (fill !== 0 || (touched && !this.isZeroPage(b, page))) {
+        block.bytes.fill(fill, offset, offset + TARGET_PAGE_SIZE);
+      }
+      if (fill !== 0) this.markTouched(block, page);
       this.counters.zero++;
     } else {
       r.copyTo(block.bytes, offset, TARGET_PAGE_SIZE);
+      this.markTouched(block, page);
       this.counters.normal++;
     }
-    this.markTouched(block, page);
     this.counters.pages++;
     this.markReceived(b, page);
     this.placed?.(b, page);
