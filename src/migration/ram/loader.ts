@@ -187,14 +187,7 @@ export class RamLoader {
       switch (kind) {
         case F.ZERO: {
           if (!r.has(1)) await r.ensure(1);
-          const fill = r.get8();
-          // an untouched page is known to be zero: skip it without reading it
-          const touched = ((block.touched[page >>> 5]! >>> (page & 31)) & 1) !== 0;
-          if (fill !== 0 || (touched && !this.isZeroPage(b, page))) {
-            block.bytes.fill(fill, offset, offset + TARGET_PAGE_SIZE);
-          }
-          if (fill !== 0) this.markTouched(block, page);
-          this.counters.zero++;
+          this.putZero(b, page, r.get8());
           break;
         }
         case F.PAGE:
@@ -249,6 +242,21 @@ export class RamLoader {
     }
   }
 
+  /**
+   * A ZERO record: the page becomes `fill` bytes. A page never written
+   * (`touched` clear) is known to be zero and is skipped without being read.
+   */
+  private putZero(b: number, page: number, fill: number): void {
+    const block = this.blocks[b]!;
+    const touched = ((block.touched[page >>> 5]! >>> (page & 31)) & 1) !== 0;
+    if (fill !== 0 || (touched && !this.isZeroPage(b, page))) {
+      const offset = page * TARGET_PAGE_SIZE;
+      block.bytes.fill(fill, offset, offset + TARGET_PAGE_SIZE);
+    }
+    if (fill !== 0) this.markTouched(block, page);
+    this.counters.zero++;
+  }
+
   /** One ZERO or PAGE record in postcopy mode. */
   private async placePostcopy(r: StreamReader, b: number, page: number, kind: number): Promise<void> {
     const block = this.blocks[b]!;
@@ -260,17 +268,11 @@ export class RamLoader {
     }
     const offset = page * TARGET_PAGE_SIZE;
     if (kind === F.ZERO) {
-      // The local copy may be stale (received, then discarded): clear it,
-      // unless it was never written, so known to be zero already (a missing
-      // page cannot have been written by the guest). Untouched memory stays
-      // unallocated, as UFFDIO_ZEROPAGE leaves it in QEMU.
-      const fill = r.get8();
-      const touched = ((block.touched[page >>> 5]! >>> (page & 31)) & 1) !== 0;
-      if (fill !== 0 || (touched && !this.isZeroPage(b, page))) {
-        block.bytes.fill(fill, offset, offset + TARGET_PAGE_SIZE);
-      }
-      if (fill !== 0) this.markTouched(block, page);
-      this.counters.zero++;
+      // The local copy may be stale (received, then discarded): putZero
+      // clears it unless it was never written (a missing page cannot have
+      // been written by the guest), so untouched memory stays unallocated,
+      // as UFFDIO_ZEROPAGE leaves it in QEMU.
+      this.putZero(b, page, r.get8());
     } else {
       r.copyTo(block.bytes, offset, TARGET_PAGE_SIZE);
       this.markTouched(block, page);
