@@ -189,7 +189,8 @@ export class MigrationDestination extends EventEmitter {
         await this.machine.abandonIncoming().catch(() => undefined);
       }
       this.failWith(e);
-      ch.close();
+      if (this.rpOpen) closeAfterShut(ch);
+      else ch.close();
       return;
     }
     this.totalTime = Math.round(this.now() - this.startTime);
@@ -225,7 +226,8 @@ export class MigrationDestination extends EventEmitter {
     const req = this.requested[block];
     if (!req || !this.rpOpen || this.pc !== Pc.Running) return;
     const bit = 1 << (page & 31);
-    if ((req[page >>> 5]! & bit) !== 0) return;
+    // already asked for, or arrived since the vCPU posted the fault
+    if ((req[page >>> 5]! & bit) !== 0 || (this.machine.ram[block]!.present[page >>> 5]! & bit) !== 0) return;
     req[page >>> 5] = (req[page >>> 5]! | bit) >>> 0;
     const start = page * TARGET_PAGE_SIZE;
     if (block === this.reqBlock) {
@@ -445,6 +447,25 @@ export class MigrationDestination extends EventEmitter {
     }
     return info;
   }
+}
+
+/** How long a failed destination keeps reading so that its SHUT gets through. */
+const SHUT_LINGER_MS = 1000;
+
+/**
+ * After a failing SHUT: end our direction and swallow what the source still
+ * sends for a while before closing. Closing at once would make the source's
+ * next write fail (EPIPE) and its socket be destroyed with the SHUT unread,
+ * and the source needs the SHUT: before PONG 3 it means that our guest never
+ * ran, so the source may run its own again.
+ */
+function closeAfterShut(ch: Channel): void {
+  ch.input.removeAllListeners('data');
+  ch.input.on('data', () => undefined);
+  ch.input.resume();
+  ch.output.end();
+  setTimeout(() => ch.close(), SHUT_LINGER_MS).unref();
+  ch.input.once('end', () => ch.close());
 }
 
 async function withTimeout<T>(p: Promise<T>, ms: number): Promise<T | null> {
