@@ -511,8 +511,6 @@ export class MigrationSource extends EventEmitter {
     this.inPostcopy = true;
     this.checkCancelled();
     w.setMaxBandwidth(0);
-    // requested pages must not queue behind megabytes in the kernel
-    this.channel?.limitSocketBuffers(POSTCOPY_SOCKET_BUFFER);
     // after the switch the destination takes ZERO and PAGE records only
     sender.setPageHook(null);
     const found = sender.syncDirtyLog();
@@ -539,6 +537,10 @@ export class MigrationSource extends EventEmitter {
     await w.flush();
     this.checkCancelled();
     this.stats.downtime = Math.round(this.now() - stopTime);
+    // From here on requested pages must not queue behind megabytes in the
+    // kernel. Not earlier: the discards and the package should go at full
+    // speed, the guest is stopped until they are in.
+    this.channel?.limitSocketBuffers(POSTCOPY_SOCKET_BUFFER);
 
     // release-ram frees only once the destination has loaded the devices
     // (PONG 3): until then a failure can still give the guest back to us
