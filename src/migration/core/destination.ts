@@ -205,8 +205,8 @@ export class MigrationDestination extends EventEmitter {
     }
     if (this.rpOpen) this.sendRp(encodeRpShut(0));
     this.setStatus('completed');
-    // let the SHUT reach the source before we close
-    setTimeout(() => ch.close(), this.rpOpen ? 200 : 0).unref();
+    if (this.rpOpen) closeAfterShut(ch);
+    else setTimeout(() => ch.close(), 0).unref();
   }
 
   private rpOpen = false;
@@ -449,15 +449,16 @@ export class MigrationDestination extends EventEmitter {
   }
 }
 
-/** How long a failed destination keeps reading so that its SHUT gets through. */
+/** How long a destination keeps reading after its SHUT, at most. */
 const SHUT_LINGER_MS = 1000;
 
 /**
- * After a failing SHUT: end our direction and swallow what the source still
- * sends for a while before closing. Closing at once would make the source's
- * next write fail (EPIPE) and its socket be destroyed with the SHUT unread,
- * and the source needs the SHUT: before PONG 3 it means that our guest never
- * ran, so the source may run its own again.
+ * After our SHUT: end our direction and swallow what the source still sends
+ * until it closes (or for SHUT_LINGER_MS). Closing at once could make the
+ * source's next write fail (EPIPE) and its socket be destroyed with the SHUT
+ * unread, and the source needs the SHUT: SHUT 0 is what completes it, and a
+ * failing SHUT before PONG 3 tells it that our guest never ran, so that it
+ * may run its own again.
  */
 function closeAfterShut(ch: Channel): void {
   ch.input.removeAllListeners('data');
