@@ -165,29 +165,26 @@ async function runPostcopy(o: RunOpts): Promise<PostcopyRun> {
     const tPc = performance.now();
     await s.qmp.execute('migrate-start-postcopy');
 
-    let srcInfo: any = null;
-    let dstInfo: any = null;
-    let srcDoneAt = 0;
-    let dstDoneAt = 0;
+    /** query-migrate of one side until it ends: its final info and when it came. */
+    const side = { src: { vm: s, info: null as any, at: 0 }, dst: { vm: d, info: null as any, at: 0 } };
+    const poll = async (x: (typeof side)['src']): Promise<void> => {
+      if (x.info) return;
+      const i = await x.vm.qmp.execute('query-migrate');
+      if (i.status === 'postcopy-active') sawPc = true;
+      if (TERMINAL.includes(i.status)) {
+        x.info = i;
+        x.at = performance.now();
+      }
+    };
     const ok = await waitFor(async () => {
-      if (!srcInfo) {
-        const i = await s.qmp.execute('query-migrate');
-        if (i.status === 'postcopy-active') sawPc = true;
-        if (TERMINAL.includes(i.status)) {
-          srcInfo = i;
-          srcDoneAt = performance.now();
-        }
-      }
-      if (!dstInfo) {
-        const i = await d.qmp.execute('query-migrate');
-        if (i.status === 'postcopy-active') sawPc = true;
-        if (TERMINAL.includes(i.status)) {
-          dstInfo = i;
-          dstDoneAt = performance.now();
-        }
-      }
-      return srcInfo && dstInfo ? true : null;
+      await poll(side.src);
+      await poll(side.dst);
+      return side.src.info && side.dst.info ? true : null;
     }, o.timeoutMs);
+    const srcInfo = side.src.info;
+    const dstInfo = side.dst.info;
+    const srcDoneAt = side.src.at;
+    const dstDoneAt = side.dst.at;
     rec.wallTotalMs = Math.max(srcDoneAt, dstDoneAt) - t0;
     const evPc = (v: Vm): boolean =>
       v.qmp.events.some((e) => e.event === 'MIGRATION' && (e.data as any)?.status === 'postcopy-active');
