@@ -281,6 +281,33 @@ describe('postcopy commands out of order or malformed', () => {
     });
   }
 
+  it('a PACKAGED blob that ends inside a section fails a listening destination for good', async () => {
+    const dir = tempDir();
+    const { vm, path } = await destination(dir, 'dst-pkg', ['-S']);
+    const src = await FakeSource.open(path);
+    src.send(buildStream({
+      body: (w) => {
+        putCmdOpenReturnPath(w);
+        putCmdPostcopyAdvise(w, 0x1000, 0x1000);
+        ramStart(w);
+        const pkg = new BufSink();
+        putCmdPostcopyListen(pkg);
+        pkg.put8(S.FULL);
+        pkg.put32(3); // section id, then nothing: the blob ends here
+        const blob = pkg.bytes();
+        putCmdPackaged(w, blob.length);
+        w.putBytes(blob);
+      },
+    }));
+    const info = await waitMigration(vm);
+    assert.equal(info.status, 'failed');
+    assert.equal(info['error-desc'], 'load of migration failed: Unexpected end of migration stream');
+    assert.equal(((await src.waitFor((m) => m.type === 'SHUT', 'SHUT')) as any).value, 1);
+    assert.equal(await vm.status(), 'internal-error');
+    src.sock.destroy();
+    await vm.quit();
+  });
+
   it('XBZRLE after LISTEN, and EOF with pages missing, fail a listening destination for good', async () => {
     for (const tail of ['xbzrle', 'eof'] as const) {
       const dir = tempDir();
