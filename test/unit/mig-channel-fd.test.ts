@@ -149,7 +149,9 @@ if (process.env[HELPER_ENV] !== undefined) {
     const fifo = path.join(tmp, 'fifo');
     assert.equal(spawnSync('mkfifo', [fifo]).status, 0);
     const rfd = fs.openSync(fifo, fs.constants.O_RDONLY | fs.constants.O_NONBLOCK);
-    const writer = spawn('/bin/sh', ['-c', `head -c ${8 * MiB} /dev/zero > '${fifo}'; cat /dev/zero > '${fifo}'`], { stdio: 'ignore' });
+    // one open of the FIFO for the whole writer: two separate redirections
+    // left a moment with no writer, and the reader saw EOF at 8 MiB
+    const writer = spawn('/bin/sh', ['-c', `{ head -c ${8 * MiB} /dev/zero; cat /dev/zero; } > '${fifo}'`], { stdio: 'ignore' });
     const l = await listenIncoming(parseMigrationUri('fd:fifo', 'incoming'), { lookupFd: () => rfd });
     const dst = await l.accept();
     assert.match(dst.describe(), /pipe fd/);
