@@ -71,8 +71,11 @@ SRC
     trap 'rm -rf "$work"' EXIT
     chmod 755 "$work"
     (cd "$work" && apt-get source -qq --download-only qemu >/dev/null 2>&1)
-    orig="$(ls "$work"/qemu_*.orig.tar.* | head -n1)"
-    top="$(tar -tf "$orig" | head -n1 | cut -d/ -f1)"
+    # no `| head` here: under pipefail the writer's SIGPIPE (exit 141) would
+    # fail the whole script once head has closed the pipe
+    origs=("$work"/qemu_*.orig.tar.*)
+    orig="${origs[0]}"
+    top="$(tar -tf "$orig" | sed -n '1s|/.*||p')"
     tar -xf "$orig" -C "$work" "$top/python/qemu/qmp" "$top/scripts/qmp/qmp-shell" "$top/COPYING"
     rm -rf "$dest.tmp"
     mkdir -p "$dest.tmp/qemu" "$dest.tmp/bin"
