@@ -180,7 +180,10 @@ export class RamLoader {
       if (offset >= block.size) fail(ERR.illegalRamOffset(offset));
       const page = offset / TARGET_PAGE_SIZE;
       if (this.postcopy) {
-        await this.placePostcopy(r, b, page, kind);
+        // no promise per page: only a missing payload awaits
+        const n = kind === F.ZERO ? 1 : TARGET_PAGE_SIZE;
+        if (!r.has(n)) await r.ensure(n);
+        this.placePostcopy(r, b, page, kind);
         continue;
       }
 
@@ -257,11 +260,10 @@ export class RamLoader {
     this.counters.zero++;
   }
 
-  /** One ZERO or PAGE record in postcopy mode. */
-  private async placePostcopy(r: StreamReader, b: number, page: number, kind: number): Promise<void> {
+  /** One ZERO or PAGE record in postcopy mode; its payload is buffered. */
+  private placePostcopy(r: StreamReader, b: number, page: number, kind: number): void {
     const block = this.blocks[b]!;
     const n = kind === F.ZERO ? 1 : TARGET_PAGE_SIZE;
-    if (!r.has(n)) await r.ensure(n);
     if (((block.present[page >>> 5]! >>> (page & 31)) & 1) !== 0) {
       r.skip(n);
       return;
