@@ -15,10 +15,6 @@ function fail(msg: string): never {
   throw new MigrationStreamError(msg);
 }
 
-async function need(r: StreamReader, n: number): Promise<void> {
-  if (!r.has(n)) await r.ensure(n);
-}
-
 // ---------------------------------------------------------------------------
 // Header and configuration
 
@@ -28,9 +24,9 @@ export function putHeader(w: ByteSink): void {
 }
 
 export async function readHeader(r: StreamReader): Promise<void> {
-  await need(r, 4);
+  if (!r.has(4)) await r.ensure(4);
   if (r.get32() !== WIRE.MAGIC) fail(ERR.notAStream());
-  await need(r, 4);
+  if (!r.has(4)) await r.ensure(4);
   const v = r.get32();
   if (v === WIRE.VERSION_V2) fail(ERR.obsoleteV2());
   if (v !== WIRE.VERSION) fail(ERR.unsupportedVersion());
@@ -54,7 +50,7 @@ export interface ConfigurationRecord {
 /** Subsection header (after the 0x05 byte). */
 async function readSubsectionHeader(r: StreamReader): Promise<{ name: string; version: number }> {
   const name = await r.readCountedString();
-  await need(r, 4);
+  if (!r.has(4)) await r.ensure(4);
   return { name, version: r.get32() };
 }
 
@@ -67,12 +63,12 @@ export async function readConfiguration(
   local?: string,
   opts: { targetPageBits?: number } = {},
 ): Promise<ConfigurationRecord> {
-  await need(r, 1);
+  if (!r.has(1)) await r.ensure(1);
   if (r.peek8() !== S.CONFIGURATION) fail(ERR.configMissing());
   r.get8();
-  await need(r, 4);
+  if (!r.has(4)) await r.ensure(4);
   const len = StreamReader.checkLength(r.get32(), WIRE.LIMITS.MACHINE_NAME_MAX, 'the machine type name');
-  await need(r, len);
+  if (!r.has(len)) await r.ensure(len);
   const nameBytes = r.getBytes(len);
   const machine = nameBytes.toString('utf8');
   if (local !== undefined) {
@@ -105,17 +101,17 @@ export async function readConfiguration(
     r.get8();
     const sub = await readSubsectionHeader(r);
     if (sub.name === 'configuration/target-page-bits') {
-      await need(r, 4);
+      if (!r.has(4)) await r.ensure(4);
       rec.targetPageBits = r.get32();
       const localBits = opts.targetPageBits ?? WIRE.LIMITS.TARGET_PAGE_BITS;
       if (rec.targetPageBits !== localBits) fail(ERR.pageBitsMismatch(rec.targetPageBits, localBits));
     } else if (sub.name === 'configuration/capabilities') {
-      await need(r, 4);
+      if (!r.has(4)) await r.ensure(4);
       const n = StreamReader.checkLength(r.get32(), 64, 'the capability count');
       rec.capabilities = [];
       for (let i = 0; i < n; i++) rec.capabilities.push(await r.readCountedString());
     } else if (sub.name === 'configuration/uuid') {
-      await need(r, 16);
+      if (!r.has(16)) await r.ensure(16);
       rec.uuid = Buffer.from(r.getBytes(16));
     } else {
       fail(`Unknown subsection '${sub.name}' in configuration`);
@@ -160,10 +156,10 @@ export function putEof(w: ByteSink): void {
 export async function readSectionStartFull(
   r: StreamReader,
 ): Promise<{ sectionId: number; idstr: string; instanceId: number; versionId: number }> {
-  await need(r, 4);
+  if (!r.has(4)) await r.ensure(4);
   const sectionId = r.get32();
   const idstr = await r.readCountedString();
-  await need(r, 8);
+  if (!r.has(8)) await r.ensure(8);
   const instanceId = r.get32();
   const versionId = r.get32();
   return { sectionId, idstr, instanceId, versionId };
@@ -222,15 +218,15 @@ export function putVmdesc(w: ByteSink, json: string): void {
  */
 export async function readVmdesc(r: StreamReader): Promise<{ json: string | null; notice?: string }> {
   try {
-    await need(r, 1);
+    if (!r.has(1)) await r.ensure(1);
   } catch {
     return { json: null, notice: ERR.noVmdesc(-1) };
   }
   const t = r.get8();
   if (t !== S.VMDESCRIPTION) return { json: null, notice: ERR.noVmdesc(t) };
-  await need(r, 4);
+  if (!r.has(4)) await r.ensure(4);
   const len = StreamReader.checkLength(r.get32(), WIRE.LIMITS.VMDESC_MAX, 'the vmdesc trailer');
-  await need(r, len);
+  if (!r.has(len)) await r.ensure(len);
   return { json: r.getBytes(len).toString('utf8') };
 }
 
@@ -302,13 +298,13 @@ export type Command =
  * blob is read too when `readBlob` (default true).
  */
 export async function readCommand(r: StreamReader, readBlob = true): Promise<Command> {
-  await need(r, 4);
+  if (!r.has(4)) await r.ensure(4);
   const cmd = r.get16();
   const len = r.get16();
   if (cmd >= C.MAX || cmd === C.INVALID) fail(ERR.cmdUnknown(cmd, len));
   const fixed = CMD_LENGTHS[cmd]!;
   if (fixed !== -1 && len !== fixed) fail(ERR.cmdBadLength(CMD_NAMES[cmd]!, fixed, len));
-  await need(r, len);
+  if (!r.has(len)) await r.ensure(len);
   switch (cmd) {
     case C.OPEN_RETURN_PATH:
       return { cmd: 'OPEN_RETURN_PATH' };
@@ -328,7 +324,7 @@ export async function readCommand(r: StreamReader, readBlob = true): Promise<Com
       const length = r.get32();
       if (length > WIRE.LIMITS.PACKAGED_MAX) fail(ERR.packagedTooLarge(length));
       if (!readBlob) return { cmd: 'PACKAGED', length };
-      await need(r, length);
+      if (!r.has(length)) await r.ensure(length);
       return { cmd: 'PACKAGED', length, blob: Buffer.from(r.getBytes(length)) };
     }
   }
@@ -447,10 +443,10 @@ export function decodeRpMessage(buf: Buffer, offset = 0): { msg: RpMessage; size
 
 /** Read one return-path message from a reader. */
 export async function readRpMessage(r: StreamReader): Promise<RpMessage> {
-  await need(r, 4);
+  if (!r.has(4)) await r.ensure(4);
   const type = r.get16();
   const len = r.get16();
   checkRpHeader(type, len);
-  await need(r, len);
+  if (!r.has(len)) await r.ensure(len);
   return decodeRpBody(type, Buffer.from(r.getBytes(len)));
 }
