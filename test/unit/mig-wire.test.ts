@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
+import { PassThrough } from 'node:stream';
 import { StreamReader } from '../../src/migration/stream/reader.js';
 import { BufferSink } from '../../src/migration/stream/writer.js';
 import { WIRE } from '../../src/migration/wire/constants.js';
@@ -20,7 +21,9 @@ import {
   putSectionStartFull,
   readCommand,
   readConfiguration,
+  readFooter,
   readRpMessage,
+  readSectionPartEnd,
   readVmdesc,
 } from '../../src/migration/wire/records.js';
 
@@ -158,5 +161,38 @@ describe('configuration record', () => {
     assert.deepEqual(await readVmdesc(StreamReader.fromBuffer(bytes('06 00 00 00 02 7b 7d'))), { json: '{}' });
     assert.deepEqual(await readVmdesc(StreamReader.fromBuffer(Buffer.alloc(0))), { json: null, notice: 'Expected vmdescription section, but got -1' });
     assert.deepEqual(await readVmdesc(StreamReader.fromBuffer(bytes('00'))), { json: null, notice: 'Expected vmdescription section, but got 0' });
+  });
+});
+
+describe('section PART/END id and footer', () => {
+  it('answer at once when buffered, and the same once the bytes arrive', async () => {
+    const buffered = StreamReader.fromBuffer(bytes('00 00 00 03  7e 00 00 00 03'));
+    const id = readSectionPartEnd(buffered);
+    assert.ok(!(id instanceof Promise), 'no promise for buffered bytes');
+    assert.deepEqual(id, { sectionId: 3 });
+    assert.equal(readFooter(buffered, 'ram', 3), undefined);
+
+    const src = new PassThrough();
+    const later = new StreamReader(src);
+    const p = readSectionPartEnd(later);
+    assert.ok(p instanceof Promise);
+    src.write(bytes('00 00'));
+    src.write(bytes('00 03 7e 00'));
+    assert.deepEqual(await p, { sectionId: 3 });
+    const f = readFooter(later, 'ram', 3);
+    assert.ok(f instanceof Promise);
+    src.write(bytes('00 00 03'));
+    await f;
+    assert.equal(later.bytesRead, 9);
+  });
+
+  it('wrong, mismatched and truncated footers, buffered or not', async () => {
+    const sync = (h: string) => () => readFooter(StreamReader.fromBuffer(bytes(h)), 'ram', 3);
+    assert.throws(sync('7d 00 00 00 03'), { message: 'Missing section footer for ram' });
+    assert.throws(sync('7e 00 00 00 04'), { message: 'Mismatched section id in footer for ram - read 0x4 expected 0x3' });
+    // the stream ends inside the footer: a wrong first byte is still named
+    await assert.rejects(async () => readFooter(StreamReader.fromBuffer(bytes('7d 00')), 'ram', 3), { message: 'Missing section footer for ram' });
+    await assert.rejects(async () => readFooter(StreamReader.fromBuffer(bytes('7e 00')), 'ram', 3), { message: /end of migration stream/ });
+    await assert.rejects(async () => readSectionPartEnd(StreamReader.fromBuffer(bytes('00 00'))), { message: /end of migration stream/ });
   });
 });
