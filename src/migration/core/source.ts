@@ -521,7 +521,7 @@ export class MigrationSource extends EventEmitter {
     for (let b = 0; b < sender.blocks.length; b++) {
       const ranges = sender.dirtyRanges(b);
       for (let i = 0; i < ranges.length; i += max) {
-        putCmdRamDiscard(w, sender.blocks[b]!.name, ranges.slice(i, i + max));
+        putCmdRamDiscard(w, sender.blocks[b]!.name, ranges, i, Math.min(i + max, ranges.length));
       }
     }
     sender.resetLastBlock();

@@ -259,21 +259,33 @@ export function putCmdPostcopyListen(w: ByteSink): void {
 export function putCmdPostcopyRun(w: ByteSink): void {
   putCmdHeader(w, C.POSTCOPY_RUN, 0);
 }
-/** One RAM_DISCARD command: at most 12 (start, length) byte ranges of one block. */
-export function putCmdRamDiscard(w: ByteSink, blockName: string, ranges: ReadonlyArray<readonly [number, number]>): void {
-  if (ranges.length === 0 || ranges.length > WIRE.LIMITS.DISCARD_MAX_RANGES) {
-    throw new RangeError(`RAM_DISCARD takes 1..${WIRE.LIMITS.DISCARD_MAX_RANGES} ranges, got ${ranges.length}`);
+/**
+ * One RAM_DISCARD command: ranges[from..to) (at most 12 (start, length) byte
+ * ranges) of one block. Indexed, not sliced: a busy guest's switch encodes
+ * thousands of them while it is stopped.
+ */
+export function putCmdRamDiscard(
+  w: ByteSink,
+  blockName: string,
+  ranges: ReadonlyArray<readonly [number, number]>,
+  from = 0,
+  to = ranges.length,
+): void {
+  const n = to - from;
+  if (n <= 0 || n > WIRE.LIMITS.DISCARD_MAX_RANGES) {
+    throw new RangeError(`RAM_DISCARD takes 1..${WIRE.LIMITS.DISCARD_MAX_RANGES} ranges, got ${n}`);
   }
   const name = Buffer.from(blockName, 'utf8');
   if (name.length > 255) throw new RangeError('block name too long');
-  putCmdHeader(w, C.POSTCOPY_RAM_DISCARD, 3 + name.length + 16 * ranges.length);
+  putCmdHeader(w, C.POSTCOPY_RAM_DISCARD, 3 + name.length + 16 * n);
   w.put8(0); // version
   w.put8(name.length);
   w.putBytes(name);
   w.put8(0); // nil
-  for (const [start, len] of ranges) {
-    w.put64(start);
-    w.put64(len);
+  for (let i = from; i < to; i++) {
+    const r = ranges[i]!;
+    w.put64(r[0]);
+    w.put64(r[1]);
   }
 }
 /** PACKAGED header; the `length` bytes of the blob follow (putBytes). */
