@@ -9,7 +9,7 @@ import { accessSync, constants, readFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { join, resolve } from 'node:path';
 import { gunzipSync } from 'node:zlib';
-import { QmpProcess, REPO_ROOT, runToExit, spawnWithQmp, tempDir, waitMigration } from './vm.js';
+import { QmpProcess, REPO_ROOT, runToExit, spawnWithQmp, tempDir, waitFor, waitMigration } from './vm.js';
 
 export const QEMU_BIN = process.env.FERRY_QEMU ?? '/usr/bin/qemu-system-x86_64';
 
@@ -78,6 +78,18 @@ export function waitQemuMigration(
   timeoutMs = 30000,
 ): Promise<Record<string, any>> {
   return waitMigration(q, states, timeoutMs);
+}
+
+/**
+ * The run state of a QEMU source once query-migrate said `completed`. QEMU
+ * 7.2's migration thread sets the status first and the run state
+ * (finish-migrate -> postmigrate) a moment later, so one read can still see
+ * finish-migrate on a loaded machine: wait (up to 5 s) for it to move on.
+ */
+export async function qemuStateAfterCompletion(q: QemuHandle): Promise<string> {
+  let last = '';
+  await waitFor(async () => (last = await q.status()) !== 'finish-migrate', 5000, 'QEMU to leave finish-migrate', 20).catch(() => undefined);
+  return last;
 }
 
 /** A free TCP port on 127.0.0.1 (closed again before returning). */

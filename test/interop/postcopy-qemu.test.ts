@@ -17,7 +17,7 @@ import { writeFileSync } from 'node:fs';
 import { connect, createServer, type Socket } from 'node:net';
 import { join } from 'node:path';
 import { cleanupAll, startVm, tempDir, waitFor, waitMigration } from '../helpers/vm.js';
-import { QEMU_SKIP, assertSameRam, cleanupQemu, freePort, pmem, startQemu, waitQemuMigration } from '../helpers/qemu.js';
+import { QEMU_SKIP, assertSameRam, cleanupQemu, freePort, pmem, qemuStateAfterCompletion, startQemu, waitQemuMigration } from '../helpers/qemu.js';
 
 after(async () => {
   for (const p of taps.splice(0)) p.close();
@@ -126,7 +126,7 @@ async function qemuToFerry(t: TestContext): Promise<void> {
   const qinfo = await waitQemuMigration(qemu, undefined, 30000);
   const tDone = Date.now() - t0;
   assert.equal(qinfo.status, 'completed', `qemu: ${JSON.stringify(qinfo)}\n${qemu.stderr}\nferry: ${dst.stderr}`);
-  assert.equal(await qemu.status(), 'postmigrate');
+  assert.equal(await qemuStateAfterCompletion(qemu), 'postmigrate');
   const dinfo = await waitMigration(dst, undefined, 30000);
   assert.equal(dinfo.status, 'completed', `ferry: ${JSON.stringify(dinfo)}\n${dst.stderr}`);
   await waitFor(async () => (await dst.status()) === 'running', 10000, 'ferry running').catch(async () => {

@@ -10,7 +10,7 @@ import { randomBytes } from 'node:crypto';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { cleanupAll, startVm, tempDir, waitFor, waitMigration } from '../helpers/vm.js';
-import { MEM, QEMU_SKIP, assertSameRam, cleanupQemu, freePort, pmem, startQemu, waitQemuMigration } from '../helpers/qemu.js';
+import { MEM, QEMU_SKIP, assertSameRam, cleanupQemu, freePort, pmem, qemuStateAfterCompletion, startQemu, waitQemuMigration } from '../helpers/qemu.js';
 
 after(async () => {
   await cleanupQemu();
@@ -51,7 +51,7 @@ async function qemuToFerry(c: Case): Promise<void> {
   await qemu.execute('migrate', { uri });
   const qinfo = await waitQemuMigration(qemu, undefined, 30000);
   assert.equal(qinfo.status, 'completed', `qemu: ${JSON.stringify(qinfo)}\n${qemu.stderr}\nferry: ${dst.stderr}`);
-  assert.equal(await qemu.status(), 'postmigrate');
+  assert.equal(await qemuStateAfterCompletion(qemu), 'postmigrate');
   const dinfo = await waitMigration(dst, undefined, 30000);
   assert.equal(dinfo.status, 'completed', `ferry: ${JSON.stringify(dinfo)}\n${dst.stderr}`);
 
