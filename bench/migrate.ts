@@ -30,10 +30,12 @@ import {
   cleanupTempDirs,
   freePort,
   median,
+  pollUntil,
   sleep,
   startFerry,
   startQemu,
   tempDir,
+  untilMigrationEnds,
   writeResult,
   type Vm,
 } from './lib/common.js';
@@ -153,16 +155,6 @@ export interface RunRecord {
 
 const BIG_BW = 100e9; // 100 GB/s for QEMU
 
-async function waitFor<T>(fn: () => Promise<T | null | undefined>, timeoutMs: number, everyMs = 20): Promise<T | null> {
-  const end = performance.now() + timeoutMs;
-  for (;;) {
-    const v = await fn();
-    if (v) return v;
-    if (performance.now() > end) return null;
-    await sleep(everyMs);
-  }
-}
-
 async function runOnce(engine: Engine, sc: Scenario, timeoutMs: number): Promise<RunRecord> {
   const dir = tempDir();
   const port = await freePort();
@@ -197,10 +189,7 @@ async function runOnce(engine: Engine, sc: Scenario, timeoutMs: number): Promise
     const d = dst;
     const t0 = performance.now();
     await s.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
-    const info = await waitFor(async () => {
-      const i = await s.qmp.execute('query-migrate');
-      return ['completed', 'failed', 'cancelled'].includes(i.status) ? i : null;
-    }, timeoutMs);
+    const info = await untilMigrationEnds(s, timeoutMs, 20);
     rec.wallToSrcDoneMs = performance.now() - t0;
     if (!info) {
       await s.qmp.execute('migrate_cancel').catch(() => undefined);
@@ -211,7 +200,7 @@ async function runOnce(engine: Engine, sc: Scenario, timeoutMs: number): Promise
       rec.error = `${info.status}: ${info['error-desc'] ?? ''}`;
       return rec;
     }
-    const dstState = await waitFor(async () => {
+    const dstState = await pollUntil(async () => {
       const st = (await d.qmp.execute('query-status')).status as string;
       return st !== 'inmigrate' ? st : null;
     }, 120000, 10);

@@ -26,14 +26,17 @@ import { cpus, loadavg } from 'node:os';
 import { dirname, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import {
+  MIGRATION_ENDED,
   MiB,
   cleanupTempDirs,
   freePort,
   median,
+  pollUntil,
   sleep,
   startFerry,
   startQemu,
   tempDir,
+  untilMigrationEnds,
   writeResult,
   type Vm,
 } from './lib/common.js';
@@ -47,7 +50,6 @@ const STRESS_BW = 50e6;
 const IDLE_BW = 1e6;
 const DOWNTIME_LIMIT = 300;
 const GOAL_P99_US = 5000;
-const TERMINAL = ['completed', 'failed', 'cancelled'];
 
 export interface PostcopyRun {
   engine: Engine;
@@ -91,16 +93,6 @@ export interface PostcopyRun {
   faultMaxUs?: number;
   faultSamples?: number;
   dstStatus?: string;
-}
-
-async function waitFor<T>(fn: () => Promise<T | null | undefined>, timeoutMs: number, everyMs = 10): Promise<T | null> {
-  const end = performance.now() + timeoutMs;
-  for (;;) {
-    const v = await fn();
-    if (v) return v;
-    if (performance.now() > end) return null;
-    await sleep(everyMs);
-  }
 }
 
 const caps = (list: [string, boolean][]): object => ({
@@ -171,16 +163,16 @@ async function runPostcopy(o: RunOpts): Promise<PostcopyRun> {
       if (x.info) return;
       const i = await x.vm.qmp.execute('query-migrate');
       if (i.status === 'postcopy-active') sawPc = true;
-      if (TERMINAL.includes(i.status)) {
+      if (MIGRATION_ENDED.includes(i.status)) {
         x.info = i;
         x.at = performance.now();
       }
     };
-    const ok = await waitFor(async () => {
+    const ok = await pollUntil(async () => {
       await poll(side.src);
       await poll(side.dst);
       return side.src.info && side.dst.info ? true : null;
-    }, o.timeoutMs);
+    }, o.timeoutMs, 10);
     const srcInfo = side.src.info;
     const dstInfo = side.dst.info;
     const srcDoneAt = side.src.at;
@@ -258,10 +250,7 @@ async function runPrecopyOnly(rate: string, limitMs: number): Promise<Record<str
     await sleep(500);
     const t0 = performance.now();
     await s.qmp.execute('migrate', { uri });
-    const done = await waitFor(async () => {
-      const i = await s.qmp.execute('query-migrate');
-      return TERMINAL.includes(i.status) ? i : null;
-    }, limitMs, 50);
+    const done = await untilMigrationEnds(s, limitMs, 50);
     rec.elapsedMs = performance.now() - t0;
     const i = done ?? (await s.qmp.execute('query-migrate'));
     rec.statusAtLimit = i.status;
@@ -273,10 +262,7 @@ async function runPrecopyOnly(rate: string, limitMs: number): Promise<Record<str
     rec.expectedDowntimeMs = i['expected-downtime'];
     if (!done) {
       await s.qmp.execute('migrate_cancel');
-      const c = await waitFor(async () => {
-        const j = await s.qmp.execute('query-migrate');
-        return TERMINAL.includes(j.status) ? j : null;
-      }, 10000, 20);
+      const c = await untilMigrationEnds(s, 10000, 20);
       rec.statusAfterCancel = c?.status ?? 'still cancelling after 10 s';
       rec.srcRunStateAfterCancel = (await s.qmp.execute('query-status')).status;
     }

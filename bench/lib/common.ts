@@ -33,6 +33,20 @@ export function median(a: readonly number[]): number {
 
 export const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
+/** Calls fn every everyMs until it returns a truthy value (resolved with it), or null after timeoutMs. */
+export async function pollUntil<T>(fn: () => Promise<T | null | undefined>, timeoutMs: number, everyMs: number): Promise<T | null> {
+  const end = performance.now() + timeoutMs;
+  for (;;) {
+    const v = await fn();
+    if (v) return v;
+    if (performance.now() > end) return null;
+    await sleep(everyMs);
+  }
+}
+
+/** The query-migrate statuses a migration ends in. */
+export const MIGRATION_ENDED = ['completed', 'failed', 'cancelled'];
+
 export function writeResult(name: string, data: unknown): string {
   mkdirSync(RESULTS_DIR, { recursive: true });
   const p = join(RESULTS_DIR, `${name}.json`);
@@ -163,6 +177,14 @@ export interface Vm {
   stderr: string;
   exited: Promise<void>;
   quit(): Promise<void>;
+}
+
+/** query-migrate on vm every everyMs until the migration has ended: its info, or null after timeoutMs. */
+export function untilMigrationEnds(vm: Vm, timeoutMs: number, everyMs: number): Promise<any | null> {
+  return pollUntil(async () => {
+    const i = await vm.qmp.execute('query-migrate');
+    return MIGRATION_ENDED.includes(i.status) ? i : null;
+  }, timeoutMs, everyMs);
 }
 
 export interface SpawnOpts {
