@@ -4,7 +4,7 @@
  * Run: node dist/bench/codec-ram.js
  */
 import type { RamBlock } from '../src/machine/types.js';
-import { xbzrleEncode } from '../src/migration/codec/xbzrle.js';
+import { xbzrleEncode } from '../src/migration/codec/xbzrle-codec.js';
 import { RamSender } from '../src/migration/ram/sender.js';
 import { StreamWriter } from '../src/migration/stream/writer.js';
 

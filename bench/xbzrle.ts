@@ -7,7 +7,7 @@
  * repetitions (default 5). Writes bench/results/xbzrle.json.
  * Run: node dist/bench/xbzrle.js [--runs N] [--mib N]
  */
-import { xbzrleDecode, xbzrleEncode } from '../src/migration/codec/xbzrle.js';
+import { xbzrleDecode, xbzrleEncode } from '../src/migration/codec/xbzrle-codec.js';
 import { median, writeResult } from './lib/common.js';
 
 const P = 4096;

@@ -8,6 +8,7 @@ commands:
   vm [qemu-style options]     start a virtual machine driven over QMP
   qmp SOCKET [cmd [k=v ...]]  talk to a QMP monitor (one-shot or interactive)
   demo [options]              live-migrate a running 1 GiB VM between two local processes
+  inspect [options] FILE      list the sections and records of a migration stream (- reads stdin)
   help                        this text
 
 ferry vm options:
@@ -29,6 +30,8 @@ async function run(argv: string[]): Promise<number> {
       return (await import('./qmp.js')).main(rest);
     case 'demo':
       return (await import('./demo.js')).main(rest);
+    case 'inspect':
+      return (await import('./inspect.js')).main(rest);
     case '--version':
     case '-V': {
       const pkg = createRequire(import.meta.url)('../../../package.json') as { version: string };

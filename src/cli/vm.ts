@@ -13,6 +13,8 @@ import {
   MigrationDestination,
   MigrationOptions,
   MigrationSource,
+  RAM_SECTION,
+  SectionRegistry,
   machinePort,
 } from '../migration/index.js';
 import { QmpError } from '../qapi/errors.js';
@@ -71,15 +73,17 @@ export async function main(argv: string[]): Promise<number> {
     // -S, or `stop` during an incoming migration, keeps the guest paused after the load
     const incomingRun = { autostart: !a.startPaused };
     const port = machinePort(machine, incomingRun);
+    // the live sections this VM migrates besides its devices (disks register here)
+    const sections = new SectionRegistry([RAM_SECTION]);
+    const log = (msg: string) => process.stderr.write(`ferry: ${msg}\n`);
     const source = new MigrationSource(port, options, {
       lookupFd,
       qemuCompatible: a.qemuCompat,
       hasObject: (id) => objects.has(id),
+      sections,
+      log,
     });
-    const destination = new MigrationDestination(port, options, {
-      lookupFd,
-      log: (msg) => process.stderr.write(`ferry: ${msg}\n`),
-    });
+    const destination = new MigrationDestination(port, options, { lookupFd, log, sections });
     vm = {
       machine,
       options,
@@ -138,10 +142,12 @@ export async function main(argv: string[]): Promise<number> {
     process.on('SIGTERM', () => void shutdown(0));
     process.on('SIGHUP', () => void shutdown(0));
 
-    for (const spec of a.qmp) await server.listen(spec);
+    // like QEMU, the incoming listener exists before the monitor answers:
+    // a client that got the greeting may connect to it at once
     if (a.incoming !== undefined && a.incoming !== 'defer') {
       await destination.start(a.incoming);
     }
+    for (const spec of a.qmp) await server.listen(spec);
     return -1; // keep running
   } catch (e) {
     const msg = e instanceof QmpError ? e.desc : e instanceof Error ? e.message : String(e);

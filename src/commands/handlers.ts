@@ -10,17 +10,9 @@ import { QMP_SCHEMA } from '../generated/qapi-introspect.js';
 import { QmpError } from '../qapi/errors.js';
 import { saveDevicesOnly } from '../migration/index.js';
 import type { Ctx } from './context.js';
+import { generic } from './errors.js';
 import { addObject, deleteObject } from './objects.js';
 
-/** Run `fn`, turning engine errors into GenericError with their message. */
-async function generic<T>(fn: () => T | Promise<T>): Promise<T> {
-  try {
-    return await fn();
-  } catch (e) {
-    if (e instanceof QmpError) throw e;
-    throw new QmpError('GenericError', e instanceof Error ? e.message : String(e));
-  }
-}
 
 function migrationInfo(ctx: Ctx) {
   const { source, destination } = ctx.vm;

@@ -1,8 +1,12 @@
 /** Public surface of the migration engine. */
-export { MigrationSource, type MigrateFlags } from './core/source.js';
-export { MigrationDestination } from './core/destination.js';
+export { MigrationSource, type MigrateFlags, type SourceDeps } from './core/source.js';
+export { MigrationDestination, type DestinationDeps } from './core/destination.js';
 export { MigrationOptions, CAPABILITIES, DEFAULT_PARAMETERS } from './core/options.js';
-export { MigrationError } from './core/errors.js';
+export { MigrationError, MigrationFailure, type FailureKind, type MigrationPhase } from './errors.js';
 export { machinePort } from './core/machine-port.js';
 export type { MachinePort } from './core/port.js';
 export { saveDevicesOnly } from './core/devices-only.js';
+export { SectionRegistry } from './sections/registry.js';
+export type { SectionType, LiveSection, SectionLoader } from './sections/section.js';
+export { RAM_SECTION } from './ram/section.js';
+export { inspectStream, formatInspection, type InspectedRecord, type InspectedSection, type RamRecord } from './inspect.js';

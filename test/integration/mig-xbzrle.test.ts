@@ -15,7 +15,7 @@ import { after, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { xbzrleDecode } from '../../src/migration/codec/xbzrle.js';
+import { xbzrleDecode } from '../../src/migration/codec/xbzrle-codec.js';
 import { shq, waitIncoming, writeStream } from '../helpers/streams.js';
 import { cleanupAll, startVm, tempDir, waitFor, waitMigration } from '../helpers/vm.js';
 

@@ -1,7 +1,7 @@
 /** auto-converge's trigger rule and throttle steps (qmp.md E.3). */
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { AutoConverge } from '../../src/migration/core/auto-converge.js';
+import { AutoConverge } from '../../src/migration/ram/auto-converge.js';
 import { MigrationOptions } from '../../src/migration/core/options.js';
 import type { MachinePort } from '../../src/migration/core/port.js';
 import { MigrationSource } from '../../src/migration/core/source.js';

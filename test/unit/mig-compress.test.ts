@@ -11,13 +11,12 @@ import { deflateSync, gunzipSync } from 'node:zlib';
 import { fillRandom as fillRandomChunk, fillText, makeTextPool } from '../../src/machine/workload.js';
 import { COMPRESS_BOUND, CompressPool, DecompressPool, PAGE_SIZE, maxWorkers } from '../../src/migration/codec/compress-pool.js';
 import { PageDeflater, PageInflater } from '../../src/migration/codec/zlib-page.js';
-import { devicesByKey } from '../../src/migration/devices.js';
 import { RamLoader } from '../../src/migration/ram/loader.js';
 import { RamSender, putRamRecordHeader } from '../../src/migration/ram/sender.js';
 import { StreamReader } from '../../src/migration/stream/reader.js';
 import { BufferSink, StreamWriter } from '../../src/migration/stream/writer.js';
 import { WIRE } from '../../src/migration/wire/constants.js';
-import { type ParsedSection, type RamRecord, parseStream } from '../../src/migration/wire/parse.js';
+import type { InspectedSection as ParsedSection, RamRecord } from '../../src/migration/inspect.js';
 import {
   putConfiguration,
   putEof,
@@ -27,7 +26,7 @@ import {
   putSectionStartFull,
   putVmdesc,
 } from '../../src/migration/wire/records.js';
-import { Collector, fixedDevice, loadStream, makeBlock, markDirty, rng, skipVectors, vectorsDir } from './mig-helpers.js';
+import { Collector, fixedDevice, loadStream, makeBlock, markDirty, parseStream, rng, skipVectors, vectorsDir } from './mig-helpers.js';
 
 const S = WIRE.SECTION;
 const F = WIRE.RAM;
@@ -273,7 +272,7 @@ describe('compressed send path and batched load path', () => {
     const dst = src.map((b) => makeBlock(b.name, b.size));
     const dp = track(new DecompressPool({ threads: 2, pagesPerWorker: 40 }));
     const loader = new RamLoader(dst, { compress: true, decompressPool: dp });
-    await loadStream(StreamReader.fromBuffer(stream), loader, new Map());
+    await loadStream(StreamReader.fromBuffer(stream), loader, []);
     for (let i = 0; i < src.length; i++) {
       assert.ok(Buffer.from(dst[i]!.bytes.buffer).equals(Buffer.from(src[i]!.bytes.buffer)), src[i]!.name);
     }
@@ -292,7 +291,7 @@ describe('compressed send path and batched load path', () => {
       const stream = await migrateCompressed(new RamSender(src), track(new CompressPool({ threads: 2 })), level);
       for (const pool of [track(new DecompressPool({ threads: 1, pagesPerWorker: 8 })), undefined]) {
         const dst = src.map((b) => makeBlock(b.name, b.size));
-        await loadStream(StreamReader.fromBuffer(stream), new RamLoader(dst, { compress: true, decompressPool: pool }), new Map());
+        await loadStream(StreamReader.fromBuffer(stream), new RamLoader(dst, { compress: true, decompressPool: pool }), []);
         for (let i = 0; i < src.length; i++) assert.ok(Buffer.from(dst[i]!.bytes.buffer).equals(Buffer.from(src[i]!.bytes.buffer)));
       }
     }
@@ -345,7 +344,7 @@ describe('compressed send path and batched load path', () => {
     });
     const dst = makeBlock('m', 64 * PAGE_SIZE);
     const loader = new RamLoader([dst], { compress: true, decompressPool: track(new DecompressPool({ threads: 2, pagesPerWorker: 4 })) });
-    await loadStream(StreamReader.fromBuffer(stream), loader, new Map());
+    await loadStream(StreamReader.fromBuffer(stream), loader, []);
     const page = (i: number) => Buffer.from(dst.bytes.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE));
     assert.ok(page(1).equals(B));
     assert.ok(page(2).equals(Buffer.alloc(PAGE_SIZE)));
@@ -373,7 +372,7 @@ describe('compressed send path and batched load path', () => {
     for (const [stream, msg] of cases) {
       for (const pool of [track(new DecompressPool({ threads: 2, pagesPerWorker: 8 })), undefined]) {
         const loader = new RamLoader([makeBlock('m', 64 * PAGE_SIZE)], { compress: true, decompressPool: pool });
-        await assert.rejects(loadStream(StreamReader.fromBuffer(stream), loader, new Map()), { message: msg });
+        await assert.rejects(loadStream(StreamReader.fromBuffer(stream), loader, []), { message: msg });
       }
     }
   });
@@ -414,7 +413,7 @@ describe('compressed send path and batched load path', () => {
     assert.equal(recs[0]!.flags & F.CONTINUE, 0);
     assert.equal(recs[1]!.kind, 'compress');
     const dst = src.map((b) => makeBlock(b.name, b.size));
-    await loadStream(StreamReader.fromBuffer(stream), new RamLoader(dst, { compress: true }), new Map());
+    await loadStream(StreamReader.fromBuffer(stream), new RamLoader(dst, { compress: true }), []);
     for (let i = 0; i < src.length; i++) assert.ok(Buffer.from(dst[i]!.bytes.buffer).equals(Buffer.from(src[i]!.bytes.buffer)));
   });
 });
@@ -427,7 +426,7 @@ describe('ramonly-compress.bin vector through the batched decompress path', { sk
       const pool = track(new DecompressPool({ threads, pagesPerWorker: 32 }));
       const loader = new RamLoader([block], { compress: true, decompressPool: pool });
       const gs = fixedDevice('globalstate', 1, new Uint8Array(104));
-      await loadStream(StreamReader.fromBuffer(readFileSync(file)), loader, devicesByKey([gs]));
+      await loadStream(StreamReader.fromBuffer(readFileSync(file)), loader, [gs]);
       const expect = gunzipSync(readFileSync(file + '.expect.gz'));
       assert.ok(Buffer.from(block.bytes.buffer).equals(expect), 'RAM differs from the expected image');
       assert.ok(loader.counters.compressed > 0);

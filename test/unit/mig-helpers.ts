@@ -4,12 +4,13 @@ import path from 'node:path';
 import { Writable } from 'node:stream';
 import { fileURLToPath } from 'node:url';
 import type { MigratableDevice, RamBlock } from '../../src/machine/types.js';
-import { readDeviceSection } from '../../src/migration/devices.js';
+import { loadStream as loadWithLoop } from '../../src/migration/core/load-loop.js';
+import { inspectStream, type InspectOptions, type InspectedRecord } from '../../src/migration/inspect.js';
 import type { RamLoader } from '../../src/migration/ram/loader.js';
+import { deviceLoader, findDevice } from '../../src/migration/sections/device-sections.js';
 import type { StreamReader } from '../../src/migration/stream/reader.js';
 import { WIRE } from '../../src/migration/wire/constants.js';
-import { ERR, MigrationStreamError } from '../../src/migration/wire/errors.js';
-import { readConfiguration, readFooter, readHeader, readSectionPartEnd, readSectionStartFull, readVmdesc } from '../../src/migration/wire/records.js';
+import { readVmdesc } from '../../src/migration/wire/records.js';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 /** dist/test/unit -> repo root */
@@ -64,39 +65,34 @@ export function fixedDevice(idstr: string, version: number, payload: Uint8Array,
   return d;
 }
 
-/** Minimal destination section loop used by the tests (the real one lives in core/). */
+/**
+ * Load a stream into `loader` (its `ram` sections) and `devices` (FULL
+ * sections) through the destination's own loop (core/load-loop.ts), then
+ * read the vmdesc trailer. Commands are accepted and ignored.
+ */
 export async function loadStream(
   r: StreamReader,
   loader: RamLoader,
-  devices: ReadonlyMap<string, MigratableDevice>,
+  devices: readonly MigratableDevice[],
   machine = 'none',
 ): Promise<{ vmdesc: string | null }> {
-  await readHeader(r);
-  await readConfiguration(r, machine);
-  const live = new Map<number, string>();
-  for (;;) {
-    if (!r.has(1)) await r.ensure(1);
-    const t = r.get8();
-    if (t === WIRE.SECTION.EOF) break;
-    if (t === WIRE.SECTION.START) {
-      const h = await readSectionStartFull(r);
-      if (h.idstr !== 'ram') throw new MigrationStreamError(ERR.unknownSection(h.idstr, h.instanceId));
-      live.set(h.sectionId, h.idstr);
-      await loader.loadSection(r, h.versionId);
-      await readFooter(r, h.idstr, h.sectionId);
-    } else if (t === WIRE.SECTION.FULL) {
-      await readDeviceSection(r, devices);
-    } else if (t === WIRE.SECTION.PART || t === WIRE.SECTION.END) {
-      const { sectionId } = await readSectionPartEnd(r);
-      const idstr = live.get(sectionId);
-      if (!idstr) throw new MigrationStreamError(ERR.unknownSectionId(sectionId));
-      await loader.loadSection(r, 4);
-      await readFooter(r, idstr, sectionId);
-    } else {
-      throw new MigrationStreamError(ERR.unknownSectionType(t));
-    }
-  }
+  await loadWithLoop(r, {
+    section(kind, idstr, instanceId) {
+      if (kind === 'start') {
+        if (idstr !== WIRE.RAM.IDSTR || instanceId !== 0) return undefined;
+        return { loader: { load: (rd, _k, v) => loader.loadSection(rd, v) }, version: WIRE.RAM.VERSION, minVersion: WIRE.RAM.VERSION };
+      }
+      const d = findDevice(devices, idstr, instanceId);
+      return d && { loader: deviceLoader(d), version: d.version, minVersion: d.minVersion };
+    },
+    command() {},
+  }, { machineType: machine });
   return { vmdesc: (await readVmdesc(r)).json };
+}
+
+/** The records of a whole stream in memory (migration/inspect.ts). */
+export async function parseStream(buf: Uint8Array, opts: InspectOptions = {}): Promise<InspectedRecord[]> {
+  return (await inspectStream(buf, opts)).records;
 }
 
 /** Deterministic PRNG (xorshift32). */

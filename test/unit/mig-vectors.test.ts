@@ -4,13 +4,13 @@ import path from 'node:path';
 import { Readable } from 'node:stream';
 import { describe, it } from 'node:test';
 import { gunzipSync } from 'node:zlib';
-import { buildVmdesc, devicesByKey, writeDeviceSections } from '../../src/migration/devices.js';
+import { buildVmdesc, writeDeviceSections } from '../../src/migration/sections/device-sections.js';
 import { RamLoader } from '../../src/migration/ram/loader.js';
 import { StreamReader } from '../../src/migration/stream/reader.js';
 import { BufferSink } from '../../src/migration/stream/writer.js';
 import { MigrationStreamError } from '../../src/migration/wire/errors.js';
-import { type ParsedSection, parseStream } from '../../src/migration/wire/parse.js';
-import { fixedDevice, loadStream, makeBlock, rng, skipVectors, vectorsDir } from './mig-helpers.js';
+import type { InspectedSection as ParsedSection } from '../../src/migration/inspect.js';
+import { fixedDevice, loadStream, makeBlock, parseStream, rng, skipVectors, vectorsDir } from './mig-helpers.js';
 
 const MiB = 1024 * 1024;
 const vec = (name: string) => readFileSync(path.join(vectorsDir, name));
@@ -88,7 +88,7 @@ describe('stream vectors', { skip: skipVectors }, () => {
       const loader = new RamLoader([block], { compress });
       const gs = fixedDevice('globalstate', 1, new Uint8Array(104));
       const r = StreamReader.fromBuffer(vec(file));
-      await loadStream(r, loader, devicesByKey([gs]));
+      await loadStream(r, loader, [gs]);
       const expect = gunzipSync(vec(file + '.expect.gz'));
       assert.equal(expect.length, 16 * MiB);
       assert.ok(Buffer.from(block.bytes.buffer).equals(expect), 'RAM differs from the expected image');
@@ -104,7 +104,7 @@ describe('stream vectors', { skip: skipVectors }, () => {
   it('refuses a compressed page without the compress capability', async () => {
     const loader = new RamLoader([makeBlock('m', 16 * MiB)]);
     const r = StreamReader.fromBuffer(vec('ramonly-compress.bin'));
-    await assert.rejects(loadStream(r, loader, new Map()), { message: 'Received an unexpected compressed page' });
+    await assert.rejects(loadStream(r, loader, []), { message: 'Received an unexpected compressed page' });
   });
 
   it('same result for every chunking of the reader (1-byte and random chunks)', async () => {
@@ -122,7 +122,7 @@ describe('stream vectors', { skip: skipVectors }, () => {
       const block = makeBlock('m', 16 * MiB);
       const loader = new RamLoader([block]);
       const r = new StreamReader(Readable.from(chunks, { objectMode: false }));
-      await loadStream(r, loader, new Map());
+      await loadStream(r, loader, []);
       assert.ok(Buffer.from(block.bytes.buffer).equals(expect));
       assert.equal(r.bytesRead, data.length);
     }

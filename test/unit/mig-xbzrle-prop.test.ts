@@ -6,11 +6,11 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import fc from 'fast-check';
-import { xbzrleDecode, xbzrleEncode } from '../../src/migration/codec/xbzrle.js';
+import { xbzrleDecode, xbzrleEncode } from '../../src/migration/codec/xbzrle-codec.js';
 import { CACHED_PAGE_LIFETIME, XbzrleCache, pow2floor } from '../../src/migration/codec/xbzrle-cache.js';
 import { RamLoader } from '../../src/migration/ram/loader.js';
 import { RamSender } from '../../src/migration/ram/sender.js';
-import { XbzrleSender } from '../../src/migration/ram/xbzrle.js';
+import { XbzrleEncoder } from '../../src/migration/ram/xbzrle-encoder.js';
 import { StreamReader } from '../../src/migration/stream/reader.js';
 import { StreamWriter } from '../../src/migration/stream/writer.js';
 import { Collector, makeBlock, markDirty } from './mig-helpers.js';
@@ -260,7 +260,7 @@ describe('XBZRLE page cache (xbzrle.md §4)', () => {
 });
 
 /** Drive RamSender with the XBZRLE hook through several passes into a RamLoader. */
-describe('XbzrleSender with RamSender and RamLoader', () => {
+describe('XbzrleEncoder with RamSender and RamLoader', () => {
   /** The RAM records of one section payload: kind and byte size of each. */
   function records(buf: Buffer): { kind: string; size: number }[] {
     const out: { kind: string; size: number }[] = [];
@@ -298,7 +298,7 @@ describe('XbzrleSender with RamSender and RamLoader', () => {
     const dst = [makeBlock('pc.ram', pages * P), makeBlock('other', 8 * P)];
     for (const b of src) for (let i = 0; i < b.size; i++) b.bytes[i] = (i * 7 + 3) & 0xff;
     const sender = new RamSender(src);
-    const xb = new XbzrleSender(sender, 1 << 20, 0);
+    const xb = new XbzrleEncoder(sender, 1 << 20, 0);
     sender.setPageHook(xb.hook);
     const loader = new RamLoader(dst);
     sender.syncDirtyLog();
@@ -353,7 +353,7 @@ describe('XbzrleSender with RamSender and RamLoader', () => {
     await pass(sender, loader);
     assert.deepEqual(xb.cache.get(7), copy);
     for (let b = 0; b < src.length; b++) assert.deepEqual(dst[b]!.bytes, src[b]!.bytes, `block ${b}`);
-    const st = xb.stats(1 << 20);
+    const st = xb.stats();
     assert.equal(st['cache-size'], 1 << 20);
     assert.equal(st.pages, 35);
   });
@@ -363,7 +363,7 @@ describe('XbzrleSender with RamSender and RamLoader', () => {
     const dst = [makeBlock('m', 16 * P)];
     src[0]!.bytes.fill(1);
     const sender = new RamSender(src);
-    const xb = new XbzrleSender(sender, 1 << 20, 0);
+    const xb = new XbzrleEncoder(sender, 1 << 20, 0);
     sender.setPageHook(xb.hook);
     const loader = new RamLoader(dst);
     sender.syncDirtyLog();

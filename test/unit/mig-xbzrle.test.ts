@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
-import { xbzrleDecode, xbzrleEncode } from '../../src/migration/codec/xbzrle.js';
+import { xbzrleDecode, xbzrleEncode } from '../../src/migration/codec/xbzrle-codec.js';
 import { fillRandom, rng } from './mig-helpers.js';
 
 const P = 4096;

@@ -3,12 +3,15 @@
  * QEMU-style text that is shown to the user as is (QMP GenericError desc or
  * MigrationInfo error-desc).
  */
-export class ChannelError extends Error {
+import { MigrationFailure } from '../errors.js';
+
+export class ChannelError extends MigrationFailure {
+  readonly kind = 'channel';
+  override readonly name = 'ChannelError';
   /** The system error code behind it (ECONNREFUSED, EADDRINUSE, ...), 'ABORT_ERR' for a cancelled connect. */
   readonly code: string | undefined;
   constructor(message: string, code?: string, options?: { cause?: unknown }) {
     super(message, options);
-    this.name = 'ChannelError';
     this.code = code;
   }
 }

@@ -10,3 +10,5 @@ export {
   type ListenAddress,
   type IncomingListener,
 } from './transports.js';
+export { WrappedChannel, openOutgoing, acceptIncoming, type ChannelWrapper, type ChannelSide, type WrappedStreams } from './wrap.js';
+export { endOutput, linger, closeAfterShut, LINGER_MS, SHUT_LINGER_MS } from './policies.js';

@@ -1,10 +1,10 @@
 /**
- * The device-only stream of xen-save-devices-state (qmp.md B.16): magic,
- * version 3, one FULL section per device, EOF. No configuration record and
- * no vmdesc trailer.
+ * The device-only stream of xen-save-devices-state (docs/spec/qmp.md B.16):
+ * magic, version 3, one FULL section per device, EOF. No configuration
+ * record and no vmdesc trailer.
  */
 import type { MigratableDevice } from '../../machine/types.js';
-import { writeDeviceSections } from '../devices.js';
+import { writeDeviceSections } from '../sections/device-sections.js';
 import { BufferSink } from '../stream/writer.js';
 import { putEof, putHeader } from '../wire/records.js';
 

@@ -9,7 +9,7 @@ import type {
   MigrationParameters,
   MigrateSetParameters,
 } from '../../generated/qapi-types.js';
-import { MigrationError } from './errors.js';
+import { MigrationError } from '../errors.js';
 
 /** Enum order of MigrationCapability: also the order of query-migrate-capabilities. */
 export const CAPABILITIES: readonly MigrationCapability[] = [

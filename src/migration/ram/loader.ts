@@ -1,26 +1,51 @@
 /**
- * RamLoader: the destination side of the `ram` section (stream-format.md §9).
- * Parses RAM records from a StreamReader straight into the local RamBlocks.
+ * RamLoader: the destination side of the `ram` section
+ * (docs/spec/stream-format.md §9). Parses RAM records from a StreamReader
+ * straight into the local RamBlocks.
+ *
+ * Three ways to place what it reads:
+ *  - precopy (the default): every record is applied.
+ *  - postcopy (after POSTCOPY_LISTEN): only ZERO, PAGE and EOS are accepted,
+ *    and a page is placed only where it is still missing (postcopy/placement.ts).
+ *  - inspection (`inspect`): nothing is written; the blocks are those the
+ *    stream's MEM_SIZE record announces, and an observer sees every record
+ *    (`ferry inspect`, tests).
+ * An observer, when given, sees every record in all three.
  */
+import { setBit, testBit } from '../../base/bitmap.js';
+import { bufferView, isZeroRange } from '../../base/bytes.js';
+import { join64 } from '../../base/u64.js';
 import type { RamBlock } from '../../machine/types.js';
 import { TARGET_PAGE_SIZE } from '../../machine/types.js';
 import type { DecompressPool } from '../codec/compress-pool.js';
-import { xbzrleDecode } from '../codec/xbzrle.js';
+import { xbzrleDecode } from '../codec/xbzrle-codec.js';
 import { PageInflater } from '../codec/zlib-page.js';
+import { PostcopyPlacer } from '../postcopy/placement.js';
 import { StreamReader } from '../stream/reader.js';
 import { WIRE } from '../wire/constants.js';
 import { ERR, MigrationStreamError } from '../wire/errors.js';
 
 const F = WIRE.RAM;
-const TWO32 = 4294967296;
-const ZERO_PAGE = Buffer.alloc(TARGET_PAGE_SIZE);
 const PAGE_RECORD = F.ZERO | F.PAGE | F.COMPRESS_PAGE | F.XBZRLE;
+
+/** Sees the records a RamLoader reads. */
+export interface RamRecordObserver {
+  /**
+   * A ZERO, PAGE, XBZRLE or COMPRESS_PAGE record (`kind` is its flag,
+   * `flags` all of them, CONTINUE included). `payload` is what followed the
+   * header on the wire (the fill byte, the page, the delta, the zlib data);
+   * a view, valid only during the call.
+   */
+  page(kind: number, flags: number, block: number, offset: number, payload: Uint8Array): void;
+  /** The MEM_SIZE block list. */
+  blockList?(total: number, blocks: ReadonlyArray<{ name: string; length: number }>): void;
+  /** An EOS record (the end of a section's RAM payload). */
+  eos?(flags: number): void;
+}
 
 export interface RamLoaderOptions {
   /** Destination has the `compress` capability on (accept COMPRESS_PAGE). */
   compress?: boolean;
-  /** Keep a bitmap of received pages per block (for postcopy). */
-  trackReceived?: boolean;
   /**
    * Inflate COMPRESS_PAGE records in batches on these workers (the
    * `decompress-threads` pool). Without it they are inflated one by one on
@@ -32,6 +57,9 @@ export interface RamLoaderOptions {
    * so that the machine can set its present bit and wake blocked vCPUs.
    */
   placed?: (block: number, page: number) => void;
+  observer?: RamRecordObserver;
+  /** Inspection: write nothing; take the blocks from the stream's MEM_SIZE record. */
+  inspect?: boolean;
 }
 
 export interface RamLoaderCounters {
@@ -49,23 +77,23 @@ function fail(msg: string): never {
   throw new MigrationStreamError(msg);
 }
 
+/** A block of an inspected stream: a name and a size, no memory. */
+function announcedBlock(name: string, size: number): RamBlock {
+  const none = new Int32Array(0);
+  return { name, size, pages: Math.ceil(size / TARGET_PAGE_SIZE), bytes: new Uint8Array(0), dirty: none, touched: new Uint32Array(0), present: none };
+}
+
 export class RamLoader {
-  readonly blocks: readonly RamBlock[];
+  readonly blocks: RamBlock[];
   private readonly byName = new Map<string, number>();
   private readonly views: Buffer[];
-  /** Received-page bitmaps (when trackReceived), indexed like blocks. */
-  readonly received: Uint32Array[] | null;
   readonly counters: RamLoaderCounters = { pages: 0, zero: 0, normal: 0, xbzrle: 0, compressed: 0, bytes: 0 };
   /** Accept COMPRESS_PAGE records. */
   compress: boolean;
-  /**
-   * After POSTCOPY_LISTEN: only ZERO, PAGE and EOS are accepted, and a page
-   * is placed only if it is still missing (its bit clear in the block's
-   * `present` bitmap): once placed, the running guest owns it, and a second
-   * copy in flight must not overwrite what the guest wrote since.
-   */
-  postcopy = false;
-  private readonly placed: ((block: number, page: number) => void) | null;
+  private readonly placer: PostcopyPlacer;
+  private postcopyMode = false;
+  private readonly observer: RamRecordObserver | null;
+  private readonly inspect: boolean;
   /** Block of the most recent record that named one; kept across sections. */
   private current = -1;
   /** Blocks listed by the source's MEM_SIZE record. */
@@ -74,21 +102,38 @@ export class RamLoader {
   /** Target (block, page) of each COMPRESS_PAGE waiting in the pool's input slots. */
   private readonly pendBlock: Uint32Array;
   private readonly pendPage: Uint32Array;
+  private readonly pendFlags: Uint32Array;
   private pendN = 0;
   private inflater: PageInflater | null = null;
   private readonly scratch = new Uint8Array(TARGET_PAGE_SIZE + 1);
 
   constructor(blocks: readonly RamBlock[], opts: RamLoaderOptions = {}) {
-    this.blocks = blocks;
-    blocks.forEach((b, i) => this.byName.set(b.name, i));
-    this.views = blocks.map((b) => Buffer.from(b.bytes.buffer, b.bytes.byteOffset, b.bytes.byteLength));
-    this.received = opts.trackReceived ? blocks.map((b) => new Uint32Array((b.pages + 31) >>> 5)) : null;
+    this.inspect = opts.inspect ?? false;
+    this.blocks = this.inspect ? [] : [...blocks];
+    this.blocks.forEach((b, i) => this.byName.set(b.name, i));
+    this.views = this.blocks.map((b) => bufferView(b.bytes));
     this.compress = opts.compress ?? false;
-    this.pool = opts.decompressPool ?? null;
-    this.placed = opts.placed ?? null;
+    this.pool = this.inspect ? null : opts.decompressPool ?? null;
+    this.observer = opts.observer ?? null;
+    this.placer = new PostcopyPlacer(this, opts.placed ?? null);
     const cap = this.pool?.capacity ?? 0;
     this.pendBlock = new Uint32Array(cap);
     this.pendPage = new Uint32Array(cap);
+    this.pendFlags = new Uint32Array(cap);
+  }
+
+  /**
+   * After POSTCOPY_LISTEN: only ZERO, PAGE and EOS are accepted, and a page
+   * is placed only if it is still missing (its bit clear in the block's
+   * `present` bitmap): once placed, the running guest owns it, and a second
+   * copy in flight must not overwrite what the guest wrote since.
+   */
+  get postcopy(): boolean {
+    return this.postcopyMode;
+  }
+
+  set postcopy(on: boolean) {
+    this.postcopyMode = on;
   }
 
   /** Forget the current block (new incoming migration). */
@@ -129,29 +174,14 @@ export class RamLoader {
     return idx;
   }
 
-  private markTouched(block: RamBlock, page: number): void {
-    block.touched[page >>> 5] = (block.touched[page >>> 5]! | (1 << (page & 31))) >>> 0;
-  }
-
-  private markReceived(b: number, page: number): void {
-    const rb = this.received;
-    if (rb !== null) rb[b]![page >>> 5] = (rb[b]![page >>> 5]! | (1 << (page & 31))) >>> 0;
-  }
-
-  private isZeroPage(b: number, page: number): boolean {
-    // native memcmp against a zero page: fastest measured (bench/codec-ram.ts)
-    const off = page * TARGET_PAGE_SIZE;
-    return ZERO_PAGE.compare(this.views[b]!, off, off + TARGET_PAGE_SIZE) === 0;
-  }
-
   private async loadRecords(r: StreamReader): Promise<void> {
-    const invalid = this.compress ? 0 : F.COMPRESS_PAGE;
+    const invalid = this.compress || this.inspect ? 0 : F.COMPRESS_PAGE;
     for (;;) {
       if (!r.has(8)) await r.ensure(8);
       const hi = r.get32();
       const lo = r.get32();
       const flags = lo & F.FLAG_MASK;
-      const offset = hi * TWO32 + ((lo & ~F.FLAG_MASK) >>> 0);
+      const offset = join64(hi, lo & ~F.FLAG_MASK);
 
       if (flags & invalid) fail(ERR.unexpectedCompressed());
       let b = -1;
@@ -165,12 +195,15 @@ export class RamLoader {
         }
       }
       const kind = flags & ~F.CONTINUE;
-      if (this.postcopy && kind !== F.ZERO && kind !== F.PAGE && kind !== F.EOS) fail(ERR.unknownRamFlagsPostcopy(flags));
+      if (this.postcopyMode && kind !== F.ZERO && kind !== F.PAGE && kind !== F.EOS) fail(ERR.unknownRamFlagsPostcopy(flags));
       // pages still in the decompress pool go to RAM before any other record
       // (a later record for the same page must win) and before the section ends
       if (this.pendN > 0 && kind !== F.COMPRESS_PAGE) await this.flushCompressed();
 
-      if (kind === F.EOS) return;
+      if (kind === F.EOS) {
+        this.observer?.eos?.(flags);
+        return;
+      }
       if (kind === F.MEM_SIZE) {
         await this.loadBlockList(r, offset);
         continue;
@@ -179,25 +212,31 @@ export class RamLoader {
       const block = this.blocks[b]!;
       if (offset >= block.size) fail(ERR.illegalRamOffset(offset));
       const page = offset / TARGET_PAGE_SIZE;
-      if (this.postcopy) {
+      if (this.postcopyMode) {
         // no promise per page: only a missing payload awaits
         const n = kind === F.ZERO ? 1 : TARGET_PAGE_SIZE;
         if (!r.has(n)) await r.ensure(n);
-        this.placePostcopy(r, b, page, kind);
+        if (this.observer !== null) this.observer.page(kind, flags, b, offset, r.peekBytes(n));
+        this.placer.place(r, b, page, kind);
+        continue;
+      }
+      if (this.inspect) {
+        await this.inspectRecord(r, kind, flags, b, offset);
         continue;
       }
 
       switch (kind) {
         case F.ZERO: {
           if (!r.has(1)) await r.ensure(1);
-          this.putZero(b, page, r.get8());
+          const fill = r.get8();
+          this.putZero(b, page, fill);
+          if (this.observer !== null) this.observer.page(kind, flags, b, offset, Uint8Array.of(fill));
           break;
         }
         case F.PAGE:
           if (!r.has(TARGET_PAGE_SIZE)) await r.ensure(TARGET_PAGE_SIZE);
-          r.copyTo(block.bytes, offset, TARGET_PAGE_SIZE);
-          this.markTouched(block, page);
-          this.counters.normal++;
+          this.putPage(r, b, page);
+          if (this.observer !== null) this.observer.page(kind, flags, b, offset, block.bytes.subarray(offset, offset + TARGET_PAGE_SIZE));
           break;
         case F.XBZRLE: {
           if (!r.has(3)) await r.ensure(3);
@@ -210,7 +249,8 @@ export class RamLoader {
             fail(ERR.xbzrleDecode(offset));
           }
           this.counters.xbzrle++;
-          this.markTouched(block, page);
+          setBit(block.touched, page);
+          if (this.observer !== null) this.observer.page(kind, flags, b, offset, data);
           break;
         }
         case F.COMPRESS_PAGE: {
@@ -226,6 +266,8 @@ export class RamLoader {
             pool.setLength(k, len);
             this.pendBlock[k] = b;
             this.pendPage[k] = page;
+            this.pendFlags[k] = flags;
+            if (this.observer !== null) this.observer.page(kind, flags, b, offset, pool.input.subarray(k * pool.inStride, k * pool.inStride + len));
             if (this.pendN === pool.capacity) await this.flushCompressed();
             continue;
           }
@@ -234,55 +276,78 @@ export class RamLoader {
           if (!this.inflater.inflate(data, 0, len, this.scratch, 0)) fail(ERR.decompressFailed());
           block.bytes.set(this.scratch.subarray(0, TARGET_PAGE_SIZE), offset);
           this.counters.compressed++;
-          this.markTouched(block, page);
+          setBit(block.touched, page);
+          if (this.observer !== null) this.observer.page(kind, flags, b, offset, data);
           break;
         }
         default:
           fail(ERR.unknownRamFlags(flags));
       }
       this.counters.pages++;
-      this.markReceived(b, page);
     }
+  }
+
+  /** Inspection: check the record's framing, show it, skip it. */
+  private async inspectRecord(r: StreamReader, kind: number, flags: number, b: number, offset: number): Promise<void> {
+    let n: number;
+    switch (kind) {
+      case F.ZERO:
+        n = 1;
+        break;
+      case F.PAGE:
+        n = TARGET_PAGE_SIZE;
+        break;
+      case F.XBZRLE: {
+        if (!r.has(3)) await r.ensure(3);
+        if (r.get8() !== F.XBZRLE_ENCODING) fail(ERR.xbzrleWrongEncoding());
+        n = r.get16();
+        if (n > TARGET_PAGE_SIZE) fail(ERR.xbzrleLenOverflow());
+        break;
+      }
+      case F.COMPRESS_PAGE: {
+        if (!r.has(4)) await r.ensure(4);
+        n = r.get32();
+        if (n > WIRE.LIMITS.COMPRESS_BOUND) fail(ERR.invalidCompressedLength(n | 0));
+        break;
+      }
+      default:
+        fail(ERR.unknownRamFlags(flags));
+    }
+    if (!r.has(n)) await r.ensure(n);
+    const payload = r.getBytes(n);
+    this.observer?.page(kind, flags, b, offset, payload);
+    this.count(kind);
+  }
+
+  private count(kind: number): void {
+    const c = this.counters;
+    if (kind === F.ZERO) c.zero++;
+    else if (kind === F.PAGE) c.normal++;
+    else if (kind === F.XBZRLE) c.xbzrle++;
+    else c.compressed++;
+    c.pages++;
   }
 
   /**
    * A ZERO record: the page becomes `fill` bytes. A page never written
    * (`touched` clear) is known to be zero and is skipped without being read.
    */
-  private putZero(b: number, page: number, fill: number): void {
+  putZero(b: number, page: number, fill: number): void {
     const block = this.blocks[b]!;
-    const touched = ((block.touched[page >>> 5]! >>> (page & 31)) & 1) !== 0;
-    if (fill !== 0 || (touched && !this.isZeroPage(b, page))) {
-      const offset = page * TARGET_PAGE_SIZE;
+    const offset = page * TARGET_PAGE_SIZE;
+    if (fill !== 0 || (testBit(block.touched, page) && !isZeroRange(this.views[b]!, offset, TARGET_PAGE_SIZE))) {
       block.bytes.fill(fill, offset, offset + TARGET_PAGE_SIZE);
     }
-    if (fill !== 0) this.markTouched(block, page);
+    if (fill !== 0) setBit(block.touched, page);
     this.counters.zero++;
   }
 
-  /** One ZERO or PAGE record in postcopy mode; its payload is buffered. */
-  private placePostcopy(r: StreamReader, b: number, page: number, kind: number): void {
+  /** A PAGE record's payload (buffered) into page `page` of block `b`. */
+  putPage(r: StreamReader, b: number, page: number): void {
     const block = this.blocks[b]!;
-    const n = kind === F.ZERO ? 1 : TARGET_PAGE_SIZE;
-    if (((block.present[page >>> 5]! >>> (page & 31)) & 1) !== 0) {
-      r.skip(n);
-      return;
-    }
-    const offset = page * TARGET_PAGE_SIZE;
-    if (kind === F.ZERO) {
-      // The local copy may be stale (received, then discarded): putZero
-      // clears it unless it was never written (a missing page cannot have
-      // been written by the guest), so untouched memory stays unallocated,
-      // as UFFDIO_ZEROPAGE leaves it in QEMU.
-      this.putZero(b, page, r.get8());
-    } else {
-      r.copyTo(block.bytes, offset, TARGET_PAGE_SIZE);
-      this.markTouched(block, page);
-      this.counters.normal++;
-    }
-    this.counters.pages++;
-    this.markReceived(b, page);
-    this.placed?.(b, page);
+    r.copyTo(block.bytes, page * TARGET_PAGE_SIZE, TARGET_PAGE_SIZE);
+    setBit(block.touched, page);
+    this.counters.normal++;
   }
 
   /** Inflate the pending COMPRESS_PAGE records on the pool and write them to RAM in stream order. */
@@ -297,8 +362,7 @@ export class RamLoader {
       const page = this.pendPage[i]!;
       const block = this.blocks[b]!;
       block.bytes.set(pool.page(i), page * TARGET_PAGE_SIZE);
-      this.markTouched(block, page);
-      this.markReceived(b, page);
+      setBit(block.touched, page);
       this.counters.compressed++;
       this.counters.pages++;
     }
@@ -307,17 +371,29 @@ export class RamLoader {
   /** MEM_SIZE: `total` bytes of blocks follow as (counted name, be64 length). */
   private async loadBlockList(r: StreamReader, total: number): Promise<void> {
     let left = total;
+    const list: Array<{ name: string; length: number }> = [];
     while (left > 0) {
       const name = await r.readCountedString();
       if (!r.has(8)) await r.ensure(8);
       const length = r.get64();
-      const idx = this.byName.get(name);
-      if (idx === undefined) fail(ERR.unknownRamBlock(name));
-      const block = this.blocks[idx]!;
-      if (length !== block.size) fail(ERR.sizeMismatch(name, length, block.size));
-      if (length > left) fail(ERR.ramBlockListOverrun(name));
+      if (this.inspect) {
+        if (length > left || length === 0) fail(ERR.ramBlockListOverrun(name));
+        if (!this.byName.has(name)) {
+          this.byName.set(name, this.blocks.length);
+          this.blocks.push(announcedBlock(name, length));
+          this.views.push(Buffer.alloc(0));
+        }
+      } else {
+        const idx = this.byName.get(name);
+        if (idx === undefined) fail(ERR.unknownRamBlock(name));
+        const block = this.blocks[idx]!;
+        if (length !== block.size) fail(ERR.sizeMismatch(name, length, block.size));
+        if (length > left) fail(ERR.ramBlockListOverrun(name));
+      }
       this.announced.add(name);
+      list.push({ name, length });
       left -= length;
     }
+    this.observer?.blockList?.(total, list);
   }
 }

@@ -6,15 +6,16 @@
  * into it; sendPages() walks it from a cursor that survives between calls,
  * emitting ZERO / PAGE records into a StreamWriter, within a budget.
  */
+import { clearBit, lowestBit, newBitmap, popcount32, tailMask, testBit } from '../../base/bitmap.js';
+import { bufferView, isZeroRange } from '../../base/bytes.js';
+import { hi32, lo32 } from '../../base/u64.js';
 import type { RamBlock } from '../../machine/types.js';
-import { TARGET_PAGE_BITS, TARGET_PAGE_SIZE } from '../../machine/types.js';
+import { TARGET_PAGE_SIZE } from '../../machine/types.js';
 import type { CompressPool } from '../codec/compress-pool.js';
 import type { ByteSink, StreamWriter } from '../stream/writer.js';
 import { WIRE } from '../wire/constants.js';
 
 const F = WIRE.RAM;
-const TWO32 = 4294967296;
-const ZERO_PAGE = Buffer.alloc(TARGET_PAGE_SIZE);
 
 export interface SendBudget {
   /** Stop after this many pages (default unlimited). */
@@ -58,9 +59,7 @@ export type PageHook = (
 
 /** Write a RAM record header word (+ block name unless `cont`). */
 export function putRamRecordHeader(w: ByteSink, block: RamBlock, offset: number, flags: number, cont: boolean): void {
-  const hi = offset >= TWO32 ? Math.floor(offset / TWO32) : 0;
-  const lo = ((offset - hi * TWO32) | flags | (cont ? F.CONTINUE : 0)) >>> 0;
-  w.put64Parts(hi, lo);
+  w.put64Parts(hi32(offset), (lo32(offset) | flags | (cont ? F.CONTINUE : 0)) >>> 0);
   if (!cont) w.putCountedString(block.name);
 }
 
@@ -89,12 +88,6 @@ const enum Item {
   Compressed = 2,
 }
 
-function popcount(v: number): number {
-  v = v - ((v >>> 1) & 0x55555555);
-  v = (v & 0x33333333) + ((v >>> 2) & 0x33333333);
-  return (((v + (v >>> 4)) & 0x0f0f0f0f) * 0x01010101) >>> 24;
-}
-
 export class RamSender {
   readonly blocks: readonly RamBlock[];
   /** Migration bitmap per block: bit p of word p>>5 = page p to send. */
@@ -104,12 +97,8 @@ export class RamSender {
   dirtyPages = 0;
   /** Number of syncDirtyLog() calls (QEMU dirty-sync-count). */
   dirtySyncCount = 0;
-  /** Newly dirty pages found by syncs since the last resetDirtyPeriod(). */
-  dirtyPagesPeriod = 0;
   /** True until the walk has wrapped around once (first complete pass). */
   bulkStage = true;
-  /** Completed passes over all blocks. */
-  rounds = 0;
   readonly counters: RamSenderCounters = {
     duplicate: 0, normal: 0, normalBytes: 0, transferred: 0, hooked: 0, compressed: 0, compressedBytes: 0,
   };
@@ -126,14 +115,8 @@ export class RamSender {
   constructor(blocks: readonly RamBlock[], opts: { now?: () => number } = {}) {
     this.blocks = blocks;
     this.now = opts.now ?? (() => performance.now());
-    this.bitmaps = blocks.map((b) => {
-      const bm = new Uint32Array((b.pages + 31) >>> 5);
-      bm.fill(0xffffffff);
-      const rest = b.pages & 31;
-      if (rest) bm[bm.length - 1] = (1 << rest) - 1;
-      return bm;
-    });
-    this.views = blocks.map((b) => Buffer.from(b.bytes.buffer, b.bytes.byteOffset, b.bytes.byteLength));
+    this.bitmaps = blocks.map((b) => newBitmap(b.pages, true));
+    this.views = blocks.map((b) => bufferView(b.bytes));
     let total = 0;
     for (const b of blocks) {
       total += b.size;
@@ -157,10 +140,6 @@ export class RamSender {
     return this.dirtyPages * TARGET_PAGE_SIZE;
   }
 
-  resetDirtyPeriod(): void {
-    this.dirtyPagesPeriod = 0;
-  }
-
   /**
    * Take-and-clear every word of each block's dirty log (Atomics.exchange)
    * and OR it into the migration bitmap. Returns the number of pages that
@@ -174,21 +153,20 @@ export class RamSender {
       const bm = this.bitmaps[b]!;
       const len = Math.min(bm.length, dirty.length);
       const last = bm.length - 1;
-      const rest = this.blocks[b]!.pages & 31;
+      const mask = tailMask(this.blocks[b]!.pages);
       for (let i = 0; i < len; i++) {
         if (dirty[i] === 0) continue;
         let v = Atomics.exchange(dirty, i, 0) >>> 0;
         touched[i] = (touched[i]! | v) >>> 0;
-        if (i === last && rest) v = (v & ((1 << rest) - 1)) >>> 0;
+        if (i === last) v = (v & mask) >>> 0;
         const fresh = (v & ~bm[i]!) >>> 0;
         if (fresh !== 0) {
-          n += popcount(fresh);
+          n += popcount32(fresh);
           bm[i] = (bm[i]! | v) >>> 0;
         }
       }
     }
     this.dirtyPages += n;
-    this.dirtyPagesPeriod += n;
     this.dirtySyncCount++;
     return n;
   }
@@ -197,8 +175,7 @@ export class RamSender {
   sendSetup(w: StreamWriter): void {
     const start = w.bytesWritten;
     this.lastBlock = -1;
-    const hi = Math.floor(this.totalBytes / TWO32);
-    w.put64Parts(hi, ((this.totalBytes - hi * TWO32) | F.MEM_SIZE) >>> 0);
+    w.put64Parts(hi32(this.totalBytes), (lo32(this.totalBytes) | F.MEM_SIZE) >>> 0);
     for (const b of this.blocks) {
       w.putCountedString(b.name);
       w.put64(b.size);
@@ -213,11 +190,9 @@ export class RamSender {
     this.counters.transferred += 8;
   }
 
-  /** Whether page `page` of block `b` is all zero. */
-  isZeroPage(b: number, page: number): boolean {
-    // native memcmp against a zero page: fastest measured (bench/codec-ram.ts)
-    const off = page * TARGET_PAGE_SIZE;
-    return ZERO_PAGE.compare(this.views[b]!, off, off + TARGET_PAGE_SIZE) === 0;
+  /** Whether page `p` of block `b` is zero: never written since boot (no read, no fault-in), or all zero bytes. */
+  private isZero(b: number, p: number): boolean {
+    return !testBit(this.blocks[b]!.touched, p) || isZeroRange(this.views[b]!, p * TARGET_PAGE_SIZE, TARGET_PAGE_SIZE);
   }
 
   /**
@@ -239,14 +214,12 @@ export class RamSender {
       // take the page under the cursor
       const b = this.curBlock;
       const p = this.curPage;
-      const bm = this.bitmaps[b]!;
-      bm[p >>> 5] = (bm[p >>> 5]! & ~(1 << (p & 31))) >>> 0;
+      clearBit(this.bitmaps[b]!, p);
       this.dirtyPages--;
 
       const block = this.blocks[b]!;
       const cont = this.lastBlock === b;
-      // never written since boot: zero without reading (and faulting in) the page
-      const zero = ((block.touched[p >>> 5]! >>> (p & 31)) & 1) === 0 || this.isZeroPage(b, p);
+      const zero = this.isZero(b, p);
       let handled = PageHookResult.Default;
       if (this.hook !== null) {
         handled = this.hook(w, block, b, p, cont, zero, this.bulkStage);
@@ -295,12 +268,10 @@ export class RamSender {
     const block = this.blocks[b]!;
     let sent = 0;
     for (let p = page; p < page + n; p++) {
-      const bit = 1 << (p & 31);
-      if ((bm[p >>> 5]! & bit) === 0) continue;
-      bm[p >>> 5] = (bm[p >>> 5]! & ~bit) >>> 0;
+      if (!testBit(bm, p)) continue;
+      clearBit(bm, p);
       this.dirtyPages--;
-      const zero = ((block.touched[p >>> 5]! >>> (p & 31)) & 1) === 0 || this.isZeroPage(b, p);
-      this.putPage(w, b, p, this.lastBlock === b, zero);
+      this.putPage(w, b, p, this.lastBlock === b, this.isZero(b, p));
       sent++;
     }
     if (page + n < block.pages) {
@@ -309,33 +280,6 @@ export class RamSender {
     }
     this.counters.transferred += w.bytesWritten - startBytes;
     return sent;
-  }
-
-  /**
-   * The pages still in the bitmap of block b as byte ranges [start, length),
-   * coalesced (the POSTCOPY_RAM_DISCARD list: never sent, or dirtied since).
-   */
-  dirtyRanges(b: number): Array<[number, number]> {
-    const bm = this.bitmaps[b]!;
-    const pages = this.blocks[b]!.pages;
-    const out: Array<[number, number]> = [];
-    let p = 0;
-    while (p < pages) {
-      const word = bm[p >>> 5]! >>> (p & 31);
-      if (word === 0) {
-        p = ((p >>> 5) + 1) << 5;
-        continue;
-      }
-      p += 31 - Math.clz32(word & -word);
-      if (p >= pages) break;
-      const start = p;
-      while (p < pages && ((bm[p >>> 5]! >>> (p & 31)) & 1) !== 0) {
-        if ((p & 31) === 0 && bm[p >>> 5] === 0xffffffff && p + 32 <= pages) p += 32;
-        else p++;
-      }
-      out.push([start * TARGET_PAGE_SIZE, (p - start) * TARGET_PAGE_SIZE]);
-    }
-    return out;
   }
 
   // ---- compressed pages (`compress`, xbzrle.md §6) ------------------------
@@ -366,7 +310,6 @@ export class RamSender {
         b++;
         if (b >= nblocks) {
           b = 0;
-          this.rounds++;
           this.bulkStage = false;
         }
         bm = this.bitmaps[b]!;
@@ -379,7 +322,7 @@ export class RamSender {
       word = bm[wi]!;
     }
     this.curBlock = b;
-    this.curPage = (wi << 5) | (31 - Math.clz32(word & -word));
+    this.curPage = (wi << 5) | lowestBit(word);
     return true;
   }
 
@@ -430,12 +373,11 @@ export class RamSender {
       if (this.hook !== null && !this.bulkStage) break;
       const b = this.curBlock;
       const p = this.curPage;
-      const bm = this.bitmaps[b]!;
-      bm[p >>> 5] = (bm[p >>> 5]! & ~(1 << (p & 31))) >>> 0;
+      clearBit(this.bitmaps[b]!, p);
       this.dirtyPages--;
       this.curPage = p + 1;
       const block = this.blocks[b]!;
-      const zero = ((block.touched[p >>> 5]! >>> (p & 31)) & 1) === 0 || this.isZeroPage(b, p);
+      const zero = this.isZero(b, p);
       if (zero) {
         kind[n] = Item.Zero;
       } else if (last !== b) {
@@ -516,4 +458,3 @@ export class RamSender {
   }
 }
 
-export { TARGET_PAGE_BITS };

@@ -8,6 +8,7 @@
  * checkLength() before it is trusted; ensure() refuses more than maxEnsure.
  */
 import type { Readable } from 'node:stream';
+import { join64 } from '../../base/u64.js';
 import { ERR, MigrationStreamError } from '../wire/errors.js';
 
 export interface StreamReaderOptions {
@@ -18,7 +19,6 @@ export interface StreamReaderOptions {
 }
 
 const EMPTY = Buffer.alloc(0);
-const TWO32 = 4294967296;
 
 interface Waiter {
   n: number;
@@ -249,8 +249,8 @@ export class StreamReader {
     if (this.avail < 8) this.short();
     const hi = this.get32();
     const lo = this.get32();
-    if (hi >= 0x200000) throw new MigrationStreamError(ERR.lengthTooLarge('a 64-bit value', hi * TWO32 + lo, Number.MAX_SAFE_INTEGER));
-    return hi * TWO32 + lo;
+    if (hi >= 0x200000) throw new MigrationStreamError(ERR.lengthTooLarge('a 64-bit value', join64(hi, lo), Number.MAX_SAFE_INTEGER));
+    return join64(hi, lo);
   }
 
   /** Copy n bytes into dst at dstOffset. */
@@ -278,6 +278,21 @@ export class StreamReader {
     }
     const b = Buffer.allocUnsafe(n);
     this.copyTo(b, 0, n);
+    return b;
+  }
+
+  /** n bytes without consuming them: a view when they lie in one chunk, else a copy. */
+  peekBytes(n: number): Buffer {
+    if (this.avail < n) this.short();
+    if (this.off + n <= this.cur.length) return this.cur.subarray(this.off, this.off + n);
+    const b = Buffer.allocUnsafe(n);
+    let at = 0;
+    for (let i = this.head, off = this.off; at < n; i++, off = 0) {
+      const c = this.chunks[i]!;
+      const take = Math.min(n - at, c.length - off);
+      c.copy(b, at, off, off + take);
+      at += take;
+    }
     return b;
   }
 

@@ -8,6 +8,7 @@
  * rejects with it. A rate limiter with 100 ms windows mirrors QEMU's
  * qemu_file_rate_limit (budget = max-bandwidth / 10 per window).
  */
+import { hi32, lo32 } from '../../base/u64.js';
 import { WriteStream } from 'node:fs';
 import { Socket } from 'node:net';
 import type { Writable } from 'node:stream';
@@ -43,7 +44,6 @@ export interface StreamWriterOptions {
 
 /** Rate-limit window, as in QEMU (BUFFER_DELAY 100 ms). */
 export const RATE_WINDOW_MS = 100;
-const TWO32 = 4294967296;
 /** Headroom kept free when wantsFlush() starts saying yes. */
 const FLUSH_HEADROOM = 64 * 1024;
 
@@ -173,7 +173,7 @@ export class StreamWriter implements ByteSink {
   }
 
   put64(v: number): void {
-    this.put64Parts(Math.floor(v / TWO32), v >>> 0);
+    this.put64Parts(hi32(v), lo32(v));
   }
 
   put64Parts(hi: number, lo: number): void {
@@ -365,7 +365,7 @@ export class BufferSink implements ByteSink {
     this.pos += 4;
   }
   put64(v: number): void {
-    this.put64Parts(Math.floor(v / TWO32), v >>> 0);
+    this.put64Parts(hi32(v), lo32(v));
   }
   put64Parts(hi: number, lo: number): void {
     this.room(8);

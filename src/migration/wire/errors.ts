@@ -2,11 +2,12 @@
  * Errors of the byte-level migration layer. Messages are QEMU's texts where
  * QEMU has one, so the commands layer can pass them through as GenericError.
  */
-export class MigrationStreamError extends Error {
-  constructor(message: string, options?: { cause?: unknown }) {
-    super(message, options);
-    this.name = 'MigrationStreamError';
-  }
+import { MigrationFailure } from '../errors.js';
+
+/** The bytes are not a valid migration stream (or return-path message). */
+export class MigrationStreamError extends MigrationFailure {
+  readonly kind = 'stream';
+  override readonly name = 'MigrationStreamError';
 }
 
 /** Lower-case hex without prefix (QEMU's %x / PRIx64). */

@@ -3,13 +3,13 @@
  * Encoders write into any ByteSink; decoders read from a StreamReader,
  * awaiting data only when it is missing, and validate with QEMU's texts.
  */
+import { hi32, join64 } from '../../base/u64.js';
 import type { ByteSink } from '../stream/writer.js';
 import { StreamReader } from '../stream/reader.js';
 import { CMD_LENGTHS, CMD_NAMES, RP_LENGTHS, RP_NAMES, WIRE } from './constants.js';
 import { ERR, MigrationStreamError } from './errors.js';
 
 const S = WIRE.SECTION;
-const TWO32 = 4294967296;
 
 function fail(msg: string): never {
   throw new MigrationStreamError(msg);
@@ -356,8 +356,8 @@ function decodeRamDiscard(d: Buffer): Command {
   if (rest % 16 !== 0 || rest === 0) fail(ERR.discardInvalidLength(len));
   const ranges: Array<[number, number]> = [];
   for (let p = 3 + nameLen; p < len; p += 16) {
-    const s = d.readUInt32BE(p) * TWO32 + d.readUInt32BE(p + 4);
-    const l = d.readUInt32BE(p + 8) * TWO32 + d.readUInt32BE(p + 12);
+    const s = join64(d.readUInt32BE(p), d.readUInt32BE(p + 4));
+    const l = join64(d.readUInt32BE(p + 8), d.readUInt32BE(p + 12));
     ranges.push([s, l]);
   }
   return { cmd: 'POSTCOPY_RAM_DISCARD', blockName, ranges };
@@ -389,7 +389,7 @@ export function encodeRpReqPagesId(start: number, length: number, blockName: str
   const name = Buffer.from(blockName, 'utf8');
   if (name.length > 255) throw new RangeError('block name too long');
   const b = rpHeader(RP.REQ_PAGES_ID, 13 + name.length);
-  b.writeUInt32BE(Math.floor(start / TWO32), 4);
+  b.writeUInt32BE(hi32(start), 4);
   b.writeUInt32BE(start >>> 0, 8);
   b.writeUInt32BE(length >>> 0, 12);
   b[16] = name.length;
@@ -398,7 +398,7 @@ export function encodeRpReqPagesId(start: number, length: number, blockName: str
 }
 export function encodeRpReqPages(start: number, length: number): Buffer {
   const b = rpHeader(RP.REQ_PAGES, 12);
-  b.writeUInt32BE(Math.floor(start / TWO32), 4);
+  b.writeUInt32BE(hi32(start), 4);
   b.writeUInt32BE(start >>> 0, 8);
   b.writeUInt32BE(length >>> 0, 12);
   return b;
@@ -422,13 +422,13 @@ function decodeRpBody(type: number, d: Buffer): RpMessage {
       if (d.length !== 13 + n) fail(ERR.rpReqPagesIdLength(d.length, 13 + n));
       return {
         type: 'REQ_PAGES_ID',
-        start: d.readUInt32BE(0) * TWO32 + d.readUInt32BE(4),
+        start: join64(d.readUInt32BE(0), d.readUInt32BE(4)),
         length: d.readUInt32BE(8),
         blockName: d.toString('utf8', 13, 13 + n),
       };
     }
     default:
-      return { type: 'REQ_PAGES', start: d.readUInt32BE(0) * TWO32 + d.readUInt32BE(4), length: d.readUInt32BE(8) };
+      return { type: 'REQ_PAGES', start: join64(d.readUInt32BE(0), d.readUInt32BE(4)), length: d.readUInt32BE(8) };
   }
 }
 

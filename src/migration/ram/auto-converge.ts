@@ -4,8 +4,8 @@
  * and throttle harder while that goes on.
  */
 import { TARGET_PAGE_SIZE } from '../../machine/types.js';
-import type { MigrationOptions } from './options.js';
-import type { MachinePort } from './port.js';
+import type { MigrationOptions } from '../core/options.js';
+import type { MachinePort } from '../core/port.js';
 
 /** QEMU's CPU_THROTTLE_PCT_MIN / CPU_THROTTLE_PCT_MAX. */
 const THROTTLE_MIN = 1;

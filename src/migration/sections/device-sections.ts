@@ -1,14 +1,17 @@
 /**
- * Device sections: one FULL section per MigratableDevice (stream-format.md
- * §5, §7), the payload framing rule of machine/types.ts, and the vmdesc
- * trailer JSON (§8).
+ * One-shot sections: one FULL section per MigratableDevice
+ * (docs/spec/stream-format.md §5, §7) with the payload framing rule of
+ * machine/types.ts, the loader that reads one back, and the vmdesc trailer
+ * JSON (§8).
  */
-import type { MigratableDevice } from '../machine/types.js';
-import { StreamReader } from './stream/reader.js';
-import type { ByteSink } from './stream/writer.js';
-import { WIRE } from './wire/constants.js';
-import { ERR, MigrationStreamError } from './wire/errors.js';
-import { checkSectionVersion, putFooter, putSectionStartFull, readFooter, readSectionStartFull } from './wire/records.js';
+import type { MigratableDevice } from '../../machine/types.js';
+import { classifyLoadError } from '../errors.js';
+import { StreamReader } from '../stream/reader.js';
+import type { ByteSink } from '../stream/writer.js';
+import { WIRE } from '../wire/constants.js';
+import { MigrationStreamError } from '../wire/errors.js';
+import { putFooter, putSectionStartFull } from '../wire/records.js';
+import type { SectionLoader } from './section.js';
 
 export interface VmdescField {
   name: string;
@@ -24,16 +27,9 @@ export interface VmdescEntry {
   fields: VmdescField[];
 }
 
-/** Key of devicesByKey maps: `${idstr}:${instanceId}`. */
-export function deviceKey(idstr: string, instanceId: number): string {
-  return `${idstr}:${instanceId}`;
-}
-
-/** Map devices by (idstr, instance) for readDeviceSection. */
-export function devicesByKey(devices: readonly MigratableDevice[]): Map<string, MigratableDevice> {
-  const m = new Map<string, MigratableDevice>();
-  for (const d of devices) m.set(deviceKey(d.idstr, d.instanceId), d);
-  return m;
+/** The device with this (idstr, instance), if any. */
+export function findDevice(devices: readonly MigratableDevice[], idstr: string, instanceId: number): MigratableDevice | undefined {
+  return devices.find((d) => d.idstr === idstr && d.instanceId === instanceId);
 }
 
 /** QEMU's own field lists for the fixed layouts we share with it. */
@@ -101,30 +97,28 @@ export function writeDeviceSections(
 }
 
 /**
- * After the 0x04 (FULL) type byte: read the section header, find the device
- * by (idstr, instance), check versions, read the payload (raw when the device
- * has a fixed size for that version, else be32-framed), load it, check the
- * footer.
+ * The loader of a device's FULL section: reads the payload (raw when the
+ * device has a fixed size for that version, else be32-framed) and hands a
+ * copy to the device. A plain Error from the device's load() (its own
+ * validation) fails the migration as a bad stream; anything else is a bug.
  */
-export async function readDeviceSection(
-  r: StreamReader,
-  byKey: ReadonlyMap<string, MigratableDevice>,
-  opts: { maxPayload?: number } = {},
-): Promise<{ device: MigratableDevice; sectionId: number; versionId: number; size: number }> {
-  const h = await readSectionStartFull(r);
-  const device = byKey.get(deviceKey(h.idstr, h.instanceId));
-  if (!device) throw new MigrationStreamError(ERR.unknownSection(h.idstr, h.instanceId));
-  checkSectionVersion(h.idstr, h.versionId, device.version, device.minVersion);
-  let len = fixedSize(device, h.versionId);
-  if (len === undefined) {
-    if (!r.has(4)) await r.ensure(4);
-    len = StreamReader.checkLength(r.get32(), opts.maxPayload ?? WIRE.LIMITS.DEVICE_PAYLOAD_MAX, `the '${h.idstr}' payload`);
-  }
-  if (!r.has(len)) await r.ensure(len);
-  const data = Buffer.from(r.getBytes(len)); // a copy the device may keep
-  device.load(data, h.versionId);
-  await readFooter(r, h.idstr, h.sectionId);
-  return { device, sectionId: h.sectionId, versionId: h.versionId, size: len };
+export function deviceLoader(device: MigratableDevice, opts: { maxPayload?: number } = {}): SectionLoader {
+  return {
+    async load(r: StreamReader, _kind, version: number): Promise<void> {
+      let len = fixedSize(device, version);
+      if (len === undefined) {
+        if (!r.has(4)) await r.ensure(4);
+        len = StreamReader.checkLength(r.get32(), opts.maxPayload ?? WIRE.LIMITS.DEVICE_PAYLOAD_MAX, `the '${device.idstr}' payload`);
+      }
+      if (!r.has(len)) await r.ensure(len);
+      const data = Buffer.from(r.getBytes(len)); // a copy the device may keep
+      try {
+        device.load(data, version);
+      } catch (e) {
+        throw classifyLoadError(e, (msg, cause) => new MigrationStreamError(msg, { cause }));
+      }
+    },
+  };
 }
 
 /** JSON text the way QEMU's JSON writer spaces it (", " and ": "). */

@@ -1,6 +1,6 @@
 /**
- * The source side of the `xbzrle` capability (xbzrle.md §1, §3, §5): a page
- * hook for RamSender that sends dirty pages as XBZRLE deltas against the
+ * The XBZRLE page encoder of the RAM section, the source side of the
+ * `xbzrle` capability (docs/spec/xbzrle.md §1, §3, §5): a page hook for RamSender that sends dirty pages as XBZRLE deltas against the
  * XBZRLE page cache, and the statistics of query-migrate `xbzrle-cache`.
  *
  * As QEMU (2.10 and 7.2): nothing is cached or encoded during the bulk stage
@@ -23,7 +23,7 @@ import type { XBZRLECacheStats } from '../../generated/qapi-types.js';
 import type { RamBlock } from '../../machine/types.js';
 import { TARGET_PAGE_BITS, TARGET_PAGE_SIZE } from '../../machine/types.js';
 import { XbzrleCache } from '../codec/xbzrle-cache.js';
-import { xbzrleEncode } from '../codec/xbzrle.js';
+import { xbzrleEncode } from '../codec/xbzrle-codec.js';
 import type { StreamWriter } from '../stream/writer.js';
 import { WIRE } from '../wire/constants.js';
 import { PageHookResult, putRamRecordHeader, type PageHook, type RamSender } from './sender.js';
@@ -44,7 +44,7 @@ export interface XbzrleCounters {
   unchanged: number;
 }
 
-export class XbzrleSender {
+export class XbzrleEncoder {
   readonly cache: XbzrleCache;
   readonly counters: XbzrleCounters = { bytes: 0, pages: 0, cacheMiss: 0, cacheMissRate: 0, overflow: 0, unchanged: 0 };
   /** The page hook to install with RamSender.setPageHook. */
@@ -86,9 +86,14 @@ export class XbzrleSender {
     this.cache.resize(size);
   }
 
-  /** Migration cleanup: drop the page copies, keep the statistics. */
+  /** Migration cleanup: drop the page copies, keep the statistics (and the size the cache had). */
   release(): void {
     this.cache.free();
+  }
+
+  /** The running cache's size (after release: the size it had). */
+  get cacheSize(): number {
+    return this.cache.size;
   }
 
   /**
@@ -106,11 +111,15 @@ export class XbzrleSender {
     this.rateTime = now;
   }
 
-  /** query-migrate `xbzrle-cache` (cache-size is the configured size). */
-  stats(cacheSize: number): XBZRLECacheStats {
+  /**
+   * query-migrate `xbzrle-cache`. cache-size is the running cache's size,
+   * which is the configured size (QEMU reports the parameter) unless a resize
+   * did not reach the cache.
+   */
+  stats(): XBZRLECacheStats {
     const c = this.counters;
     return {
-      'cache-size': cacheSize,
+      'cache-size': this.cacheSize,
       bytes: c.bytes,
       pages: c.pages,
       'cache-miss': c.cacheMiss,

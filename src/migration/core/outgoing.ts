@@ -1,0 +1,449 @@
+/**
+ * One outgoing migration: QEMU's migration thread, on the main loop
+ * (docs/spec/qmp.md Parts C.1, D, E.1, E.2, E.6).
+ *
+ * The session owns everything the migration uses: the channel, the stream
+ * writer, the return path, the live sections and the compression workers.
+ * It runs setup, the precopy iterations and the completion, or hands over to
+ * the postcopy switch (postcopy/switch.ts), and it is disposed exactly once,
+ * on every path, by run()'s `finally`.
+ *
+ * The data path works in slices: each slice asks every live section with
+ * data left for at most one staging buffer or ~5 ms of work, hands the bytes
+ * to the channel and yields to the event loop, so QMP stays responsive at
+ * full speed.
+ */
+import { setImmediate as yieldToLoop } from 'node:timers/promises';
+import type { MigrationInfo, MigrationStatus } from '../../generated/qapi-types.js';
+import { TARGET_PAGE_SIZE, type MigratableDevice } from '../../machine/types.js';
+import { endOutput, linger, openOutgoing, type Channel, type ChannelWrapper, type MigrationUri } from '../channel/index.js';
+import { CompressPool } from '../codec/compress-pool.js';
+import { CancelledError, MigrationError, PeerError, inPhase, type MigrationFailure, type MigrationPhase } from '../errors.js';
+import { runPostcopy } from '../postcopy/switch.js';
+import { ReturnPathReader } from '../return-path/reader.js';
+import { MigrationClockDevice, wallClockUs } from '../sections/clock-device.js';
+import { buildVmdesc, writeDeviceSections, type VmdescEntry } from '../sections/device-sections.js';
+import { FIRST_SECTION_ID, type SectionRegistry } from '../sections/registry.js';
+import type { LiveSection, OutgoingSectionContext, Pending } from '../sections/section.js';
+import { StreamWriter, type ByteSink } from '../stream/writer.js';
+import { WIRE } from '../wire/constants.js';
+import {
+  putCmdOpenReturnPath,
+  putCmdPing,
+  putCmdPostcopyAdvise,
+  putConfiguration,
+  putEof,
+  putFooter,
+  putHeader,
+  putSectionPartEnd,
+  putSectionStartFull,
+  putVmdesc,
+} from '../wire/records.js';
+import type { MigrationOptions } from './options.js';
+import type { MachinePort } from './port.js';
+import { SourceStats } from './stats.js';
+import type { StatusMachine } from './status.js';
+
+const S = WIRE.SECTION;
+/** Share of downtime-limit given to the final transfer (see iterate()). */
+const SWITCHOVER_SHARE = 0.5;
+/** Main-thread work per slice before yielding to the event loop. */
+const SLICE_MS = 5;
+/** Device sections a QEMU `-M none` guest has. */
+const QEMU_DEVICES: ReadonlySet<string> = new Set(['timer', 'globalstate']);
+/** How long a failed postcopy source waits for the return path's last words. */
+const RP_SETTLE_MS = 1000;
+
+/**
+ * Named points of an outgoing migration, reported to `trace` as they are
+ * reached (tests cancel or inject faults there; nothing else depends on it).
+ */
+export type SourceTracePoint =
+  | 'connected'
+  | 'setup-sent'
+  | 'slice'
+  | 'stopped'
+  | 'sent'
+  | 'lingering'
+  | 'postcopy-stopped'
+  | 'package-sent'
+  | 'postcopy-slice'
+  | 'postcopy-sent'
+  | 'disposed';
+
+export interface OutgoingDeps {
+  readonly machine: MachinePort;
+  readonly options: MigrationOptions;
+  readonly sections: SectionRegistry;
+  readonly status: StatusMachine;
+  now(): number;
+  lookupFd(name: string): number | undefined;
+  /** Send only QEMU's own device sections (a QEMU 7.2 `-M none` destination). */
+  readonly qemuCompatible: boolean;
+  readonly wrapChannel?: ChannelWrapper;
+  trace?(point: SourceTracePoint): void;
+  /** The MIGRATION_PASS count went up. */
+  onPass(count: number): void;
+  log?(msg: string): void;
+}
+
+/** A live section of this migration with its section id. */
+export interface ActiveSection {
+  readonly id: number;
+  readonly section: LiveSection;
+}
+
+interface PendingSum {
+  precopy: number;
+  postcopy: number;
+  total: number;
+  each: Pending[];
+}
+
+export class OutgoingSession {
+  readonly stats = new SourceStats();
+  readonly abort = new AbortController();
+  channel: Channel | null = null;
+  writer: StreamWriter | null = null;
+  returnPath: ReturnPathReader | null = null;
+  sections: ActiveSection[] = [];
+  /** The error the migration failed with (error-desc is its message). */
+  error: MigrationFailure | undefined;
+  /** migrate-start-postcopy was issued for this migration. */
+  postcopyRequested = false;
+  /** The switch to postcopy has begun: the guest may run on the destination. */
+  inPostcopy = false;
+  /** The VM is stopped by us and must be restarted on failure. */
+  vmStopped = false;
+  phase: MigrationPhase = 'start';
+  private compress: CompressPool | null = null;
+  private disposed = false;
+
+  constructor(readonly deps: OutgoingDeps) {
+    this.stats.begin(deps.now());
+  }
+
+  get machine(): MachinePort {
+    return this.deps.machine;
+  }
+
+  get options(): MigrationOptions {
+    return this.deps.options;
+  }
+
+  now(): number {
+    return this.deps.now();
+  }
+
+  trace(point: SourceTracePoint): void {
+    this.deps.trace?.(point);
+  }
+
+  // ---------------------------------------------------------------- run
+
+  /** The whole migration; resolves (never rejects) once it ended and the session is disposed. */
+  async run(uri: MigrationUri): Promise<void> {
+    try {
+      await this.setup(uri);
+      this.phase = 'iterate';
+      const next = await this.iterate();
+      if (next === 'postcopy') {
+        this.phase = 'postcopy-switch';
+        await runPostcopy(this);
+      } else {
+        this.phase = 'complete';
+        await this.complete();
+      }
+    } catch (e) {
+      await this.fail(e);
+    } finally {
+      this.dispose();
+    }
+  }
+
+  /** migrate_cancel: the writer fails with CancelledError, the channel closes, a pending connect aborts. */
+  cancel(): void {
+    this.abort.abort();
+    this.writer?.setError(new CancelledError({ phase: this.phase }));
+    this.channel?.close();
+  }
+
+  /** Throws CancelledError once migrate_cancel was issued. */
+  checkCancelled(): void {
+    if (this.deps.status.is('cancelling')) throw new CancelledError({ phase: this.phase });
+  }
+
+  /** Exactly once: every resource of the migration is released. */
+  dispose(): void {
+    if (this.disposed) return;
+    this.disposed = true;
+    for (const { section } of this.sections) {
+      try {
+        section.cleanup();
+      } catch (e) {
+        this.deps.log?.(`cleanup of section '${section.idstr}' failed: ${(e as Error).stack ?? String(e)}`);
+      }
+    }
+    this.returnPath?.stop();
+    this.channel?.close();
+    void this.compress?.close();
+    this.compress = null;
+    this.trace('disposed');
+  }
+
+  get isDisposed(): boolean {
+    return this.disposed;
+  }
+
+  private async setup(uri: MigrationUri): Promise<void> {
+    const { options, machine } = this;
+    const setupStart = this.now();
+    const postcopy = options.capability('postcopy-ram');
+    // postcopy-ram implies the return path (docs/spec/qmp.md B.2)
+    const useReturnPath = postcopy || options.capability('return-path');
+    this.phase = 'connect';
+    const channel = await openOutgoing(uri, { lookupFd: this.deps.lookupFd, signal: this.abort.signal, wrap: this.deps.wrapChannel });
+    this.channel = channel;
+    this.checkCancelled();
+    this.trace('connected');
+    this.phase = 'setup';
+    if (useReturnPath && !channel.bidirectional) throw new MigrationError('Unable to open return-path for postcopy');
+    const w = new StreamWriter(channel.output, { now: this.deps.now });
+    this.writer = w;
+    w.setMaxBandwidth(options.get('max-bandwidth'));
+    this.stats.beginTransfer(this.now(), 0, options.get('downtime-limit'));
+
+    putHeader(w);
+    putConfiguration(w, machine.machineType);
+    if (useReturnPath) {
+      this.returnPath = new ReturnPathReader(channel, (e) => this.onReturnPathError(e));
+      putCmdOpenReturnPath(w);
+      putCmdPing(w, 1);
+    }
+    // page-size summary: the OR of every block's page size (all 4 KiB here)
+    if (postcopy) putCmdPostcopyAdvise(w, TARGET_PAGE_SIZE, TARGET_PAGE_SIZE);
+
+    const ctx = this.sectionContext();
+    let id = FIRST_SECTION_ID;
+    for (const type of this.deps.sections.types) {
+      const section = type.save(ctx);
+      if (section) this.sections.push({ id: id++, section });
+    }
+    for (const { id, section } of this.sections) {
+      putSectionStartFull(w, S.START, id, section.idstr, section.instanceId, section.version);
+      await section.setup(w);
+      putFooter(w, id);
+    }
+    await w.flush();
+    this.checkCancelled();
+    this.trace('setup-sent');
+    this.stats.setupTime = Math.round(this.now() - setupStart);
+    if (!this.deps.status.toIf(['setup'], 'active')) this.checkCancelled();
+  }
+
+  private sectionContext(): OutgoingSectionContext {
+    return {
+      machine: this.machine,
+      options: this.options,
+      now: this.deps.now,
+      returnPath: this.returnPath,
+      compressPool: () => (this.compress ??= new CompressPool({ threads: this.options.get('compress-threads') })),
+      onPass: (n) => this.deps.onPass(n),
+      throughputMbps: () => this.stats.mbps,
+    };
+  }
+
+  /** What every live section has left (`exact`: see LiveSection.pending). */
+  pending(exact: boolean, only?: (s: LiveSection) => boolean): PendingSum {
+    const sum: PendingSum = { precopy: 0, postcopy: 0, total: 0, each: [] };
+    for (const { section } of this.sections) {
+      const p = only && !only(section) ? { precopy: 0, postcopy: 0 } : section.pending(exact);
+      sum.precopy += p.precopy;
+      sum.postcopy += p.postcopy;
+      sum.each.push(p);
+    }
+    sum.total = sum.precopy + sum.postcopy;
+    return sum;
+  }
+
+  /**
+   * Precopy iterations until the rest fits in downtime-limit (docs/spec/qmp.md
+   * E.2), or until a requested switch to postcopy can happen.
+   */
+  private async iterate(): Promise<'complete' | 'postcopy'> {
+    const w = this.writer!;
+    let threshold = 0;
+    for (;;) {
+      this.checkCancelled();
+      if (w.error) throw w.error;
+      if (this.stats.updateWindow(this.now(), w.bytesWritten)) {
+        // Bytes that fit in the downtime budget. QEMU uses the whole limit;
+        // we keep half of it for what the estimate does not see (stopping
+        // the vCPUs, the device sections, the destination starting its guest),
+        // so that the measured downtime stays within downtime-limit.
+        threshold = this.stats.bandwidth * this.options.get('downtime-limit') * SWITCHOVER_SHARE;
+      }
+      let p = this.pending(false);
+      if (p.total < threshold || p.total === 0) p = this.pending(true);
+      this.stats.remaining = p.total;
+      if (p.total === 0 || p.total < threshold) return 'complete';
+      // what must go before the switch fits: postcopy carries the rest
+      if (this.postcopyRequested && this.options.capability('postcopy-ram') && p.precopy <= threshold) return 'postcopy';
+
+      this.trace('slice');
+      const t0 = this.now();
+      for (let i = 0; i < this.sections.length; i++) {
+        const pi = p.each[i]!;
+        if (pi.precopy + pi.postcopy === 0) continue;
+        const left = SLICE_MS - (this.now() - t0);
+        if (left <= 0) break;
+        const { id, section } = this.sections[i]!;
+        putSectionPartEnd(w, S.PART, id);
+        await section.iterate(w, { maxMillis: left });
+        putFooter(w, id);
+        if (w.wantsFlush() || w.rateLimitExceeded()) break;
+      }
+      await w.flush();
+      if (w.rateLimitExceeded()) await w.waitForWindow();
+      else await yieldToLoop();
+    }
+  }
+
+  /** Stop-and-copy: VM stopped, the rest of every section, devices, EOF, vmdesc. */
+  private async complete(): Promise<void> {
+    const w = this.writer!;
+    const stopWall = wallClockUs();
+    const stopTime = this.now();
+    await this.machine.stopForMigration();
+    this.vmStopped = true;
+    this.checkCancelled();
+    this.trace('stopped');
+    w.setMaxBandwidth(0);
+    for (const { id, section } of this.sections) {
+      putSectionPartEnd(w, S.END, id);
+      await section.completePrecopy(w);
+      putFooter(w, id);
+    }
+    this.writeDevices(w, stopWall);
+    putEof(w);
+    putVmdesc(w, buildVmdesc(this.vmdesc));
+    await w.drain();
+    this.checkCancelled();
+    this.trace('sent');
+    const rp = this.returnPath;
+    if (rp) {
+      const shut = await rp.waitForShut();
+      this.checkCancelled();
+      if (shut !== 0) throw new PeerError(`Destination reported failure (SHUT ${shut})`);
+    } else {
+      await endOutput(this.channel!);
+    }
+    const end = this.now();
+    if (!rp) {
+      // without a return path, the channel closing is the end: an exec:
+      // forwarder gets to pass the tail on before we close it
+      this.trace('lingering');
+      await linger(this.channel!, undefined, this.abort.signal);
+    }
+    // a cancel that came after the last byte still wins (QEMU: cancelled, the source runs on)
+    this.checkCancelled();
+    this.stats.downtime = Math.round(end - stopTime);
+    this.finish(end);
+  }
+
+  /** vmdesc entries of the device sections written by writeDevices(). */
+  private vmdesc: VmdescEntry[] = [];
+
+  /** The device sections of the switchover, numbered after the live sections. */
+  writeDevices(w: ByteSink, stopWallUs: number): void {
+    const first = FIRST_SECTION_ID + this.sections.length;
+    const { entries } = writeDeviceSections(w, this.devicesToSend(stopWallUs), first);
+    this.vmdesc = entries;
+  }
+
+  /** Device sections for the switchover (stop time in the ferry-migration section). */
+  private devicesToSend(stopWallUs: number): MigratableDevice[] {
+    return this.deps.qemuCompatible
+      ? this.machine.devices.filter((d) => QEMU_DEVICES.has(d.idstr))
+      : [...this.machine.devices, new MigrationClockDevice(stopWallUs)];
+  }
+
+  /** Final statistics, run state postmigrate, status completed. */
+  finish(end: number): void {
+    this.stats.finish(end, this.writer!.bytesWritten);
+    this.vmStopped = false;
+    this.machine.enterPostmigrate();
+    this.deps.status.to('completed');
+  }
+
+  private onReturnPathError(e: MigrationFailure): void {
+    e.phase ??= 'return-path';
+    this.writer?.setError(e);
+    this.channel?.close();
+  }
+
+  private async fail(e: unknown): Promise<void> {
+    let err = inPhase(e, this.phase);
+    const rp = this.returnPath;
+    if (this.inPostcopy && rp) {
+      // a destination that gave up says so (SHUT) just before it closes: let
+      // that message arrive, it decides whether our copy may run again
+      await rp.settle(RP_SETTLE_MS);
+      if (rp.failedBeforeRun()) err = new PeerError(`Destination reported failure (SHUT ${rp.shutValue})`, { phase: err.phase });
+    }
+    if (this.vmStopped) {
+      this.vmStopped = false;
+      if (this.inPostcopy && !rp?.failedBeforeRun()) {
+        // The guest may have run on the destination: our copy is stale and
+        // must not run again (docs/spec/qmp.md C.1). It stays stopped in postmigrate.
+        this.machine.enterPostmigrate();
+      } else {
+        try {
+          await this.machine.resumeAfterMigration();
+        } catch {
+          /* the VM stays stopped; the failure below is what the user sees */
+        }
+      }
+    }
+    // looked at only now: a cancel may have come while we waited above
+    if (this.deps.status.is('cancelling')) {
+      this.deps.status.to('cancelled');
+      return;
+    }
+    this.error = err;
+    if (err.kind === 'internal') this.deps.log?.(`migration failed on an internal error: ${stackOf(err)}`);
+    this.deps.status.to('failed');
+  }
+
+  // ---------------------------------------------------------------- info
+
+  /** query-migrate while this session is the current one. */
+  info(status: MigrationStatus): MigrationInfo {
+    const s = this.stats;
+    const info: MigrationInfo = { status };
+    if (status === 'active' || status === 'postcopy-active' || status === 'cancelling') {
+      info['total-time'] = Math.round(this.now() - s.startTime);
+      info['expected-downtime'] = s.expectedDowntime;
+      info['setup-time'] = s.setupTime;
+      for (const { section } of this.sections) section.addInfo?.(info, false);
+    } else if (status === 'completed') {
+      info['total-time'] = s.totalTime;
+      info.downtime = s.downtime;
+      info['setup-time'] = s.setupTime;
+      for (const { section } of this.sections) section.addInfo?.(info, true);
+    } else if (status === 'failed' && this.error !== undefined && this.error.message !== '') {
+      info['error-desc'] = this.error.message;
+    }
+    return info;
+  }
+
+  /** The live section with this idstr, if it takes part. */
+  section<T extends LiveSection>(idstr: string): T | undefined {
+    return this.sections.find((s) => s.section.idstr === idstr)?.section as T | undefined;
+  }
+}
+
+function stackOf(e: Error): string {
+  const cause = (e as { cause?: unknown }).cause;
+  return cause instanceof Error ? cause.stack ?? cause.message : e.stack ?? e.message;
+}
