@@ -9,7 +9,8 @@
  * Device payloads: QEMU's `timer` (24 bytes) and `globalstate` (104 bytes)
  * have fixed sizes; every other FULL section is taken as be32-framed
  * (Ferry's own devices), unless `deviceSizes` says otherwise. A live section
- * other than `ram` is not understood ("Unknown savevm section").
+ * other than `ram` needs a loader in `liveLoaders`; without one it is not
+ * understood ("Unknown savevm section").
  */
 import type { Readable } from 'node:stream';
 import { loadStream, type LoadHandlers } from './core/load-loop.js';
@@ -63,6 +64,8 @@ export interface InspectOptions {
   configuration?: boolean;
   /** Keep RAM records and their payloads (default true; false keeps only counts, for big streams). */
   keepRecords?: boolean;
+  /** Loaders for live sections other than `ram`, by idstr (they read their payloads). */
+  liveLoaders?: Record<string, SectionLoader>;
 }
 
 const EMPTY = Buffer.alloc(0);
@@ -120,7 +123,11 @@ export async function inspectStream(input: Uint8Array | Readable, opts: InspectO
 
   const handlers: LoadHandlers = {
     section(kind, idstr) {
-      if (kind === 'start') return idstr === F.IDSTR ? { loader: ramLoader, ...anyVersion } : undefined;
+      if (kind === 'start') {
+        if (idstr === F.IDSTR) return { loader: ramLoader, ...anyVersion };
+        const other = opts.liveLoaders?.[idstr];
+        return other && { loader: other, ...anyVersion };
+      }
       return { loader: device(idstr), ...anyVersion };
     },
     sectionLoaded(h) {

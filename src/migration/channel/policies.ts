@@ -27,9 +27,18 @@ export const SHUT_LINGER_MS = 1000;
 export function endOutput(ch: Channel): Promise<void> {
   return new Promise((resolve, reject) => {
     const out = ch.output;
-    if (out.writableFinished) return resolve();
-    out.once('error', reject);
-    out.end(() => resolve());
+    // a closed channel (migrate_cancel) ends nothing more: the caller checks why
+    if (out.writableFinished || out.destroyed) return resolve();
+    const done = (e?: Error | null): void => {
+      out.off('close', onClose);
+      out.off('error', done);
+      if (e) reject(e);
+      else resolve();
+    };
+    const onClose = (): void => done();
+    out.once('error', done);
+    out.once('close', onClose);
+    out.end(() => done());
   });
 }
 

@@ -117,6 +117,8 @@ export class OutgoingSession {
   vmStopped = false;
   phase: MigrationPhase = 'start';
   private compress: CompressPool | null = null;
+  /** Which section goes first in the next slice. */
+  private turn = 0;
   private disposed = false;
 
   constructor(readonly deps: OutgoingDeps) {
@@ -291,8 +293,13 @@ export class OutgoingSession {
       if (this.postcopyRequested && this.options.capability('postcopy-ram') && p.precopy <= threshold) return 'postcopy';
 
       this.trace('slice');
+      // Sections take turns at going first, so that one that fills the
+      // rate-limit window or the staging buffer does not starve the others.
       const t0 = this.now();
-      for (let i = 0; i < this.sections.length; i++) {
+      const n = this.sections.length;
+      const first = this.turn++ % n;
+      for (let k = 0; k < n; k++) {
+        const i = (first + k) % n;
         const pi = p.each[i]!;
         if (pi.precopy + pi.postcopy === 0) continue;
         const left = SLICE_MS - (this.now() - t0);
@@ -405,13 +412,13 @@ export class OutgoingSession {
         }
       }
     }
+    if (err.kind === 'internal') this.deps.log?.(`migration failed on an internal error: ${stackOf(err)}`);
     // looked at only now: a cancel may have come while we waited above
     if (this.deps.status.is('cancelling')) {
       this.deps.status.to('cancelled');
       return;
     }
     this.error = err;
-    if (err.kind === 'internal') this.deps.log?.(`migration failed on an internal error: ${stackOf(err)}`);
     this.deps.status.to('failed');
   }
 
