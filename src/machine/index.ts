@@ -9,4 +9,4 @@ export {
 } from './machine.js';
 export { checkSweep, type SweepMismatch } from './sweep-check.js';
 export { parseWorkload, parseFill, formatWorkload } from './config.js';
-export { encodeGlobalState, decodeGlobalState, QAPI_RUN_STATES } from './devices.js';
+export { encodeGlobalState, decodeGlobalState, QAPI_RUN_STATES } from './device-state.js';

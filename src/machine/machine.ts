@@ -76,7 +76,7 @@ import {
 } from './layout.js';
 import { FILL_CHUNK, seedXorshift } from './workload.js';
 import { HelperPool } from './helpers.js';
-import { GlobalStateDevice, SerialDevice, TimerDevice, VcpuDevice, type DeviceHost } from './devices.js';
+import { GlobalStateDevice, SerialDevice, TimerDevice, VcpuDevice, type DeviceHost } from './device-state.js';
 import {
   TARGET_PAGE_SIZE,
   type FillConfig,
