@@ -9,4 +9,5 @@ export {
 } from './machine.js';
 export { checkSweep, type SweepMismatch } from './sweep-check.js';
 export { parseWorkload, parseFill, formatWorkload } from './config.js';
-export { encodeGlobalState, decodeGlobalState, QAPI_RUN_STATES } from './device-state.js';
+export { encodeGlobalState, decodeGlobalState } from './device-state.js';
+export { QAPI_RUN_STATES, canTransition, isRunState } from './run-state.js';

@@ -35,16 +35,8 @@ export interface RamBlock {
   readonly present: Int32Array;
 }
 
-/** QEMU run states that Ferry uses (QAPI RunState names). */
-export type RunState =
-  | 'prelaunch'
-  | 'running'
-  | 'paused'
-  | 'inmigrate'
-  | 'finish-migrate'
-  | 'postmigrate'
-  | 'shutdown'
-  | 'internal-error';
+/** QAPI RunState names (run-state.ts has the list, the transition table and the reasons). */
+export type { RunState } from './run-state.js';
 
 /**
  * A device whose state travels in the migration stream as one FULL section.

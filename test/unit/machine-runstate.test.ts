@@ -1,0 +1,201 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import {
+  FERRY_TRANSITIONS,
+  QAPI_RUN_STATES,
+  QEMU_RUN_STATE_TRANSITIONS,
+  RunStateMachine,
+  canTransition,
+  type RunState,
+} from '../../src/machine/run-state.js';
+
+/**
+ * The table written out again, on its own, one move a line: QEMU's
+ * runstate_transitions_def (softmmu/runstate.c) in its order, then Ferry's
+ * additions. Every line must be allowed and every other move refused, so a
+ * line missing from (or added to) src/machine/run-state.ts fails the walk.
+ */
+const QEMU_MOVES = `
+  debug -> running
+  debug -> finish-migrate
+  debug -> prelaunch
+  inmigrate -> internal-error
+  inmigrate -> io-error
+  inmigrate -> paused
+  inmigrate -> running
+  inmigrate -> shutdown
+  inmigrate -> suspended
+  inmigrate -> watchdog
+  inmigrate -> guest-panicked
+  inmigrate -> finish-migrate
+  inmigrate -> prelaunch
+  inmigrate -> postmigrate
+  inmigrate -> colo
+  internal-error -> paused
+  internal-error -> finish-migrate
+  internal-error -> prelaunch
+  io-error -> running
+  io-error -> finish-migrate
+  io-error -> prelaunch
+  paused -> running
+  paused -> finish-migrate
+  paused -> postmigrate
+  paused -> prelaunch
+  paused -> colo
+  postmigrate -> running
+  postmigrate -> finish-migrate
+  postmigrate -> prelaunch
+  prelaunch -> running
+  prelaunch -> finish-migrate
+  prelaunch -> inmigrate
+  finish-migrate -> running
+  finish-migrate -> paused
+  finish-migrate -> postmigrate
+  finish-migrate -> prelaunch
+  finish-migrate -> colo
+  restore-vm -> running
+  restore-vm -> prelaunch
+  colo -> running
+  colo -> prelaunch
+  colo -> shutdown
+  running -> debug
+  running -> internal-error
+  running -> io-error
+  running -> paused
+  running -> finish-migrate
+  running -> restore-vm
+  running -> save-vm
+  running -> shutdown
+  running -> watchdog
+  running -> guest-panicked
+  running -> colo
+  save-vm -> running
+  shutdown -> paused
+  shutdown -> finish-migrate
+  shutdown -> prelaunch
+  shutdown -> colo
+  debug -> suspended
+  running -> suspended
+  suspended -> running
+  suspended -> finish-migrate
+  suspended -> prelaunch
+  suspended -> colo
+  watchdog -> running
+  watchdog -> finish-migrate
+  watchdog -> prelaunch
+  watchdog -> colo
+  guest-panicked -> running
+  guest-panicked -> finish-migrate
+  guest-panicked -> prelaunch
+`;
+
+const FERRY_MOVES = `
+  prelaunch -> internal-error
+  paused -> internal-error
+  finish-migrate -> internal-error
+  postmigrate -> internal-error
+  shutdown -> internal-error
+  io-error -> internal-error
+  suspended -> internal-error
+  watchdog -> internal-error
+  guest-panicked -> internal-error
+  colo -> internal-error
+  prelaunch -> shutdown
+  paused -> shutdown
+  finish-migrate -> shutdown
+  postmigrate -> shutdown
+  internal-error -> shutdown
+  io-error -> shutdown
+  suspended -> shutdown
+  watchdog -> shutdown
+  guest-panicked -> shutdown
+  finish-migrate -> io-error
+  finish-migrate -> suspended
+  finish-migrate -> watchdog
+  finish-migrate -> guest-panicked
+  colo -> finish-migrate
+  postmigrate -> paused
+`;
+
+function moves(text: string): [RunState, RunState][] {
+  return text
+    .trim()
+    .split('\n')
+    .map((l) => {
+      const [from, to] = l.trim().split(' -> ') as [RunState, RunState];
+      assert.ok(QAPI_RUN_STATES.includes(from) && QAPI_RUN_STATES.includes(to), l);
+      return [from, to];
+    });
+}
+
+const qemu = moves(QEMU_MOVES);
+const ferry = moves(FERRY_MOVES);
+const allowed = new Set([...qemu, ...ferry].map(([f, t]) => `${f} -> ${t}`));
+
+function tableMoves(): string[] {
+  const out: string[] = [];
+  for (const from of QAPI_RUN_STATES) for (const to of QEMU_RUN_STATE_TRANSITIONS[from]) out.push(`${from} -> ${to}`);
+  for (const t of FERRY_TRANSITIONS) for (const from of t.from) out.push(`${from} -> ${t.to}`);
+  return out;
+}
+
+test('run state table: QEMU has 71 moves, Ferry adds 25, none twice', () => {
+  assert.equal(qemu.length, 71);
+  assert.equal(ferry.length, 25);
+  assert.equal(allowed.size, 96);
+  const listed = tableMoves();
+  assert.equal(new Set(listed).size, listed.length, 'a move is listed twice');
+  assert.deepEqual([...listed].sort(), [...allowed].sort());
+  for (const t of FERRY_TRANSITIONS) assert.ok(t.why.length > 20, `no reason given for -> ${t.to}`);
+});
+
+test('run state table: every allowed move succeeds and is reported once', () => {
+  for (const [from, to] of [...qemu, ...ferry]) {
+    const seen: string[] = [];
+    const rs = new RunStateMachine(from, (now, old) => seen.push(`${old} -> ${now}`));
+    assert.equal(canTransition(from, to), true, `${from} -> ${to}`);
+    rs.set(to);
+    assert.equal(rs.state, to);
+    assert.deepEqual(seen, [`${from} -> ${to}`]);
+  }
+});
+
+test('run state table: every other move throws a bug error and changes nothing', () => {
+  let refused = 0;
+  for (const from of QAPI_RUN_STATES) {
+    for (const to of QAPI_RUN_STATES) {
+      if (from === to || allowed.has(`${from} -> ${to}`)) continue;
+      const seen: string[] = [];
+      const rs = new RunStateMachine(from, (now) => seen.push(now));
+      assert.equal(canTransition(from, to), false, `${from} -> ${to}`);
+      assert.throws(() => rs.check(to), { message: `invalid run state transition from '${from}' to '${to}' (a bug in Ferry)` });
+      assert.throws(() => rs.set(to), /invalid run state transition .* \(a bug in Ferry\)/);
+      assert.equal(rs.state, from);
+      assert.deepEqual(seen, []);
+      refused++;
+    }
+  }
+  assert.equal(refused, 16 * 15 - 96);
+  // a few that matter: a stopped or broken guest never just runs, a running one never skips finish-migrate
+  for (const [from, to] of [
+    ['internal-error', 'running'],
+    ['shutdown', 'running'],
+    ['running', 'postmigrate'],
+    ['running', 'prelaunch'],
+    ['inmigrate', 'debug'],
+    ['paused', 'inmigrate'],
+  ] as const) {
+    assert.equal(canTransition(from, to), false, `${from} -> ${to}`);
+  }
+});
+
+test('run state table: staying in a state is allowed and reports nothing', () => {
+  for (const s of QAPI_RUN_STATES) {
+    const seen: string[] = [];
+    const rs = new RunStateMachine(s, (now) => seen.push(now));
+    assert.equal(canTransition(s, s), true);
+    rs.set(s);
+    assert.equal(rs.state, s);
+    assert.deepEqual(seen, []);
+  }
+});
