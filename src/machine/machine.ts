@@ -4,9 +4,10 @@
  * workload, a virtual clock, a heartbeat serial console, migratable devices
  * and the run state. Knows nothing of migration or QMP.
  *
- * Run state rules (simplified QEMU):
- * - initial: `inmigrate` with `incoming`, else `prelaunch` with
- *   `startPaused`, else `running`.
+ * Run state rules (simplified QEMU; every move is checked against the
+ * table of run-state.ts, and one it does not allow throws):
+ * - initial: `inmigrate` with `incoming`, else `prelaunch`; without
+ *   `startPaused` create() starts the guest (prelaunch -> running).
  * - start(): from any state except `running` (no-op) and `shutdown`
  *   (error) to `running`; the vCPUs resume and the virtual clock runs.
  *   (The commands layer decides which states `cont` accepts.)
@@ -77,6 +78,7 @@ import {
 import { FILL_CHUNK, seedXorshift } from './workload.js';
 import { HelperPool } from './helpers.js';
 import { GlobalStateDevice, SerialDevice, TimerDevice, VcpuDevice, type DeviceHost } from './device-state.js';
+import { RunStateMachine } from './run-state.js';
 import {
   TARGET_PAGE_SIZE,
   type FillConfig,
@@ -162,12 +164,14 @@ export class Machine extends EventEmitter implements DeviceHost {
 
   /** Run state recorded by stop('finish-migrate') (QEMU's global_state_store). */
   savedRunStateForMigration: RunState | undefined;
-  /** Run state name received in a globalstate section, if one was loaded. */
-  loadedGlobalState: string | undefined;
+  /** Run state received in a globalstate section, if one was loaded. */
+  loadedGlobalState: RunState | undefined;
   /** Latency of the last pauseVcpus() in ms (request to every ack). */
   lastPauseLatencyMs = 0;
 
-  private _runState: RunState;
+  private readonly rs: RunStateMachine;
+  /** Start the guest once created (neither -S nor -incoming). */
+  private readonly autostart: boolean;
   private _workload: WorkloadConfig;
   private readonly ctl: Int32Array;
   private readonly vstate: Float64Array;
@@ -233,7 +237,8 @@ export class Machine extends EventEmitter implements DeviceHost {
     this._workload = { kind: 'idle' };
     this.setWorkload(cfg.workload ?? { kind: 'idle' });
 
-    this._runState = cfg.incoming ? 'inmigrate' : cfg.startPaused ? 'prelaunch' : 'running';
+    this.rs = new RunStateMachine(cfg.incoming ? 'inmigrate' : 'prelaunch', (now, old) => this.emit('runstate', now, old));
+    this.autostart = !cfg.incoming && !cfg.startPaused;
 
     const devs: MigratableDevice[] = [new TimerDevice(this), new SerialDevice(this)];
     for (let i = 0; i < this.smp; i++) devs.push(new VcpuDevice(this, i));
@@ -246,13 +251,10 @@ export class Machine extends EventEmitter implements DeviceHost {
     const m = new Machine(cfg);
     try {
       await m.doFill();
-      if (m._runState === 'inmigrate') m.prefaultInBackground();
+      if (m.runState === 'inmigrate') m.prefaultInBackground();
       await m.spawnVcpus();
       m.openSerial();
-      if (m._runState === 'running') {
-        m._runState = 'paused';
-        await m.start();
-      }
+      if (m.autostart) await m.start();
     } catch (e) {
       await m.destroy();
       throw e;
@@ -263,7 +265,7 @@ export class Machine extends EventEmitter implements DeviceHost {
   /* ------------------------------------------------------------ state */
 
   get runState(): RunState {
-    return this._runState;
+    return this.rs.state;
   }
 
   /** The workload now configured (adopted from the source after a vCPU state load). */
@@ -312,13 +314,6 @@ export class Machine extends EventEmitter implements DeviceHost {
     return true;
   }
 
-  private setState(s: RunState): void {
-    const old = this._runState;
-    if (old === s) return;
-    this._runState = s;
-    this.emit('runstate', s, old);
-  }
-
   private serialize<T>(fn: () => Promise<T>): Promise<T> {
     const p = this.opChain.then(fn, fn);
     this.opChain = p.catch(() => undefined);
@@ -329,11 +324,12 @@ export class Machine extends EventEmitter implements DeviceHost {
   start(): Promise<void> {
     return this.serialize(async () => {
       this.checkAlive();
-      if (this._runState === 'running') return;
-      if (this._runState === 'shutdown') throw new Error('The VM has shut down');
+      if (this.runState === 'running') return;
+      if (this.runState === 'shutdown') throw new Error('The VM has shut down');
+      this.rs.check('running');
       await this.resumeVcpus();
       this.clockRunStart = hrNs();
-      this.setState('running');
+      this.rs.set('running');
     });
   }
 
@@ -342,18 +338,20 @@ export class Machine extends EventEmitter implements DeviceHost {
     return this.serialize(async () => {
       this.checkAlive();
       if (newState === 'running') throw new Error("stop: new state cannot be 'running'");
-      const old = this._runState;
+      const old = this.runState;
       if (old === 'running') {
+        this.rs.check(newState);
         await this.pauseVcpus();
         this.clockAccNs = this.vclockNs();
         this.clockRunStart = null;
         if (newState === 'finish-migrate') this.savedRunStateForMigration = old;
-        this.setState(newState);
+        this.rs.set(newState);
         return;
       }
       if (newState === 'paused') return;
+      this.rs.check(newState);
       if (newState === 'finish-migrate' && old !== 'finish-migrate') this.savedRunStateForMigration = old;
-      this.setState(newState);
+      this.rs.set(newState);
     });
   }
 
@@ -366,28 +364,29 @@ export class Machine extends EventEmitter implements DeviceHost {
     if (s === 'running') return this.start();
     return this.serialize(async () => {
       this.checkAlive();
-      if (this._runState === 'running') {
+      this.rs.check(s);
+      if (this.runState === 'running') {
         await this.pauseVcpus();
         this.clockAccNs = this.vclockNs();
         this.clockRunStart = null;
         if (s === 'finish-migrate') this.savedRunStateForMigration = 'running';
       }
-      this.setState(s);
+      this.rs.set(s);
     });
   }
 
   /** Explicit QEMU global_state_store(): remember the current run state for globalstate. */
   storeGlobalState(): void {
-    this.savedRunStateForMigration = this._runState;
+    this.savedRunStateForMigration = this.runState;
   }
 
   globalStateToSave(): string {
     const s = this.savedRunStateForMigration;
     if (s !== undefined) return s;
-    return this._runState === 'finish-migrate' ? 'running' : this._runState;
+    return this.runState === 'finish-migrate' ? 'running' : this.runState;
   }
 
-  setLoadedGlobalState(s: string): void {
+  setLoadedGlobalState(s: RunState): void {
     this.loadedGlobalState = s;
   }
 
@@ -577,14 +576,14 @@ export class Machine extends EventEmitter implements DeviceHost {
         if (this.destroyed) return;
         this.vcpuError ??= e;
         this.emit('vcpu-error', i, e);
-        this.setState('internal-error');
+        this.rs.set('internal-error');
       });
       w.on('exit', (code) => {
         if (this.destroyed || code === 0) return;
         const e = new Error(`vCPU ${i} exited with code ${code}`);
         this.vcpuError ??= e;
         this.emit('vcpu-error', i, e);
-        this.setState('internal-error');
+        this.rs.set('internal-error');
       });
       this.workers.push(w);
     }
@@ -792,7 +791,7 @@ export class Machine extends EventEmitter implements DeviceHost {
   }
 
   private heartbeatTick(): void {
-    if (this._runState !== 'running') return;
+    if (this.runState !== 'running') return;
     const now = this.vclockNs();
     if (now < (this.hbCount + 1) * this.hbPeriodNs) return;
     // one line per tick; a lagging console catches up on the next ticks
@@ -827,7 +826,7 @@ export class Machine extends EventEmitter implements DeviceHost {
   private async doFill(): Promise<void> {
     const f = this.fill;
     // an incoming VM's RAM comes from the stream: filling it would be wasted work
-    if (f.kind === 'zero' || this._runState === 'inmigrate') return;
+    if (f.kind === 'zero' || this.runState === 'inmigrate') return;
     for (const b of this.ram) b.touched.fill(0xffffffff);
     if (f.kind !== 'random' && f.kind !== 'text') throw new Error(`Unknown fill '${(f as { kind: string }).kind}'`);
     const seed = f.seed ?? 0;
@@ -956,13 +955,13 @@ export class Machine extends EventEmitter implements DeviceHost {
   /** quit: run state shutdown, then destroy(). */
   async quit(): Promise<void> {
     if (this.destroyed) return;
-    if (this._runState === 'running') {
+    if (this.runState === 'running') {
       try {
         await this.stop('shutdown');
       } catch {
         /* destroy anyway */
       }
-    } else this.setState('shutdown');
+    } else this.rs.set('shutdown');
     await this.destroy();
   }
 

@@ -8,6 +8,8 @@ import {
   canTransition,
   type RunState,
 } from '../../src/machine/run-state.js';
+import { Machine } from '../../src/machine/index.js';
+import { machinePort } from '../../src/migration/core/machine-port.js';
 
 /**
  * The table written out again, on its own, one move a line: QEMU's
@@ -197,5 +199,53 @@ test('run state table: staying in a state is allowed and reports nothing', () =>
     rs.set(s);
     assert.equal(rs.state, s);
     assert.deepEqual(seen, []);
+  }
+});
+
+const M = 1 << 20;
+
+test('an incoming globalstate the guest cannot enter fails the load with a clear error; one it can is entered', async () => {
+  for (const bad of ['debug', 'save-vm', 'restore-vm'] as const) {
+    const m = await Machine.create({ ramSize: 4 * M, smp: 1, incoming: true });
+    try {
+      m.setLoadedGlobalState(bad);
+      await assert.rejects(machinePort(m, { autostart: true }).finishIncoming(), {
+        message: `globalstate: the guest cannot enter run state '${bad}' received from the source (it is 'inmigrate')`,
+      });
+      assert.equal(m.runState, 'inmigrate');
+    } finally {
+      await m.destroy();
+    }
+  }
+  const m = await Machine.create({ ramSize: 4 * M, smp: 1, incoming: true });
+  try {
+    const seen: string[] = [];
+    m.on('runstate', (now: string, old: string) => seen.push(`${old} -> ${now}`));
+    m.setLoadedGlobalState('suspended');
+    await machinePort(m, { autostart: true }).finishIncoming();
+    assert.equal(m.runState, 'suspended');
+    assert.equal(m.vcpusPaused, true);
+    await m.start();
+    assert.deepEqual(seen, ['inmigrate -> suspended', 'suspended -> running']);
+  } finally {
+    await m.destroy();
+  }
+});
+
+test('the machine moves through the table: a stopped guest is abandoned and quit; internal-error never just runs', async () => {
+  const m = await Machine.create({ ramSize: 4 * M, smp: 1, incoming: true });
+  try {
+    const seen: string[] = [];
+    m.on('runstate', (now: string, old: string) => seen.push(`${old} -> ${now}`));
+    await m.setRunState('paused');
+    await m.stop('internal-error'); // abandonIncoming of a guest that was put in paused
+    await assert.rejects(m.start(), { message: "invalid run state transition from 'internal-error' to 'running' (a bug in Ferry)" });
+    assert.equal(m.runState, 'internal-error');
+    assert.equal(m.vcpusPaused, true, 'the refused start did not resume the vCPUs');
+    await assert.rejects(m.setRunState('postmigrate'), /invalid run state transition from 'internal-error' to 'postmigrate'/);
+    await m.quit();
+    assert.deepEqual(seen, ['inmigrate -> paused', 'paused -> internal-error', 'internal-error -> shutdown']);
+  } finally {
+    await m.destroy();
   }
 });
