@@ -48,34 +48,17 @@ import {
   CTL_SEQ,
   CTL_THROTTLE,
   FAULT_RING,
-  KIND_IDLE,
-  KIND_STRESS,
-  KIND_SWEEP,
   MAX_BLOCK_SIZE,
   MAX_VCPUS,
   VS_ACTIVE,
-  VS_INDEX,
-  VS_KIND,
-  VS_NACTIVE,
   VS_NSLOTS,
-  VS_POS,
-  VS_RATE,
-  VS_READ,
-  VS_RNG0,
-  VS_ROUND,
-  VS_SEED,
-  VS_SMP,
   VS_STEPS,
   VS_STEPS_LIMIT,
   VS_STRIDE,
-  VS_STRIPE_END,
-  VS_STRIPE_START,
   VS_SUM,
-  VS_WRITE,
-  VS_WS_END,
-  VS_WS_START,
 } from './layout.js';
-import { FILL_CHUNK, seedXorshift } from './workload.js';
+import { FILL_CHUNK } from './workload.js';
+import { decodeWorkload, encodeWorkload, resolveWorkload, validateSlots } from './vcpu-slots.js';
 import { HelperPool } from './helpers.js';
 import { GlobalStateDevice, SerialDevice, TimerDevice, VcpuDevice, type DeviceHost } from './device-state.js';
 import { RunStateMachine } from './run-state.js';
@@ -598,103 +581,10 @@ export class Machine extends EventEmitter implements DeviceHost {
    */
   setWorkload(w: WorkloadConfig): void {
     if (this.vcpusRunning) throw new Error('setWorkload: vCPUs must be paused');
-    const pages = this.ramPages;
-    const pageOf = (v: number, what: string): number => {
-      if (!Number.isSafeInteger(v) || v < 0) throw new Error(`workload ${what} ${v} is not a valid address`);
-      if (v % TARGET_PAGE_SIZE !== 0) throw new Error(`workload ${what} 0x${v.toString(16)} is not page aligned`);
-      return v / TARGET_PAGE_SIZE;
-    };
-    const limit = (s: number | undefined): number => {
-      if (s === undefined) return -1;
-      if (!Number.isSafeInteger(s) || s < 0) throw new Error(`workload steps ${s} must be a non-negative integer`);
-      return s;
-    };
-    const slots: number[][] = [];
-    const fresh = (): number[] => new Array<number>(VS_NSLOTS).fill(0);
-    if (w.kind === 'idle') {
-      for (let i = 0; i < this.smp; i++) slots.push(fresh());
-      this._workload = { kind: 'idle' };
-    } else if (w.kind === 'sweep') {
-      const start = w.start ?? Math.min(1 << 20, this.ramSize - TARGET_PAGE_SIZE);
-      const end = w.end ?? this.ramSize;
-      const sp = pageOf(start, 'sweep start');
-      const ep = pageOf(end, 'sweep end');
-      if (ep > pages) throw new Error(`sweep end 0x${end.toString(16)} is beyond RAM size 0x${this.ramSize.toString(16)}`);
-      if (sp >= ep) throw new Error(`sweep range [0x${start.toString(16)}, 0x${end.toString(16)}) is empty`);
-      const lim = limit(w.steps);
-      for (let i = 0; i < this.smp; i++) {
-        const s = fresh();
-        s[VS_KIND] = KIND_SWEEP;
-        s[VS_WS_START] = sp;
-        s[VS_WS_END] = ep;
-        s[VS_STEPS_LIMIT] = lim;
-        s[VS_NACTIVE] = 1;
-        if (i === 0) {
-          s[VS_ACTIVE] = 1;
-          s[VS_STRIPE_START] = sp;
-          s[VS_STRIPE_END] = ep;
-          s[VS_POS] = sp;
-        }
-        slots.push(s);
-      }
-      this._workload = { kind: 'sweep', start, end, ...(w.steps !== undefined ? { steps: w.steps } : {}) };
-    } else if (w.kind === 'stress') {
-      const start = w.start ?? 0;
-      const sp = pageOf(start, 'stress start');
-      if (sp >= pages) throw new Error(`stress start 0x${start.toString(16)} is beyond RAM size`);
-      const wss = w.wss ?? this.ramSize - start;
-      if (!Number.isSafeInteger(wss) || wss < TARGET_PAGE_SIZE) throw new Error(`stress wss ${wss} must be at least one page`);
-      const np = Math.floor(wss / TARGET_PAGE_SIZE);
-      if (sp + np > pages) {
-        throw new Error(`stress working set [0x${start.toString(16)}, +0x${wss.toString(16)}) is beyond RAM size 0x${this.ramSize.toString(16)}`);
-      }
-      const write = w.write ?? 8;
-      if (!Number.isInteger(write) || write < 1 || write > 4096) throw new Error(`stress write ${write} must be 1..4096 bytes`);
-      const rate = w.rate ?? 0;
-      if (!Number.isFinite(rate) || rate < 0) throw new Error(`stress rate ${rate} must be >= 0`);
-      const seed = w.seed ?? 0;
-      if (!Number.isInteger(seed) || seed < 0 || seed > 0xffffffff) throw new Error(`stress seed ${seed} must be 0..4294967295`);
-      const lim = limit(w.steps);
-      const nActive = Math.min(this.smp, np);
-      for (let i = 0; i < this.smp; i++) {
-        const s = fresh();
-        s[VS_KIND] = KIND_STRESS;
-        s[VS_SEED] = seed;
-        s[VS_WS_START] = sp;
-        s[VS_WS_END] = sp + np;
-        s[VS_WRITE] = write;
-        s[VS_RATE] = rate;
-        s[VS_STEPS_LIMIT] = lim;
-        s[VS_NACTIVE] = nActive;
-        s[VS_READ] = w.read ? 1 : 0;
-        if (i < nActive) {
-          s[VS_ACTIVE] = 1;
-          s[VS_STRIPE_START] = sp + Math.floor((i * np) / nActive);
-          s[VS_STRIPE_END] = sp + Math.floor(((i + 1) * np) / nActive);
-          const r = seedXorshift(seed, i);
-          for (let k = 0; k < 4; k++) s[VS_RNG0 + k] = r[k]!;
-        }
-        slots.push(s);
-      }
-      this._workload = {
-        kind: 'stress',
-        start,
-        wss: np * TARGET_PAGE_SIZE,
-        write,
-        rate,
-        seed,
-        ...(w.steps !== undefined ? { steps: w.steps } : {}),
-        ...(w.read ? { read: true } : {}),
-      };
-    } else {
-      throw new Error(`Unknown workload kind '${(w as { kind: string }).kind}'`);
-    }
-    for (let i = 0; i < this.smp; i++) {
-      const s = slots[i]!;
-      s[VS_SMP] = this.smp;
-      s[VS_INDEX] = i;
-      this.vstate.set(s, i * VS_STRIDE);
-    }
+    const resolved = resolveWorkload(w, this.ramSize);
+    const slots = encodeWorkload(resolved, this.smp);
+    this._workload = resolved;
+    for (let i = 0; i < this.smp; i++) this.vstate.set(slots[i]!, i * VS_STRIDE);
   }
 
   saveVcpu(index: number): Float64Array {
@@ -703,69 +593,11 @@ export class Machine extends EventEmitter implements DeviceHost {
   }
 
   loadVcpu(index: number, s: Float64Array): void {
-    const p = `ferry-vcpu ${index}`;
-    if (this.vcpusRunning) throw new Error(`${p}: cannot load while the vCPUs run`);
-    if (index < 0 || index >= this.smp) throw new Error(`${p}: no such vCPU (smp=${this.smp})`);
-    if (s.length !== VS_NSLOTS) throw new Error(`${p}: ${s.length} state slots, expected ${VS_NSLOTS}`);
-    for (let k = 0; k < s.length; k++) {
-      if (!Number.isSafeInteger(s[k]!) && !(k === VS_RATE && Number.isFinite(s[k]!))) {
-        throw new Error(`${p}: state slot ${k} is not an integer (${s[k]})`);
-      }
-    }
-    const pages = this.ramPages;
-    if (s[VS_SMP] !== this.smp) throw new Error(`${p}: source has ${s[VS_SMP]} vCPUs, this machine has ${this.smp}`);
-    if (s[VS_INDEX] !== index) throw new Error(`${p}: state is for vCPU ${s[VS_INDEX]}`);
-    const kind = s[VS_KIND]!;
-    if (kind !== KIND_IDLE && kind !== KIND_SWEEP && kind !== KIND_STRESS) throw new Error(`${p}: unknown workload kind ${kind}`);
-    const inRam = (a: number, b: number): boolean => a >= 0 && a <= b && b <= pages;
-    if (!inRam(s[VS_WS_START]!, s[VS_WS_END]!)) {
-      throw new Error(`${p}: workload range pages [${s[VS_WS_START]}, ${s[VS_WS_END]}) does not fit in ${pages} pages of RAM`);
-    }
-    if (s[VS_STEPS]! < 0 || s[VS_STEPS_LIMIT]! < -1 || s[VS_RATE]! < 0 || s[VS_SEED]! < 0 || s[VS_SEED]! > 0xffffffff) {
-      throw new Error(`${p}: negative steps, limit, rate or bad seed`);
-    }
-    if (s[VS_ACTIVE] === 1) {
-      if (kind === KIND_IDLE) throw new Error(`${p}: idle vCPU marked active`);
-      const a = s[VS_STRIPE_START]!;
-      const b = s[VS_STRIPE_END]!;
-      if (!(a >= s[VS_WS_START]! && a < b && b <= s[VS_WS_END]!)) throw new Error(`${p}: stripe [${a}, ${b}) outside the workload range`);
-      if (kind === KIND_STRESS) {
-        const w = s[VS_WRITE]!;
-        if (w < 1 || w > 4096) throw new Error(`${p}: write size ${w} out of range 1..4096`);
-        let any = 0;
-        for (let k = 0; k < 4; k++) {
-          const v = s[VS_RNG0 + k]!;
-          if (v < 0 || v > 0xffffffff) throw new Error(`${p}: PRNG word ${v} out of range`);
-          any += v;
-        }
-        if (any === 0) throw new Error(`${p}: PRNG state is all zero`);
-        if (s[VS_READ] !== 0 && s[VS_READ] !== 1) throw new Error(`${p}: bad read flag ${s[VS_READ]}`);
-        if (s[VS_SUM]! < 0 || s[VS_SUM]! > 0xffffffff) throw new Error(`${p}: read checksum ${s[VS_SUM]} out of range`);
-      } else {
-        if (s[VS_POS]! < a || s[VS_POS]! >= b) throw new Error(`${p}: sweep position ${s[VS_POS]} outside [${a}, ${b})`);
-        if (s[VS_ROUND]! < 0) throw new Error(`${p}: negative sweep round`);
-      }
-    } else if (s[VS_ACTIVE] !== 0) {
-      throw new Error(`${p}: bad active flag ${s[VS_ACTIVE]}`);
-    }
+    if (this.vcpusRunning) throw new Error(`ferry-vcpu ${index}: cannot load while the vCPUs run`);
+    validateSlots(index, s, this.smp, this.ramPages);
     this.vstate.set(s, index * VS_STRIDE);
     // adopt the source's workload description (the same in every vCPU's state)
-    const ps = TARGET_PAGE_SIZE;
-    const lim = s[VS_STEPS_LIMIT]! >= 0 ? { steps: s[VS_STEPS_LIMIT]! } : {};
-    if (kind === KIND_IDLE) this._workload = { kind: 'idle' };
-    else if (kind === KIND_SWEEP) this._workload = { kind: 'sweep', start: s[VS_WS_START]! * ps, end: s[VS_WS_END]! * ps, ...lim };
-    else {
-      this._workload = {
-        kind: 'stress',
-        start: s[VS_WS_START]! * ps,
-        wss: (s[VS_WS_END]! - s[VS_WS_START]!) * ps,
-        write: s[VS_WRITE]!,
-        rate: s[VS_RATE]!,
-        seed: s[VS_SEED]!,
-        ...lim,
-        ...(s[VS_READ] === 1 ? { read: true } : {}),
-      };
-    }
+    this._workload = decodeWorkload(s);
   }
 
   /** Name of the workload kind in a vCPU state slot array. */
