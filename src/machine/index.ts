@@ -1,12 +1,6 @@
 export * from './types.js';
-export {
-  Machine,
-  countDirty,
-  clearDirty,
-  DEMAND_PAGING_RAM_ERROR,
-  type MemoryDigest,
-  type VcpuWorkloadInfo,
-} from './machine.js';
+export { Machine, DEMAND_PAGING_RAM_ERROR, type VcpuWorkloadInfo } from './machine.js';
+export { countDirty, clearDirty, type MemoryDigest } from './ram.js';
 export { checkSweep, type SweepMismatch } from './sweep-check.js';
 export { parseWorkload, parseFill, formatWorkload } from './config.js';
 export { encodeGlobalState, decodeGlobalState } from './device-state.js';

@@ -24,11 +24,8 @@
  * Events: 'runstate' (new, old), 'heartbeat' (n, line),
  * 'vcpu-error' (index, Error) — after which the run state is internal-error.
  */
-import { adviseHugepages } from '../base/native.js';
 import { EventEmitter } from 'node:events';
 import { closeSync, openSync, writeSync } from 'node:fs';
-import { open } from 'node:fs/promises';
-import { createHash } from 'node:crypto';
 import { Worker } from 'node:worker_threads';
 import {
   ACK_EXITED,
@@ -57,13 +54,11 @@ import {
   VS_STRIDE,
   VS_SUM,
 } from './layout.js';
-import { FILL_CHUNK } from './workload.js';
 import { decodeWorkload, encodeWorkload, resolveWorkload, validateSlots } from './vcpu-slots.js';
-import { HelperPool } from './helpers.js';
+import { GuestRam, checkRamSize, type MemoryDigest } from './ram.js';
 import { GlobalStateDevice, SerialDevice, TimerDevice, VcpuDevice, type DeviceHost } from './device-state.js';
 import { RunStateMachine } from './run-state.js';
 import {
-  TARGET_PAGE_SIZE,
   type FillConfig,
   type MachineConfig,
   type MigratableDevice,
@@ -73,7 +68,6 @@ import {
   type WorkloadConfig,
 } from './types.js';
 
-const DIGEST_CHUNK = 64 << 20;
 const KIND_NAMES = ['idle', 'sweep', 'stress'] as const;
 
 /** Error thrown by RAM readers (digest, pmemsave) while demand paging is on. */
@@ -90,11 +84,6 @@ export interface VcpuWorkloadInfo {
   blocked: boolean;
 }
 
-export interface MemoryDigest {
-  digest: string;
-  blocks: { name: string; size: number; digest: string }[];
-}
-
 type WaitAsyncResult = { async: false; value: 'not-equal' | 'timed-out' } | { async: true; value: Promise<'ok' | 'timed-out'> };
 /** Atomics.waitAsync (Node >= 16; not in the ES2023 lib typings). */
 const waitAsync = (Atomics as unknown as {
@@ -103,37 +92,6 @@ const waitAsync = (Atomics as unknown as {
 
 function hrNs(): number {
   return Number(process.hrtime.bigint());
-}
-
-function popcount32(x: number): number {
-  x = x - ((x >>> 1) & 0x55555555);
-  x = (x & 0x33333333) + ((x >>> 2) & 0x33333333);
-  return (Math.imul((x + (x >>> 4)) & 0x0f0f0f0f, 0x01010101) >>> 24);
-}
-
-/** Number of pages marked dirty in a block's bitmap (the bitmap is always on). */
-export function countDirty(block: RamBlock): number {
-  let n = 0;
-  const d = block.dirty;
-  for (let i = 0; i < d.length; i++) {
-    const w = d[i]!;
-    if (w !== 0) n += popcount32(w);
-  }
-  return n;
-}
-
-/** Clears a block's dirty bitmap atomically word by word; returns the number of pages that were dirty. */
-export function clearDirty(block: RamBlock): number {
-  let n = 0;
-  const d = block.dirty;
-  for (let i = 0; i < d.length; i++) {
-    if (d[i] !== 0) {
-      const v = Atomics.exchange(d, i, 0);
-      block.touched[i] = (block.touched[i]! | v) >>> 0;
-      n += popcount32(v);
-    }
-  }
-  return n;
 }
 
 export class Machine extends EventEmitter implements DeviceHost {
@@ -159,7 +117,7 @@ export class Machine extends EventEmitter implements DeviceHost {
   private readonly ctl: Int32Array;
   private readonly vstate: Float64Array;
   private readonly workers: Worker[] = [];
-  private readonly helpers = new HelperPool();
+  private readonly guestRam: GuestRam;
   private clockAccNs = 0;
   private clockRunStart: number | null = null;
   private hbCount = 0;
@@ -176,9 +134,7 @@ export class Machine extends EventEmitter implements DeviceHost {
 
   private constructor(cfg: MachineConfig) {
     super();
-    if (!Number.isSafeInteger(cfg.ramSize) || cfg.ramSize <= 0 || cfg.ramSize % TARGET_PAGE_SIZE !== 0) {
-      throw new Error(`RAM size ${cfg.ramSize} must be a positive multiple of ${TARGET_PAGE_SIZE} bytes`);
-    }
+    checkRamSize(cfg.ramSize);
     if (!Number.isInteger(cfg.smp) || cfg.smp < 1 || cfg.smp > MAX_VCPUS) {
       throw new Error(`Invalid smp ${cfg.smp}: expected 1..${MAX_VCPUS} vCPUs`);
     }
@@ -191,27 +147,8 @@ export class Machine extends EventEmitter implements DeviceHost {
     this.hbPeriodNs = cfg.heartbeatPeriodNs ?? 1e9;
     if (!(this.hbPeriodNs >= 1e6)) throw new Error('heartbeat period must be >= 1 ms');
 
-    // RAM blocks of at most 2 GiB
-    const base = cfg.memoryBackendId ?? 'pc.ram';
-    if (base.length === 0 || base.length > 255) throw new Error(`Invalid memory backend id '${base}'`);
-    const blocks: RamBlock[] = [];
-    for (let off = 0, i = 0; off < cfg.ramSize; off += MAX_BLOCK_SIZE, i++) {
-      const size = Math.min(MAX_BLOCK_SIZE, cfg.ramSize - off);
-      const pages = size / TARGET_PAGE_SIZE;
-      let bytes: Uint8Array;
-      try {
-        const sab = new SharedArrayBuffer(size);
-        adviseHugepages(sab);
-        bytes = new Uint8Array(sab);
-      } catch (e) {
-        throw new Error(`cannot allocate ${size} bytes of guest RAM: ${(e as Error).message}`);
-      }
-      const dirty = new Int32Array(new SharedArrayBuffer(Math.ceil(pages / 32) * 4));
-      const touched = new Uint32Array(Math.ceil(pages / 32));
-      const present = new Int32Array(new SharedArrayBuffer(Math.ceil(pages / 32) * 4)).fill(-1);
-      blocks.push({ name: i === 0 ? base : `${base}.${i}`, size, pages, bytes, dirty, touched, present });
-    }
-    this.ram = blocks;
+    this.guestRam = new GuestRam(cfg.ramSize, cfg.memoryBackendId ?? 'pc.ram');
+    this.ram = this.guestRam.blocks;
 
     this.ctl = new Int32Array(new SharedArrayBuffer(CTL_LENGTH * 4));
     this.faultLat = new Float64Array(new SharedArrayBuffer(FAULT_RING * 8));
@@ -233,8 +170,9 @@ export class Machine extends EventEmitter implements DeviceHost {
   static async create(cfg: MachineConfig): Promise<Machine> {
     const m = new Machine(cfg);
     try {
-      await m.doFill();
-      if (m.runState === 'inmigrate') m.prefaultInBackground();
+      // an incoming VM's RAM comes from the stream: filling it would be wasted work
+      if (m.runState === 'inmigrate') m.guestRam.prefaultInBackground();
+      else await m.guestRam.fill(m.fill);
       await m.spawnVcpus();
       m.openSerial();
       if (m.autostart) await m.start();
@@ -262,7 +200,7 @@ export class Machine extends EventEmitter implements DeviceHost {
 
   /** Total RAM pages. */
   get ramPages(): number {
-    return this.ramSize / TARGET_PAGE_SIZE;
+    return this.guestRam.pages;
   }
 
   /** Virtual clock in ns; advances only while running. */
@@ -641,89 +579,26 @@ export class Machine extends EventEmitter implements DeviceHost {
 
   /* ------------------------------------------------------------- RAM */
 
-  /**
-   * An incoming VM has nothing to do until the stream arrives: fault its RAM
-   * in meanwhile, on a helper thread, so that the loader writes into present
-   * memory instead of paying the first-touch cost per page (12-22 µs per
-   * 4 KiB page on our hosts). Contents are not changed; errors only mean the
-   * loader pays the cost itself.
-   */
-  private prefaultInBackground(): void {
-    for (const b of this.ram) {
-      const buf = b.bytes.buffer as SharedArrayBuffer;
-      this.helpers.run({ op: 'prefault', buf }).catch(() => undefined);
-    }
-  }
-
-  private async doFill(): Promise<void> {
-    const f = this.fill;
-    // an incoming VM's RAM comes from the stream: filling it would be wasted work
-    if (f.kind === 'zero' || this.runState === 'inmigrate') return;
-    for (const b of this.ram) b.touched.fill(0xffffffff);
-    if (f.kind !== 'random' && f.kind !== 'text') throw new Error(`Unknown fill '${(f as { kind: string }).kind}'`);
-    const seed = f.seed ?? 0;
-    if (!Number.isInteger(seed) || seed < 0 || seed > 0xffffffff) throw new Error(`fill seed ${seed} must be 0..4294967295`);
-    const tasks: Promise<unknown>[] = [];
-    const per = 64 << 20; // bytes per task
-    let phys = 0;
-    for (const b of this.ram) {
-      for (let o = 0; o < b.size; o += per) {
-        const len = Math.min(per, b.size - o);
-        tasks.push(
-          this.helpers.run({
-            op: 'fill',
-            kind: f.kind,
-            seed,
-            buf: b.bytes.buffer as SharedArrayBuffer,
-            offset: o,
-            length: len,
-            chunkIndex: (phys + o) / FILL_CHUNK,
-            chunkSize: FILL_CHUNK,
-          }),
-        );
-      }
-      phys += b.size;
-    }
-    await Promise.all(tasks);
-  }
-
-  /** Block index and offset of a guest-physical address. */
+  /** Block and offset of a guest-physical address. */
   locate(addr: number): { block: RamBlock; offset: number } {
-    if (!Number.isSafeInteger(addr) || addr < 0 || addr >= this.ramSize) {
-      throw new Error(`address 0x${addr.toString(16)} is outside guest RAM (0x${this.ramSize.toString(16)} bytes)`);
-    }
-    const b = Math.floor(addr / MAX_BLOCK_SIZE);
-    return { block: this.ram[b]!, offset: addr - b * MAX_BLOCK_SIZE };
+    return this.guestRam.locate(addr);
   }
 
   /** sha256 of every block in 64 MiB chunks hashed in parallel by helper workers. */
   async digest(): Promise<MemoryDigest> {
-    this.checkAliveForRam();
-    this.checkNoDemandPaging();
-    const perBlock = await Promise.all(
-      this.ram.map((b) => {
-        const jobs: Promise<Uint8Array>[] = [];
-        for (let o = 0; o < b.size; o += DIGEST_CHUNK) {
-          const len = Math.min(DIGEST_CHUNK, b.size - o);
-          jobs.push(
-            this.helpers
-              .run({ op: 'digest', buf: b.bytes.buffer as SharedArrayBuffer, offset: o, length: len })
-              .then((r) => r.digest as Uint8Array),
-          );
-        }
-        return Promise.all(jobs);
-      }),
-    );
-    const top = createHash('sha256');
-    const blocks = this.ram.map((b, i) => {
-      const h = createHash('sha256');
-      h.update(`ferry-ram-block\0${b.name}\0${b.size}\0`);
-      for (const d of perBlock[i]!) h.update(d);
-      const digest = h.digest('hex');
-      top.update(`${b.name}\0${b.size}\0${digest}\0`);
-      return { name: b.name, size: b.size, digest };
-    });
-    return { digest: top.digest('hex'), blocks };
+    this.checkRamReadable();
+    return this.guestRam.digest();
+  }
+
+  /** Writes guest-physical [addr, addr+size) to filename (blocks back to back from 0). */
+  async pmemsave(addr: number, size: number, filename: string): Promise<void> {
+    this.checkRamReadable();
+    return this.guestRam.pmemsave(addr, size, filename);
+  }
+
+  /** Reads guest-physical memory (a copy). */
+  read(addr: number, size: number): Uint8Array {
+    return this.guestRam.read(addr, size);
   }
 
   private checkAliveForRam(): void {
@@ -731,55 +606,9 @@ export class Machine extends EventEmitter implements DeviceHost {
   }
 
   /** RAM readers must not read the holes of pages not fetched yet. */
-  private checkNoDemandPaging(): void {
-    if (this.demandPaging) throw new Error(DEMAND_PAGING_RAM_ERROR);
-  }
-
-  /** Writes guest-physical [addr, addr+size) to filename (blocks back to back from 0). */
-  async pmemsave(addr: number, size: number, filename: string): Promise<void> {
+  private checkRamReadable(): void {
     this.checkAliveForRam();
-    this.checkNoDemandPaging();
-    if (!Number.isSafeInteger(addr) || addr < 0) throw new Error(`pmemsave: invalid address ${addr}`);
-    if (!Number.isSafeInteger(size) || size < 0) throw new Error(`pmemsave: invalid size ${size}`);
-    if (addr + size > this.ramSize) {
-      throw new Error(
-        `pmemsave: range 0x${addr.toString(16)}+0x${size.toString(16)} is beyond guest RAM (0x${this.ramSize.toString(16)} bytes)`,
-      );
-    }
-    const fh = await open(filename, 'w');
-    try {
-      let a = addr;
-      const end = addr + size;
-      while (a < end) {
-        const { block, offset } = this.locate(a);
-        const len = Math.min(end - a, block.size - offset, 64 << 20);
-        // copy out of the SAB so the write sees a stable snapshot of the chunk
-        const buf = Buffer.from(block.bytes.subarray(offset, offset + len));
-        let done = 0;
-        while (done < len) done += (await fh.write(buf, done, len - done)).bytesWritten;
-        a += len;
-      }
-    } finally {
-      await fh.close();
-    }
-  }
-
-  /** Reads guest-physical memory (a copy). */
-  read(addr: number, size: number): Uint8Array {
-    if (!Number.isSafeInteger(size) || size < 0 || addr + size > this.ramSize) {
-      throw new Error(`read: range 0x${addr.toString(16)}+0x${size.toString(16)} is beyond guest RAM`);
-    }
-    const out = new Uint8Array(size);
-    let a = addr;
-    let o = 0;
-    while (o < size) {
-      const { block, offset } = this.locate(a);
-      const len = Math.min(size - o, block.size - offset);
-      out.set(block.bytes.subarray(offset, offset + len), o);
-      o += len;
-      a += len;
-    }
-    return out;
+    if (this.demandPaging) throw new Error(DEMAND_PAGING_RAM_ERROR);
   }
 
   /* --------------------------------------------------------- teardown */
@@ -817,7 +646,7 @@ export class Machine extends EventEmitter implements DeviceHost {
         }),
     );
     await Promise.all(exits);
-    await this.helpers.close();
+    await this.guestRam.close();
     if (this.serialFd !== null) {
       closeSync(this.serialFd);
       this.serialFd = null;
