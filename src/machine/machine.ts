@@ -45,7 +45,6 @@ import {
   CTL_SEQ,
   CTL_THROTTLE,
   FAULT_RING,
-  MAX_BLOCK_SIZE,
   MAX_VCPUS,
   VS_ACTIVE,
   VS_NSLOTS,
@@ -67,8 +66,6 @@ import {
   type SerialConfig,
   type WorkloadConfig,
 } from './types.js';
-
-const KIND_NAMES = ['idle', 'sweep', 'stress'] as const;
 
 /** Error thrown by RAM readers (digest, pmemsave) while demand paging is on. */
 export const DEMAND_PAGING_RAM_ERROR = 'Guest memory is still being fetched from the migration source';
@@ -194,10 +191,6 @@ export class Machine extends EventEmitter implements DeviceHost {
     return { ...this._workload };
   }
 
-  get vcpuCount(): number {
-    return this.smp;
-  }
-
   /** Total RAM pages. */
   get ramPages(): number {
     return this.guestRam.pages;
@@ -294,11 +287,6 @@ export class Machine extends EventEmitter implements DeviceHost {
       }
       this.rs.set(s);
     });
-  }
-
-  /** Explicit QEMU global_state_store(): remember the current run state for globalstate. */
-  storeGlobalState(): void {
-    this.savedRunStateForMigration = this.runState;
   }
 
   globalStateToSave(): string {
@@ -538,11 +526,6 @@ export class Machine extends EventEmitter implements DeviceHost {
     this._workload = decodeWorkload(s);
   }
 
-  /** Name of the workload kind in a vCPU state slot array. */
-  static workloadKindName(kind: number): string {
-    return KIND_NAMES[kind] ?? `unknown(${kind})`;
-  }
-
   /* ----------------------------------------------------------- serial */
 
   heartbeatState(): { count: number; periodNs: number } {
@@ -653,5 +636,3 @@ export class Machine extends EventEmitter implements DeviceHost {
     }
   }
 }
-
-export { BLOCK_PAGES, MAX_BLOCK_SIZE };

@@ -100,8 +100,6 @@ export type WorkloadConfig =
       read?: boolean;
     };
 
-export type WorkloadKind = WorkloadConfig['kind'];
-
 /** Boot-time RAM content; deterministic by seed (default seed 0). */
 export interface FillConfig {
   kind: 'zero' | 'random' | 'text';
