@@ -1,6 +1,7 @@
 /**
  * Layout of the shared control block and per-vCPU workload state.
- * Shared by the main thread (machine.ts) and the vCPU workers.
+ * Shared by the main thread (vcpus.ts, demand-paging.ts, vcpu-slots.ts)
+ * and the vCPU workers (vcpu-worker.ts).
  *
  * ctl: Int32Array over a SharedArrayBuffer
  *   [CTL_CMD]       command: CMD_RUN / CMD_PAUSE / CMD_EXIT
