@@ -1,9 +1,9 @@
 /**
- * Migratable devices of the Ferry machine, in the fixed order
+ * The machine's migratable device states, in the fixed section order
  *   timer, ferry-serial, ferry-vcpu (×smp, instance = index), globalstate.
  * `timer` and `globalstate` use QEMU's vmstate layouts byte for byte
- * (stream-format.md §7.2); the ferry-* devices are ours (self-delimiting
- * through the migration layer's be32 length, see types.ts).
+ * (docs/spec/stream-format.md §7.2); the ferry-* devices are ours
+ * (self-delimiting through the migration layer's be32 length, see types.ts).
  */
 import type { MigratableDevice } from './types.js';
 import { isRunState, type RunState } from './run-state.js';
