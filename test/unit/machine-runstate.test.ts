@@ -91,26 +91,10 @@ const QEMU_MOVES = `
   guest-panicked -> prelaunch
 `;
 
+/** Ferry's additions, several sources a line. */
 const FERRY_MOVES = `
-  prelaunch -> internal-error
-  paused -> internal-error
-  finish-migrate -> internal-error
-  postmigrate -> internal-error
-  shutdown -> internal-error
-  io-error -> internal-error
-  suspended -> internal-error
-  watchdog -> internal-error
-  guest-panicked -> internal-error
-  colo -> internal-error
-  prelaunch -> shutdown
-  paused -> shutdown
-  finish-migrate -> shutdown
-  postmigrate -> shutdown
-  internal-error -> shutdown
-  io-error -> shutdown
-  suspended -> shutdown
-  watchdog -> shutdown
-  guest-panicked -> shutdown
+  prelaunch paused finish-migrate postmigrate shutdown io-error suspended watchdog guest-panicked colo -> internal-error
+  prelaunch paused finish-migrate postmigrate internal-error io-error suspended watchdog guest-panicked -> shutdown
   finish-migrate -> io-error
   finish-migrate -> suspended
   finish-migrate -> watchdog
@@ -119,14 +103,18 @@ const FERRY_MOVES = `
   postmigrate -> paused
 `;
 
+/** `from [from...] -> to` lines as [from, to] pairs. */
 function moves(text: string): [RunState, RunState][] {
   return text
     .trim()
     .split('\n')
-    .map((l) => {
-      const [from, to] = l.trim().split(' -> ') as [RunState, RunState];
-      assert.ok(QAPI_RUN_STATES.includes(from) && QAPI_RUN_STATES.includes(to), l);
-      return [from, to];
+    .flatMap((l) => {
+      const [froms, to] = l.trim().split(' -> ') as [string, RunState];
+      assert.ok(QAPI_RUN_STATES.includes(to), l);
+      return froms.split(' ').map((from): [RunState, RunState] => {
+        assert.ok(QAPI_RUN_STATES.includes(from as RunState), l);
+        return [from as RunState, to];
+      });
     });
 }
 
