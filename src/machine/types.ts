@@ -4,9 +4,10 @@ export const TARGET_PAGE_SIZE = 1 << TARGET_PAGE_BITS;
 
 /**
  * One guest RAM block (ram.ts allocates them). `bytes`, `dirty` and
- * `present` are views over SharedArrayBuffers that the vCPU workers share. `dirty` has one bit per target page
- * (bit i of word i>>5 is page i); a vCPU sets it with Atomics.or on every write,
- * a migration takes it with Atomics.exchange(dirty, w, 0).
+ * `present` are views over SharedArrayBuffers that the vCPU workers share.
+ * `dirty` has one bit per target page (bit i of word i>>5 is page i); a vCPU
+ * sets it with Atomics.or on every write, a migration takes it with
+ * Atomics.exchange(dirty, w, 0).
  */
 export interface RamBlock {
   readonly name: string;

@@ -34,7 +34,9 @@ export function machinePort(m: Machine, opts: { autostart: boolean }): MachinePo
       } else {
         // the state comes from the stream: one this guest cannot enter fails the migration
         if (!canTransition(m.runState, got)) {
-          throw new Error(`globalstate: the guest cannot enter run state '${got}' received from the source (it is '${m.runState}')`);
+          throw new Error(
+            `globalstate: the guest cannot enter run state '${got}' received from the source (it is '${m.runState}')`,
+          );
         }
         await m.setRunState(got);
       }
