@@ -1,5 +1,5 @@
 /**
- * Helper worker: boot fill and memory digest chunks, over the RAM
+ * Helper worker: boot fill, prefault and memory digest chunks, over the RAM
  * SharedArrayBuffers (no copies). Messages: HelperTask in, HelperResult out.
  */
 import { createHash } from 'node:crypto';

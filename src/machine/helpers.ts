@@ -1,6 +1,6 @@
 /**
- * A small pool of helper worker threads (helper-worker.ts) for the boot fill
- * and the memory digest. Workers are created lazily and unref'd while idle,
+ * A small pool of helper worker threads (helper-worker.ts) for the boot fill,
+ * the prefault of an incoming VM's RAM and the memory digest (ram.ts). Workers are created lazily and unref'd while idle,
  * so an idle pool never keeps the process alive.
  */
 import { availableParallelism } from 'node:os';

@@ -1,12 +1,9 @@
 export * from './types.js';
-export {
-  Machine,
-  countDirty,
-  clearDirty,
-  DEMAND_PAGING_RAM_ERROR,
-  type MemoryDigest,
-  type VcpuWorkloadInfo,
-} from './machine.js';
+export { Machine } from './machine.js';
+export { countDirty, clearDirty, type MemoryDigest } from './ram.js';
+export { DEMAND_PAGING_RAM_ERROR } from './demand-paging.js';
+export type { VcpuWorkloadInfo } from './vcpus.js';
 export { checkSweep, type SweepMismatch } from './sweep-check.js';
 export { parseWorkload, parseFill, formatWorkload } from './config.js';
-export { encodeGlobalState, decodeGlobalState, QAPI_RUN_STATES } from './devices.js';
+export { encodeGlobalState, decodeGlobalState } from './device-state.js';
+export { QAPI_RUN_STATES, canTransition, isRunState } from './run-state.js';

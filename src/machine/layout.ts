@@ -1,6 +1,7 @@
 /**
  * Layout of the shared control block and per-vCPU workload state.
- * Shared by the main thread (machine.ts) and the vCPU workers.
+ * Shared by the main thread (vcpus.ts, demand-paging.ts, vcpu-slots.ts)
+ * and the vCPU workers (vcpu-worker.ts).
  *
  * ctl: Int32Array over a SharedArrayBuffer
  *   [CTL_CMD]       command: CMD_RUN / CMD_PAUSE / CMD_EXIT
@@ -13,7 +14,8 @@
  *   [CTL_FAULT_WAITERS] number of vCPUs now blocked on a missing page
  *   [CTL_FAULT_COUNT]   faults resolved since beginDemandPaging (the slot
  *                   of the next latency sample is this % FAULT_RING)
- *   [CTL_ACK + i]   vCPU i's acknowledged state (ACK_*), notified on change
+ *   [CTL_ACK + i]   vCPU i's acknowledged state (ACK_*; 0 until its first
+ *                   acknowledgement), notified on change
  *   [CTL_BLOCKED + i] 1 while vCPU i waits for a missing page
  *
  * vstate: Float64Array over a SharedArrayBuffer, VS_STRIDE slots per vCPU.
@@ -42,7 +44,6 @@ export const CMD_RUN = 1;
 export const CMD_PAUSE = 2;
 export const CMD_EXIT = 3;
 
-export const ACK_STARTING = 0;
 export const ACK_RUNNING = 1;
 export const ACK_PAUSED = 2;
 export const ACK_EXITED = 3;

@@ -1,12 +1,19 @@
 /**
- * The guest that Ferry migrates: RAM blocks in SharedArrayBuffers with an
- * always-on dirty bitmap, vCPU worker threads running a deterministic
- * workload, a virtual clock, a heartbeat serial console, migratable devices
- * and the run state. Knows nothing of migration or QMP.
+ * The guest that Ferry migrates, as one object: `Machine` composes
+ *   ram.ts             guest RAM (blocks, bitmaps, fill, digest, pmemsave)
+ *   vcpus.ts           the vCPU worker threads, pause/resume, throttle, workload
+ *   demand-paging.ts   postcopy's missing pages and the vCPUs blocked on them
+ *   serial-console.ts  the heartbeat console
+ *   virtual-clock.ts   the guest clock
+ *   run-state.ts       the run state and its transition table
+ *   device-state.ts    the migratable devices, in section order
+ * and keeps the rules that tie them together, below. Knows nothing of
+ * migration or QMP.
  *
- * Run state rules (simplified QEMU):
- * - initial: `inmigrate` with `incoming`, else `prelaunch` with
- *   `startPaused`, else `running`.
+ * Run state rules (simplified QEMU; every move is checked against the
+ * table of run-state.ts, and one it does not allow throws):
+ * - initial: `inmigrate` with `incoming`, else `prelaunch`; without
+ *   `startPaused` create() starts the guest (prelaunch -> running).
  * - start(): from any state except `running` (no-op) and `shutdown`
  *   (error) to `running`; the vCPUs resume and the virtual clock runs.
  *   (The commands layer decides which states `cont` accepts.)
@@ -23,133 +30,15 @@
  * Events: 'runstate' (new, old), 'heartbeat' (n, line),
  * 'vcpu-error' (index, Error) — after which the run state is internal-error.
  */
-import { adviseHugepages } from '../base/native.js';
 import { EventEmitter } from 'node:events';
-import { closeSync, openSync, writeSync } from 'node:fs';
-import { open } from 'node:fs/promises';
-import { createHash } from 'node:crypto';
-import { Worker } from 'node:worker_threads';
-import {
-  ACK_EXITED,
-  ACK_PAUSED,
-  ACK_RUNNING,
-  BLOCK_PAGES,
-  CMD_EXIT,
-  CMD_PAUSE,
-  CMD_RUN,
-  CTL_ACK,
-  CTL_BLOCKED,
-  CTL_CMD,
-  CTL_DEMAND,
-  CTL_FAULT_COUNT,
-  CTL_FAULT_WAITERS,
-  CTL_LENGTH,
-  CTL_SEQ,
-  CTL_THROTTLE,
-  FAULT_RING,
-  KIND_IDLE,
-  KIND_STRESS,
-  KIND_SWEEP,
-  MAX_BLOCK_SIZE,
-  MAX_VCPUS,
-  VS_ACTIVE,
-  VS_INDEX,
-  VS_KIND,
-  VS_NACTIVE,
-  VS_NSLOTS,
-  VS_POS,
-  VS_RATE,
-  VS_READ,
-  VS_RNG0,
-  VS_ROUND,
-  VS_SEED,
-  VS_SMP,
-  VS_STEPS,
-  VS_STEPS_LIMIT,
-  VS_STRIDE,
-  VS_STRIPE_END,
-  VS_STRIPE_START,
-  VS_SUM,
-  VS_WRITE,
-  VS_WS_END,
-  VS_WS_START,
-} from './layout.js';
-import { FILL_CHUNK, seedXorshift } from './workload.js';
-import { HelperPool } from './helpers.js';
-import { GlobalStateDevice, SerialDevice, TimerDevice, VcpuDevice, type DeviceHost } from './devices.js';
-import {
-  TARGET_PAGE_SIZE,
-  type FillConfig,
-  type MachineConfig,
-  type MigratableDevice,
-  type RamBlock,
-  type RunState,
-  type SerialConfig,
-  type WorkloadConfig,
-} from './types.js';
-
-const DIGEST_CHUNK = 64 << 20;
-const KIND_NAMES = ['idle', 'sweep', 'stress'] as const;
-
-/** Error thrown by RAM readers (digest, pmemsave) while demand paging is on. */
-export const DEMAND_PAGING_RAM_ERROR = 'Guest memory is still being fetched from the migration source';
-
-/** Workload counters of one vCPU (x-query-workload). */
-export interface VcpuWorkloadInfo {
-  cpuIndex: number;
-  /** steps done (exact while paused, sampled after every batch while running) */
-  steps: number;
-  /** stress read=on checksum (0 otherwise) */
-  sum: number;
-  /** waiting for a missing page (demand paging) */
-  blocked: boolean;
-}
-
-export interface MemoryDigest {
-  digest: string;
-  blocks: { name: string; size: number; digest: string }[];
-}
-
-type WaitAsyncResult = { async: false; value: 'not-equal' | 'timed-out' } | { async: true; value: Promise<'ok' | 'timed-out'> };
-/** Atomics.waitAsync (Node >= 16; not in the ES2023 lib typings). */
-const waitAsync = (Atomics as unknown as {
-  waitAsync(a: Int32Array, i: number, v: number, t?: number): WaitAsyncResult;
-}).waitAsync.bind(Atomics);
-
-function hrNs(): number {
-  return Number(process.hrtime.bigint());
-}
-
-function popcount32(x: number): number {
-  x = x - ((x >>> 1) & 0x55555555);
-  x = (x & 0x33333333) + ((x >>> 2) & 0x33333333);
-  return (Math.imul((x + (x >>> 4)) & 0x0f0f0f0f, 0x01010101) >>> 24);
-}
-
-/** Number of pages marked dirty in a block's bitmap (the bitmap is always on). */
-export function countDirty(block: RamBlock): number {
-  let n = 0;
-  const d = block.dirty;
-  for (let i = 0; i < d.length; i++) {
-    const w = d[i]!;
-    if (w !== 0) n += popcount32(w);
-  }
-  return n;
-}
-
-/** Clears a block's dirty bitmap atomically word by word; returns the number of pages that were dirty. */
-export function clearDirty(block: RamBlock): number {
-  let n = 0;
-  const d = block.dirty;
-  for (let i = 0; i < d.length; i++) {
-    if (d[i] !== 0) {
-      const v = Atomics.exchange(d, i, 0);
-      block.touched[i] = (block.touched[i]! | v) >>> 0;
-      n += popcount32(v);
-    }
-  }
-  return n;
-}
+import { DemandPaging, DEMAND_PAGING_RAM_ERROR } from './demand-paging.js';
+import { GlobalStateDevice, SerialDevice, TimerDevice, VcpuDevice, type DeviceHost } from './device-state.js';
+import { GuestRam, checkRamSize, type MemoryDigest } from './ram.js';
+import { RunStateMachine } from './run-state.js';
+import { SerialConsole } from './serial-console.js';
+import { VcpuThreads, checkVcpuCount, type VcpuWorkloadInfo } from './vcpus.js';
+import { VirtualClock } from './virtual-clock.js';
+import type { FillConfig, MachineConfig, MigratableDevice, RamBlock, RunState, WorkloadConfig } from './types.js';
 
 export class Machine extends EventEmitter implements DeviceHost {
   readonly name: string;
@@ -162,78 +51,53 @@ export class Machine extends EventEmitter implements DeviceHost {
 
   /** Run state recorded by stop('finish-migrate') (QEMU's global_state_store). */
   savedRunStateForMigration: RunState | undefined;
-  /** Run state name received in a globalstate section, if one was loaded. */
-  loadedGlobalState: string | undefined;
-  /** Latency of the last pauseVcpus() in ms (request to every ack). */
-  lastPauseLatencyMs = 0;
+  /** Run state received in a globalstate section, if one was loaded. */
+  loadedGlobalState: RunState | undefined;
 
-  private _runState: RunState;
-  private _workload: WorkloadConfig;
-  private readonly ctl: Int32Array;
-  private readonly vstate: Float64Array;
-  private readonly workers: Worker[] = [];
-  private readonly helpers = new HelperPool();
-  private clockAccNs = 0;
-  private clockRunStart: number | null = null;
-  private hbCount = 0;
-  private hbPeriodNs: number;
-  private hbTimer: NodeJS.Timeout | null = null;
-  private serialFd: number | null = null;
-  private readonly serial: SerialConfig;
+  private readonly guestRam: GuestRam;
+  private readonly vcpus: VcpuThreads;
+  private readonly paging: DemandPaging;
+  private readonly serial: SerialConsole;
+  private readonly clock = new VirtualClock();
+  private readonly rs: RunStateMachine;
+  /** Start the guest once created (neither -S nor -incoming). */
+  private readonly autostart: boolean;
   private opChain: Promise<unknown> = Promise.resolve();
-  private vcpuError: Error | null = null;
   private destroyed = false;
-  private vcpusRunning = false;
-  private readonly faultLat: Float64Array;
-  private onFault: ((block: number, page: number) => void) | null = null;
 
   private constructor(cfg: MachineConfig) {
     super();
-    if (!Number.isSafeInteger(cfg.ramSize) || cfg.ramSize <= 0 || cfg.ramSize % TARGET_PAGE_SIZE !== 0) {
-      throw new Error(`RAM size ${cfg.ramSize} must be a positive multiple of ${TARGET_PAGE_SIZE} bytes`);
-    }
-    if (!Number.isInteger(cfg.smp) || cfg.smp < 1 || cfg.smp > MAX_VCPUS) {
-      throw new Error(`Invalid smp ${cfg.smp}: expected 1..${MAX_VCPUS} vCPUs`);
-    }
+    // in this order, so that the first bad setting is the one reported
+    checkRamSize(cfg.ramSize);
+    checkVcpuCount(cfg.smp);
     this.name = cfg.name ?? 'ferry';
     this.machineType = cfg.machineType ?? 'none';
     this.smp = cfg.smp;
     this.ramSize = cfg.ramSize;
     this.fill = cfg.fill ?? { kind: 'zero' };
-    this.serial = cfg.serial ?? { kind: 'none' };
-    this.hbPeriodNs = cfg.heartbeatPeriodNs ?? 1e9;
-    if (!(this.hbPeriodNs >= 1e6)) throw new Error('heartbeat period must be >= 1 ms');
+    this.serial = new SerialConsole(cfg.serial ?? { kind: 'none' }, cfg.heartbeatPeriodNs ?? 1e9, {
+      isRunning: () => this.runState === 'running',
+      vclockNs: () => this.vclockNs(),
+      totalSteps: () => this.totalSteps(),
+      heartbeat: (n, line) => this.emit('heartbeat', n, line),
+    });
 
-    // RAM blocks of at most 2 GiB
-    const base = cfg.memoryBackendId ?? 'pc.ram';
-    if (base.length === 0 || base.length > 255) throw new Error(`Invalid memory backend id '${base}'`);
-    const blocks: RamBlock[] = [];
-    for (let off = 0, i = 0; off < cfg.ramSize; off += MAX_BLOCK_SIZE, i++) {
-      const size = Math.min(MAX_BLOCK_SIZE, cfg.ramSize - off);
-      const pages = size / TARGET_PAGE_SIZE;
-      let bytes: Uint8Array;
-      try {
-        const sab = new SharedArrayBuffer(size);
-        adviseHugepages(sab);
-        bytes = new Uint8Array(sab);
-      } catch (e) {
-        throw new Error(`cannot allocate ${size} bytes of guest RAM: ${(e as Error).message}`);
-      }
-      const dirty = new Int32Array(new SharedArrayBuffer(Math.ceil(pages / 32) * 4));
-      const touched = new Uint32Array(Math.ceil(pages / 32));
-      const present = new Int32Array(new SharedArrayBuffer(Math.ceil(pages / 32) * 4)).fill(-1);
-      blocks.push({ name: i === 0 ? base : `${base}.${i}`, size, pages, bytes, dirty, touched, present });
-    }
-    this.ram = blocks;
+    this.guestRam = new GuestRam(cfg.ramSize, cfg.memoryBackendId ?? 'pc.ram');
+    this.ram = this.guestRam.blocks;
+    this.vcpus = new VcpuThreads(cfg.smp, {
+      fault: (block, page) => this.paging.fault(block, page),
+      commandPosted: () => this.paging.commandPosted(),
+      blocked: (i) => this.paging.blocked(i),
+      failed: (i, e) => {
+        this.emit('vcpu-error', i, e);
+        this.rs.set('internal-error');
+      },
+    });
+    this.paging = new DemandPaging(this.vcpus.ctl, this.ram, cfg.smp);
+    this.vcpus.setWorkload(cfg.workload ?? { kind: 'idle' }, cfg.ramSize);
 
-    this.ctl = new Int32Array(new SharedArrayBuffer(CTL_LENGTH * 4));
-    this.faultLat = new Float64Array(new SharedArrayBuffer(FAULT_RING * 8));
-    this.vstate = new Float64Array(new SharedArrayBuffer(MAX_VCPUS * VS_STRIDE * 8));
-    this.ctl[CTL_CMD] = CMD_PAUSE;
-    this._workload = { kind: 'idle' };
-    this.setWorkload(cfg.workload ?? { kind: 'idle' });
-
-    this._runState = cfg.incoming ? 'inmigrate' : cfg.startPaused ? 'prelaunch' : 'running';
+    this.rs = new RunStateMachine(cfg.incoming ? 'inmigrate' : 'prelaunch', (now, old) => this.emit('runstate', now, old));
+    this.autostart = !cfg.incoming && !cfg.startPaused;
 
     const devs: MigratableDevice[] = [new TimerDevice(this), new SerialDevice(this)];
     for (let i = 0; i < this.smp; i++) devs.push(new VcpuDevice(this, i));
@@ -245,14 +109,12 @@ export class Machine extends EventEmitter implements DeviceHost {
   static async create(cfg: MachineConfig): Promise<Machine> {
     const m = new Machine(cfg);
     try {
-      await m.doFill();
-      if (m._runState === 'inmigrate') m.prefaultInBackground();
-      await m.spawnVcpus();
-      m.openSerial();
-      if (m._runState === 'running') {
-        m._runState = 'paused';
-        await m.start();
-      }
+      // an incoming VM's RAM comes from the stream: filling it would be wasted work
+      if (m.runState === 'inmigrate') m.guestRam.prefaultInBackground();
+      else await m.guestRam.fill(m.fill);
+      await m.vcpus.spawn(m.ram, m.paging.faultLat);
+      m.serial.open();
+      if (m.autostart) await m.start();
     } catch (e) {
       await m.destroy();
       throw e;
@@ -260,63 +122,10 @@ export class Machine extends EventEmitter implements DeviceHost {
     return m;
   }
 
-  /* ------------------------------------------------------------ state */
+  /* ------------------------------------------------------- run state */
 
   get runState(): RunState {
-    return this._runState;
-  }
-
-  /** The workload now configured (adopted from the source after a vCPU state load). */
-  get workload(): WorkloadConfig {
-    return { ...this._workload };
-  }
-
-  get vcpuCount(): number {
-    return this.smp;
-  }
-
-  /** Total RAM pages. */
-  get ramPages(): number {
-    return this.ramSize / TARGET_PAGE_SIZE;
-  }
-
-  /** Virtual clock in ns; advances only while running. */
-  vclockNs(): number {
-    return this.clockAccNs + (this.clockRunStart !== null ? hrNs() - this.clockRunStart : 0);
-  }
-
-  setVclockNs(ns: number): void {
-    this.clockAccNs = ns;
-    if (this.clockRunStart !== null) this.clockRunStart = hrNs();
-  }
-
-  /** Steps (writes) done so far by each vCPU (sampled; exact while paused). */
-  vcpuSteps(): number[] {
-    const r: number[] = [];
-    for (let i = 0; i < this.smp; i++) r.push(this.vstate[i * VS_STRIDE + VS_STEPS]!);
-    return r;
-  }
-
-  totalSteps(): number {
-    return this.vcpuSteps().reduce((a, b) => a + b, 0);
-  }
-
-  /** True when every active vCPU has reached its steps=N limit (false without a limit). */
-  workloadDone(): boolean {
-    for (let i = 0; i < this.smp; i++) {
-      const o = i * VS_STRIDE;
-      if (this.vstate[o + VS_ACTIVE] !== 1) continue;
-      const lim = this.vstate[o + VS_STEPS_LIMIT]!;
-      if (lim < 0 || this.vstate[o + VS_STEPS]! < lim) return false;
-    }
-    return true;
-  }
-
-  private setState(s: RunState): void {
-    const old = this._runState;
-    if (old === s) return;
-    this._runState = s;
-    this.emit('runstate', s, old);
+    return this.rs.state;
   }
 
   private serialize<T>(fn: () => Promise<T>): Promise<T> {
@@ -325,15 +134,27 @@ export class Machine extends EventEmitter implements DeviceHost {
     return p;
   }
 
+  private checkAlive(): void {
+    if (this.destroyed) throw new Error('machine destroyed');
+    if (this.vcpus.error) throw new Error(`vCPU failed: ${this.vcpus.error.message}`);
+  }
+
+  /** From running: pause the vCPUs and freeze the clock. */
+  private async pauseGuest(): Promise<void> {
+    await this.vcpus.pause();
+    this.clock.freeze();
+  }
+
   /** cont: resume vCPUs and clock; → running. */
   start(): Promise<void> {
     return this.serialize(async () => {
       this.checkAlive();
-      if (this._runState === 'running') return;
-      if (this._runState === 'shutdown') throw new Error('The VM has shut down');
-      await this.resumeVcpus();
-      this.clockRunStart = hrNs();
-      this.setState('running');
+      if (this.runState === 'running') return;
+      if (this.runState === 'shutdown') throw new Error('The VM has shut down');
+      this.rs.check('running');
+      await this.vcpus.resume();
+      this.clock.run();
+      this.rs.set('running');
     });
   }
 
@@ -342,18 +163,18 @@ export class Machine extends EventEmitter implements DeviceHost {
     return this.serialize(async () => {
       this.checkAlive();
       if (newState === 'running') throw new Error("stop: new state cannot be 'running'");
-      const old = this._runState;
+      const old = this.runState;
       if (old === 'running') {
-        await this.pauseVcpus();
-        this.clockAccNs = this.vclockNs();
-        this.clockRunStart = null;
+        this.rs.check(newState);
+        await this.pauseGuest();
         if (newState === 'finish-migrate') this.savedRunStateForMigration = old;
-        this.setState(newState);
+        this.rs.set(newState);
         return;
       }
       if (newState === 'paused') return;
+      this.rs.check(newState);
       if (newState === 'finish-migrate' && old !== 'finish-migrate') this.savedRunStateForMigration = old;
-      this.setState(newState);
+      this.rs.set(newState);
     });
   }
 
@@ -366,533 +187,178 @@ export class Machine extends EventEmitter implements DeviceHost {
     if (s === 'running') return this.start();
     return this.serialize(async () => {
       this.checkAlive();
-      if (this._runState === 'running') {
-        await this.pauseVcpus();
-        this.clockAccNs = this.vclockNs();
-        this.clockRunStart = null;
+      this.rs.check(s);
+      if (this.runState === 'running') {
+        await this.pauseGuest();
         if (s === 'finish-migrate') this.savedRunStateForMigration = 'running';
       }
-      this.setState(s);
+      this.rs.set(s);
     });
-  }
-
-  /** Explicit QEMU global_state_store(): remember the current run state for globalstate. */
-  storeGlobalState(): void {
-    this.savedRunStateForMigration = this._runState;
   }
 
   globalStateToSave(): string {
     const s = this.savedRunStateForMigration;
     if (s !== undefined) return s;
-    return this._runState === 'finish-migrate' ? 'running' : this._runState;
+    return this.runState === 'finish-migrate' ? 'running' : this.runState;
   }
 
-  setLoadedGlobalState(s: string): void {
+  setLoadedGlobalState(s: RunState): void {
     this.loadedGlobalState = s;
   }
 
-  /* ------------------------------------------------------------ vCPUs */
+  /* ----------------------------------------------------------- clock */
 
-  private checkAlive(): void {
-    if (this.destroyed) throw new Error('machine destroyed');
-    if (this.vcpuError) throw new Error(`vCPU failed: ${this.vcpuError.message}`);
+  /** Virtual clock in ns; advances only while running. */
+  vclockNs(): number {
+    return this.clock.now();
   }
 
-  private command(cmd: number): void {
-    Atomics.store(this.ctl, CTL_CMD, cmd);
-    Atomics.add(this.ctl, CTL_SEQ, 1);
-    Atomics.notify(this.ctl, CTL_SEQ);
-    // a vCPU blocked on a missing page waits on the page's present word
-    if (Atomics.load(this.ctl, CTL_FAULT_WAITERS) > 0) this.wakeBlocked();
+  setVclockNs(ns: number): void {
+    this.clock.set(ns);
   }
 
-  /** Wakes every vCPU blocked on a missing page so that it rechecks the command / demand flag. */
-  private wakeBlocked(): void {
-    for (let i = 0; i < this.smp; i++) {
-      const v = Atomics.load(this.ctl, CTL_BLOCKED + i);
-      if (v === 0) continue;
-      const p = v - 1;
-      const blk = this.ram[Math.floor(p / BLOCK_PAGES)];
-      if (blk) Atomics.notify(blk.present, (p % BLOCK_PAGES) >>> 5);
-    }
-  }
-
-  /* ---------------------------------------------------- demand paging */
-
-  /**
-   * Turns demand paging on (postcopy destination). The caller has already
-   * cleared the `present` bits of the pages still missing (RamBlock.present).
-   * From now on a vCPU that is about to touch a missing page blocks before
-   * the access and posts one fault: onFault(block, page) is called on the
-   * main thread (block index into `ram`, block-local page). A fault may be
-   * reported for a page that arrived meanwhile. Resets faultStats().
-   */
-  beginDemandPaging(onFault: (block: number, page: number) => void): void {
-    this.checkAliveForRam();
-    // The ring is read only up to the count, so it needs no clearing (and
-    // the first touch of its 512 KiB cost up to 12 ms of downtime here).
-    Atomics.store(this.ctl, CTL_FAULT_COUNT, 0);
-    this.onFault = onFault;
-    Atomics.store(this.ctl, CTL_DEMAND, 1);
-  }
-
-  /**
-   * Marks a page present (after its bytes were written) and wakes a vCPU
-   * waiting for it. Cheap: one Atomics.or, plus a notify only while some
-   * vCPU is blocked.
-   */
-  markPresent(block: number, page: number): void {
-    const arr = this.ram[block]!.present;
-    const wi = page >>> 5;
-    Atomics.or(arr, wi, 1 << (page & 31));
-    if (Atomics.load(this.ctl, CTL_FAULT_WAITERS) > 0) Atomics.notify(arr, wi);
-  }
-
-  /**
-   * Ends demand paging: the vCPUs stop checking present bits (a blocked
-   * vCPU is released and does its step), onFault is no longer called.
-   * Does not change the present bitmaps.
-   */
-  endDemandPaging(): void {
-    Atomics.store(this.ctl, CTL_DEMAND, 0);
-    this.onFault = null;
-    this.wakeBlocked();
-  }
-
-  get demandPaging(): boolean {
-    return Atomics.load(this.ctl, CTL_DEMAND) !== 0;
-  }
-
-  /**
-   * Faults resolved (page arrived) since beginDemandPaging, and their
-   * latencies in µs (fault to page present), oldest first: the newest
-   * FAULT_RING samples at most.
-   */
-  faultStats(): { faults: number; latenciesUs: Float64Array } {
-    const faults = Atomics.load(this.ctl, CTL_FAULT_COUNT);
-    if (faults <= FAULT_RING) return { faults, latenciesUs: this.faultLat.slice(0, faults) };
-    const out = new Float64Array(FAULT_RING);
-    const head = faults % FAULT_RING;
-    out.set(this.faultLat.subarray(head), 0);
-    out.set(this.faultLat.subarray(0, head), FAULT_RING - head);
-    return { faults, latenciesUs: out };
-  }
-
-  /** Per-vCPU workload counters (x-query-workload). */
-  workloadInfo(): VcpuWorkloadInfo[] {
-    const r: VcpuWorkloadInfo[] = [];
-    for (let i = 0; i < this.smp; i++) {
-      const o = i * VS_STRIDE;
-      r.push({
-        cpuIndex: i,
-        steps: this.vstate[o + VS_STEPS]!,
-        sum: this.vstate[o + VS_SUM]! >>> 0,
-        blocked: Atomics.load(this.ctl, CTL_BLOCKED + i) !== 0,
-      });
-    }
-    return r;
-  }
-
-  private async waitAcks(want: number, timeoutMs = 10_000): Promise<void> {
-    const deadline = performance.now() + timeoutMs;
-    for (let i = 0; i < this.smp; i++) {
-      for (;;) {
-        const cur = Atomics.load(this.ctl, CTL_ACK + i);
-        if (cur === want) break;
-        if (this.vcpuError) throw new Error(`vCPU failed: ${this.vcpuError.message}`);
-        if (cur === ACK_EXITED && want !== ACK_EXITED) throw new Error(`vCPU ${i} has exited`);
-        const left = deadline - performance.now();
-        if (left <= 0) throw new Error(`vCPU ${i} did not acknowledge within ${timeoutMs} ms`);
-        const r = waitAsync(this.ctl, CTL_ACK + i, cur, Math.min(left, 100));
-        if (r.async) await r.value;
-      }
-    }
-  }
+  /* ----------------------------------------------------------- vCPUs */
 
   /**
    * Pauses every vCPU; resolves once every worker acknowledged that it is
-   * paused (its last write is visible and it will not write again until
-   * resumeVcpus()). Does not change the run state (see stop()).
+   * paused. Does not change the run state (see stop()).
    */
-  async pauseVcpus(): Promise<void> {
-    const t0 = performance.now();
-    this.command(CMD_PAUSE);
-    await this.waitAcks(ACK_PAUSED);
-    this.vcpusRunning = false;
-    this.lastPauseLatencyMs = performance.now() - t0;
+  pauseVcpus(): Promise<void> {
+    return this.vcpus.pause();
   }
 
-  /** Resumes every vCPU (each reloads its workload state); resolves when all acknowledged. */
-  async resumeVcpus(): Promise<void> {
-    this.command(CMD_RUN);
-    await this.waitAcks(ACK_RUNNING);
-    this.vcpusRunning = true;
+  /** Resumes every vCPU; resolves when all acknowledged. Does not change the run state (see start()). */
+  resumeVcpus(): Promise<void> {
+    return this.vcpus.resume();
   }
 
   get vcpusPaused(): boolean {
-    return !this.vcpusRunning;
+    return this.vcpus.paused;
+  }
+
+  /** Latency of the last pause of the vCPUs in ms (request to every ack). */
+  get lastPauseLatencyMs(): number {
+    return this.vcpus.lastPauseLatencyMs;
   }
 
   /** CPU throttle 0..99 percent (QEMU's scheme: run 10 ms, sleep 10ms·p/(1−p)). */
   setThrottle(pct: number): void {
-    if (!Number.isInteger(pct) || pct < 0 || pct > 99) {
-      throw new RangeError(`throttle percentage ${pct} out of range 0..99`);
-    }
-    Atomics.store(this.ctl, CTL_THROTTLE, pct);
-    Atomics.add(this.ctl, CTL_SEQ, 1);
-    Atomics.notify(this.ctl, CTL_SEQ);
+    this.vcpus.setThrottle(pct);
   }
 
   getThrottle(): number {
-    return Atomics.load(this.ctl, CTL_THROTTLE);
+    return this.vcpus.getThrottle();
   }
 
-  private async spawnVcpus(): Promise<void> {
-    const ramBufs = this.ram.map((b) => b.bytes.buffer as SharedArrayBuffer);
-    const dirtyBufs = this.ram.map((b) => b.dirty.buffer as SharedArrayBuffer);
-    const presentBufs = this.ram.map((b) => b.present.buffer as SharedArrayBuffer);
-    const faultBuf = this.faultLat.buffer as SharedArrayBuffer;
-    const url = new URL('./vcpu-worker.js', import.meta.url);
-    for (let i = 0; i < this.smp; i++) {
-      const w = new Worker(url, {
-        workerData: {
-          index: i,
-          ctlBuf: this.ctl.buffer,
-          vstateBuf: this.vstate.buffer,
-          ramBufs,
-          dirtyBufs,
-          presentBufs,
-          faultBuf,
-        },
-        name: `vcpu${i}`,
-      });
-      w.on('message', (m: unknown) => {
-        const f = this.onFault;
-        if (f === null || typeof m !== 'object' || m === null) return;
-        const msg = m as { type?: unknown; block?: unknown; page?: unknown };
-        if (msg.type !== 'fault') return;
-        f(msg.block as number, msg.page as number);
-      });
-      w.on('error', (e) => {
-        if (this.destroyed) return;
-        this.vcpuError ??= e;
-        this.emit('vcpu-error', i, e);
-        this.setState('internal-error');
-      });
-      w.on('exit', (code) => {
-        if (this.destroyed || code === 0) return;
-        const e = new Error(`vCPU ${i} exited with code ${code}`);
-        this.vcpuError ??= e;
-        this.emit('vcpu-error', i, e);
-        this.setState('internal-error');
-      });
-      this.workers.push(w);
-    }
-    await this.waitAcks(ACK_PAUSED, 30_000);
+  /** The workload now configured (adopted from the source after a vCPU state load). */
+  get workload(): WorkloadConfig {
+    return this.vcpus.workload;
   }
-
-  /* --------------------------------------------------------- workload */
 
   /**
    * Sets the workload (only while the vCPUs are paused): resolves defaults,
    * validates against the RAM size, resets steps and PRNG state.
    */
   setWorkload(w: WorkloadConfig): void {
-    if (this.vcpusRunning) throw new Error('setWorkload: vCPUs must be paused');
-    const pages = this.ramPages;
-    const pageOf = (v: number, what: string): number => {
-      if (!Number.isSafeInteger(v) || v < 0) throw new Error(`workload ${what} ${v} is not a valid address`);
-      if (v % TARGET_PAGE_SIZE !== 0) throw new Error(`workload ${what} 0x${v.toString(16)} is not page aligned`);
-      return v / TARGET_PAGE_SIZE;
-    };
-    const limit = (s: number | undefined): number => {
-      if (s === undefined) return -1;
-      if (!Number.isSafeInteger(s) || s < 0) throw new Error(`workload steps ${s} must be a non-negative integer`);
-      return s;
-    };
-    const slots: number[][] = [];
-    const fresh = (): number[] => new Array<number>(VS_NSLOTS).fill(0);
-    if (w.kind === 'idle') {
-      for (let i = 0; i < this.smp; i++) slots.push(fresh());
-      this._workload = { kind: 'idle' };
-    } else if (w.kind === 'sweep') {
-      const start = w.start ?? Math.min(1 << 20, this.ramSize - TARGET_PAGE_SIZE);
-      const end = w.end ?? this.ramSize;
-      const sp = pageOf(start, 'sweep start');
-      const ep = pageOf(end, 'sweep end');
-      if (ep > pages) throw new Error(`sweep end 0x${end.toString(16)} is beyond RAM size 0x${this.ramSize.toString(16)}`);
-      if (sp >= ep) throw new Error(`sweep range [0x${start.toString(16)}, 0x${end.toString(16)}) is empty`);
-      const lim = limit(w.steps);
-      for (let i = 0; i < this.smp; i++) {
-        const s = fresh();
-        s[VS_KIND] = KIND_SWEEP;
-        s[VS_WS_START] = sp;
-        s[VS_WS_END] = ep;
-        s[VS_STEPS_LIMIT] = lim;
-        s[VS_NACTIVE] = 1;
-        if (i === 0) {
-          s[VS_ACTIVE] = 1;
-          s[VS_STRIPE_START] = sp;
-          s[VS_STRIPE_END] = ep;
-          s[VS_POS] = sp;
-        }
-        slots.push(s);
-      }
-      this._workload = { kind: 'sweep', start, end, ...(w.steps !== undefined ? { steps: w.steps } : {}) };
-    } else if (w.kind === 'stress') {
-      const start = w.start ?? 0;
-      const sp = pageOf(start, 'stress start');
-      if (sp >= pages) throw new Error(`stress start 0x${start.toString(16)} is beyond RAM size`);
-      const wss = w.wss ?? this.ramSize - start;
-      if (!Number.isSafeInteger(wss) || wss < TARGET_PAGE_SIZE) throw new Error(`stress wss ${wss} must be at least one page`);
-      const np = Math.floor(wss / TARGET_PAGE_SIZE);
-      if (sp + np > pages) {
-        throw new Error(`stress working set [0x${start.toString(16)}, +0x${wss.toString(16)}) is beyond RAM size 0x${this.ramSize.toString(16)}`);
-      }
-      const write = w.write ?? 8;
-      if (!Number.isInteger(write) || write < 1 || write > 4096) throw new Error(`stress write ${write} must be 1..4096 bytes`);
-      const rate = w.rate ?? 0;
-      if (!Number.isFinite(rate) || rate < 0) throw new Error(`stress rate ${rate} must be >= 0`);
-      const seed = w.seed ?? 0;
-      if (!Number.isInteger(seed) || seed < 0 || seed > 0xffffffff) throw new Error(`stress seed ${seed} must be 0..4294967295`);
-      const lim = limit(w.steps);
-      const nActive = Math.min(this.smp, np);
-      for (let i = 0; i < this.smp; i++) {
-        const s = fresh();
-        s[VS_KIND] = KIND_STRESS;
-        s[VS_SEED] = seed;
-        s[VS_WS_START] = sp;
-        s[VS_WS_END] = sp + np;
-        s[VS_WRITE] = write;
-        s[VS_RATE] = rate;
-        s[VS_STEPS_LIMIT] = lim;
-        s[VS_NACTIVE] = nActive;
-        s[VS_READ] = w.read ? 1 : 0;
-        if (i < nActive) {
-          s[VS_ACTIVE] = 1;
-          s[VS_STRIPE_START] = sp + Math.floor((i * np) / nActive);
-          s[VS_STRIPE_END] = sp + Math.floor(((i + 1) * np) / nActive);
-          const r = seedXorshift(seed, i);
-          for (let k = 0; k < 4; k++) s[VS_RNG0 + k] = r[k]!;
-        }
-        slots.push(s);
-      }
-      this._workload = {
-        kind: 'stress',
-        start,
-        wss: np * TARGET_PAGE_SIZE,
-        write,
-        rate,
-        seed,
-        ...(w.steps !== undefined ? { steps: w.steps } : {}),
-        ...(w.read ? { read: true } : {}),
-      };
-    } else {
-      throw new Error(`Unknown workload kind '${(w as { kind: string }).kind}'`);
-    }
-    for (let i = 0; i < this.smp; i++) {
-      const s = slots[i]!;
-      s[VS_SMP] = this.smp;
-      s[VS_INDEX] = i;
-      this.vstate.set(s, i * VS_STRIDE);
-    }
+    this.vcpus.setWorkload(w, this.ramSize);
   }
 
   saveVcpu(index: number): Float64Array {
-    if (this.vcpusRunning) throw new Error(`ferry-vcpu ${index}: cannot save while the vCPUs run`);
-    return this.vstate.slice(index * VS_STRIDE, index * VS_STRIDE + VS_NSLOTS);
+    return this.vcpus.saveSlots(index);
   }
 
   loadVcpu(index: number, s: Float64Array): void {
-    const p = `ferry-vcpu ${index}`;
-    if (this.vcpusRunning) throw new Error(`${p}: cannot load while the vCPUs run`);
-    if (index < 0 || index >= this.smp) throw new Error(`${p}: no such vCPU (smp=${this.smp})`);
-    if (s.length !== VS_NSLOTS) throw new Error(`${p}: ${s.length} state slots, expected ${VS_NSLOTS}`);
-    for (let k = 0; k < s.length; k++) {
-      if (!Number.isSafeInteger(s[k]!) && !(k === VS_RATE && Number.isFinite(s[k]!))) {
-        throw new Error(`${p}: state slot ${k} is not an integer (${s[k]})`);
-      }
-    }
-    const pages = this.ramPages;
-    if (s[VS_SMP] !== this.smp) throw new Error(`${p}: source has ${s[VS_SMP]} vCPUs, this machine has ${this.smp}`);
-    if (s[VS_INDEX] !== index) throw new Error(`${p}: state is for vCPU ${s[VS_INDEX]}`);
-    const kind = s[VS_KIND]!;
-    if (kind !== KIND_IDLE && kind !== KIND_SWEEP && kind !== KIND_STRESS) throw new Error(`${p}: unknown workload kind ${kind}`);
-    const inRam = (a: number, b: number): boolean => a >= 0 && a <= b && b <= pages;
-    if (!inRam(s[VS_WS_START]!, s[VS_WS_END]!)) {
-      throw new Error(`${p}: workload range pages [${s[VS_WS_START]}, ${s[VS_WS_END]}) does not fit in ${pages} pages of RAM`);
-    }
-    if (s[VS_STEPS]! < 0 || s[VS_STEPS_LIMIT]! < -1 || s[VS_RATE]! < 0 || s[VS_SEED]! < 0 || s[VS_SEED]! > 0xffffffff) {
-      throw new Error(`${p}: negative steps, limit, rate or bad seed`);
-    }
-    if (s[VS_ACTIVE] === 1) {
-      if (kind === KIND_IDLE) throw new Error(`${p}: idle vCPU marked active`);
-      const a = s[VS_STRIPE_START]!;
-      const b = s[VS_STRIPE_END]!;
-      if (!(a >= s[VS_WS_START]! && a < b && b <= s[VS_WS_END]!)) throw new Error(`${p}: stripe [${a}, ${b}) outside the workload range`);
-      if (kind === KIND_STRESS) {
-        const w = s[VS_WRITE]!;
-        if (w < 1 || w > 4096) throw new Error(`${p}: write size ${w} out of range 1..4096`);
-        let any = 0;
-        for (let k = 0; k < 4; k++) {
-          const v = s[VS_RNG0 + k]!;
-          if (v < 0 || v > 0xffffffff) throw new Error(`${p}: PRNG word ${v} out of range`);
-          any += v;
-        }
-        if (any === 0) throw new Error(`${p}: PRNG state is all zero`);
-        if (s[VS_READ] !== 0 && s[VS_READ] !== 1) throw new Error(`${p}: bad read flag ${s[VS_READ]}`);
-        if (s[VS_SUM]! < 0 || s[VS_SUM]! > 0xffffffff) throw new Error(`${p}: read checksum ${s[VS_SUM]} out of range`);
-      } else {
-        if (s[VS_POS]! < a || s[VS_POS]! >= b) throw new Error(`${p}: sweep position ${s[VS_POS]} outside [${a}, ${b})`);
-        if (s[VS_ROUND]! < 0) throw new Error(`${p}: negative sweep round`);
-      }
-    } else if (s[VS_ACTIVE] !== 0) {
-      throw new Error(`${p}: bad active flag ${s[VS_ACTIVE]}`);
-    }
-    this.vstate.set(s, index * VS_STRIDE);
-    // adopt the source's workload description (the same in every vCPU's state)
-    const ps = TARGET_PAGE_SIZE;
-    const lim = s[VS_STEPS_LIMIT]! >= 0 ? { steps: s[VS_STEPS_LIMIT]! } : {};
-    if (kind === KIND_IDLE) this._workload = { kind: 'idle' };
-    else if (kind === KIND_SWEEP) this._workload = { kind: 'sweep', start: s[VS_WS_START]! * ps, end: s[VS_WS_END]! * ps, ...lim };
-    else {
-      this._workload = {
-        kind: 'stress',
-        start: s[VS_WS_START]! * ps,
-        wss: (s[VS_WS_END]! - s[VS_WS_START]!) * ps,
-        write: s[VS_WRITE]!,
-        rate: s[VS_RATE]!,
-        seed: s[VS_SEED]!,
-        ...lim,
-        ...(s[VS_READ] === 1 ? { read: true } : {}),
-      };
-    }
+    this.vcpus.loadSlots(index, s, this.ramPages);
   }
 
-  /** Name of the workload kind in a vCPU state slot array. */
-  static workloadKindName(kind: number): string {
-    return KIND_NAMES[kind] ?? `unknown(${kind})`;
+  /** Steps (writes) done so far by each vCPU (sampled; exact while paused). */
+  vcpuSteps(): number[] {
+    return this.vcpus.steps();
   }
 
-  /* ----------------------------------------------------------- serial */
+  totalSteps(): number {
+    return this.vcpuSteps().reduce((a, b) => a + b, 0);
+  }
+
+  /** True when every active vCPU has reached its steps=N limit (false without a limit). */
+  workloadDone(): boolean {
+    return this.vcpus.workloadDone();
+  }
+
+  /** Per-vCPU workload counters (x-query-workload). */
+  workloadInfo(): VcpuWorkloadInfo[] {
+    return this.vcpus.workloadInfo();
+  }
+
+  /* --------------------------------------------------- demand paging */
+
+  /** Turns demand paging on (postcopy destination); see DemandPaging.begin(). */
+  beginDemandPaging(onFault: (block: number, page: number) => void): void {
+    this.checkAliveForRam();
+    this.paging.begin(onFault);
+  }
+
+  /** Marks a page present (after its bytes were written) and wakes a vCPU waiting for it. */
+  markPresent(block: number, page: number): void {
+    this.paging.markPresent(block, page);
+  }
+
+  /** Ends demand paging; a blocked vCPU is released (the present bitmaps stay as they are). */
+  endDemandPaging(): void {
+    this.paging.end();
+  }
+
+  get demandPaging(): boolean {
+    return this.paging.active;
+  }
+
+  /** Faults resolved since beginDemandPaging and their latencies in µs, oldest first. */
+  faultStats(): { faults: number; latenciesUs: Float64Array } {
+    return this.paging.stats();
+  }
+
+  /* ---------------------------------------------------------- serial */
 
   heartbeatState(): { count: number; periodNs: number } {
-    return { count: this.hbCount, periodNs: this.hbPeriodNs };
+    return this.serial.heartbeatState();
   }
 
   setHeartbeatState(count: number, periodNs: number): void {
-    this.hbCount = count;
-    this.hbPeriodNs = periodNs;
-  }
-
-  private openSerial(): void {
-    if (this.serial.kind === 'file') this.serialFd = openSync(this.serial.path, 'a');
-    this.hbTimer = setInterval(() => this.heartbeatTick(), 20);
-    this.hbTimer.unref();
-  }
-
-  private heartbeatTick(): void {
-    if (this._runState !== 'running') return;
-    const now = this.vclockNs();
-    if (now < (this.hbCount + 1) * this.hbPeriodNs) return;
-    // one line per tick; a lagging console catches up on the next ticks
-    const n = ++this.hbCount;
-    const line = `heartbeat ${n} vclock=${(now / 1e9).toFixed(3)}s steps=${this.totalSteps()}\n`;
-    this.writeSerial(line);
-    this.emit('heartbeat', n, line);
+    this.serial.setHeartbeatState(count, periodNs);
   }
 
   /** Writes text to the serial console output. */
   writeSerial(text: string): void {
-    if (this.serial.kind === 'stdout') process.stdout.write(text);
-    else if (this.serialFd !== null) writeSync(this.serialFd, text);
+    this.serial.write(text);
   }
 
   /* ------------------------------------------------------------- RAM */
 
-  /**
-   * An incoming VM has nothing to do until the stream arrives: fault its RAM
-   * in meanwhile, on a helper thread, so that the loader writes into present
-   * memory instead of paying the first-touch cost per page (12-22 µs per
-   * 4 KiB page on our hosts). Contents are not changed; errors only mean the
-   * loader pays the cost itself.
-   */
-  private prefaultInBackground(): void {
-    for (const b of this.ram) {
-      const buf = b.bytes.buffer as SharedArrayBuffer;
-      this.helpers.run({ op: 'prefault', buf }).catch(() => undefined);
-    }
+  /** Total RAM pages. */
+  get ramPages(): number {
+    return this.guestRam.pages;
   }
 
-  private async doFill(): Promise<void> {
-    const f = this.fill;
-    // an incoming VM's RAM comes from the stream: filling it would be wasted work
-    if (f.kind === 'zero' || this._runState === 'inmigrate') return;
-    for (const b of this.ram) b.touched.fill(0xffffffff);
-    if (f.kind !== 'random' && f.kind !== 'text') throw new Error(`Unknown fill '${(f as { kind: string }).kind}'`);
-    const seed = f.seed ?? 0;
-    if (!Number.isInteger(seed) || seed < 0 || seed > 0xffffffff) throw new Error(`fill seed ${seed} must be 0..4294967295`);
-    const tasks: Promise<unknown>[] = [];
-    const per = 64 << 20; // bytes per task
-    let phys = 0;
-    for (const b of this.ram) {
-      for (let o = 0; o < b.size; o += per) {
-        const len = Math.min(per, b.size - o);
-        tasks.push(
-          this.helpers.run({
-            op: 'fill',
-            kind: f.kind,
-            seed,
-            buf: b.bytes.buffer as SharedArrayBuffer,
-            offset: o,
-            length: len,
-            chunkIndex: (phys + o) / FILL_CHUNK,
-            chunkSize: FILL_CHUNK,
-          }),
-        );
-      }
-      phys += b.size;
-    }
-    await Promise.all(tasks);
-  }
-
-  /** Block index and offset of a guest-physical address. */
+  /** Block and offset of a guest-physical address. */
   locate(addr: number): { block: RamBlock; offset: number } {
-    if (!Number.isSafeInteger(addr) || addr < 0 || addr >= this.ramSize) {
-      throw new Error(`address 0x${addr.toString(16)} is outside guest RAM (0x${this.ramSize.toString(16)} bytes)`);
-    }
-    const b = Math.floor(addr / MAX_BLOCK_SIZE);
-    return { block: this.ram[b]!, offset: addr - b * MAX_BLOCK_SIZE };
+    return this.guestRam.locate(addr);
   }
 
   /** sha256 of every block in 64 MiB chunks hashed in parallel by helper workers. */
   async digest(): Promise<MemoryDigest> {
-    this.checkAliveForRam();
-    this.checkNoDemandPaging();
-    const perBlock = await Promise.all(
-      this.ram.map((b) => {
-        const jobs: Promise<Uint8Array>[] = [];
-        for (let o = 0; o < b.size; o += DIGEST_CHUNK) {
-          const len = Math.min(DIGEST_CHUNK, b.size - o);
-          jobs.push(
-            this.helpers
-              .run({ op: 'digest', buf: b.bytes.buffer as SharedArrayBuffer, offset: o, length: len })
-              .then((r) => r.digest as Uint8Array),
-          );
-        }
-        return Promise.all(jobs);
-      }),
-    );
-    const top = createHash('sha256');
-    const blocks = this.ram.map((b, i) => {
-      const h = createHash('sha256');
-      h.update(`ferry-ram-block\0${b.name}\0${b.size}\0`);
-      for (const d of perBlock[i]!) h.update(d);
-      const digest = h.digest('hex');
-      top.update(`${b.name}\0${b.size}\0${digest}\0`);
-      return { name: b.name, size: b.size, digest };
-    });
-    return { digest: top.digest('hex'), blocks };
+    this.checkRamReadable();
+    return this.guestRam.digest();
+  }
+
+  /** Writes guest-physical [addr, addr+size) to filename (blocks back to back from 0). */
+  async pmemsave(addr: number, size: number, filename: string): Promise<void> {
+    this.checkRamReadable();
+    return this.guestRam.pmemsave(addr, size, filename);
+  }
+
+  /** Reads guest-physical memory (a copy). */
+  read(addr: number, size: number): Uint8Array {
+    return this.guestRam.read(addr, size);
   }
 
   private checkAliveForRam(): void {
@@ -900,69 +366,23 @@ export class Machine extends EventEmitter implements DeviceHost {
   }
 
   /** RAM readers must not read the holes of pages not fetched yet. */
-  private checkNoDemandPaging(): void {
-    if (this.demandPaging) throw new Error(DEMAND_PAGING_RAM_ERROR);
-  }
-
-  /** Writes guest-physical [addr, addr+size) to filename (blocks back to back from 0). */
-  async pmemsave(addr: number, size: number, filename: string): Promise<void> {
+  private checkRamReadable(): void {
     this.checkAliveForRam();
-    this.checkNoDemandPaging();
-    if (!Number.isSafeInteger(addr) || addr < 0) throw new Error(`pmemsave: invalid address ${addr}`);
-    if (!Number.isSafeInteger(size) || size < 0) throw new Error(`pmemsave: invalid size ${size}`);
-    if (addr + size > this.ramSize) {
-      throw new Error(
-        `pmemsave: range 0x${addr.toString(16)}+0x${size.toString(16)} is beyond guest RAM (0x${this.ramSize.toString(16)} bytes)`,
-      );
-    }
-    const fh = await open(filename, 'w');
-    try {
-      let a = addr;
-      const end = addr + size;
-      while (a < end) {
-        const { block, offset } = this.locate(a);
-        const len = Math.min(end - a, block.size - offset, 64 << 20);
-        // copy out of the SAB so the write sees a stable snapshot of the chunk
-        const buf = Buffer.from(block.bytes.subarray(offset, offset + len));
-        let done = 0;
-        while (done < len) done += (await fh.write(buf, done, len - done)).bytesWritten;
-        a += len;
-      }
-    } finally {
-      await fh.close();
-    }
+    if (this.paging.active) throw new Error(DEMAND_PAGING_RAM_ERROR);
   }
 
-  /** Reads guest-physical memory (a copy). */
-  read(addr: number, size: number): Uint8Array {
-    if (!Number.isSafeInteger(size) || size < 0 || addr + size > this.ramSize) {
-      throw new Error(`read: range 0x${addr.toString(16)}+0x${size.toString(16)} is beyond guest RAM`);
-    }
-    const out = new Uint8Array(size);
-    let a = addr;
-    let o = 0;
-    while (o < size) {
-      const { block, offset } = this.locate(a);
-      const len = Math.min(size - o, block.size - offset);
-      out.set(block.bytes.subarray(offset, offset + len), o);
-      o += len;
-      a += len;
-    }
-    return out;
-  }
-
-  /* --------------------------------------------------------- teardown */
+  /* -------------------------------------------------------- teardown */
 
   /** quit: run state shutdown, then destroy(). */
   async quit(): Promise<void> {
     if (this.destroyed) return;
-    if (this._runState === 'running') {
+    if (this.runState === 'running') {
       try {
         await this.stop('shutdown');
       } catch {
         /* destroy anyway */
       }
-    } else this.setState('shutdown');
+    } else this.rs.set('shutdown');
     await this.destroy();
   }
 
@@ -970,28 +390,11 @@ export class Machine extends EventEmitter implements DeviceHost {
   async destroy(): Promise<void> {
     if (this.destroyed) return;
     this.destroyed = true;
-    if (this.hbTimer) clearInterval(this.hbTimer);
-    this.hbTimer = null;
-    this.command(CMD_EXIT);
-    this.clockAccNs = this.vclockNs();
-    this.clockRunStart = null;
-    const exits = this.workers.map(
-      (w) =>
-        new Promise<void>((resolve) => {
-          const t = setTimeout(() => void w.terminate().then(() => resolve(), () => resolve()), 2000);
-          w.once('exit', () => {
-            clearTimeout(t);
-            resolve();
-          });
-        }),
-    );
-    await Promise.all(exits);
-    await this.helpers.close();
-    if (this.serialFd !== null) {
-      closeSync(this.serialFd);
-      this.serialFd = null;
-    }
+    this.serial.stopHeartbeat();
+    const exited = this.vcpus.exit();
+    this.clock.freeze();
+    await exited;
+    await this.guestRam.close();
+    this.serial.closeOutput();
   }
 }
-
-export { BLOCK_PAGES, MAX_BLOCK_SIZE };

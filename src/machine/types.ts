@@ -3,10 +3,11 @@ export const TARGET_PAGE_BITS = 12;
 export const TARGET_PAGE_SIZE = 1 << TARGET_PAGE_BITS;
 
 /**
- * One guest RAM block. `bytes` and `dirty` are views over SharedArrayBuffers
- * that the vCPU workers share. `dirty` has one bit per target page
- * (bit i of word i>>5 is page i); a vCPU sets it with Atomics.or on every write,
- * a migration takes it with Atomics.exchange(dirty, w, 0).
+ * One guest RAM block (ram.ts allocates them). `bytes`, `dirty` and
+ * `present` are views over SharedArrayBuffers that the vCPU workers share.
+ * `dirty` has one bit per target page (bit i of word i>>5 is page i); a vCPU
+ * sets it with Atomics.or on every write, a migration takes it with
+ * Atomics.exchange(dirty, w, 0).
  */
 export interface RamBlock {
   readonly name: string;
@@ -35,16 +36,8 @@ export interface RamBlock {
   readonly present: Int32Array;
 }
 
-/** QEMU run states that Ferry uses (QAPI RunState names). */
-export type RunState =
-  | 'prelaunch'
-  | 'running'
-  | 'paused'
-  | 'inmigrate'
-  | 'finish-migrate'
-  | 'postmigrate'
-  | 'shutdown'
-  | 'internal-error';
+/** QAPI RunState names (run-state.ts has the list, the transition table and the reasons). */
+export type { RunState } from './run-state.js';
 
 /**
  * A device whose state travels in the migration stream as one FULL section.
@@ -107,8 +100,6 @@ export type WorkloadConfig =
       steps?: number;
       read?: boolean;
     };
-
-export type WorkloadKind = WorkloadConfig['kind'];
 
 /** Boot-time RAM content; deterministic by seed (default seed 0). */
 export interface FillConfig {

@@ -1,7 +1,7 @@
 /**
  * vCPU worker thread: runs one vCPU's workload against guest RAM under the
  * shared control block (see layout.ts). Compiled to
- * dist/src/machine/vcpu-worker.js and started by Machine.
+ * dist/src/machine/vcpu-worker.js and started by VcpuThreads (vcpus.ts).
  *
  * Protocol:
  * - The worker polls ctl[CTL_CMD] after every batch (<= BATCH writes).

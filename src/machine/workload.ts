@@ -26,7 +26,7 @@ export function seedXorshift(seed: number, stream: number): [number, number, num
   return [a, b, c, d];
 }
 
-/** The byte value pattern written by stress step `step` of vCPU `vcpu`. */
+/** The salt of vCPU `vcpu`'s stress pattern: byte j of step s is (s + salt + j) & 255. */
 export function stressSalt(vcpu: number): number {
   return mix32(vcpu + 0x5bd1e995) & 255;
 }

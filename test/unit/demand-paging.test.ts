@@ -10,7 +10,7 @@ import {
   parseWorkload,
   type MachineConfig,
 } from '../../src/machine/index.js';
-import { VcpuDevice } from '../../src/machine/devices.js';
+import { VcpuDevice } from '../../src/machine/device-state.js';
 import { StressLoop, SweepLoop, seedXorshift, stressSalt } from '../../src/machine/workload.js';
 import { VS_NSLOTS, VS_NSLOTS_V1, VS_READ, VS_STEPS, VS_SUM } from '../../src/machine/layout.js';
 

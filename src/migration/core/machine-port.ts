@@ -1,5 +1,6 @@
 /** Adapts a Machine to what the migration engine needs (MachinePort). */
 import type { Machine } from '../../machine/machine.js';
+import { canTransition } from '../../machine/run-state.js';
 import type { MachinePort } from './port.js';
 
 export function machinePort(m: Machine, opts: { autostart: boolean }): MachinePort {
@@ -31,7 +32,13 @@ export function machinePort(m: Machine, opts: { autostart: boolean }): MachinePo
       if (got === undefined || got === 'running') {
         await (opts.autostart ? m.start() : m.setRunState('paused'));
       } else {
-        await m.setRunState(got as Parameters<Machine['setRunState']>[0]);
+        // the state comes from the stream: one this guest cannot enter fails the migration
+        if (!canTransition(m.runState, got)) {
+          throw new Error(
+            `globalstate: the guest cannot enter run state '${got}' received from the source (it is '${m.runState}')`,
+          );
+        }
+        await m.setRunState(got);
       }
     },
     beginDemandPaging: (onFault) => m.beginDemandPaging(onFault),

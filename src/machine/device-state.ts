@@ -1,11 +1,12 @@
 /**
- * Migratable devices of the Ferry machine, in the fixed order
+ * The machine's migratable device states, in the fixed section order
  *   timer, ferry-serial, ferry-vcpu (×smp, instance = index), globalstate.
  * `timer` and `globalstate` use QEMU's vmstate layouts byte for byte
- * (stream-format.md §7.2); the ferry-* devices are ours (self-delimiting
- * through the migration layer's be32 length, see types.ts).
+ * (docs/spec/stream-format.md §7.2); the ferry-* devices are ours
+ * (self-delimiting through the migration layer's be32 length, see types.ts).
  */
-import type { MigratableDevice, RunState } from './types.js';
+import type { MigratableDevice } from './types.js';
+import { isRunState, type RunState } from './run-state.js';
 import { VS_NSLOTS, VS_NSLOTS_V1 } from './layout.js';
 
 /** What the devices need from the machine. */
@@ -15,7 +16,7 @@ export interface DeviceHost {
   setVclockNs(ns: number): void;
   /** run state to record in globalstate */
   globalStateToSave(): string;
-  setLoadedGlobalState(s: string): void;
+  setLoadedGlobalState(s: RunState): void;
   heartbeatState(): { count: number; periodNs: number };
   setHeartbeatState(count: number, periodNs: number): void;
   saveVcpu(index: number): Float64Array;
@@ -72,26 +73,6 @@ export class TimerDevice implements MigratableDevice {
   }
 }
 
-/** QAPI RunState names accepted in globalstate. */
-export const QAPI_RUN_STATES = [
-  'debug',
-  'inmigrate',
-  'internal-error',
-  'io-error',
-  'paused',
-  'postmigrate',
-  'prelaunch',
-  'finish-migrate',
-  'restore-vm',
-  'running',
-  'save-vm',
-  'shutdown',
-  'suspended',
-  'watchdog',
-  'guest-panicked',
-  'colo',
-] as const;
-
 /** QEMU `globalstate`, version 1: be32 size = strlen+1, 100-byte NUL-padded name. */
 export class GlobalStateDevice implements MigratableDevice {
   readonly idstr = 'globalstate';
@@ -120,7 +101,8 @@ export function encodeGlobalState(state: string): Uint8Array {
   return out;
 }
 
-export function decodeGlobalState(data: Uint8Array): RunState | string {
+/** The run state name of a globalstate payload; throws unless it is a QAPI RunState. */
+export function decodeGlobalState(data: Uint8Array): RunState {
   const dv = checkLen('globalstate', data, 104);
   const size = dv.getUint32(0);
   if (size < 1 || size > 100) throw new Error(`globalstate: size ${size} out of range 1..100`);
@@ -128,9 +110,7 @@ export function decodeGlobalState(data: Uint8Array): RunState | string {
   if (data[4 + size - 1] !== 0) throw new Error(`globalstate: run state name is not NUL-terminated at size ${size}`);
   if (name.includes(0)) throw new Error('globalstate: run state name shorter than its size field');
   const s = Buffer.from(name).toString('latin1');
-  if (!(QAPI_RUN_STATES as readonly string[]).includes(s)) {
-    throw new Error(`globalstate: invalid run state '${s}'`);
-  }
+  if (!isRunState(s)) throw new Error(`globalstate: invalid run state '${s}'`);
   return s;
 }
 
