@@ -27,7 +27,8 @@ function executable(p: string): boolean {
 /** false when QEMU is usable, else the reason to skip. */
 export const QEMU_SKIP: false | string = executable(QEMU_BIN) ? false : `${QEMU_BIN} is not installed`;
 
-export const VECTORS_DIR = resolve(REPO_ROOT, '../shared/spec/vectors');
+/** The stream vectors, each checked against QEMU 7.2 (see its README.md). */
+export const VECTORS_DIR = resolve(REPO_ROOT, 'test/golden/streams');
 
 /** `-machine none` with one 16 MiB RAM backend `m`, as in the spec's interop section. */
 export const MEM = 16 << 20;

@@ -1,21 +1,19 @@
 /**
- * The shared stream vectors (../shared/spec/vectors, each checked against
- * QEMU 7.2) replayed through Ferry's real destination with
- * `-incoming "exec:cat FILE"`, RAM compared with the gunzipped .expect image.
+ * The stream vectors (test/golden/streams, each checked against QEMU 7.2)
+ * replayed through Ferry's real destination with `-incoming "exec:cat FILE"`,
+ * RAM compared with the gunzipped .expect image.
  *
  * (QEMU → Ferry with xbzrle and a guest dirtying RAM would need a guest
  * kernel under TCG; these vectors cover the xbzrle/compress load paths instead.)
  */
 import { after, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { cleanupAll, startVm, tempDir, waitMigration } from '../helpers/vm.js';
 import { MEM, VECTORS_DIR, assertSameRam, pmem, readExpect } from '../helpers/qemu.js';
 
 after(cleanupAll);
 
-const VECTORS_SKIP: false | string = existsSync(join(VECTORS_DIR, 'README.md')) ? false : `no vectors at ${VECTORS_DIR}`;
 const FERRY_DST = ['-machine', 'none,memory-backend=m', '-object', 'memory-backend-ram,id=m,size=16M', '-S'];
 
 function vec(name: string): string {
@@ -37,7 +35,7 @@ async function load(name: string): Promise<{ status: string; ram: Buffer }> {
   return r;
 }
 
-describe('shared vectors through a Ferry destination', { skip: VECTORS_SKIP, timeout: 120000 }, () => {
+describe('shared vectors through a Ferry destination', { timeout: 120000 }, () => {
   it('ramonly-plain.bin: RAM equals the expect image', { timeout: 40000 }, async () => {
     const r = await load('ramonly-plain.bin');
     assertSameRam(r.ram, readExpect('ramonly-plain.bin'), 'ramonly-plain');
