@@ -12,6 +12,9 @@ import { WIRE } from '../../src/migration/wire/constants.js';
 import { putConfiguration, putEof, putFooter, putHeader, putSectionStartFull } from '../../src/migration/wire/records.js';
 import { startVm, waitFor, waitMigration, type VmHandle } from './vm.js';
 
+/** Shell-quote a path for exec: URIs (now in vm.ts). */
+export { shq } from './vm.js';
+
 /** A ByteSink that collects into memory. */
 export class BufSink implements ByteSink {
   private chunks: Buffer[] = [];
@@ -189,9 +192,4 @@ export async function waitIncoming(vm: VmHandle, timeoutMs = 30000): Promise<Rec
     'incoming migration to end',
     25,
   ) as Promise<Record<string, any>>;
-}
-
-/** Shell-quote a path for exec: URIs. */
-export function shq(s: string): string {
-  return `'${s.replace(/'/g, `'\\''`)}'`;
 }

@@ -77,6 +77,11 @@ export function migrationEvents(vm: QmpProcess): string[] {
   return vm.qmp.eventLog.filter((e) => e.event === 'MIGRATION').map((e) => (e.data as { status: string }).status);
 }
 
+/** Shell-quote a path for exec: URIs. */
+export function shq(s: string): string {
+  return `'${s.replace(/'/g, `'\\''`)}'`;
+}
+
 export function readText(path: string): string {
   return existsSync(path) ? readFileSync(path, 'utf8') : '';
 }
