@@ -9,7 +9,7 @@ import { accessSync, constants, readFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { gunzipSync } from 'node:zlib';
 import { freePort, qemuArgv } from '../../src/cli/launch.js';
-import { QmpProcess, REPO_ROOT, killTracked, runToExit, tempDir, track, waitFor, waitMigration } from './vm.js';
+import { QmpProcess, REPO_ROOT, killTracked, runToExit, tempDir, track, waitMigration } from './vm.js';
 
 export { freePort };
 
@@ -77,18 +77,6 @@ export function waitQemuMigration(
   timeoutMs = 30000,
 ): Promise<Record<string, any>> {
   return waitMigration(q, states, timeoutMs);
-}
-
-/**
- * The run state of a QEMU source once query-migrate said `completed`. QEMU
- * 7.2's migration thread sets the status first and the run state
- * (finish-migrate -> postmigrate) a moment later, so one read can still see
- * finish-migrate on a loaded machine: wait (up to 5 s) for it to move on.
- */
-export async function qemuStateAfterCompletion(q: QemuHandle): Promise<string> {
-  let last = '';
-  await waitFor(async () => (last = await q.status()) !== 'finish-migrate', 5000, 'QEMU to leave finish-migrate', 20).catch(() => undefined);
-  return last;
 }
 
 /** pmemsave of a Ferry VM (anything with execute()) into `dir`. */
