@@ -99,7 +99,7 @@ export class QmpProcess {
     try {
       this.client = await waitFor(
         async () => {
-          if (!this.running) throw new Error(`${this.what} exited early (${this.exitCode ?? this.exitSignal}): ${this.stderr.trim()}`);
+          if (!this.running) throw new Error(`${this.what} exited early: ${this.stderr.trim()}`);
           if (!existsSync(sock)) return undefined;
           try {
             return await QmpClient.connect(sock, { negotiate: this.opts.negotiate ?? true, timeoutMs: this.opts.connectTimeoutMs });
