@@ -168,13 +168,13 @@ async function runOnce(engine: Engine, sc: Scenario, timeoutMs: number): Promise
         startFerry([...sc.ferryDst, ...incoming], dir, { name: 'dst' }),
         startFerry(sc.ferrySrc, dir, { name: 'src' }),
       ]);
-      await src.qmp.execute('migrate-set-parameters', { 'max-bandwidth': sc.maxBandwidth ?? 0, 'downtime-limit': 300 });
+      await src.execute('migrate-set-parameters', { 'max-bandwidth': sc.maxBandwidth ?? 0, 'downtime-limit': 300 });
       if (sc.caps?.length) {
-        await src.qmp.execute('migrate-set-capabilities', {
+        await src.execute('migrate-set-capabilities', {
           capabilities: sc.caps.map((capability) => ({ capability, state: true })),
         });
         if (sc.caps.includes('compress')) {
-          await dst.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'compress', state: true }] });
+          await dst.execute('migrate-set-capabilities', { capabilities: [{ capability: 'compress', state: true }] });
         }
       }
     } else {
@@ -182,17 +182,17 @@ async function runOnce(engine: Engine, sc: Scenario, timeoutMs: number): Promise
         startQemu([...sc.qemuDst!(), ...incoming], dir, { name: 'dst' }),
         startQemu(sc.qemuSrc!(), dir, { name: 'src' }),
       ]);
-      await src.qmp.execute('migrate-set-parameters', { 'max-bandwidth': BIG_BW, 'downtime-limit': 300 });
+      await src.execute('migrate-set-parameters', { 'max-bandwidth': BIG_BW, 'downtime-limit': 300 });
     }
     if (sc.warmupMs) await sleep(sc.warmupMs);
     const s = src;
     const d = dst;
     const t0 = performance.now();
-    await s.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+    await s.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
     const info = await untilMigrationEnds(s, timeoutMs, 20);
     rec.wallToSrcDoneMs = performance.now() - t0;
     if (!info) {
-      await s.qmp.execute('migrate_cancel').catch(() => undefined);
+      await s.execute('migrate_cancel').catch(() => undefined);
       rec.error = `did not complete within ${timeoutMs / 1000} s`;
       return rec;
     }
@@ -201,7 +201,7 @@ async function runOnce(engine: Engine, sc: Scenario, timeoutMs: number): Promise
       return rec;
     }
     const dstState = await pollUntil(async () => {
-      const st = (await d.qmp.execute('query-status')).status as string;
+      const st = (await d.execute('query-status')).status as string;
       return st !== 'inmigrate' ? st : null;
     }, 120000, 10);
     rec.wallToDestDoneMs = performance.now() - t0;

@@ -135,18 +135,18 @@ async function runPostcopy(o: RunOpts): Promise<PostcopyRun> {
     const s = src;
     const d = dst;
     const c = caps([['postcopy-ram', true], ['events', true]]);
-    await Promise.all([s.qmp.execute('migrate-set-capabilities', c), d.qmp.execute('migrate-set-capabilities', c)]);
+    await Promise.all([s.execute('migrate-set-capabilities', c), d.execute('migrate-set-capabilities', c)]);
     // idle: a low limit for both engines, so that the switch always comes
     // before precopy could finish (postcopy lifts the limit on both)
     const bw = o.scenario === 'stress' ? STRESS_BW : IDLE_BW;
-    await s.qmp.execute('migrate-set-parameters', { 'max-bandwidth': bw, 'downtime-limit': DOWNTIME_LIMIT });
+    await s.execute('migrate-set-parameters', { 'max-bandwidth': bw, 'downtime-limit': DOWNTIME_LIMIT });
     if (o.scenario === 'stress') await sleep(500); // let the workload run first
 
     let sawPc = false;
     const t0 = performance.now();
-    await s.qmp.execute('migrate', { uri });
+    await s.execute('migrate', { uri });
     if (o.precopyMs > 0) await sleep(o.precopyMs);
-    const before = await s.qmp.execute('query-migrate');
+    const before = await s.execute('query-migrate');
     rec.statusAtSwitch = before.status;
     rec.remainingAtSwitch = before.ram?.remaining;
     rec.dirtySyncAtSwitch = before.ram?.['dirty-sync-count'];
@@ -155,13 +155,13 @@ async function runPostcopy(o: RunOpts): Promise<PostcopyRun> {
       return rec;
     }
     const tPc = performance.now();
-    await s.qmp.execute('migrate-start-postcopy');
+    await s.execute('migrate-start-postcopy');
 
     /** query-migrate of one side until it ends: its final info and when it came. */
     const side = { src: { vm: s, info: null as any, at: 0 }, dst: { vm: d, info: null as any, at: 0 } };
     const poll = async (x: (typeof side)['src']): Promise<void> => {
       if (x.info) return;
-      const i = await x.vm.qmp.execute('query-migrate');
+      const i = await x.vm.execute('query-migrate');
       if (i.status === 'postcopy-active') sawPc = true;
       if (MIGRATION_ENDED.includes(i.status)) {
         x.info = i;
@@ -179,10 +179,10 @@ async function runPostcopy(o: RunOpts): Promise<PostcopyRun> {
     const dstDoneAt = side.dst.at;
     rec.wallTotalMs = Math.max(srcDoneAt, dstDoneAt) - t0;
     const evPc = (v: Vm): boolean =>
-      v.qmp.events.some((e) => e.event === 'MIGRATION' && (e.data as any)?.status === 'postcopy-active');
+      v.qmp.eventLog.some((e) => e.event === 'MIGRATION' && (e.data as any)?.status === 'postcopy-active');
     rec.sawPostcopyActive = sawPc || evPc(s) || evPc(d);
     if (!ok) {
-      await s.qmp.execute('migrate_cancel').catch(() => undefined);
+      await s.execute('migrate_cancel').catch(() => undefined);
       rec.error = `not completed within ${o.timeoutMs / 1000} s (src ${srcInfo?.status ?? 'busy'}, dst ${dstInfo?.status ?? 'busy'})`;
       return rec;
     }
@@ -204,10 +204,10 @@ async function runPostcopy(o: RunOpts): Promise<PostcopyRun> {
     rec.transferredBytes = srcInfo.ram?.transferred;
     rec.postcopyRequests = srcInfo.ram?.['postcopy-requests'];
     rec.dirtySyncCount = srcInfo.ram?.['dirty-sync-count'];
-    rec.dstStatus = (await d.qmp.execute('query-status')).status;
+    rec.dstStatus = (await d.execute('query-status')).status;
     if (o.engine === 'ferry') {
       if (o.scenario === 'stress') await sleep(200); // let the guest run on the destination a little
-      const f = await d.qmp.execute('x-query-page-faults');
+      const f = await d.execute('x-query-page-faults');
       rec.faults = f.faults;
       rec.faultP50Us = f['p50-us'];
       rec.faultP99Us = f['p99-us'];
@@ -246,13 +246,13 @@ async function runPrecopyOnly(rate: string, limitMs: number): Promise<Record<str
       startFerry(stressArgs(rate), dir, { name: 'src' }),
     ]);
     const s = src;
-    await s.qmp.execute('migrate-set-parameters', { 'max-bandwidth': STRESS_BW, 'downtime-limit': DOWNTIME_LIMIT });
+    await s.execute('migrate-set-parameters', { 'max-bandwidth': STRESS_BW, 'downtime-limit': DOWNTIME_LIMIT });
     await sleep(500);
     const t0 = performance.now();
-    await s.qmp.execute('migrate', { uri });
+    await s.execute('migrate', { uri });
     const done = await untilMigrationEnds(s, limitMs, 50);
     rec.elapsedMs = performance.now() - t0;
-    const i = done ?? (await s.qmp.execute('query-migrate'));
+    const i = done ?? (await s.execute('query-migrate'));
     rec.statusAtLimit = i.status;
     rec.converged = i.status === 'completed';
     rec.remainingBytes = i.ram?.remaining;
@@ -261,10 +261,10 @@ async function runPrecopyOnly(rate: string, limitMs: number): Promise<Record<str
     rec.dirtyPagesRate = i.ram?.['dirty-pages-rate'];
     rec.expectedDowntimeMs = i['expected-downtime'];
     if (!done) {
-      await s.qmp.execute('migrate_cancel');
+      await s.execute('migrate_cancel');
       const c = await untilMigrationEnds(s, 10000, 20);
       rec.statusAfterCancel = c?.status ?? 'still cancelling after 10 s';
-      rec.srcRunStateAfterCancel = (await s.qmp.execute('query-status')).status;
+      rec.srcRunStateAfterCancel = (await s.execute('query-status')).status;
     }
     return rec;
   } catch (e) {

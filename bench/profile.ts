@@ -73,17 +73,17 @@ try {
     startFerry(['-m', '1G', '-S', '-incoming', `tcp:127.0.0.1:${port}`], dir, { name: 'dst', nodeFlags: prof('dst') }),
     startFerry(srcArgs, dir, { name: 'src', nodeFlags: prof('src') }),
   ]);
-  await src.qmp.execute('migrate-set-parameters', { 'max-bandwidth': 0, 'downtime-limit': 300 });
+  await src.execute('migrate-set-parameters', { 'max-bandwidth': 0, 'downtime-limit': 300 });
   await sleep(500);
   const t0 = performance.now();
-  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+  await src.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
   for (;;) {
-    info = await src.qmp.execute('query-migrate');
+    info = await src.execute('query-migrate');
     if (['completed', 'failed', 'cancelled'].includes(info.status)) break;
     await sleep(50);
   }
   for (;;) {
-    const st = (await dst.qmp.execute('query-status')).status;
+    const st = (await dst.execute('query-status')).status;
     if (st !== 'inmigrate') break;
     await sleep(20);
   }

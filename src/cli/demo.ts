@@ -4,17 +4,14 @@
  * identical memory at switchover, the destination runs on, its serial
  * heartbeat continues where the source's stopped.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import * as net from 'node:net';
 import { tmpdir } from 'node:os';
-import { dirname, join, resolve } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
 import cliProgress from 'cli-progress';
 import Table from 'cli-table3';
-import { QmpClient, QmpCommandError } from '../qmp/client.js';
-
-const MAIN_JS = resolve(dirname(fileURLToPath(import.meta.url)), 'main.js');
+import { parseSize } from '../base/size.js';
+import { QmpCommandError } from '../qmp/client.js';
+import { QmpProcess, ferryVmArgv, freePort } from './launch.js';
 
 const DEMO_USAGE = `usage: ferry demo [options]
 
@@ -43,14 +40,14 @@ interface DemoOptions {
 
 class DemoUsage extends Error {}
 
-const SUFFIX: Record<string, number> = { '': 1, b: 1, k: 1024, m: 1024 ** 2, g: 1024 ** 3, t: 1024 ** 4 };
-
-function parseSize(s: string, what: string): number {
-  const m = /^(\d+(?:\.\d+)?)\s*([kmgtb]?)i?b?$/i.exec(s.trim());
-  if (!m) throw new DemoUsage(`${what}: invalid size '${s}'`);
-  const n = Math.round(Number(m[1]) * SUFFIX[m[2]!.toLowerCase()]!);
-  if (!Number.isSafeInteger(n)) throw new DemoUsage(`${what}: size '${s}' out of range`);
-  return n;
+/** A size option (src/base/size.ts rules), as a usage error. */
+function sizeOption(s: string, what: string): number {
+  try {
+    return parseSize(s);
+  } catch (e) {
+    const why = e instanceof Error ? e.message : String(e);
+    throw new DemoUsage(`${what}: ${why.charAt(0).toLowerCase()}${why.slice(1)}`);
+  }
 }
 
 function parseOptions(argv: string[]): DemoOptions | null {
@@ -83,13 +80,13 @@ function parseOptions(argv: string[]): DemoOptions | null {
         return null;
       case '--mem': {
         const v = next();
-        parseSize(v, '--mem');
+        sizeOption(v, '--mem');
         o.mem = v;
         break;
       }
       case '--rate': {
         const v = next();
-        parseSize(v, '--rate');
+        sizeOption(v, '--rate');
         o.rate = v;
         break;
       }
@@ -100,7 +97,7 @@ function parseOptions(argv: string[]): DemoOptions | null {
         break;
       }
       case '--max-bandwidth':
-        o.maxBandwidth = parseSize(next(), '--max-bandwidth');
+        o.maxBandwidth = sizeOption(next(), '--max-bandwidth');
         break;
       case '--downtime-limit': {
         const n = Number(next());
@@ -129,55 +126,30 @@ function parseOptions(argv: string[]): DemoOptions | null {
 
 /* ------------------------------------------------------------------ VMs */
 
-class Vm {
-  stderr = '';
-  exited = false;
-  readonly exitPromise: Promise<void>;
-  qmp: QmpClient | undefined;
+/** A `ferry vm` of the demo, named, with its serial console in a file. */
+class Vm extends QmpProcess {
+  readonly serialPath: string;
 
   constructor(
     readonly name: string,
-    readonly proc: ChildProcess,
-    readonly sock: string,
-    readonly serialPath: string,
+    dir: string,
+    args: string[],
   ) {
-    proc.stderr?.on('data', (b: Buffer) => {
-      this.stderr += b.toString();
-      if (this.stderr.length > 65536) this.stderr = this.stderr.slice(-32768);
+    const sock = join(dir, `${name}.qmp`);
+    const serialPath = join(dir, `${name}.serial`);
+    super(process.execPath, ferryVmArgv(sock, ['-name', name, '-serial', `file:${serialPath}`, ...args]), {
+      sock,
+      dir,
+      what: `${name}: ferry vm`,
+      timeoutMs: 30000,
+      connectTimeoutMs: 10000,
+      commandTimeoutMs: 60000,
+      quitCommandMs: 3000,
+      quitKillMs: 3000,
+      maxOutput: 65536,
+      ignoreStdout: true,
     });
-    proc.stdout?.resume();
-    this.exitPromise = new Promise((res) => proc.once('exit', () => ((this.exited = true), res())));
-  }
-
-  exec<T = any>(cmd: string, args?: object): Promise<T> {
-    if (!this.qmp) return Promise.reject(new Error(`${this.name}: not connected`));
-    return this.qmp.execute<T>(cmd, args, { timeoutMs: 60000 });
-  }
-
-  kill(): void {
-    if (!this.exited) {
-      try {
-        this.proc.kill('SIGKILL');
-      } catch {
-        /* gone */
-      }
-    }
-  }
-
-  async quit(): Promise<void> {
-    if (this.exited) {
-      this.qmp?.destroy();
-      return;
-    }
-    try {
-      await this.qmp?.execute('quit', undefined, { timeoutMs: 3000 });
-    } catch {
-      /* already gone, or busy: killed below */
-    }
-    const t = setTimeout(() => this.kill(), 3000);
-    await this.exitPromise;
-    clearTimeout(t);
-    this.qmp?.destroy();
+    this.serialPath = serialPath;
   }
 }
 
@@ -188,48 +160,9 @@ function sleep(ms: number): Promise<void> {
 }
 
 async function startVm(name: string, dir: string, args: string[]): Promise<Vm> {
-  const sock = join(dir, `${name}.qmp`);
-  const serialPath = join(dir, `${name}.serial`);
-  const proc = spawn(
-    process.execPath,
-    [MAIN_JS, 'vm', '-name', name, '-qmp', `unix:${sock},server=on,wait=off`, '-serial', `file:${serialPath}`, ...args],
-    { stdio: ['ignore', 'pipe', 'pipe'] },
-  );
-  const vm = new Vm(name, proc, sock, serialPath);
+  const vm = new Vm(name, dir, args);
   children.add(vm);
-  const end = Date.now() + 30000;
-  for (;;) {
-    if (vm.exited) throw new Error(`${name}: ferry vm exited early: ${vm.stderr.trim()}`);
-    if (existsSync(sock)) {
-      try {
-        vm.qmp = await withTimeout(QmpClient.connect(sock, { negotiate: true, timeoutMs: 10000 }), 15000, `${name}: QMP negotiation`);
-        return vm;
-      } catch (e) {
-        if (!/ECONNREFUSED|ENOENT/.test(String(e))) throw e;
-      }
-    }
-    if (Date.now() > end) throw new Error(`${name}: QMP socket ${sock} did not come up: ${vm.stderr.trim()}`);
-    await sleep(25);
-  }
-}
-
-function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
-  let t: NodeJS.Timeout | undefined;
-  const timeout = new Promise<never>((_, rej) => {
-    t = setTimeout(() => rej(new Error(`${what} timed out after ${ms} ms`)), ms);
-  });
-  return Promise.race([p, timeout]).finally(() => clearTimeout(t));
-}
-
-function freeTcpPort(): Promise<number> {
-  return new Promise((res, rej) => {
-    const s = net.createServer();
-    s.once('error', rej);
-    s.listen(0, '127.0.0.1', () => {
-      const port = (s.address() as net.AddressInfo).port;
-      s.close(() => res(port));
-    });
-  });
+  return vm.ready();
 }
 
 /* ----------------------------------------------------------- formatting */
@@ -338,7 +271,7 @@ export async function main(argv: string[]): Promise<number> {
 }
 
 async function runDemo(o: DemoOptions, dir: string, setBar: (b: cliProgress.SingleBar) => void): Promise<number> {
-  const uri = o.uri === 'unix' ? `unix:${join(dir, 'migrate.sock')}` : `tcp:127.0.0.1:${await freeTcpPort()}`;
+  const uri = o.uri === 'unix' ? `unix:${join(dir, 'migrate.sock')}` : `tcp:127.0.0.1:${await freePort()}`;
   const common = ['-m', o.mem, '-smp', String(o.smp)];
   log(`ferry demo: ${o.mem} guest, ${o.smp} vCPUs, dirtying ${o.rate}/s, migrating over ${uri}`);
 
@@ -348,36 +281,36 @@ async function runDemo(o: DemoOptions, dir: string, setBar: (b: cliProgress.Sing
     startVm('source', dir, [...common, '-workload', `stress,rate=${o.rate},seed=1`, '-fill', 'text,seed=1']),
     startVm('destination', dir, [...common, '-workload', `stress,rate=${o.rate},seed=1`, '-S', '-incoming', uri]),
   ]);
-  const srcStatus = (await src.exec<{ status: string }>('query-status')).status;
-  const dstStatus = (await dst.exec<{ status: string }>('query-status')).status;
+  const srcStatus = (await src.execute<{ status: string }>('query-status')).status;
+  const dstStatus = (await dst.execute<{ status: string }>('query-status')).status;
   log(`source: ${srcStatus}, destination: ${dstStatus} (both up in ${Date.now() - tBoot} ms)`);
   // let the guest run and dirty memory for a moment, and print a heartbeat or two
   await sleep(1500);
 
   // capabilities: events, and return-path if this build accepts it
-  const caps = await src.exec<{ capability: string; state: boolean }[]>('query-migrate-capabilities');
+  const caps = await src.execute<{ capability: string; state: boolean }[]>('query-migrate-capabilities');
   const known = new Set(caps.map((c) => c.capability));
   if (known.has('events')) {
-    await src.exec('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] });
+    await src.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] });
   }
   let returnPath = false;
   if (known.has('return-path')) {
     try {
-      await src.exec('migrate-set-capabilities', { capabilities: [{ capability: 'return-path', state: true }] });
+      await src.execute('migrate-set-capabilities', { capabilities: [{ capability: 'return-path', state: true }] });
       returnPath = true;
     } catch (e) {
       log(`return-path refused (${e instanceof Error ? e.message : String(e)}); going on without it`);
     }
   }
-  await src.exec('migrate-set-parameters', { 'max-bandwidth': o.maxBandwidth, 'downtime-limit': o.downtimeLimit });
-  const enabled = (await src.exec<{ capability: string; state: boolean }[]>('query-migrate-capabilities'))
+  await src.execute('migrate-set-parameters', { 'max-bandwidth': o.maxBandwidth, 'downtime-limit': o.downtimeLimit });
+  const enabled = (await src.execute<{ capability: string; state: boolean }[]>('query-migrate-capabilities'))
     .filter((c) => c.state)
     .map((c) => c.capability);
   log(`capabilities: ${enabled.join(', ') || 'none'}; max-bandwidth ${o.maxBandwidth === 0 ? 'unlimited' : fmtBytes(o.maxBandwidth) + '/s'}, downtime-limit ${o.downtimeLimit} ms`);
 
   const srcHbBefore = lastHeartbeat(readText(src.serialPath));
   const t0 = Date.now();
-  await src.exec('migrate', { uri });
+  await src.execute('migrate', { uri });
 
   // progress, every ~200 ms
   const useBar = o.progress && process.stderr.isTTY === true;
@@ -401,7 +334,7 @@ async function runDemo(o: DemoOptions, dir: string, setBar: (b: cliProgress.Sing
   let lastLine = 0;
   const timeoutMs = 10 * 60 * 1000;
   for (;;) {
-    info = await src.exec('query-migrate');
+    info = await src.execute('query-migrate');
     const status: string = info.status;
     const pct = status === 'completed' ? 100 : percentOf(info);
     const fields = {
@@ -420,10 +353,10 @@ async function runDemo(o: DemoOptions, dir: string, setBar: (b: cliProgress.Sing
       );
     }
     if (status === 'completed' || status === 'failed' || status === 'cancelled') break;
-    if (src.exited) throw new Error(`source exited during migration: ${src.stderr.trim()}`);
-    if (dst.exited) throw new Error(`destination exited during migration: ${dst.stderr.trim()}`);
+    if (!src.running) throw new Error(`source exited during migration: ${src.stderr.trim()}`);
+    if (!dst.running) throw new Error(`destination exited during migration: ${dst.stderr.trim()}`);
     if (Date.now() - t0 > timeoutMs) {
-      await src.exec('migrate_cancel').catch(() => undefined);
+      await src.execute('migrate_cancel').catch(() => undefined);
       throw new Error(`migration did not finish within ${timeoutMs / 1000} s (status ${status}); try a lower --rate`);
     }
     await sleep(200);
@@ -440,20 +373,20 @@ async function runDemo(o: DemoOptions, dir: string, setBar: (b: cliProgress.Sing
   let dinfo: any;
   const dEnd = Date.now() + 30000;
   for (;;) {
-    dinfo = await dst.exec('query-migrate');
+    dinfo = await dst.execute('query-migrate');
     if (['completed', 'failed', 'cancelled'].includes(dinfo.status)) break;
     if (Date.now() > dEnd) break;
     await sleep(50);
   }
-  const srcRun = (await src.exec<{ status: string }>('query-status')).status;
-  const dstRunBefore = (await dst.exec<{ status: string }>('query-status')).status;
-  const srcDigest = (await src.exec<{ digest: string }>('x-query-memory-digest')).digest;
-  const dstDigest = (await dst.exec<{ digest: string }>('x-query-memory-digest')).digest;
+  const srcRun = (await src.execute<{ status: string }>('query-status')).status;
+  const dstRunBefore = (await dst.execute<{ status: string }>('query-status')).status;
+  const srcDigest = (await src.execute<{ digest: string }>('x-query-memory-digest')).digest;
+  const dstDigest = (await dst.execute<{ digest: string }>('x-query-memory-digest')).digest;
   const digestsEqual = srcDigest === dstDigest;
   const srcHbLast = lastHeartbeat(readText(src.serialPath));
 
   // run the destination and watch it go on
-  await dst.exec('cont');
+  await dst.execute('cont');
   let dstHb: number[] = [];
   const hbEnd = Date.now() + 5000;
   while (Date.now() < hbEnd) {
@@ -461,8 +394,8 @@ async function runDemo(o: DemoOptions, dir: string, setBar: (b: cliProgress.Sing
     if (dstHb.length >= 2) break;
     await sleep(100);
   }
-  const dstRunAfter = (await dst.exec<{ status: string }>('query-status')).status;
-  const dstDigestLater = (await dst.exec<{ digest: string }>('x-query-memory-digest')).digest;
+  const dstRunAfter = (await dst.execute<{ status: string }>('query-status')).status;
+  const dstDigestLater = (await dst.execute<{ digest: string }>('x-query-memory-digest')).digest;
   const running = dstRunAfter === 'running' && dstDigestLater !== dstDigest;
   const hbContinued =
     srcHbLast !== undefined && dstHb.length > 0 && dstHb[0] === srcHbLast + 1 && dstHb.every((n, i) => n === dstHb[0]! + i);

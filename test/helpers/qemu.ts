@@ -6,10 +6,12 @@
  * false when the binary exists, otherwise a reason string.
  */
 import { accessSync, constants, readFileSync } from 'node:fs';
-import { createServer } from 'node:net';
 import { join, resolve } from 'node:path';
 import { gunzipSync } from 'node:zlib';
-import { QmpProcess, REPO_ROOT, runToExit, spawnWithQmp, tempDir, waitFor, waitMigration } from './vm.js';
+import { freePort, qemuArgv } from '../../src/cli/launch.js';
+import { QmpProcess, REPO_ROOT, killTracked, runToExit, tempDir, track, waitMigration } from './vm.js';
+
+export { freePort };
 
 export const QEMU_BIN = process.env.FERRY_QEMU ?? '/usr/bin/qemu-system-x86_64';
 
@@ -25,13 +27,12 @@ function executable(p: string): boolean {
 /** false when QEMU is usable, else the reason to skip. */
 export const QEMU_SKIP: false | string = executable(QEMU_BIN) ? false : `${QEMU_BIN} is not installed`;
 
-export const VECTORS_DIR = resolve(REPO_ROOT, '../shared/spec/vectors');
+/** The stream vectors, each checked against QEMU 7.2 (see its README.md). */
+export const VECTORS_DIR = resolve(REPO_ROOT, 'test/golden/streams');
 
 /** `-machine none` with one 16 MiB RAM backend `m`, as in the spec's interop section. */
 export const MEM = 16 << 20;
 export const QEMU_RAM_ARGS = ['-machine', 'none,memory-backend=m', '-object', `memory-backend-ram,id=m,size=16M`];
-
-const live = new Set<QemuHandle>();
 
 export interface QemuOptions {
   /** extra arguments (the harness adds -nodefaults -display none -qmp) */
@@ -42,28 +43,26 @@ export interface QemuOptions {
   timeoutMs?: number;
 }
 
+/** A QEMU under test: its commands time out after 30 s. */
 export class QemuHandle extends QmpProcess {
-  override execute<T = unknown>(cmd: string, args?: object): Promise<T> {
-    return this.qmp.execute<T>(cmd, args, { timeoutMs: 30000 });
-  }
-
   /** pmemsave the whole guest RAM and return it. */
   async ram(size = MEM, file = join(this.dir, `qemu-${Date.now()}-${Math.random().toString(36).slice(2)}.ram`)): Promise<Buffer> {
     await this.execute('pmemsave', { val: 0, size, filename: file });
     return readFileSync(file);
   }
-
 }
 
 export async function startQemu(opts: QemuOptions): Promise<QemuHandle> {
   const dir = opts.dir ?? tempDir('ferry-qemu-');
   const sock = join(dir, `${opts.name ?? 'qemu'}.qmp`);
-  const args = ['-nodefaults', '-display', 'none', '-qmp', `unix:${sock},server=on,wait=off`, ...opts.args];
-  const { proc, qmp, early } = await spawnWithQmp(QEMU_BIN, args, sock, { timeoutMs: opts.timeoutMs, what: 'qemu' });
-  const h = new QemuHandle(proc, sock, dir, qmp, early);
-  void h.exited.then(() => live.delete(h));
-  live.add(h);
-  return h;
+  const h = new QemuHandle(QEMU_BIN, qemuArgv(sock, opts.args), {
+    sock,
+    dir,
+    what: 'qemu',
+    timeoutMs: opts.timeoutMs,
+    commandTimeoutMs: 30000,
+  });
+  return track(h).ready();
 }
 
 /** Run QEMU to completion without QMP (e.g. to see a startup / load error). */
@@ -78,30 +77,6 @@ export function waitQemuMigration(
   timeoutMs = 30000,
 ): Promise<Record<string, any>> {
   return waitMigration(q, states, timeoutMs);
-}
-
-/**
- * The run state of a QEMU source once query-migrate said `completed`. QEMU
- * 7.2's migration thread sets the status first and the run state
- * (finish-migrate -> postmigrate) a moment later, so one read can still see
- * finish-migrate on a loaded machine: wait (up to 5 s) for it to move on.
- */
-export async function qemuStateAfterCompletion(q: QemuHandle): Promise<string> {
-  let last = '';
-  await waitFor(async () => (last = await q.status()) !== 'finish-migrate', 5000, 'QEMU to leave finish-migrate', 20).catch(() => undefined);
-  return last;
-}
-
-/** A free TCP port on 127.0.0.1 (closed again before returning). */
-export function freePort(): Promise<number> {
-  return new Promise((res, rej) => {
-    const s = createServer();
-    s.once('error', rej);
-    s.listen(0, '127.0.0.1', () => {
-      const port = (s.address() as { port: number }).port;
-      s.close(() => res(port));
-    });
-  });
 }
 
 /** pmemsave of a Ferry VM (anything with execute()) into `dir`. */
@@ -133,10 +108,6 @@ export function assertSameRam(actual: Buffer, expected: Buffer, what: string): v
 }
 
 /** Kill every QEMU still running (call from after(), before cleanupAll). */
-export async function cleanupQemu(): Promise<void> {
-  for (const h of [...live]) {
-    h.kill();
-    await h.exited;
-    h.qmp.destroy();
-  }
+export function cleanupQemu(): Promise<void> {
+  return killTracked((h) => h instanceof QemuHandle);
 }

@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import type { ByteSink } from '../../src/migration/stream/writer.js';
 import { WIRE } from '../../src/migration/wire/constants.js';
 import { putConfiguration, putEof, putFooter, putHeader, putSectionStartFull } from '../../src/migration/wire/records.js';
-import { startVm, waitFor, waitMigration, type VmHandle } from './vm.js';
+import { runMigration } from './migration.js';
 
 /** A ByteSink that collects into memory. */
 export class BufSink implements ByteSink {
@@ -160,15 +160,16 @@ export interface Capture {
  * The source is paused (stop) first so that its digest matches the stream.
  */
 export async function captureStream(dir: string, args: string[], name = 'cap'): Promise<Capture> {
-  const src = await startVm({ dir, name: `${name}-src`, args });
-  await src.execute('stop');
   const file = join(dir, `${name}.mig`);
-  await src.execute('migrate-set-parameters', { 'max-bandwidth': 0 });
-  await src.execute('migrate', { uri: `exec:cat > ${file}` });
-  const info = await waitMigration(src);
-  if (info.status !== 'completed') throw new Error(`capture failed: ${JSON.stringify(info)}`);
-  const digest = await src.digest();
-  await src.quit();
+  let digest = '';
+  await runMigration({
+    dir,
+    source: { name: `${name}-src`, args },
+    destination: null,
+    transport: { uri: `exec:cat > ${file}` },
+    before: ({ src }) => src.execute('stop'),
+    after: async ({ src }) => void (digest = await src.digest()),
+  });
   return { file, bytes: readFileSync(file), digest };
 }
 
@@ -176,22 +177,4 @@ export function writeStream(dir: string, name: string, b: Buffer): string {
   const f = join(dir, name);
   writeFileSync(f, b);
   return f;
-}
-
-/** Wait for the destination's query-migrate to reach a final state. */
-export async function waitIncoming(vm: VmHandle, timeoutMs = 30000): Promise<Record<string, any>> {
-  return waitFor(
-    async () => {
-      const i = await vm.execute<Record<string, any>>('query-migrate');
-      return ['completed', 'failed'].includes(i.status) ? i : null;
-    },
-    timeoutMs,
-    'incoming migration to end',
-    25,
-  ) as Promise<Record<string, any>>;
-}
-
-/** Shell-quote a path for exec: URIs. */
-export function shq(s: string): string {
-  return `'${s.replace(/'/g, `'\\''`)}'`;
 }

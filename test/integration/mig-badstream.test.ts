@@ -6,8 +6,9 @@
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { WIRE } from '../../src/migration/wire/constants.js';
-import { buildStream, captureStream, findPageRecord, parseLayout, shq, unknownSectionStream, waitIncoming, writeStream, type Capture, type StreamLayout } from '../helpers/streams.js';
-import { cleanupAll, startVm, tempDir } from '../helpers/vm.js';
+import { loadStreamFile } from '../helpers/migration.js';
+import { buildStream, captureStream, findPageRecord, parseLayout, unknownSectionStream, writeStream, type Capture, type StreamLayout } from '../helpers/streams.js';
+import { cleanupAll, tempDir, type VmHandle } from '../helpers/vm.js';
 
 after(cleanupAll);
 
@@ -24,10 +25,9 @@ before(async () => {
 
 let n = 0;
 /** Load `bytes` on a fresh -S destination; returns query-migrate and the run state. */
-async function load(bytes: Buffer, args: string[] = VM): Promise<{ info: Record<string, any>; status: string; vm: Awaited<ReturnType<typeof startVm>> }> {
+async function load(bytes: Buffer, args: string[] = VM): Promise<{ info: Record<string, any>; status: string; vm: VmHandle }> {
   const f = writeStream(dir, `bad-${n++}.mig`, bytes);
-  const vm = await startVm({ dir, name: `dst${n}`, args: [...args, '-S', '-incoming', `exec:cat ${shq(f)}`] });
-  const info = await waitIncoming(vm);
+  const { vm, info } = await loadStreamFile(f, { dir, name: `dst${n}`, args: [...args, '-S'] });
   const status = await vm.status();
   return { info, status, vm };
 }

@@ -6,6 +6,7 @@ import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import * as net from 'node:net';
 import { join } from 'node:path';
+import { runMigration } from '../helpers/migration.js';
 import { cleanupAll, startVm, tempDir, waitMigration, type VmHandle } from '../helpers/vm.js';
 
 after(cleanupAll);
@@ -138,25 +139,23 @@ describe('migration command misuse', () => {
   });
 
   it('double migrate and set-capabilities during a migration', async () => {
-    const d = tempDir();
-    const path = join(d, 'm.sock');
-    const src = await startVm({ dir: d, name: 'src', args: ['-m', '64M', '-fill', 'random,seed=1'] });
-    const dst = await startVm({ dir: d, name: 'dst', args: ['-m', '64M', '-S', '-incoming', `unix:${path}`] });
-    await src.execute('migrate-set-parameters', { 'max-bandwidth': 4 << 20 });
-    await src.execute('migrate', { uri: `unix:${path}` });
-    await assert.rejects(src.execute('migrate', { uri: `unix:${path}` }), gen("There's a migration process in progress"));
-    await assert.rejects(src.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] }), gen("There's a migration process in progress"));
-    // parameters may change during a migration
-    await src.execute('migrate-set-parameters', { 'max-bandwidth': 0 });
-    const info = await waitMigration(src);
-    assert.equal(info.status, 'completed');
-    assert.equal(await dst.digest(), await src.digest());
-    // migrate from a VM waiting for an incoming migration
-    const dst2 = await startVm({ dir: d, name: 'dst2', args: ['-m', '64M', '-incoming', 'defer'] });
-    await assert.rejects(dst2.execute('migrate', { uri: 'unix:/nonexistent' }), gen('Guest is waiting for an incoming migration'));
-    assert.deepEqual(await dst2.execute('query-migrate'), {});
-    await src.quit();
-    await dst.quit();
-    await dst2.quit();
+    // completed, digests equal
+    await runMigration({
+      guest: { mem: '64M', fill: 'random,seed=1' },
+      source: { parameters: { 'max-bandwidth': 4 << 20 } },
+      during: async ({ src, uri }) => {
+        await assert.rejects(src.execute('migrate', { uri }), gen("There's a migration process in progress"));
+        await assert.rejects(src.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] }), gen("There's a migration process in progress"));
+        // parameters may change during a migration
+        await src.execute('migrate-set-parameters', { 'max-bandwidth': 0 });
+      },
+      after: async ({ dir }) => {
+        // migrate from a VM waiting for an incoming migration
+        const dst2 = await startVm({ dir, name: 'dst2', args: ['-m', '64M', '-incoming', 'defer'] });
+        await assert.rejects(dst2.execute('migrate', { uri: 'unix:/nonexistent' }), gen('Guest is waiting for an incoming migration'));
+        assert.deepEqual(await dst2.execute('query-migrate'), {});
+        await dst2.quit();
+      },
+    });
   });
 });

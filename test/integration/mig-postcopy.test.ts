@@ -8,8 +8,9 @@ import { after, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { runMigration, type MigrationSpec } from '../helpers/migration.js';
 import { assertSweepPattern } from '../helpers/sweep.js';
-import { cleanupAll, startVm, tempDir, waitFor, waitMigration, type VmHandle } from '../helpers/vm.js';
+import { cleanupAll, startVm, waitFor, waitMigration, type VmHandle } from '../helpers/vm.js';
 
 after(cleanupAll);
 
@@ -25,9 +26,7 @@ async function caps(vm: VmHandle, list: Record<string, boolean>): Promise<void> 
   });
 }
 
-function statuses(vm: VmHandle): string[] {
-  return vm.qmp.eventLog.filter((e) => e.event === 'MIGRATION').map((e) => (e.data as any).status);
-}
+const startPostcopy: MigrationSpec['during'] = ({ src }) => src.execute('migrate-start-postcopy');
 
 interface Vcpu {
   'cpu-index': number;
@@ -52,142 +51,141 @@ function rssBytes(pid: number): number {
 
 describe('postcopy: a guest that precopy cannot catch', () => {
   it('stress never converges under precopy; postcopy completes with an identical digest', async () => {
-    const dir = tempDir();
-    const uri = `unix:${join(dir, 'pc.sock')}`;
-    const wl = ['-workload', 'stress,rate=64M,seed=11', '-fill', 'random,seed=2'];
-    const src = await startVm({ dir, name: 'src', args: ['-m', '64M', '-smp', '2', ...wl] });
-    // -S: the destination stays paused, so its RAM is the source's at the switch
-    const dst = await startVm({ dir, name: 'dst', args: ['-m', '64M', '-smp', '2', '-S', '-incoming', uri] });
-    await caps(src, { 'postcopy-ram': true, events: true });
-    await caps(dst, { 'postcopy-ram': true, events: true });
-    // 64 MiB/s of dirtying against 32 MB/s of bandwidth: precopy never gets there
-    await src.execute('migrate-set-parameters', { 'max-bandwidth': 32e6 });
-    await src.execute('migrate', { uri });
-    const during = (await waitFor(async () => {
-      const i = await src.execute<Record<string, any>>('query-migrate');
-      return i.ram?.['dirty-sync-count'] >= 3 ? i : null;
-    }, 30000, 'three passes'))!;
-    assert.equal(during.status, 'active', 'still iterating after three passes');
-    assert.ok(during.ram.remaining > 10 << 20, `much still dirty: ${during.ram.remaining}`);
-    assert.deepEqual(await src.execute('migrate-start-postcopy'), {});
-    const info = await waitMigration(src);
-    assert.equal(info.status, 'completed', JSON.stringify(info));
-    const dinfo = await waitMigration(dst);
-    assert.equal(dinfo.status, 'completed', JSON.stringify(dinfo));
-    assert.deepEqual(statuses(src), ['setup', 'active', 'postcopy-active', 'completed']);
-    assert.deepEqual(statuses(dst).filter((s) => s !== 'setup'), ['active', 'postcopy-active', 'completed']);
-    assert.equal(await src.status(), 'postmigrate');
-    assert.equal(await dst.status(), 'paused');
-    assert.equal(await dst.digest(), await src.digest());
+    // -S: the destination stays paused, so its RAM is the source's at the switch;
+    // the harness: completed on both sides, source postmigrate, destination paused, digests equal
+    const { info, events } = await runMigration({
+      guest: { mem: '64M', smp: 2, workload: 'stress,rate=64M,seed=11', fill: 'random,seed=2' },
+      capabilities: ['postcopy-ram', 'events'],
+      destination: { capabilities: ['postcopy-ram', 'events'] },
+      // 64 MiB/s of dirtying against 32 MB/s of bandwidth: precopy never gets there
+      source: { parameters: { 'max-bandwidth': 32e6 } },
+      during: async ({ src }) => {
+        const during = (await waitFor(async () => {
+          const i = await src.execute<Record<string, any>>('query-migrate');
+          return i.ram?.['dirty-sync-count'] >= 3 ? i : null;
+        }, 30000, 'three passes'))!;
+        assert.equal(during.status, 'active', 'still iterating after three passes');
+        assert.ok(during.ram.remaining > 10 << 20, `much still dirty: ${during.ram.remaining}`);
+        assert.deepEqual(await src.execute('migrate-start-postcopy'), {});
+      },
+      expect: { events: { source: ['setup', 'active', 'postcopy-active', 'completed'] } },
+      after: async ({ d }) => {
+        await d.execute('cont');
+        assert.equal(await d.status(), 'running');
+      },
+    });
+    assert.deepEqual(events.destination.filter((s) => s !== 'setup'), ['active', 'postcopy-active', 'completed']);
     assert.equal(info.ram.remaining, 0);
     assert.ok(info.downtime >= 0 && info.downtime < info['total-time']);
     assert.equal(info.ram['postcopy-requests'], 0, 'a paused destination asks for nothing');
-    await dst.execute('cont');
-    assert.equal(await dst.status(), 'running');
-    await src.quit();
-    await dst.quit();
   });
 });
 
 describe('postcopy: the guest runs on the destination before its RAM is there', () => {
   it('reads fault, pages are requested, and the guest ends exactly where a run without migration ends', async () => {
-    const dir = tempDir();
-    const uri = `unix:${join(dir, 'run.sock')}`;
     const STEPS = 40000;
     // 5000 steps/s: still running at the switch, done on the destination
-    const args = ['-m', '64M', '-smp', '2', '-workload', `stress,rate=40M,seed=3,read=on,steps=${STEPS}`, '-fill', 'text,seed=4'];
-    const src = await startVm({ dir, name: 'src', args });
-    const dst = await startVm({ dir, name: 'dst', args: [...args, '-incoming', uri] });
-    const ref = await startVm({ dir, name: 'ref', args });
-    await caps(src, { 'postcopy-ram': true });
-    await caps(dst, { 'postcopy-ram': true });
-    await src.execute('migrate-set-parameters', { 'max-bandwidth': 8e6 });
-    await src.execute('migrate', { uri });
-    // early: before the first pass is over, most of RAM is still to come
-    await new Promise((r) => setTimeout(r, 300));
-    await src.execute('migrate-start-postcopy');
-    const info = await waitMigration(src);
-    assert.equal(info.status, 'completed', JSON.stringify(info));
-    assert.equal((await waitMigration(dst)).status, 'completed');
-    assert.equal(await dst.status(), 'running');
-    assert.ok(info.ram['postcopy-requests'] > 0, `requests: ${info.ram['postcopy-requests']}`);
-    const faults = await dst.execute<Record<string, number>>('x-query-page-faults');
-    assert.ok(faults.faults > 0 && faults.samples > 0, JSON.stringify(faults));
-    assert.ok(faults['p50-us'] > 0 && faults['p99-us'] >= faults['p50-us']);
-    // every page the source requested counted once per request
-    assert.ok(info.ram['postcopy-requests'] <= faults.faults, JSON.stringify({ info, faults }));
+    const guest = { mem: '64M', smp: 2, workload: `stress,rate=40M,seed=3,read=on,steps=${STEPS}`, fill: 'text,seed=4' };
+    let ref: VmHandle | undefined;
+    // completed on both sides, the destination running (no -S)
+    await runMigration({
+      guest,
+      destination: { ...guest, paused: false },
+      capabilities: ['postcopy-ram'],
+      source: { parameters: { 'max-bandwidth': 8e6 } },
+      before: async ({ dir }) => {
+        ref = await startVm({ dir, name: 'ref', args: ['-m', guest.mem, '-smp', String(guest.smp), '-workload', guest.workload, '-fill', guest.fill] });
+      },
+      during: async ({ src }) => {
+        // early: before the first pass is over, most of RAM is still to come
+        await new Promise((r) => setTimeout(r, 300));
+        await src.execute('migrate-start-postcopy');
+      },
+      after: async ({ info, d }) => {
+        assert.ok(info.ram['postcopy-requests'] > 0, `requests: ${info.ram['postcopy-requests']}`);
+        const faults = await d.execute<Record<string, number>>('x-query-page-faults');
+        assert.ok(faults.faults > 0 && faults.samples > 0, JSON.stringify(faults));
+        assert.ok(faults['p50-us'] > 0 && faults['p99-us'] >= faults['p50-us']);
+        // every page the source requested counted once per request
+        assert.ok(info.ram['postcopy-requests'] <= faults.faults, JSON.stringify({ info, faults }));
 
-    const got = await workloadDone(dst, STEPS);
-    const want = await workloadDone(ref, STEPS);
-    assert.deepEqual(got.map((v) => v.sum), want.map((v) => v.sum), 'what the guest read');
-    assert.equal(await dst.digest(), await ref.digest(), 'what the guest wrote');
-    await src.quit();
-    await dst.quit();
-    await ref.quit();
+        const got = await workloadDone(d, STEPS);
+        const want = await workloadDone(ref!, STEPS);
+        assert.deepEqual(got.map((v) => v.sum), want.map((v) => v.sum), 'what the guest read');
+        assert.equal(await d.digest(), await ref!.digest(), 'what the guest wrote');
+      },
+    });
+    await ref!.quit();
   });
 
   it('the sweep pattern verifies on the destination', async () => {
-    const dir = tempDir();
-    const uri = `unix:${join(dir, 'sweep.sock')}`;
-    const src = await startVm({ dir, name: 'src', args: ['-m', '32M', '-workload', 'sweep'] });
-    const dst = await startVm({ dir, name: 'dst', args: ['-m', '32M', '-workload', 'sweep', '-incoming', uri] });
-    await caps(src, { 'postcopy-ram': true });
-    await caps(dst, { 'postcopy-ram': true });
-    await src.execute('migrate-set-parameters', { 'max-bandwidth': 4e6 });
-    await src.execute('migrate', { uri });
-    await new Promise((r) => setTimeout(r, 200));
-    await src.execute('migrate-start-postcopy');
-    assert.equal((await waitMigration(src)).status, 'completed');
-    assert.equal((await waitMigration(dst)).status, 'completed');
-    await dst.execute('stop');
-    const file = join(dir, 'dst.ram');
-    await dst.execute('pmemsave', { val: 0, size: 32 << 20, filename: file });
-    const ram = readFileSync(file);
-    assertSweepPattern(ram, 1 << 20, 32 << 20);
-    await src.quit();
-    await dst.quit();
+    // completed on both sides, the destination running
+    await runMigration({
+      guest: { mem: '32M', workload: 'sweep' },
+      destination: { workload: 'sweep', paused: false },
+      capabilities: ['postcopy-ram'],
+      source: { parameters: { 'max-bandwidth': 4e6 } },
+      during: async ({ src }) => {
+        await new Promise((r) => setTimeout(r, 200));
+        await src.execute('migrate-start-postcopy');
+      },
+      after: async ({ d, dir }) => {
+        await d.execute('stop');
+        const file = join(dir, 'dst.ram');
+        await d.execute('pmemsave', { val: 0, size: 32 << 20, filename: file });
+        const ram = readFileSync(file);
+        assertSweepPattern(ram, 1 << 20, 32 << 20);
+      },
+    });
   });
 });
 
 describe('postcopy: release-ram', () => {
   it('the source gives the memory of sent pages back (RSS falls); the destination has it all', async () => {
-    const dir = tempDir();
-    const uri = `unix:${join(dir, 'rel.sock')}`;
-    const src = await startVm({ dir, name: 'src', args: ['-m', '256M', '-fill', 'random,seed=9'] });
-    const dst = await startVm({ dir, name: 'dst', args: ['-m', '256M', '-S', '-incoming', uri] });
-    const digest = await src.digest();
-    await caps(src, { 'postcopy-ram': true, 'release-ram': true });
-    await caps(dst, { 'postcopy-ram': true });
-    await src.execute('migrate-set-parameters', { 'max-bandwidth': 20e6 });
-    const before = rssBytes(src.proc.pid!);
-    assert.ok(before > 200 << 20, `guest RAM is resident: ${before}`);
-    await src.execute('migrate', { uri });
-    await src.execute('migrate-start-postcopy');
-    assert.equal((await waitMigration(src)).status, 'completed');
-    assert.equal((await waitMigration(dst)).status, 'completed');
-    const afterRss = rssBytes(src.proc.pid!);
-    assert.ok(before - afterRss > 200 << 20, `RSS ${before} -> ${afterRss}`);
-    assert.equal(await dst.digest(), digest);
-    await src.quit();
-    await dst.quit();
+    let digest = '';
+    let before = 0;
+    // completed on both sides; the source gave its pages back, so the
+    // destination is compared with the source's digest from before
+    await runMigration({
+      guest: { mem: '256M', fill: 'random,seed=9' },
+      // postcopy-ram goes to the destination too, release-ram does not
+      capabilities: ['postcopy-ram', 'release-ram'],
+      source: { parameters: { 'max-bandwidth': 20e6 } },
+      before: async ({ src }) => {
+        digest = await src.digest();
+        before = rssBytes(src.proc.pid!);
+        assert.ok(before > 200 << 20, `guest RAM is resident: ${before}`);
+      },
+      during: startPostcopy,
+      expect: { digests: false },
+      after: async ({ src, d }) => {
+        const afterRss = rssBytes(src.proc.pid!);
+        assert.ok(before - afterRss > 200 << 20, `RSS ${before} -> ${afterRss}`);
+        assert.equal(await d.digest(), digest);
+      },
+    });
   });
 });
 
 describe('postcopy: failures', () => {
   /** A pair in the postcopy phase: a big random guest so the phase lasts. */
   async function inPostcopy(name: string) {
-    const dir = tempDir();
-    const uri = `unix:${join(dir, `${name}.sock`)}`;
-    const args = ['-m', '1G', '-workload', 'stress,rate=16M,seed=1,read=on', '-fill', 'random,seed=5'];
-    const src = await startVm({ dir, name: 'src', args });
-    const dst = await startVm({ dir, name: 'dst', args: [...args, '-incoming', uri] });
-    await caps(src, { 'postcopy-ram': true });
-    await caps(dst, { 'postcopy-ram': true });
-    await src.execute('migrate-set-parameters', { 'max-bandwidth': 10e6 });
-    await src.execute('migrate', { uri });
-    await src.execute('migrate-start-postcopy');
-    await waitFor(async () => (await dst.execute<any>('query-migrate')).status === 'postcopy-active', 20000, 'postcopy-active', 5);
-    return { src, dst };
+    const guest = { mem: '1G', workload: 'stress,rate=16M,seed=1,read=on', fill: 'random,seed=5' };
+    const m = await runMigration({
+      guest,
+      destination: { ...guest, paused: false },
+      transport: (dir) => ({ uri: `unix:${join(dir, `${name}.sock`)}` }),
+      capabilities: ['postcopy-ram'],
+      source: { parameters: { 'max-bandwidth': 10e6 } },
+      during: async ({ src, d }) => {
+        await src.execute('migrate-start-postcopy');
+        await waitFor(async () => (await d.execute<any>('query-migrate')).status === 'postcopy-active', 20000, 'postcopy-active', 5);
+      },
+      // the test decides how it ends
+      expect: { source: null },
+      quit: false,
+    });
+    return { src: m.src, dst: m.d };
   }
 
   it('source killed during postcopy: the destination fails and never runs on with holes', async () => {
@@ -228,67 +226,59 @@ describe('postcopy: failures', () => {
   });
 
   it('a destination without postcopy-ram fails the switch before its guest ran: the source resumes', async () => {
-    const dir = tempDir();
-    const uri = `unix:${join(dir, 'nocap.sock')}`;
-    const src = await startVm({ dir, name: 'src', args: ['-m', '64M', '-workload', 'stress,rate=8M', '-fill', 'random,seed=1'] });
-    const dst = await startVm({ dir, name: 'dst', args: ['-m', '64M', '-incoming', uri] });
-    await caps(src, { 'postcopy-ram': true, events: true });
-    await src.execute('migrate-set-parameters', { 'max-bandwidth': 8e6 });
-    await src.execute('migrate', { uri });
-    await src.execute('migrate-start-postcopy');
-    const s = await waitMigration(src);
-    assert.equal(s.status, 'failed');
-    assert.equal(s['error-desc'], 'Destination reported failure (SHUT 1)');
-    assert.deepEqual(statuses(src), ['setup', 'active', 'postcopy-active', 'failed']);
-    // it said so before PONG 3, so its guest never ran: ours goes on
-    assert.equal(await src.status(), 'running');
-    const d = await waitMigration(dst);
-    assert.equal(d.status, 'failed');
-    assert.match(d['error-desc'], /CMD_POSTCOPY_(RAM_DISCARD|LISTEN) in wrong postcopy state \(0\)/);
-    assert.equal(await dst.status(), 'inmigrate');
-    await src.quit();
-    await dst.quit();
+    const { info, dinfo } = await runMigration({
+      guest: { mem: '64M', workload: 'stress,rate=8M', fill: 'random,seed=1' },
+      destination: { paused: false, capabilities: [] },
+      capabilities: ['postcopy-ram', 'events'],
+      source: { parameters: { 'max-bandwidth': 8e6 } },
+      during: startPostcopy,
+      expect: {
+        source: 'failed',
+        events: { source: ['setup', 'active', 'postcopy-active', 'failed'] },
+        // it said so before PONG 3, so its guest never ran: ours goes on
+        sourceRunState: 'running',
+        destination: 'failed',
+        destinationRunState: 'inmigrate',
+      },
+    });
+    assert.equal(info['error-desc'], 'Destination reported failure (SHUT 1)');
+    assert.match(dinfo!['error-desc'], /CMD_POSTCOPY_(RAM_DISCARD|LISTEN) in wrong postcopy state \(0\)/);
   });
 });
 
 describe('postcopy: misuse', () => {
   it('start-postcopy without the capability, before migrate, twice; postcopy-ram with compress', async () => {
-    const dir = tempDir();
-    const uri = `unix:${join(dir, 'mu.sock')}`;
-    const src = await startVm({ dir, name: 'src', args: ['-m', '32M', '-workload', 'stress,rate=8M', '-fill', 'random,seed=1'] });
-    const dst = await startVm({ dir, name: 'dst', args: ['-m', '32M', '-S', '-incoming', uri] });
-    await assert.rejects(src.execute('migrate-start-postcopy'),
-      gen('Enable postcopy with migrate_set_capability before the start of migration'));
-    await caps(src, { 'postcopy-ram': true });
-    await assert.rejects(src.execute('migrate-start-postcopy'), gen('Postcopy must be started after migration has been started'));
-    await assert.rejects(caps(src, { compress: true }), gen('Postcopy is not currently compatible with compression'));
-    await caps(dst, { 'postcopy-ram': true });
-    await src.execute('migrate-set-parameters', { 'max-bandwidth': 4e6 });
-    await src.execute('migrate', { uri });
-    assert.deepEqual(await src.execute('migrate-start-postcopy'), {});
-    assert.deepEqual(await src.execute('migrate-start-postcopy'), {});
-    await assert.rejects(caps(src, { 'postcopy-ram': false }), gen("There's a migration process in progress"));
-    const info = await waitMigration(src);
-    assert.equal(info.status, 'completed');
-    assert.equal((await waitMigration(dst)).status, 'completed');
-    assert.equal(await dst.digest(), await src.digest());
-    // after the end: still {} (QEMU does not complain, to avoid races)
-    assert.deepEqual(await src.execute('migrate-start-postcopy'), {});
-    await src.quit();
-    await dst.quit();
+    // completed on both sides, digests equal
+    await runMigration({
+      guest: { mem: '32M', workload: 'stress,rate=8M', fill: 'random,seed=1' },
+      source: { parameters: { 'max-bandwidth': 4e6 } },
+      before: async ({ src, d }) => {
+        await assert.rejects(src.execute('migrate-start-postcopy'),
+          gen('Enable postcopy with migrate_set_capability before the start of migration'));
+        await caps(src, { 'postcopy-ram': true });
+        await assert.rejects(src.execute('migrate-start-postcopy'), gen('Postcopy must be started after migration has been started'));
+        await assert.rejects(caps(src, { compress: true }), gen('Postcopy is not currently compatible with compression'));
+        await caps(d, { 'postcopy-ram': true });
+      },
+      during: async ({ src }) => {
+        assert.deepEqual(await src.execute('migrate-start-postcopy'), {});
+        assert.deepEqual(await src.execute('migrate-start-postcopy'), {});
+        await assert.rejects(caps(src, { 'postcopy-ram': false }), gen("There's a migration process in progress"));
+      },
+      after: async ({ src }) => {
+        // after the end: still {} (QEMU does not complain, to avoid races)
+        assert.deepEqual(await src.execute('migrate-start-postcopy'), {});
+      },
+    });
   });
 
   it('postcopy-ram on the source alone still migrates by precopy when no switch is asked for', async () => {
-    const dir = tempDir();
-    const uri = `unix:${join(dir, 'pre.sock')}`;
-    const src = await startVm({ dir, name: 'src', args: ['-m', '32M', '-fill', 'random,seed=1'] });
-    const dst = await startVm({ dir, name: 'dst', args: ['-m', '32M', '-S', '-incoming', uri] });
-    await caps(src, { 'postcopy-ram': true });
-    await src.execute('migrate', { uri });
-    assert.equal((await waitMigration(src)).status, 'completed');
-    assert.equal((await waitMigration(dst)).status, 'completed');
-    assert.equal(await dst.digest(), await src.digest());
-    await src.quit();
-    await dst.quit();
+    // completed on both sides, digests equal
+    await runMigration({
+      guest: { mem: '32M', fill: 'random,seed=1' },
+      capabilities: ['postcopy-ram'],
+      destination: { capabilities: [] },
+      source: { parameters: {} },
+    });
   });
 });

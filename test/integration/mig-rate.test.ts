@@ -4,8 +4,8 @@
  */
 import { after, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { join } from 'node:path';
-import { cleanupAll, startVm, tempDir, waitFor, waitMigration, type VmHandle } from '../helpers/vm.js';
+import { runMigration } from '../helpers/migration.js';
+import { cleanupAll, waitFor, waitMigration, type VmHandle } from '../helpers/vm.js';
 
 after(cleanupAll);
 
@@ -31,27 +31,23 @@ async function slope(vm: VmHandle, ms: number): Promise<number> {
 
 describe('rate limit', () => {
   it('8 MiB/s slope within 10 %, then 16 MiB/s mid-migration', async () => {
-    const dir = tempDir();
-    const path = join(dir, 'm.sock');
-    // random fill: every page is a full 4 KiB record, so bytes track the limit
-    const src = await startVm({ dir, name: 'src', args: ['-m', '64M', '-fill', 'random,seed=77'] });
-    const dst = await startVm({ dir, name: 'dst', args: ['-m', '64M', '-S', '-incoming', `unix:${path}`] });
-    await src.execute('migrate-set-parameters', { 'max-bandwidth': 8 * MiB });
-    await src.execute('migrate', { uri: `unix:${path}` });
-    await waitMigration(src, ['active'], 10000);
-    // skip the first window (setup burst)
-    await waitFor(async () => (await src.execute<any>('query-migrate')).ram.transferred > MiB, 10000, 'first MiB');
-    const s1 = await slope(src, 3000);
-    assert.ok(Math.abs(s1 - 8 * MiB) <= 0.1 * 8 * MiB, `slope ${(s1 / MiB).toFixed(2)} MiB/s, want 8 ± 10 %`);
-    await src.execute('migrate-set-parameters', { 'max-bandwidth': 16 * MiB });
-    await new Promise((r) => setTimeout(r, 300)); // let the running window end
-    const s2 = await slope(src, 2000);
-    assert.ok(Math.abs(s2 - 16 * MiB) <= 0.1 * 16 * MiB, `slope ${(s2 / MiB).toFixed(2)} MiB/s, want 16 ± 10 %`);
-    await src.execute('migrate-set-parameters', { 'max-bandwidth': 0 });
-    const info = await waitMigration(src);
-    assert.equal(info.status, 'completed');
-    assert.equal(await dst.digest(), await src.digest());
-    await src.quit();
-    await dst.quit();
+    await runMigration({
+      // random fill: every page is a full 4 KiB record, so bytes track the limit
+      guest: { mem: '64M', fill: 'random,seed=77' },
+      source: { parameters: { 'max-bandwidth': 8 * MiB } },
+      during: async ({ src }) => {
+        await waitMigration(src, ['active'], 10000);
+        // skip the first window (setup burst)
+        await waitFor(async () => (await src.execute<any>('query-migrate')).ram.transferred > MiB, 10000, 'first MiB');
+        const s1 = await slope(src, 3000);
+        assert.ok(Math.abs(s1 - 8 * MiB) <= 0.1 * 8 * MiB, `slope ${(s1 / MiB).toFixed(2)} MiB/s, want 8 ± 10 %`);
+        await src.execute('migrate-set-parameters', { 'max-bandwidth': 16 * MiB });
+        await new Promise((r) => setTimeout(r, 300)); // let the running window end
+        const s2 = await slope(src, 2000);
+        assert.ok(Math.abs(s2 - 16 * MiB) <= 0.1 * 16 * MiB, `slope ${(s2 / MiB).toFixed(2)} MiB/s, want 16 ± 10 %`);
+        await src.execute('migrate-set-parameters', { 'max-bandwidth': 0 });
+      },
+      // then: completed, digests equal
+    });
   });
 });

@@ -14,15 +14,15 @@
 import { after, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
-import { join } from 'node:path';
 import { xbzrleDecode } from '../../src/migration/codec/xbzrle-codec.js';
-import { shq, waitIncoming, writeStream } from '../helpers/streams.js';
-import { cleanupAll, startVm, tempDir, waitFor, waitMigration } from '../helpers/vm.js';
+import { guestArgs, loadStreamFile, runMigration, type Guest } from '../helpers/migration.js';
+import { writeStream } from '../helpers/streams.js';
+import { cleanupAll, waitFor } from '../helpers/vm.js';
 
 after(cleanupAll);
 
 const MiB = 1 << 20;
-const GUEST = ['-m', '64M', '-fill', 'random,seed=5', '-workload', 'stress,rate=16M,write=8,wss=8M,seed=3'];
+const GUEST: Guest = { mem: '64M', fill: 'random,seed=5', workload: 'stress,rate=16M,write=8,wss=8M,seed=3' };
 
 interface Sample {
   t: number;
@@ -44,47 +44,46 @@ const WINDOW_MS = 3000;
  * so the migration completes.
  */
 async function migrate(xbzrle: boolean) {
-  const dir = tempDir('ferry-xbzrle-');
-  const uri = `unix:${join(dir, 'mig.sock')}`;
-  const src = await startVm({ dir, name: 'src', args: GUEST });
-  const dst = await startVm({ dir, name: 'dst', args: [...GUEST, '-S', '-incoming', uri] });
-  if (xbzrle) await src.execute('migrate-set-capabilities', { capabilities: [{ capability: 'xbzrle', state: true }] });
-  await src.execute('migrate-set-parameters', { 'max-bandwidth': 32 * MiB, 'downtime-limit': 0 });
-  await src.execute('migrate', { uri });
   const samples: Sample[] = [];
-  const t0 = Date.now();
-  let slowed = false;
-  let released = false;
   let first: Sample | undefined; // first sample after the bulk pass
   let a: Sample | undefined; // start of the window
   let b: Sample | undefined; // end of the window
-  let info: Record<string, any>;
-  for (;;) {
-    info = await src.execute<Record<string, any>>('query-migrate');
-    if (info.ram) {
-      const s: Sample = { t: Date.now() - t0, sync: info.ram['dirty-sync-count'], transferred: info.ram.transferred, status: info.status, xbzrle: info['xbzrle-cache'] };
-      samples.push(s);
-      if (!first && s.sync >= 2) first = s;
-      if (!a && s.sync >= 3) a = s;
-      if (a && !b && (s.t - a.t >= WINDOW_MS || s.status === 'completed')) b = s;
-    }
-    if (['completed', 'failed', 'cancelled'].includes(info.status)) break;
-    if (first && !slowed) {
-      slowed = true;
-      await src.execute('migrate-set-parameters', { 'max-bandwidth': 8 * MiB });
-    }
-    if (!released && (b || Date.now() - t0 > 30000)) {
-      released = true;
-      await src.execute('migrate-set-parameters', { 'max-bandwidth': 0, 'downtime-limit': 300 });
-    }
-    if (Date.now() - t0 > 90000) throw new Error('migration did not end');
-    await new Promise((r) => setTimeout(r, 20));
-  }
-  assert.equal(info.status, 'completed', JSON.stringify(info));
-  assert.equal((await waitMigration(dst)).status, 'completed');
-  assert.equal(await dst.digest(), await src.digest(), 'destination RAM equals the source');
-  await src.quit();
-  await dst.quit();
+  let info: Record<string, any> = {};
+  // then: completed on both sides, 'destination RAM equals the source' (digests)
+  await runMigration({
+    tempPrefix: 'ferry-xbzrle-',
+    guest: GUEST,
+    destination: { ...GUEST },
+    capabilities: xbzrle ? ['xbzrle'] : [],
+    source: { parameters: { 'max-bandwidth': 32 * MiB, 'downtime-limit': 0 } },
+    during: async ({ src }) => {
+      const t0 = Date.now();
+      let slowed = false;
+      let released = false;
+      for (;;) {
+        info = await src.execute<Record<string, any>>('query-migrate');
+        if (info.ram) {
+          const s: Sample = { t: Date.now() - t0, sync: info.ram['dirty-sync-count'], transferred: info.ram.transferred, status: info.status, xbzrle: info['xbzrle-cache'] };
+          samples.push(s);
+          if (!first && s.sync >= 2) first = s;
+          if (!a && s.sync >= 3) a = s;
+          if (a && !b && (s.t - a.t >= WINDOW_MS || s.status === 'completed')) b = s;
+        }
+        if (['completed', 'failed', 'cancelled'].includes(info.status)) break;
+        if (first && !slowed) {
+          slowed = true;
+          await src.execute('migrate-set-parameters', { 'max-bandwidth': 8 * MiB });
+        }
+        if (!released && (b || Date.now() - t0 > 30000)) {
+          released = true;
+          await src.execute('migrate-set-parameters', { 'max-bandwidth': 0, 'downtime-limit': 300 });
+        }
+        if (Date.now() - t0 > 90000) throw new Error('migration did not end');
+        await new Promise((r) => setTimeout(r, 20));
+      }
+      assert.equal(info.status, 'completed', JSON.stringify(info));
+    },
+  });
   assert.ok(first && a && b, `the migration went through the bulk and miss passes: ${JSON.stringify(samples.slice(-3))}`);
   const end = samples.at(-1)!;
   return {
@@ -131,61 +130,63 @@ describe('xbzrle capability', () => {
   });
 
   it('migrate-set-cache-size during the migration resizes the running cache', { timeout: 120000 }, async () => {
-    const dir = tempDir('ferry-xbzrle-resize-');
-    const uri = `unix:${join(dir, 'mig.sock')}`;
-    const guest = ['-m', '32M', '-fill', 'random,seed=7', '-workload', 'stress,rate=16M,write=8,wss=4M,seed=5'];
-    const src = await startVm({ dir, name: 'src', args: guest });
-    const dst = await startVm({ dir, name: 'dst', args: [...guest, '-S', '-incoming', uri] });
-    await src.execute('migrate-set-capabilities', { capabilities: [{ capability: 'xbzrle', state: true }] });
-    await src.execute('migrate-set-cache-size', { value: 32 * MiB });
-    await src.execute('migrate-set-parameters', { 'max-bandwidth': 32 * MiB, 'downtime-limit': 0 });
-    // before any migration with the capability on: zeros, the configured size
-    assert.deepEqual((await src.execute<Record<string, any>>('query-migrate')), {});
-    await src.execute('migrate', { uri });
-    const during = (await waitFor(async () => {
-      const i = await src.execute<Record<string, any>>('query-migrate');
-      if (['completed', 'failed', 'cancelled'].includes(i.status)) return i;
-      return i.status === 'active' && i.ram['dirty-sync-count'] >= 2 ? i : null;
-    }, 30000, 'the end of the bulk pass'))!;
-    assert.equal(during.status, 'active', JSON.stringify(during));
-    assert.equal(during['xbzrle-cache']['cache-size'], 32 * MiB);
-    await src.execute('migrate-set-cache-size', { value: (5 * MiB) + 1 });
-    assert.equal(await src.execute('query-migrate-cache-size'), 4 * MiB);
-    const now = await src.execute<Record<string, any>>('query-migrate');
-    if (now.status === 'active') assert.equal(now['xbzrle-cache']['cache-size'], 4 * MiB);
-    await src.execute('migrate-set-parameters', { 'downtime-limit': 300 });
-    const info = await waitMigration(src);
-    assert.equal(info.status, 'completed', JSON.stringify(info));
+    const guest: Guest = { mem: '32M', fill: 'random,seed=7', workload: 'stress,rate=16M,write=8,wss=4M,seed=5' };
+    // then: completed on both sides, digests equal
+    const { info } = await runMigration({
+      tempPrefix: 'ferry-xbzrle-resize-',
+      guest,
+      destination: { ...guest },
+      capabilities: ['xbzrle'],
+      source: { parameters: { 'max-bandwidth': 32 * MiB, 'downtime-limit': 0 } },
+      before: async ({ src }) => {
+        await src.execute('migrate-set-cache-size', { value: 32 * MiB });
+        // before any migration with the capability on: zeros, the configured size
+        assert.deepEqual((await src.execute<Record<string, any>>('query-migrate')), {});
+      },
+      during: async ({ src }) => {
+        const during = (await waitFor(async () => {
+          const i = await src.execute<Record<string, any>>('query-migrate');
+          if (['completed', 'failed', 'cancelled'].includes(i.status)) return i;
+          return i.status === 'active' && i.ram['dirty-sync-count'] >= 2 ? i : null;
+        }, 30000, 'the end of the bulk pass'))!;
+        assert.equal(during.status, 'active', JSON.stringify(during));
+        assert.equal(during['xbzrle-cache']['cache-size'], 32 * MiB);
+        await src.execute('migrate-set-cache-size', { value: (5 * MiB) + 1 });
+        assert.equal(await src.execute('query-migrate-cache-size'), 4 * MiB);
+        // downtime-limit 0 keeps it running: xbzrle-cache.cache-size is the running cache's own size
+        const now = await src.execute<Record<string, any>>('query-migrate');
+        assert.equal(now.status, 'active', JSON.stringify(now));
+        assert.equal(now['xbzrle-cache']['cache-size'], 4 * MiB, 'the running cache was resized');
+        await src.execute('migrate-set-parameters', { 'downtime-limit': 300 });
+      },
+      after: async ({ src }) => {
+        // the stats follow the capability: off -> gone from query-migrate
+        await src.execute('migrate-set-capabilities', { capabilities: [{ capability: 'xbzrle', state: false }] });
+        assert.equal((await src.execute<Record<string, any>>('query-migrate'))['xbzrle-cache'], undefined);
+      },
+    });
     assert.equal(info['xbzrle-cache']['cache-size'], 4 * MiB);
-    assert.equal((await waitMigration(dst)).status, 'completed');
-    assert.equal(await dst.digest(), await src.digest());
-    // the stats follow the capability: off -> gone from query-migrate
-    await src.execute('migrate-set-capabilities', { capabilities: [{ capability: 'xbzrle', state: false }] });
-    assert.equal((await src.execute<Record<string, any>>('query-migrate'))['xbzrle-cache'], undefined);
-    await src.quit();
-    await dst.quit();
   });
 
   it('a corrupt XBZRLE record fails the load with error-desc; the guest stays in inmigrate', { timeout: 120000 }, async () => {
-    const dir = tempDir('ferry-xbzrle-bad-');
-    const guest = ['-m', '32M', '-fill', 'random,seed=6', '-workload', 'stress,rate=16M,write=8,wss=4M,seed=4'];
-    // a real xbzrle stream
-    const src = await startVm({ dir, name: 'src', args: guest });
-    await src.execute('migrate-set-capabilities', { capabilities: [{ capability: 'xbzrle', state: true }] });
-    await src.execute('migrate-set-parameters', { 'max-bandwidth': 32 * MiB, 'downtime-limit': 0 });
-    const file = join(dir, 'xbzrle.mig');
-    await src.execute('migrate', { uri: `exec:cat > ${shq(file)}` });
-    const info = await waitMigration(src);
-    assert.equal(info.status, 'completed', JSON.stringify(info));
+    const guest: Guest = { mem: '32M', fill: 'random,seed=6', workload: 'stress,rate=16M,write=8,wss=4M,seed=4' };
+    // a real xbzrle stream, into a file
+    let digest = '';
+    const { dir, file, info } = await runMigration({
+      tempPrefix: 'ferry-xbzrle-bad-',
+      guest,
+      capabilities: ['xbzrle'],
+      source: { parameters: { 'max-bandwidth': 32 * MiB, 'downtime-limit': 0 } },
+      transport: 'file',
+      destination: null,
+      after: async ({ src }) => void (digest = await src.digest()),
+    });
     assert.ok(info['xbzrle-cache'].pages > 0, JSON.stringify(info));
-    const digest = await src.digest();
-    await src.quit();
-    const bytes = readFileSync(file);
+    const bytes = readFileSync(file!);
 
     const load = async (name: string, b: Buffer) => {
       const f = writeStream(dir, name, b);
-      const vm = await startVm({ dir, name, args: [...guest, '-S', '-incoming', `exec:cat ${shq(f)}`] });
-      return { vm, info: await waitIncoming(vm) };
+      return loadStreamFile(f, { dir, name, args: [...guestArgs(guest), '-S'] });
     };
     // control: the captured stream loads and gives the source's RAM
     const ok = await load('good', bytes);

@@ -6,11 +6,9 @@
  */
 import { after, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { join } from 'node:path';
-import { cleanupAll, startVm, tempDir, waitMigration } from '../helpers/vm.js';
-import {
-  QEMU_RAM_ARGS, QEMU_SKIP, assertSameRam, cleanupQemu, freePort, pmem, startQemu, waitQemuMigration,
-} from '../helpers/qemu.js';
+import { runMigration } from '../helpers/migration.js';
+import { cleanupAll } from '../helpers/vm.js';
+import { MEM, QEMU_RAM_ARGS, QEMU_SKIP, cleanupQemu } from '../helpers/qemu.js';
 
 after(async () => {
   await cleanupQemu();
@@ -26,35 +24,21 @@ interface Case {
 }
 
 async function ferryToQemu(c: Case): Promise<void> {
-  const dir = tempDir('ferry-interop-');
-  const uri = c.transport === 'tcp' ? `tcp:127.0.0.1:${await freePort()}` : `unix:${join(dir, 'mig.sock')}`;
-  const qemu = await startQemu({ dir, args: [...QEMU_RAM_ARGS, '-incoming', uri] });
-  const guest =
-    c.guest === 'random'
-      ? ['-fill', 'random,seed=4']
-      : ['-smp', '2', '-fill', 'random,seed=5', '-workload', 'stress,rate=4M,seed=9'];
-  const src = await startVm({ dir, name: 'src', args: [...FERRY_COMPAT, ...guest] });
-  if (c.returnPath) {
-    await src.execute('migrate-set-capabilities', { capabilities: [{ capability: 'return-path', state: true }] });
-  }
-  await src.execute('migrate-set-parameters', { 'max-bandwidth': 0 });
-  await src.execute('migrate', { uri });
-  const info = await waitMigration(src, undefined, 30000);
-  assert.equal(info.status, 'completed', `ferry source: ${JSON.stringify(info)}\nqemu stderr: ${qemu.stderr}\nferry stderr: ${src.stderr}`);
-  assert.equal(await src.status(), 'postmigrate');
-
-  const qinfo = await waitQemuMigration(qemu, undefined, 20000);
-  assert.equal(qinfo.status, 'completed', `qemu: ${JSON.stringify(qinfo)} stderr: ${qemu.stderr}`);
-  // the incoming side starts the guest once loading is done (no -S, globalstate running)
-  const qstatus = await qemu.status();
-  assert.equal(qstatus, 'running', qemu.stderr);
-
-  const want = await pmem(src, dir);
-  const got = await qemu.ram();
-  assertSameRam(got, want, `ferry(${c.guest}) → qemu over ${c.transport}`);
-  assert.equal(qemu.stderr.trim(), '', 'QEMU printed nothing while loading');
-  await src.quit();
-  await qemu.quit();
+  // the harness: the source completed and postmigrate; QEMU completed and
+  // running (the incoming side starts the guest once loading is done: no -S,
+  // globalstate running); QEMU's pmemsave equals Ferry's of the frozen source
+  await runMigration({
+    tempPrefix: 'ferry-interop-',
+    guest: c.guest === 'random' ? { fill: 'random,seed=4' } : { smp: 2, fill: 'random,seed=5', workload: 'stress,rate=4M,seed=9' },
+    source: { machine: FERRY_COMPAT },
+    destination: { qemu: true, name: 'qemu', args: QEMU_RAM_ARGS },
+    transport: c.transport,
+    capabilities: c.returnPath ? ['return-path'] : [],
+    timeoutMs: 30000,
+    destinationTimeoutMs: 20000,
+    expect: { sameRam: MEM },
+    after: ({ d }) => assert.equal(d.stderr.trim(), '', 'QEMU printed nothing while loading'),
+  });
 }
 
 describe('Ferry → QEMU 7.2 (x-qemu-compat=on)', { skip: QEMU_SKIP, timeout: 300000 }, () => {

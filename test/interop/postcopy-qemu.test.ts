@@ -16,8 +16,9 @@ import { randomBytes } from 'node:crypto';
 import { writeFileSync } from 'node:fs';
 import { connect, createServer, type Socket } from 'node:net';
 import { join } from 'node:path';
-import { cleanupAll, startVm, tempDir, waitFor, waitMigration } from '../helpers/vm.js';
-import { QEMU_SKIP, assertSameRam, cleanupQemu, freePort, pmem, qemuStateAfterCompletion, startQemu, waitQemuMigration } from '../helpers/qemu.js';
+import { runMigration, type Expect } from '../helpers/migration.js';
+import { cleanupAll, tempDir } from '../helpers/vm.js';
+import { QEMU_SKIP, assertSameRam, cleanupQemu, freePort, pmem } from '../helpers/qemu.js';
 
 after(async () => {
   for (const p of taps.splice(0)) p.close();
@@ -32,11 +33,15 @@ const FERRY_DST = ['-machine', 'none,memory-backend=m', '-object', 'memory-backe
 const FERRY_COMPAT = ['-machine', 'none,memory-backend=m,x-qemu-compat=on', '-object', 'memory-backend-ram,id=m,size=64M'];
 const QEMU_DST = ['-machine', 'none,memory-backend=m', '-object', 'memory-backend-ram,id=m,size=64M'];
 
-const caps = (...names: string[]) => ({ capabilities: names.map((capability) => ({ capability, state: true })) });
-
-function seq(log: { event: string; data?: unknown }[]): string[] {
-  return log.filter((e) => e.event === 'MIGRATION').map((e) => (e.data as { status: string }).status);
-}
+const POSTCOPY_EVENTS = ['setup', 'active', 'postcopy-active', 'completed'];
+/**
+ * Both sides completed, the source postmigrate, the destination running
+ * (within 10 s), the same MIGRATION events on both (within 5 s).
+ */
+const EXPECT: Expect = {
+  events: { source: POSTCOPY_EVENTS, destination: POSTCOPY_EVENTS },
+  settleMs: { destinationRunState: 10000, events: 5000 },
+};
 
 interface Tap {
   port: number;
@@ -105,113 +110,92 @@ let dir = '';
 let image: Buffer = Buffer.alloc(0);
 let imagePath = '';
 
+/** The destination listens on a free port; the source migrates through a tap in front of it. */
+async function tapped(): Promise<{ proxy: Tap; uri: string; incoming: string }> {
+  const port = await freePort();
+  const proxy = await tap(port);
+  return { proxy, uri: `tcp:127.0.0.1:${proxy.port}`, incoming: `tcp:127.0.0.1:${port}` };
+}
+
 async function qemuToFerry(t: TestContext): Promise<void> {
   const t0 = Date.now();
-  const port = await freePort();
-  const uri = `tcp:127.0.0.1:${port}`;
-  const proxy = await tap(port);
-  const qemu = await startQemu({
+  const { proxy, uri, incoming } = await tapped();
+  const port = proxy.port;
+  const { info: qinfo, times } = await runMigration({
     dir,
-    name: `qemu-${port}`,
-    args: ['-machine', 'none,memory-backend=m', '-object', `memory-backend-file,id=m,size=64M,mem-path=${imagePath},share=off`],
+    source: {
+      qemu: true,
+      name: `qemu-${port}`,
+      args: ['-machine', 'none,memory-backend=m', '-object', `memory-backend-file,id=m,size=64M,mem-path=${imagePath},share=off`],
+      parameters: { 'max-bandwidth': SLOW },
+    },
+    destination: { name: `dst-${port}`, machine: FERRY_DST, paused: false, defer: true, capabilities: ['events', 'postcopy-ram'] },
+    capabilities: ['events', 'postcopy-ram'],
+    transport: { uri, incoming },
+    during: ({ src }) => src.execute('migrate-start-postcopy'),
+    timeoutMs: 30000,
+    // a QEMU source leaves finish-migrate for postmigrate a moment after query-migrate said completed
+    expect: { ...EXPECT, settleMs: { sourceRunState: 5000, destinationRunState: 10000, events: 5000 } },
+    after: async ({ src: qemu, d: dst }) => {
+      assertSameRam(await pmem(dst, dir, SIZE), image, 'qemu → ferry (postcopy)');
+      assertSameRam(await pmem(qemu, dir, SIZE), image, 'qemu source itself');
+      assert.equal(qemu.stderr.trim(), '', 'QEMU source printed nothing');
+    },
   });
-  const dst = await startVm({ dir, name: `dst-${port}`, args: [...FERRY_DST, '-incoming', 'defer'] });
-  await dst.execute('migrate-set-capabilities', caps('events', 'postcopy-ram'));
-  await dst.execute('migrate-incoming', { uri });
-  await qemu.execute('migrate-set-capabilities', caps('events', 'postcopy-ram'));
-  await qemu.execute('migrate-set-parameters', { 'max-bandwidth': SLOW });
-  await qemu.execute('migrate', { uri: `tcp:127.0.0.1:${proxy.port}` });
-  await qemu.execute('migrate-start-postcopy');
-
-  const qinfo = await waitQemuMigration(qemu, undefined, 30000);
-  const tDone = Date.now() - t0;
-  assert.equal(qinfo.status, 'completed', `qemu: ${JSON.stringify(qinfo)}\n${qemu.stderr}\nferry: ${dst.stderr}`);
-  assert.equal(await qemuStateAfterCompletion(qemu), 'postmigrate');
-  const dinfo = await waitMigration(dst, undefined, 30000);
-  assert.equal(dinfo.status, 'completed', `ferry: ${JSON.stringify(dinfo)}\n${dst.stderr}`);
-  await waitFor(async () => (await dst.status()) === 'running', 10000, 'ferry running').catch(async () => {
-    assert.equal(await dst.status(), 'running');
-  });
-
-  await waitFor(() => seq(qemu.qmp.eventLog).at(-1) === 'completed', 5000, 'QEMU MIGRATION completed event');
-  await waitFor(() => seq(dst.qmp.eventLog).at(-1) === 'completed', 5000, 'Ferry MIGRATION completed event');
-  assert.deepEqual(seq(qemu.qmp.eventLog), ['setup', 'active', 'postcopy-active', 'completed'], 'QEMU source events');
-  assert.deepEqual(seq(dst.qmp.eventLog), ['setup', 'active', 'postcopy-active', 'completed'], 'Ferry destination events');
-
-  assertSameRam(await pmem(dst, dir, SIZE), image, 'qemu → ferry (postcopy)');
-  assertSameRam(await qemu.ram(SIZE, join(dir, `q-${port}.ram`)), image, 'qemu source itself');
-  assert.equal(qemu.stderr.trim(), '', 'QEMU source printed nothing');
   const rp = returnPath(proxy.back());
   proxy.close();
   assertReturnPath(rp, 'Ferry destination return path');
   const ram = qinfo.ram ?? {};
   t.diagnostic(`qemu→ferry return path: ${rp.join(', ')}`);
   t.diagnostic(
-    `qemu→ferry: ${Date.now() - t0} ms (source completed at ${tDone} ms); source total-time ${qinfo['total-time']} ms, downtime ${qinfo.downtime} ms, ` +
+    `qemu→ferry: ${Date.now() - t0} ms (source completed at ${times.sourceEnded! - t0} ms); source total-time ${qinfo['total-time']} ms, downtime ${qinfo.downtime} ms, ` +
       `transferred ${ram.transferred}, postcopy-requests ${ram['postcopy-requests']}`,
   );
-  await qemu.quit();
-  await dst.quit();
 }
 
 async function ferryToQemu(t: TestContext, guest: 'random' | 'stress'): Promise<void> {
   const t0 = Date.now();
-  const port = await freePort();
-  const uri = `tcp:127.0.0.1:${port}`;
-  const qemu = await startQemu({ dir, name: `qemu-${port}`, args: [...QEMU_DST, '-incoming', 'defer'] });
+  const { proxy, uri, incoming } = await tapped();
+  const port = proxy.port;
+  let run;
   try {
-    await qemu.execute('migrate-set-capabilities', caps('events', 'postcopy-ram'));
+    run = await runMigration({
+      dir,
+      guest: guest === 'random' ? { fill: 'random,seed=14' } : { smp: 2, fill: 'random,seed=15', workload: 'stress,rate=4M,seed=19' },
+      source: { name: `src-${port}`, machine: FERRY_COMPAT, parameters: { 'max-bandwidth': SLOW } },
+      destination: { qemu: true, name: `qemu-${port}`, args: QEMU_DST, defer: true, capabilities: ['events', 'postcopy-ram'] },
+      capabilities: ['events', 'postcopy-ram'],
+      transport: { uri, incoming },
+      during: ({ src }) => src.execute('migrate-start-postcopy'),
+      timeoutMs: 30000,
+      destinationTimeoutMs: 20000,
+      expect: EXPECT,
+      after: async ({ src, d: qemu }) => {
+        const want = await pmem(src, dir, SIZE);
+        const got = await pmem(qemu, dir, SIZE);
+        assertSameRam(got, want, `ferry(${guest}) → qemu (postcopy)`);
+        assert.equal(qemu.stderr.trim(), '', 'QEMU printed nothing while loading');
+      },
+    });
   } catch (e) {
     // a QEMU destination needs userfaultfd (root, or vm.unprivileged_userfaultfd=1)
     if (/Postcopy is not supported/.test((e as { desc?: string }).desc ?? '')) {
-      await qemu.quit();
+      proxy.close();
       t.skip('QEMU cannot be a postcopy destination on this host (no userfaultfd for it)');
       return;
     }
     throw e;
   }
-  await qemu.execute('migrate-incoming', { uri });
-  const proxy = await tap(port);
-  const g =
-    guest === 'random'
-      ? ['-fill', 'random,seed=14']
-      : ['-smp', '2', '-fill', 'random,seed=15', '-workload', 'stress,rate=4M,seed=19'];
-  const src = await startVm({ dir, name: `src-${port}`, args: [...FERRY_COMPAT, ...g] });
-  await src.execute('migrate-set-capabilities', caps('events', 'postcopy-ram'));
-  await src.execute('migrate-set-parameters', { 'max-bandwidth': SLOW });
-  await src.execute('migrate', { uri: `tcp:127.0.0.1:${proxy.port}` });
-  await src.execute('migrate-start-postcopy');
-
-  const info = await waitMigration(src, undefined, 30000);
-  const tDone = Date.now() - t0;
-  assert.equal(info.status, 'completed', `ferry source: ${JSON.stringify(info)}\nqemu stderr: ${qemu.stderr}\nferry stderr: ${src.stderr}`);
-  assert.equal(await src.status(), 'postmigrate');
-  const qinfo = await waitQemuMigration(qemu, undefined, 20000);
-  assert.equal(qinfo.status, 'completed', `qemu: ${JSON.stringify(qinfo)} stderr: ${qemu.stderr}`);
-  await waitFor(async () => (await qemu.status()) === 'running', 10000, 'qemu running').catch(async () => {
-    assert.equal(await qemu.status(), 'running', qemu.stderr);
-  });
-
-  await waitFor(() => seq(src.qmp.eventLog).at(-1) === 'completed', 5000, 'Ferry MIGRATION completed event');
-  await waitFor(() => seq(qemu.qmp.eventLog).at(-1) === 'completed', 5000, 'QEMU MIGRATION completed event');
-  assert.deepEqual(seq(src.qmp.eventLog), ['setup', 'active', 'postcopy-active', 'completed'], 'Ferry source events');
-  assert.deepEqual(seq(qemu.qmp.eventLog), ['setup', 'active', 'postcopy-active', 'completed'], 'QEMU destination events');
-
-  const want = await pmem(src, dir, SIZE);
-  const got = await qemu.ram(SIZE, join(dir, `q-${port}.ram`));
-  assertSameRam(got, want, `ferry(${guest}) → qemu (postcopy)`);
-  assert.equal(qemu.stderr.trim(), '', 'QEMU printed nothing while loading');
+  const { info, times } = run;
   const rp = returnPath(proxy.back());
   proxy.close();
   assertReturnPath(rp, 'QEMU destination return path');
   const ram = info.ram ?? {};
   t.diagnostic(`ferry(${guest})→qemu return path: ${rp.join(', ')}`);
   t.diagnostic(
-    `ferry(${guest})→qemu: ${Date.now() - t0} ms (source completed at ${tDone} ms); source total-time ${info['total-time']} ms, downtime ${info.downtime} ms, ` +
+    `ferry(${guest})→qemu: ${Date.now() - t0} ms (source completed at ${times.sourceEnded! - t0} ms); source total-time ${info['total-time']} ms, downtime ${info.downtime} ms, ` +
       `transferred ${ram.transferred}, postcopy-requests ${ram['postcopy-requests']}`,
   );
-  await src.quit();
-  await qemu.quit();
 }
 
 describe('postcopy interop with QEMU 7.2 (64 MiB, tcp)', { skip: QEMU_SKIP, timeout: 300000 }, () => {

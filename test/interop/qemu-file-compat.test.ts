@@ -9,10 +9,10 @@
 import { after, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync, statSync } from 'node:fs';
-import { join } from 'node:path';
-import { cleanupAll, startVm, tempDir, waitFor, waitMigration } from '../helpers/vm.js';
+import { runMigration } from '../helpers/migration.js';
+import { cleanupAll, waitFor } from '../helpers/vm.js';
 import {
-  MEM, QEMU_RAM_ARGS, QEMU_SKIP, assertSameRam, cleanupQemu, freePort, pmem, runQemu, startQemu, waitQemuMigration,
+  MEM, QEMU_RAM_ARGS, QEMU_SKIP, assertSameRam, cleanupQemu, pmem, runQemu, startQemu, waitQemuMigration,
 } from '../helpers/qemu.js';
 
 after(async () => {
@@ -23,30 +23,31 @@ after(async () => {
 const RAM16 = ['-machine', 'none,memory-backend=m', '-object', 'memory-backend-ram,id=m,size=16M'];
 const COMPAT16 = ['-machine', 'none,memory-backend=m,x-qemu-compat=on', '-object', 'memory-backend-ram,id=m,size=16M'];
 
-async function ferryToFile(dir: string, machine: string[], file: string): Promise<Buffer> {
-  const src = await startVm({ dir, name: 'src', args: [...machine, '-fill', 'random,seed=11'] });
-  await src.execute('migrate-set-parameters', { 'max-bandwidth': 0 });
-  await src.execute('migrate', { uri: `exec:cat > '${file}'` });
-  const info = await waitMigration(src, undefined, 30000);
-  assert.equal(info.status, 'completed', `${JSON.stringify(info)}\n${src.stderr}`);
-  const ram = await pmem(src, dir);
-  await src.quit();
+/** Migrate a Ferry source into `exec:cat > FILE` (completed); its RAM and the file. */
+async function ferryToFile(machine: string[]): Promise<{ ram: Buffer; file: string; dir: string }> {
+  let ram: Buffer = Buffer.alloc(0);
+  const { info, file, dir } = await runMigration({
+    tempPrefix: 'ferry-qfile-',
+    guest: { machine, fill: 'random,seed=11' },
+    transport: 'file',
+    destination: null,
+    timeoutMs: 30000,
+    after: async ({ src, dir }) => void (ram = await pmem(src, dir)),
+  });
   // The file must hold at least every byte Ferry counted as transferred (plus the
   // vmdesc trailer). Shorter means the exec: child was killed (SIGTERM on channel
   // close) before it had drained the pipe: the saved stream is truncated.
-  const size = statSync(file).size;
+  const size = statSync(file!).size;
   assert.ok(
     size >= info.ram.transferred,
     `exec:cat > FILE wrote ${size} bytes but Ferry transferred ${info.ram.transferred}: stream truncated (exec child killed before draining its pipe)`,
   );
-  return ram;
+  return { ram, file: file!, dir };
 }
 
 describe('Ferry streams read by QEMU 7.2', { skip: QEMU_SKIP, timeout: 150000 }, () => {
   it('x-qemu-compat=on: a stream saved to a file loads with -incoming "exec:cat FILE"', { timeout: 50000 }, async () => {
-    const dir = tempDir('ferry-qfile-');
-    const file = join(dir, 'ferry.mig');
-    const want = await ferryToFile(dir, COMPAT16, file);
+    const { ram: want, file, dir } = await ferryToFile(COMPAT16);
     const qemu = await startQemu({ dir, args: [...QEMU_RAM_ARGS, '-incoming', `exec:cat '${file}'`] });
     const qinfo = await waitQemuMigration(qemu, undefined, 20000);
     assert.equal(qinfo.status, 'completed', `${JSON.stringify(qinfo)}\n${qemu.stderr}`);
@@ -57,29 +58,29 @@ describe('Ferry streams read by QEMU 7.2', { skip: QEMU_SKIP, timeout: 150000 },
   });
 
   it('without x-qemu-compat QEMU rejects the live stream: unknown section ferry-serial', { timeout: 50000 }, async () => {
-    const dir = tempDir('ferry-qfile-');
-    const uri = `tcp:127.0.0.1:${await freePort()}`;
-    const qemu = await startQemu({ dir, args: [...QEMU_RAM_ARGS, '-incoming', uri] });
-    const src = await startVm({ dir, name: 'src', args: [...RAM16, '-fill', 'random,seed=12'] });
-    await src.execute('migrate-set-parameters', { 'max-bandwidth': 0 });
-    await src.execute('migrate', { uri });
-    // QEMU's incoming load fails and QEMU exits (status 1)
-    const t = setTimeout(() => qemu.kill(), 30000);
-    await qemu.exited;
-    clearTimeout(t);
-    assert.equal(qemu.exitCode, 1, `qemu exit ${qemu.exitCode}/${qemu.exitSignal}: ${qemu.stderr}`);
-    assert.match(qemu.stderr, /Unknown savevm section or instance 'ferry-serial' 0/, qemu.stderr);
-    assert.match(qemu.stderr, /load of migration failed: Invalid argument/, qemu.stderr);
-    // whatever Ferry's source concludes, it must end (completed: the bytes were written; failed: peer closed)
-    const info = await waitMigration(src, undefined, 30000);
+    const { info } = await runMigration({
+      tempPrefix: 'ferry-qfile-',
+      guest: { machine: RAM16, fill: 'random,seed=12' },
+      destination: { qemu: true, name: 'qemu', args: QEMU_RAM_ARGS },
+      transport: 'tcp',
+      during: async ({ d: qemu }) => {
+        // QEMU's incoming load fails and QEMU exits (status 1)
+        const t = setTimeout(() => qemu.kill(), 30000);
+        await qemu.exited;
+        clearTimeout(t);
+        assert.equal(qemu.exitCode, 1, `qemu exit ${qemu.exitCode}/${qemu.exitSignal}: ${qemu.stderr}`);
+        assert.match(qemu.stderr, /Unknown savevm section or instance 'ferry-serial' 0/, qemu.stderr);
+        assert.match(qemu.stderr, /load of migration failed: Invalid argument/, qemu.stderr);
+      },
+      // whatever Ferry's source concludes, it must end (completed: the bytes were written; failed: peer closed)
+      timeoutMs: 30000,
+      expect: { source: 'ended', destination: null },
+    });
     assert.ok(['completed', 'failed'].includes(info.status), JSON.stringify(info));
-    await src.quit();
   });
 
   it('without x-qemu-compat a saved stream fails the same way in QEMU (and holds a ferry-serial section)', { timeout: 50000 }, async () => {
-    const dir = tempDir('ferry-qfile-');
-    const file = join(dir, 'ferry-nocompat.mig');
-    await ferryToFile(dir, RAM16, file);
+    const { file } = await ferryToFile(RAM16);
     assert.ok(readFileSync(file).includes(Buffer.from('\x0cferry-serial', 'latin1')), 'stream names ferry-serial');
     const r = await runQemu([...QEMU_RAM_ARGS, '-incoming', `exec:cat '${file}'`], 30000);
     assert.equal(r.code, 1, r.stderr);

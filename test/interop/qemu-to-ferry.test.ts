@@ -9,8 +9,9 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { cleanupAll, startVm, tempDir, waitFor, waitMigration } from '../helpers/vm.js';
-import { MEM, QEMU_SKIP, assertSameRam, cleanupQemu, freePort, pmem, qemuStateAfterCompletion, startQemu, waitQemuMigration } from '../helpers/qemu.js';
+import { runMigration } from '../helpers/migration.js';
+import { cleanupAll, tempDir } from '../helpers/vm.js';
+import { MEM, QEMU_SKIP, assertSameRam, cleanupQemu, freePort, pmem } from '../helpers/qemu.js';
 
 after(async () => {
   await cleanupQemu();
@@ -31,49 +32,34 @@ interface Case {
 
 async function qemuToFerry(c: Case): Promise<void> {
   const port = await freePort();
-  const uri = `tcp:127.0.0.1:${port}`;
-  const qemu = await startQemu({
+  await runMigration({
     dir,
-    name: `qemu-${port}`,
-    args: ['-machine', 'none,memory-backend=m', '-object', `memory-backend-file,id=m,size=16M,mem-path=${imagePath},share=off`, ...(c.qemuPaused ? ['-S'] : [])],
+    source: {
+      qemu: true,
+      name: `qemu-${port}`,
+      args: ['-machine', 'none,memory-backend=m', '-object', `memory-backend-file,id=m,size=16M,mem-path=${imagePath},share=off`, ...(c.qemuPaused ? ['-S'] : [])],
+      // QEMU's own migration parameters
+      parameters: {},
+    },
+    // with events: -incoming defer, the capability, then migrate-incoming
+    destination: { name: `dst-${port}`, machine: FERRY_DST, paused: c.ferryPaused, defer: c.events, capabilities: c.events ? ['events'] : [] },
+    capabilities: c.events ? ['events'] : [],
+    transport: { uri: `tcp:127.0.0.1:${port}` },
+    before: async ({ src }) => assert.equal(await src.status(), c.qemuPaused ? 'prelaunch' : 'running'),
+    timeoutMs: 30000,
+    expect: {
+      // QEMU 7.2 sets postmigrate a moment after query-migrate says completed
+      sourceRunState: 'postmigrate',
+      // globalstate: QEMU running → Ferry running unless Ferry has -S; QEMU prelaunch → Ferry prelaunch
+      destinationRunState: c.qemuPaused ? 'prelaunch' : c.ferryPaused ? 'paused' : 'running',
+      settleMs: { sourceRunState: 5000, destinationRunState: 10000, events: 5000 },
+      events: c.events ? { source: ['setup', 'active', 'completed'], destination: ['setup', 'active', 'completed'] } : undefined,
+    },
+    after: async ({ src, d }) => {
+      assertSameRam(await pmem(d, dir), image, 'qemu → ferry');
+      assertSameRam(await pmem(src, dir, MEM), image, 'qemu source itself');
+    },
   });
-  assert.equal(await qemu.status(), c.qemuPaused ? 'prelaunch' : 'running');
-  const dst = await startVm({
-    dir,
-    name: `dst-${port}`,
-    args: [...FERRY_DST, ...(c.ferryPaused ? ['-S'] : []), '-incoming', c.events ? 'defer' : uri],
-  });
-  if (c.events) {
-    await dst.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] });
-    await dst.execute('migrate-incoming', { uri });
-    await qemu.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] });
-  }
-  await qemu.execute('migrate', { uri });
-  const qinfo = await waitQemuMigration(qemu, undefined, 30000);
-  assert.equal(qinfo.status, 'completed', `qemu: ${JSON.stringify(qinfo)}\n${qemu.stderr}\nferry: ${dst.stderr}`);
-  assert.equal(await qemuStateAfterCompletion(qemu), 'postmigrate');
-  const dinfo = await waitMigration(dst, undefined, 30000);
-  assert.equal(dinfo.status, 'completed', `ferry: ${JSON.stringify(dinfo)}\n${dst.stderr}`);
-
-  // globalstate: QEMU running → Ferry running unless Ferry has -S; QEMU prelaunch → Ferry prelaunch
-  const want = c.qemuPaused ? 'prelaunch' : c.ferryPaused ? 'paused' : 'running';
-  await waitFor(async () => (await dst.status()) === want, 10000, `ferry run state ${want}`).catch(async () => {
-    assert.equal(await dst.status(), want);
-  });
-
-  assertSameRam(await pmem(dst, dir), image, 'qemu → ferry');
-  assertSameRam(await qemu.ram(MEM, join(dir, `q-${port}.ram`)), image, 'qemu source itself');
-
-  if (c.events) {
-    const seq = (log: { event: string; data?: unknown }[]) =>
-      log.filter((e) => e.event === 'MIGRATION').map((e) => (e.data as { status: string }).status);
-    await waitFor(() => seq(qemu.qmp.eventLog).at(-1) === 'completed', 5000, 'QEMU MIGRATION completed event');
-    await waitFor(() => seq(dst.qmp.eventLog).at(-1) === 'completed', 5000, 'Ferry MIGRATION completed event');
-    assert.deepEqual(seq(qemu.qmp.eventLog), ['setup', 'active', 'completed'], 'QEMU source events');
-    assert.deepEqual(seq(dst.qmp.eventLog), ['setup', 'active', 'completed'], 'Ferry destination events');
-  }
-  await qemu.quit();
-  await dst.quit();
 }
 
 describe('QEMU 7.2 → Ferry over tcp', { skip: QEMU_SKIP, timeout: 300000 }, () => {

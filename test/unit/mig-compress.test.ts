@@ -26,7 +26,7 @@ import {
   putSectionStartFull,
   putVmdesc,
 } from '../../src/migration/wire/records.js';
-import { Collector, fixedDevice, loadStream, makeBlock, markDirty, parseStream, rng, skipVectors, vectorsDir } from './mig-helpers.js';
+import { Collector, fixedDevice, loadStream, makeBlock, markDirty, parseStream, rng, vectorsDir } from './mig-helpers.js';
 
 const S = WIRE.SECTION;
 const F = WIRE.RAM;
@@ -418,7 +418,7 @@ describe('compressed send path and batched load path', () => {
   });
 });
 
-describe('ramonly-compress.bin vector through the batched decompress path', { skip: skipVectors }, () => {
+describe('ramonly-compress.bin vector through the batched decompress path', () => {
   for (const threads of [1, 2, 4]) {
     it(`loads with ${threads} decompress thread(s) and equals the expected image`, async () => {
       const file = path.join(vectorsDir, 'ramonly-compress.bin');

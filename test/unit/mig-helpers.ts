@@ -1,5 +1,4 @@
 /** Shared helpers of the mig-*.test.ts files (byte-level migration layer). */
-import { existsSync } from 'node:fs';
 import path from 'node:path';
 import { Writable } from 'node:stream';
 import { fileURLToPath } from 'node:url';
@@ -15,9 +14,8 @@ import { readVmdesc } from '../../src/migration/wire/records.js';
 const here = path.dirname(fileURLToPath(import.meta.url));
 /** dist/test/unit -> repo root */
 export const repoRoot = path.resolve(here, '../../..');
-export const vectorsDir = path.resolve(repoRoot, '../shared/spec/vectors');
-export const haveVectors = existsSync(path.join(vectorsDir, 'none-16M.bin'));
-export const skipVectors = haveVectors ? false : `stream vectors not found at ${vectorsDir}`;
+/** The stream vectors (test/golden/streams, copied from the spec with its README). */
+export const vectorsDir = path.resolve(repoRoot, 'test/golden/streams');
 
 export function makeBlock(name: string, size: number): RamBlock {
   const pages = size / 4096;

@@ -10,12 +10,12 @@ import { StreamReader } from '../../src/migration/stream/reader.js';
 import { BufferSink } from '../../src/migration/stream/writer.js';
 import { MigrationStreamError } from '../../src/migration/wire/errors.js';
 import type { InspectedSection as ParsedSection } from '../../src/migration/inspect.js';
-import { fixedDevice, loadStream, makeBlock, parseStream, rng, skipVectors, vectorsDir } from './mig-helpers.js';
+import { fixedDevice, loadStream, makeBlock, parseStream, rng, vectorsDir } from './mig-helpers.js';
 
 const MiB = 1024 * 1024;
 const vec = (name: string) => readFileSync(path.join(vectorsDir, name));
 
-describe('stream vectors', { skip: skipVectors }, () => {
+describe('stream vectors', () => {
   it('parses none-16M.bin fully', async () => {
     const buf = vec('none-16M.bin');
     const recs = await parseStream(buf);

@@ -1,7 +1,9 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { xbzrleDecode, xbzrleEncode } from '../../src/migration/codec/xbzrle-codec.js';
-import { fillRandom, rng } from './mig-helpers.js';
+import { RamSender } from '../../src/migration/ram/sender.js';
+import { XbzrleEncoder } from '../../src/migration/ram/xbzrle-encoder.js';
+import { fillRandom, makeBlock, rng } from './mig-helpers.js';
 
 const P = 4096;
 const hex = (b: Uint8Array) => Buffer.from(b).toString('hex').replace(/(..)/g, '$1 ').trim();
@@ -109,5 +111,16 @@ describe('xbzrle decoder', () => {
     assert.equal(dec([0xff, 0x1f, 0x02, 1, 1]), -1); // run past the page
     assert.equal(dec([0x00, 0x05, 1, 2]), -1); // nzrun longer than the input
     assert.equal(dec([0x00, 0x01]), -1); // nzrun header without data
+  });
+});
+
+describe('XbzrleEncoder statistics', () => {
+  it('cache-size is the running cache\'s size: a resize shows at once, and stays after release', () => {
+    const enc = new XbzrleEncoder(new RamSender([makeBlock('m', 1 << 20)]), 1 << 20, 0);
+    assert.equal(enc.stats()['cache-size'], 1 << 20);
+    enc.resize((256 << 10) + 1);
+    assert.equal(enc.stats()['cache-size'], 256 << 10, 'rounded down to a power of two, in the cache itself');
+    enc.release();
+    assert.equal(enc.stats()['cache-size'], 256 << 10);
   });
 });
