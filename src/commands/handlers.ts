@@ -155,7 +155,7 @@ export const handlers: CommandHandlers<Ctx> = {
     if (ctx.vm.source.status === 'none') {
       throw new QmpError('GenericError', 'Postcopy must be started after migration has been started');
     }
-    // also after the migration ended or when already requested: {} (qmp.md B.9)
+    // also after the migration ended or when already requested: {} (docs/spec/qmp.md B.9)
     ctx.vm.source.requestPostcopy();
   },
   'x-colo-lost-heartbeat'() {

@@ -4,7 +4,7 @@
  * single-quote extension, lexical error recovery, input limits) and the output
  * serializer (ASCII only, `\uXXXX` upper-case, `", "` and `": "` separators).
  *
- * Written from the behaviour described in docs (shared/spec/qmp.md Part A);
+ * Written from the behaviour described in docs (docs/spec/qmp.md Part A);
  * no QEMU code.
  */
 

@@ -1,5 +1,5 @@
 /**
- * auto-converge (qmp.md E.3): a workload that never converges at the given
+ * auto-converge (docs/spec/qmp.md E.3): a workload that never converges at the given
  * bandwidth and downtime-limit converges once its vCPUs are throttled;
  * cpu-throttle-percentage shows while throttled (D.1) and the throttle is
  * lifted when the migration ends, whatever the outcome.

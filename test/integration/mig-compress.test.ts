@@ -1,5 +1,5 @@
 /**
- * The `compress` capability end to end (xbzrle.md §6): pages deflated on the
+ * The `compress` capability end to end (docs/spec/xbzrle.md §6): pages deflated on the
  * source's compress-threads, inflated on the destination's
  * decompress-threads. The destination must enable the capability too
  * (`-incoming defer`, migrate-set-capabilities, migrate-incoming), as QEMU

@@ -1,6 +1,6 @@
 /**
  * downtime-limit: a converging workload completes within the limit; a
- * non-converging one keeps iterating until cancelled (qmp.md E.2).
+ * non-converging one keeps iterating until cancelled (docs/spec/qmp.md E.2).
  */
 import { after, describe, it } from 'node:test';
 import assert from 'node:assert/strict';

@@ -1,6 +1,6 @@
 /**
  * Misuse of the migration commands: states, texts and error classes
- * (qmp.md B.2–B.12, Part F).
+ * (docs/spec/qmp.md B.2–B.12, Part F).
  */
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
@@ -114,7 +114,7 @@ describe('migration command misuse', () => {
     }
     await assert.rejects(vm.execute('migrate-set-capabilities', { capabilities: [{ capability: 'block', state: true }] }), gen('QEMU compiled without old-style (blk/-b, inc/-i) block migration'));
     await assert.rejects(vm.execute('migrate-set-capabilities', { capabilities: [{ capability: 'nosuch', state: true }] }), (e: any) => {
-      // qmp.md B.2 quotes 7.2 as "Parameter 'capability' ..."; Ferry names the full path
+      // docs/spec/qmp.md B.2 quotes 7.2 as "Parameter 'capability' ..."; Ferry names the full path
       assert.match(e.desc, /^Parameter '(capabilities\[0\]\.)?capability' does not accept value 'nosuch'$/);
       return true;
     });

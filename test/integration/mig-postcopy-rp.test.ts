@@ -1,7 +1,7 @@
 /**
  * A postcopy source facing a hostile destination: the test listens on a unix
  * socket, swallows the stream and writes return-path messages by hand
- * (stream-format.md §12). Every malformed message fails the migration with
+ * (docs/spec/stream-format.md §12). Every malformed message fails the migration with
  * a precise error, and since the switch to postcopy never happened the
  * source VM runs on with its memory intact.
  */

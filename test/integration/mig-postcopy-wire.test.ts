@@ -1,7 +1,7 @@
 /**
  * A `ferry vm` postcopy destination driven byte by byte: the test plays the
  * source over a unix socket, writes the postcopy command sequence by hand
- * (stream-format.md §10, §11) and reads the return path (§12): PONGs, page
+ * (docs/spec/stream-format.md §10, §11) and reads the return path (§12): PONGs, page
  * requests for the pages the running guest touches, and the final SHUT.
  * Then the command-order and format rules, each with QEMU's error text.
  */

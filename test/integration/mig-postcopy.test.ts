@@ -1,6 +1,6 @@
 /**
- * Postcopy between two real `ferry vm` processes (stream-format.md §11,
- * qmp.md B.9, C, E.4, E.5): convergence for a guest precopy cannot catch,
+ * Postcopy between two real `ferry vm` processes (docs/spec/stream-format.md §11,
+ * docs/spec/qmp.md B.9, C, E.4, E.5): convergence for a guest precopy cannot catch,
  * a guest that runs on the destination before its RAM has arrived, the
  * statistics, release-ram, and what each side does when the other dies.
  */

@@ -1,6 +1,6 @@
 /**
  * max-bandwidth: the slope of ram.transferred matches the limit, and a change
- * in the middle of a migration takes effect at once (qmp.md E.1).
+ * in the middle of a migration takes effect at once (docs/spec/qmp.md E.1).
  */
 import { after, describe, it } from 'node:test';
 import assert from 'node:assert/strict';

@@ -48,7 +48,7 @@ describe('return-path capability', () => {
       transport: (dir) => ({ uri: `exec:cat > ${join(dir, 'f.mig')}` }),
       capabilities: ['return-path'],
       during: async ({ src }) => {
-        // qmp.md E.6: nothing ever arrives on the command's stdout; the source waits in active
+        // docs/spec/qmp.md E.6: nothing ever arrives on the command's stdout; the source waits in active
         // (Ferry may instead fail at once if it treats the exec channel as one-way)
         const first = await waitMigration(src, ['active', 'failed'], 15000);
         if (first.status === 'failed') {

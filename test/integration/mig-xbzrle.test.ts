@@ -1,5 +1,5 @@
 /**
- * The `xbzrle` capability end to end (xbzrle.md §3, §5): a guest with sparse
+ * The `xbzrle` capability end to end (docs/spec/xbzrle.md §3, §5): a guest with sparse
  * writes migrates with and without XBZRLE — the passes after the first cost
  * far fewer bytes with it, and the destination equals the source both ways —
  * and a corrupt XBZRLE record fails a load cleanly.

@@ -1,7 +1,7 @@
 /**
  * The QMP wire protocol of a real `ferry vm`, seen byte by byte through a
  * dumb raw client (test/clients/raw-qmp.ts), over unix and tcp at once.
- * Reference: shared/spec/qmp.md Part A.
+ * Reference: docs/spec/qmp.md Part A.
  */
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';

@@ -3,12 +3,12 @@
  * guests over tcp. `postcopy-ram` is on on both sides (the destination before
  * the stream starts) and `migrate-start-postcopy` is issued right after
  * `migrate`, with max-bandwidth low enough that precopy cannot finish first:
- * most RAM crosses in the postcopy phase (stream-format.md §11). Only RAM
+ * most RAM crosses in the postcopy phase (docs/spec/stream-format.md §11). Only RAM
  * crosses; the destination's pmemsave must equal the frozen source's.
  * Neither guest touches its RAM after the switch, so the destination raises no
  * page faults and `postcopy-requests` is normally 0 (reported, not asserted).
  * A tcp proxy between the two records the return path (destination → source,
- * stream-format.md §12): PONG 1–4 (PING 3 travels inside PACKAGED), SHUT 0.
+ * docs/spec/stream-format.md §12): PONG 1–4 (PING 3 travels inside PACKAGED), SHUT 0.
  */
 import { after, before, describe, it, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';

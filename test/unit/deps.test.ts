@@ -74,3 +74,36 @@ test('tools and src never import each other', () => {
   check('tools/', (i) => i.target.startsWith('tools/'));
   check('src/', (i) => !i.target.startsWith('tools/'));
 });
+
+// ---- inside src/migration/ (docs/architecture.md, "Inside the engine")
+
+const M = 'src/migration/';
+const inMig = (...dirs: string[]) => (i: Import) => dirs.some((d) => i.target.startsWith(M + d));
+
+test('the byte layer (wire, stream, codec) knows no session, section, channel or postcopy', () => {
+  check(M + 'wire/', (i) => inMig('wire/', 'stream/')(i) || i.target === M + 'errors.ts' || i.target.startsWith('src/base/'));
+  check(M + 'stream/', (i) => inMig('wire/', 'stream/')(i) || i.target === M + 'errors.ts' || i.target.startsWith('src/base/'));
+  check(M + 'codec/', (i) => inMig('codec/')(i) || i.target.startsWith('src/base/'));
+});
+
+test('the channel knows only transports, the error family and base', () => {
+  check(M + 'channel/', (i) => inMig('channel/')(i) || i.target === M + 'errors.ts' || i.target.startsWith('src/base/'));
+});
+
+test('the return path is channel and wire, nothing above', () => {
+  check(M + 'return-path/', (i) => inMig('return-path/', 'channel/', 'wire/', 'stream/')(i) || i.target === M + 'errors.ts');
+});
+
+test('sections, RAM and postcopy use the state machines only as types', () => {
+  for (const d of ['sections/', 'ram/', 'postcopy/']) {
+    check(M + d, (i) => !i.target.startsWith(M + 'core/') || i.typeOnly);
+  }
+});
+
+test('the state machines and sessions name no section: RAM comes from the registry', () => {
+  for (const f of ['core/outgoing.ts', 'core/incoming.ts', 'core/load-loop.ts', 'core/status.ts', 'postcopy/switch.ts']) {
+    check(M + f, (i) => !i.target.startsWith(M + 'ram/'));
+  }
+  // and the check is live: the facades do import RAM (the default registry)
+  assert.ok(all.some((i) => i.file === M + 'core/source.ts' && i.target.startsWith(M + 'ram/')));
+});

@@ -1,4 +1,4 @@
-/** auto-converge's trigger rule and throttle steps (qmp.md E.3). */
+/** auto-converge's trigger rule and throttle steps (docs/spec/qmp.md E.3). */
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { AutoConverge } from '../../src/migration/ram/auto-converge.js';

@@ -1,7 +1,7 @@
 /**
  * The `compress` capability's byte layer: the compress/decompress worker
  * pools, the compressed send path of RamSender and the batched decompress
- * path of RamLoader (xbzrle.md §6, stream-format.md §9).
+ * path of RamLoader (docs/spec/xbzrle.md §6, docs/spec/stream-format.md §9).
  */
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';

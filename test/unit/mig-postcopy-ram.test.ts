@@ -1,7 +1,7 @@
 /**
- * The RAM pieces of postcopy: the discard list (stream-format.md §10.2),
+ * The RAM pieces of postcopy: the discard list (docs/spec/stream-format.md §10.2),
  * requested pages (§11), placement on the destination (§9.5) and
- * release-ram's bookkeeping (qmp.md E.5).
+ * release-ram's bookkeeping (docs/spec/qmp.md E.5).
  */
 import { discardRanges } from '../../src/migration/postcopy/discard.js';
 import assert from 'node:assert/strict';

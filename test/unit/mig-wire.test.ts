@@ -49,7 +49,7 @@ describe('constants', () => {
   });
 });
 
-describe('commands (stream-format.md §10 examples)', () => {
+describe('commands (docs/spec/stream-format.md §10 examples)', () => {
   it('encodes', () => {
     assert.equal(hex(sink(putCmdOpenReturnPath)), '08 00 01 00 00');
     assert.equal(hex(sink((s) => putCmdPing(s, 1))), '08 00 02 00 04 00 00 00 01');

@@ -1,7 +1,7 @@
 /**
  * XBZRLE: properties of the delta codec (fast-check), the page cache
- * (xbzrle.md §4) and the source page hook with RamSender → RamLoader
- * (xbzrle.md §3, §5).
+ * (docs/spec/xbzrle.md §4) and the source page hook with RamSender → RamLoader
+ * (docs/spec/xbzrle.md §3, §5).
  */
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
@@ -18,7 +18,7 @@ import { Collector, makeBlock, markDirty } from './mig-helpers.js';
 const P = 4096;
 
 /**
- * The encoder of xbzrle.md §2.1 written out step by step, as the model the
+ * The encoder of docs/spec/xbzrle.md §2.1 written out step by step, as the model the
  * real encoder must match byte for byte (including where it overflows).
  */
 function modelEncode(oldP: Uint8Array, newP: Uint8Array, D = P): number[] | -1 {
@@ -142,7 +142,7 @@ describe('xbzrle codec properties (fast-check)', () => {
     assert.equal(modelEncode(o, alt), -1);
   });
 
-  it('hand-worked vectors of xbzrle.md §2.1', () => {
+  it('hand-worked vectors of docs/spec/xbzrle.md §2.1', () => {
     const hex = (b: Uint8Array | -1) => (b === -1 ? 'overflow' : Buffer.from(b).toString('hex'));
     const z = new Uint8Array(P);
     const a = new Uint8Array(P);
@@ -164,7 +164,7 @@ describe('xbzrle codec properties (fast-check)', () => {
   });
 });
 
-describe('XBZRLE page cache (xbzrle.md §4)', () => {
+describe('XBZRLE page cache (docs/spec/xbzrle.md §4)', () => {
   const page = (v: number) => new Uint8Array(P).fill(v);
 
   it('size rounds down to a power of two; slots = size / page', () => {

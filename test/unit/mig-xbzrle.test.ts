@@ -14,7 +14,7 @@ function enc(oldP: Uint8Array, newP: Uint8Array, max = P): Uint8Array | -1 {
   return n < 0 ? -1 : out.subarray(0, n);
 }
 
-describe('xbzrle encoder (xbzrle.md §2.1 examples)', () => {
+describe('xbzrle encoder (docs/spec/xbzrle.md §2.1 examples)', () => {
   it('byte 4095 set to 01', () => {
     const n = new Uint8Array(P);
     n[4095] = 1;

@@ -1,5 +1,5 @@
 /**
- * Worker pools for the `compress` capability (xbzrle.md §6): CompressPool on
+ * Worker pools for the `compress` capability (docs/spec/xbzrle.md §6): CompressPool on
  * the source (`compress-threads` workers deflating 4 KiB pages at
  * `compress-level`), DecompressPool on the destination (`decompress-threads`
  * workers inflating them, strictly).

@@ -1,5 +1,5 @@
 /**
- * The XBZRLE page cache (xbzrle.md §4): a direct-mapped cache of page copies,
+ * The XBZRLE page cache (docs/spec/xbzrle.md §4): a direct-mapped cache of page copies,
  * sender side only, as QEMU's page_cache.c.
  *
  * * size = the cache-size parameter rounded down to a power of two; slots =

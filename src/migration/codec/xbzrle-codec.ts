@@ -1,5 +1,5 @@
 /**
- * XBZRLE page deltas (xbzrle.md §2): pairs of (zero-run length, nonzero-run
+ * XBZRLE page deltas (docs/spec/xbzrle.md §2): pairs of (zero-run length, nonzero-run
  * length, nonzero-run bytes), lengths as ULEB128 limited to two bytes.
  * Byte-exact with QEMU's encoder (maximal runs, same overflow rules).
  */
@@ -25,7 +25,7 @@ const EMPTY32 = new Int32Array(0);
  *
  * Equal runs are skipped 16 bytes at a time (xor-or of four 32-bit words),
  * then 8, when both pages are 4-byte aligned, and finished byte by byte, so
- * the runs found are exactly those of the byte loop of xbzrle.md §2.1 and the
+ * the runs found are exactly those of the byte loop of docs/spec/xbzrle.md §2.1 and the
  * output is the same.
  */
 export function xbzrleEncode(

@@ -1,5 +1,5 @@
 /**
- * One-page zlib codecs for the `compress` capability (xbzrle.md §6).
+ * One-page zlib codecs for the `compress` capability (docs/spec/xbzrle.md §6).
  *
  * Format, as QEMU's compress2()/uncompress(): a standard zlib stream
  * (RFC 1950: 2-byte header, raw deflate, Adler-32 trailer) of exactly one

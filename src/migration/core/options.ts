@@ -1,6 +1,6 @@
 /**
  * Migration capabilities and parameters: defaults, ranges and merging rules
- * (qmp.md B.2–B.5, Part F). Everything here is plain data; the commands layer
+ * (docs/spec/qmp.md B.2–B.5, Part F). Everything here is plain data; the commands layer
  * maps thrown MigrationError messages to GenericError.
  */
 import type {

@@ -1,5 +1,5 @@
 /**
- * MigrationStatus as two explicit state machines, one per side (qmp.md C.1,
+ * MigrationStatus as two explicit state machines, one per side (docs/spec/qmp.md C.1,
  * C.2). Every status change goes through `StatusMachine.to()`; a move the
  * table does not list throws IllegalTransition, which is a bug in Ferry (no
  * input may cause one: input errors fail the migration through a legal move).

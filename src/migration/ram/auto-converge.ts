@@ -1,5 +1,5 @@
 /**
- * The `auto-converge` capability (qmp.md Part E.3): when the guest dirties
+ * The `auto-converge` capability (docs/spec/qmp.md Part E.3): when the guest dirties
  * memory faster than half of what the migration sends, throttle its vCPUs,
  * and throttle harder while that goes on.
  */

@@ -1,5 +1,5 @@
 /**
- * release-ram (qmp.md E.5): during postcopy the source gives the memory of
+ * release-ram (docs/spec/qmp.md E.5): during postcopy the source gives the memory of
  * pages it has sent back to the OS. A page can go once its bit is clear in
  * the migration bitmap: after the switch the VM is stopped, so a sent page
  * never becomes dirty again.

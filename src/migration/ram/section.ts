@@ -130,7 +130,7 @@ export class RamSaveSection implements LiveSection, PageRequestSink {
   }
 
   cleanup(): void {
-    // the migration left its loop, whatever the outcome: unthrottle (qmp.md E.3)
+    // the migration left its loop, whatever the outcome: unthrottle (docs/spec/qmp.md E.3)
     this.autoConverge.lift();
     this.ctx.returnPath?.setPageRequestSink(null);
     this.xbzrle?.release();

@@ -1,5 +1,5 @@
 /**
- * RamSender: the source side of the `ram` section (stream-format.md §9).
+ * RamSender: the source side of the `ram` section (docs/spec/stream-format.md §9).
  *
  * Owns one migration bitmap per RAM block (bit set = page must be sent),
  * all ones for the first pass. syncDirtyLog() moves the vCPUs' dirty bits
@@ -282,7 +282,7 @@ export class RamSender {
     return sent;
   }
 
-  // ---- compressed pages (`compress`, xbzrle.md §6) ------------------------
+  // ---- compressed pages (`compress`, docs/spec/xbzrle.md §6) ------------------------
 
   /** Batch bookkeeping for sendPagesCompressed, sized on first use. */
   private batchKind: Uint8Array = new Uint8Array(0);

@@ -1,5 +1,5 @@
 /**
- * Constants of QEMU's migration stream format (stream-format.md, xbzrle.md).
+ * Constants of QEMU's migration stream format (docs/spec/stream-format.md, docs/spec/xbzrle.md).
  * One named table; every number that appears on the wire is here.
  */
 export const WIRE = {

@@ -1,5 +1,5 @@
 /**
- * Encoders and decoders of the stream's records (stream-format.md §4–§12).
+ * Encoders and decoders of the stream's records (docs/spec/stream-format.md §4–§12).
  * Encoders write into any ByteSink; decoders read from a StreamReader,
  * awaiting data only when it is missing, and validate with QEMU's texts.
  */
