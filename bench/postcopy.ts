@@ -44,7 +44,6 @@ import {
 type Engine = 'ferry' | 'qemu';
 
 const RAM = '256M';
-const RAM_BYTES = 256 * MiB;
 const STRESS_BW = 50e6;
 /** idle scenario: 1 MB/s before the switch (256 MiB of zero pages need ~0.6 s), unlimited after it */
 const IDLE_BW = 1e6;

@@ -13,6 +13,7 @@
  *   qemu ... -incoming 'exec:cat' | ...   or read stdin with FILE '-'
  */
 import { createReadStream } from 'node:fs';
+import { strerror } from '../migration/channel/errors.js';
 import { formatInspection, inspectStream, type InspectedRecord } from '../migration/index.js';
 
 const USAGE = `usage: ferry inspect [--records] [--desc] [--json] [--no-config] [--device-size IDSTR=BYTES]... FILE|-
@@ -40,6 +41,11 @@ export async function main(argv: string[]): Promise<number> {
     else return usage('only one FILE');
   }
   if (file === undefined) return usage('FILE is missing');
+  // `ferry inspect f | head` closes our stdout early: that is not an error
+  process.stdout.on('error', (e: NodeJS.ErrnoException) => {
+    if (e.code === 'EPIPE') process.exit(0);
+    throw e;
+  });
   const input = file === '-' ? process.stdin : createReadStream(file);
   const opened = new Promise<void>((resolve, reject) => {
     if (file === '-') return resolve();
@@ -49,7 +55,7 @@ export async function main(argv: string[]): Promise<number> {
   try {
     await opened;
   } catch (e) {
-    process.stderr.write(`ferry inspect: ${(e as Error).message}\n`);
+    process.stderr.write(`ferry inspect: Could not open '${file}': ${strerror(e)}\n`);
     return 1;
   }
   try {

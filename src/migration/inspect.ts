@@ -250,7 +250,8 @@ export function formatInspection(records: readonly InspectedRecord[], opts: { re
           if (opts.records) {
             for (const x of rec.ram) {
               const cont = x.flags & F.CONTINUE ? ' cont' : '';
-              if (x.kind === 'mem_size' || x.kind === 'eos') lines.push(`${indent}              ${x.kind}${cont}`);
+              if (x.kind === 'mem_size') lines.push(`${indent}              mem_size ${x.blocks.map((b) => `${b.name} ${hex(b.length)}`).join(', ')}`);
+              else if (x.kind === 'eos') lines.push(`${indent}              eos`);
               else if (x.kind === 'zero') lines.push(`${indent}              zero ${x.block} ${hex(x.offset)} fill ${x.fill}${cont}`);
               else lines.push(`${indent}              ${x.kind} ${x.block} ${hex(x.offset)} ${x.data.length} bytes${cont}`);
             }

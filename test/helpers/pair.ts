@@ -83,24 +83,29 @@ export class Pair {
     return o;
   }
 
-  private async init(): Promise<void> {
-    const guest: MachineConfig = { ramSize: 8 << 20, smp: 1, ...this.opts.guest };
-    const sm = await Machine.create(guest);
-    const sOpts = this.options();
-    sOpts.setParameters({ 'max-bandwidth': 0, ...this.opts.params });
-    const src = { machine: sm, options: sOpts, statuses: [] as MigrationStatus[], traces: [] as string[], log: [] as string[] };
-    const source = new MigrationSource(machinePort(sm, { autostart: true }), sOpts, {
+  /** A machine with its options and the deps both engines take: recorded statuses, traces and log lines. */
+  private async side<T extends string>(cfg: Partial<MachineConfig>, which: 'source' | 'destination', onTrace?: (p: T, pair: Pair) => void) {
+    const machine = await Machine.create({ ramSize: 8 << 20, smp: 1, ...this.opts.guest, ...cfg });
+    const side: PairSide = { machine, options: this.options(), statuses: [], traces: [], log: [] };
+    const deps = {
       lookupFd: () => undefined,
-      sections: this.registry('source'),
-      wrapChannel: this.opts.wrapSource,
-      trace: (pt) => {
-        src.traces.push(pt);
-        this.opts.onSourceTrace?.(pt, this);
+      sections: this.registry(which),
+      wrapChannel: which === 'source' ? this.opts.wrapSource : this.opts.wrapDestination,
+      trace: (pt: T) => {
+        side.traces.push(pt);
+        onTrace?.(pt, this);
       },
-      log: (m) => src.log.push(m),
-    });
-    source.on('status', (s) => src.statuses.push(s));
-    this.src = { ...src, source };
+      log: (m: string) => void side.log.push(m),
+    };
+    return { side, deps };
+  }
+
+  private async init(): Promise<void> {
+    const { side, deps } = await this.side<SourceTracePoint>({}, 'source', this.opts.onSourceTrace);
+    side.options.setParameters({ 'max-bandwidth': 0, ...this.opts.params });
+    const source = new MigrationSource(machinePort(side.machine, { autostart: true }), side.options, deps);
+    source.on('status', (s) => side.statuses.push(s));
+    this.src = { ...side, source };
     if (this.opts.noDestination) {
       this.uri = this.opts.uri!(this.dir);
       return;
@@ -111,22 +116,10 @@ export class Pair {
   /** A fresh destination machine listening on a new URI (the old one is destroyed). */
   async newDestination(): Promise<void> {
     if (this.dst) await this.dst.machine.destroy();
-    const guest: MachineConfig = { ramSize: 8 << 20, smp: 1, ...this.opts.guest, incoming: true, fill: undefined };
-    const dm = await Machine.create(guest);
-    const dOpts = this.options();
-    const dst = { machine: dm, options: dOpts, statuses: [] as MigrationStatus[], traces: [] as string[], log: [] as string[] };
-    const destination = new MigrationDestination(machinePort(dm, { autostart: !this.opts.paused }), dOpts, {
-      lookupFd: () => undefined,
-      sections: this.registry('destination'),
-      wrapChannel: this.opts.wrapDestination,
-      trace: (pt) => {
-        dst.traces.push(pt);
-        this.opts.onDestinationTrace?.(pt, this);
-      },
-      log: (m) => dst.log.push(m),
-    });
-    destination.on('status', (s) => dst.statuses.push(s));
-    this.dst = { ...dst, destination };
+    const { side, deps } = await this.side<DestinationTracePoint>({ incoming: true, fill: undefined }, 'destination', this.opts.onDestinationTrace);
+    const destination = new MigrationDestination(machinePort(side.machine, { autostart: !this.opts.paused }), side.options, deps);
+    destination.on('status', (s) => side.statuses.push(s));
+    this.dst = { ...side, destination };
     const n = this.uriCount++;
     this.uri = this.opts.uri ? this.opts.uri(this.dir) : `unix:${join(this.dir, `mig${n}.sock`)}`;
     await destination.start(this.uri);

@@ -12,7 +12,6 @@ export const BUILTINS = [
   'uint8', 'uint16', 'uint32', 'uint64', 'size', 'number', 'bool', 'null', 'any',
 ] as const;
 export type BuiltinName = (typeof BUILTINS)[number];
-const BUILTIN_SET: ReadonlySet<string> = new Set(BUILTINS);
 export const INT_BUILTINS: ReadonlySet<string> = new Set([
   'int', 'int8', 'int16', 'int32', 'int64', 'uint8', 'uint16', 'uint32', 'uint64', 'size',
 ]);
