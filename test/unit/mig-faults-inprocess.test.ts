@@ -9,6 +9,7 @@
 import { after, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import type { SectionType } from '../../src/migration/index.js';
+import { ChannelError } from '../../src/migration/channel/index.js';
 import { MigrationStreamError } from '../../src/migration/wire/errors.js';
 import { faultyInput, type Fault } from '../helpers/fault-channel.js';
 import { Pair } from '../helpers/pair.js';
@@ -71,6 +72,36 @@ describe('faults through the channel wrapper', () => {
     const desc = p.src.source.info()['error-desc']!;
     assert.ok(/SHUT 1|Unable to|Broken pipe|reset/.test(desc), desc);
     await recovers(p, before);
+  });
+});
+
+describe('a wrapper that fails (a handshake that does not happen)', () => {
+  it('on the source: the migration fails with its error, the channel under it is closed, the source runs on', async () => {
+    let inner: { closed: boolean } | undefined;
+    const p = await Pair.create({
+      guest,
+      wrapSource: (ch) => {
+        inner = ch;
+        throw new ChannelError('TLS handshake failed: test', 'EPROTO');
+      },
+    });
+    pairs.push(p);
+    await p.migrate();
+    assert.deepEqual(p.src.source.info(), { status: 'failed', 'error-desc': 'TLS handshake failed: test' });
+    assert.equal(inner?.closed, true);
+    assert.equal(p.src.machine.runState, 'running');
+    assert.equal(p.dst!.destination.status, 'failed', 'the destination saw the connection end');
+  });
+
+  it('on the destination: the incoming migration fails with its error and the guest stays in inmigrate', async () => {
+    const p = await Pair.create({ guest, wrapDestination: () => Promise.reject(new ChannelError('TLS handshake failed: no certificate', 'EPROTO')) });
+    pairs.push(p);
+    await p.migrate();
+    assert.deepEqual(p.dst!.destination.info(), { status: 'failed', 'error-desc': 'load of migration failed: TLS handshake failed: no certificate' });
+    assert.equal(p.dst!.destination.current!.error!.kind, 'channel');
+    assert.equal(p.dst!.machine.runState, 'inmigrate');
+    assert.equal(p.src.source.status, 'failed');
+    assert.equal(p.src.machine.runState, 'running');
   });
 });
 

@@ -119,6 +119,8 @@ export class OutgoingSession {
   private compress: CompressPool | null = null;
   /** Which section goes first in the next slice. */
   private turn = 0;
+  /** vmdesc entries of the device sections written by writeDevices(). */
+  private vmdesc: VmdescEntry[] = [];
   private disposed = false;
 
   constructor(readonly deps: OutgoingDeps) {
@@ -357,9 +359,6 @@ export class OutgoingSession {
     this.stats.downtime = Math.round(end - stopTime);
     this.finish(end);
   }
-
-  /** vmdesc entries of the device sections written by writeDevices(). */
-  private vmdesc: VmdescEntry[] = [];
 
   /** The device sections of the switchover, numbered after the live sections. */
   writeDevices(w: ByteSink, stopWallUs: number): void {
