@@ -43,9 +43,13 @@ async function recovers(p: Pair, before: string): Promise<void> {
 }
 
 describe('faults through the channel wrapper', () => {
-  for (const at of [3, 17, 60, 5000, 1 << 20, (4 << 20) + 100]) {
-    it(`a stream cut after ${at} bytes fails the destination with a stream error`, async () => {
-      const { p, before } = await faulty({ truncateAt: at });
+  // Near the end of the stream only the return path tells the source that the
+  // destination failed (without it, the source may have written its last byte
+  // and completed: QEMU's precopy has the same blind spot), so those cuts run
+  // with it; early cuts fail the source's writes either way.
+  for (const [at, caps] of [[3, []], [17, []], [60, []], [5000, []], [1 << 20, ['return-path']], [(4 << 20) + 100, ['return-path']]] as const) {
+    it(`a stream cut after ${at} bytes fails the destination with a stream error${caps.length ? ' (return-path)' : ''}`, async () => {
+      const { p, before } = await faulty({ truncateAt: at }, [...caps]);
       const err = p.dst!.destination.current!.error!;
       assert.equal(err.kind, 'stream', err.message);
       assert.equal(err.phase, 'load');
