@@ -45,8 +45,7 @@ export function clearBit(bm: Bitmap, i: number): void {
 
 /** Mask of the valid bits of the last word of a `bits`-bit bitmap (all ones when it is full). */
 export function tailMask(bits: number): number {
-  const rest = bits & 31;
-  return rest === 0 ? 0xffffffff : ((1 << rest) - 1) >>> 0;
+  return endMask(bits);
 }
 
 /** Set bits of a 32-bit word. */
@@ -111,26 +110,49 @@ export function nextClearBit(bm: Bitmap, from: number, bits: number): number {
   return i < bits ? i : bits;
 }
 
-/** Clear bits [start, end): whole words at once. */
-export function clearRange(bm: Bitmap, start: number, end: number): void {
-  let i = start;
-  while (i < end && (i & 31) !== 0) clearBit(bm, i++);
-  while (i + 32 <= end) {
-    bm[i >>> 5] = 0;
-    i += 32;
-  }
-  while (i < end) clearBit(bm, i++);
+/** The bits at and above `start` in its word. */
+function headMask(start: number): number {
+  return (0xffffffff << (start & 31)) >>> 0;
 }
 
-/** Set bits [start, end): whole words at once. */
-export function setRange(bm: Bitmap, start: number, end: number): void {
-  let i = start;
-  while (i < end && (i & 31) !== 0) setBit(bm, i++);
-  while (i + 32 <= end) {
-    bm[i >>> 5] = -1;
-    i += 32;
+/** The bits below `end` in the word of bit end - 1. */
+function endMask(end: number): number {
+  return (end & 31) === 0 ? 0xffffffff : ((1 << (end & 31)) - 1) >>> 0;
+}
+
+/**
+ * Clear bits [start, end), a word at a time (no call per bit: this runs
+ * cold, once per migration, while the guest is stopped).
+ */
+export function clearRange(bm: Bitmap, start: number, end: number): void {
+  if (start >= end) return;
+  const head = headMask(start);
+  const tail = endMask(end);
+  let w = start >>> 5;
+  const last = (end - 1) >>> 5;
+  if (w === last) {
+    bm[w] = bm[w]! & ~(head & tail);
+    return;
   }
-  while (i < end) setBit(bm, i++);
+  bm[w] = bm[w]! & ~head;
+  for (w++; w < last; w++) bm[w] = 0;
+  bm[last] = bm[last]! & ~tail;
+}
+
+/** Set bits [start, end), a word at a time. */
+export function setRange(bm: Bitmap, start: number, end: number): void {
+  if (start >= end) return;
+  const head = headMask(start);
+  const tail = endMask(end);
+  let w = start >>> 5;
+  const last = (end - 1) >>> 5;
+  if (w === last) {
+    bm[w] = bm[w]! | (head & tail);
+    return;
+  }
+  bm[w] = bm[w]! | head;
+  for (w++; w < last; w++) bm[w] = -1;
+  bm[last] = bm[last]! | tail;
 }
 
 /**

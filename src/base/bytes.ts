@@ -15,6 +15,11 @@ export function isZeroRange(buf: Buffer, offset: number, length: number): boolea
   return true;
 }
 
+/** Whether the 4 KiB page at buf[offset] is all zero (one memcmp; the RAM hot paths). */
+export function isZeroPage(buf: Buffer, offset: number): boolean {
+  return ZERO.compare(buf, offset, offset + 4096) === 0;
+}
+
 /** A Buffer view of a typed array's bytes (no copy). */
 export function bufferView(a: Uint8Array): Buffer {
   return Buffer.from(a.buffer, a.byteOffset, a.byteLength);

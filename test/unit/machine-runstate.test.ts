@@ -199,6 +199,8 @@ test('an incoming globalstate the guest cannot enter fails the load with a clear
       m.setLoadedGlobalState(bad);
       await assert.rejects(machinePort(m, { autostart: true }).finishIncoming(), {
         message: `globalstate: the guest cannot enter run state '${bad}' received from the source (it is 'inmigrate')`,
+        // a rejected stream, not a crash (src/migration/errors.ts)
+        name: 'MigrationStreamError',
       });
       assert.equal(m.runState, 'inmigrate');
     } finally {

@@ -3,6 +3,8 @@
  * requested pages (§11), placement on the destination (§9.5) and
  * release-ram's bookkeeping (docs/spec/qmp.md E.5).
  */
+import fc from 'fast-check';
+import { newBitmap, setBit, setRuns } from '../../src/base/bitmap.js';
 import { discardRanges } from '../../src/migration/postcopy/discard.js';
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
@@ -136,5 +138,18 @@ describe('RamReleaser', () => {
     sendFirst(s, 56);
     r.releaseSent();
     assert.equal(r.releasedBytes, 96 * 4096);
+  });
+});
+
+describe('discardRanges against the plain run list', () => {
+  it('equals setRuns in bytes for random bitmaps of any length', () => {
+    fc.assert(
+      fc.property(fc.integer({ min: 1, max: 200 }).chain((n) => fc.tuple(fc.constant(n), fc.array(fc.nat(n - 1)), fc.boolean())), ([n, bits, full]) => {
+        const bm = newBitmap(n, full);
+        for (const b of bits) setBit(bm, b);
+        const want = setRuns(bm, n).map(([p, k]) => [p * 4096, k * 4096]);
+        assert.deepEqual(discardRanges(bm, n), want);
+      }),
+    );
   });
 });

@@ -1,6 +1,7 @@
 /** Adapts a Machine to what the migration engine needs (MachinePort). */
 import type { Machine } from '../../machine/machine.js';
 import { canTransition } from '../../machine/run-state.js';
+import { MigrationStreamError } from '../wire/errors.js';
 import type { MachinePort } from './port.js';
 
 export function machinePort(m: Machine, opts: { autostart: boolean }): MachinePort {
@@ -34,7 +35,7 @@ export function machinePort(m: Machine, opts: { autostart: boolean }): MachinePo
       } else {
         // the state comes from the stream: one this guest cannot enter fails the migration
         if (!canTransition(m.runState, got)) {
-          throw new Error(
+          throw new MigrationStreamError(
             `globalstate: the guest cannot enter run state '${got}' received from the source (it is '${m.runState}')`,
           );
         }

@@ -13,7 +13,7 @@
  * An observer, when given, sees every record in all three.
  */
 import { setBit, testBit } from '../../base/bitmap.js';
-import { bufferView, isZeroRange } from '../../base/bytes.js';
+import { bufferView, isZeroPage } from '../../base/bytes.js';
 import { join64 } from '../../base/u64.js';
 import type { RamBlock } from '../../machine/types.js';
 import { TARGET_PAGE_SIZE } from '../../machine/types.js';
@@ -335,7 +335,7 @@ export class RamLoader {
   putZero(b: number, page: number, fill: number): void {
     const block = this.blocks[b]!;
     const offset = page * TARGET_PAGE_SIZE;
-    if (fill !== 0 || (testBit(block.touched, page) && !isZeroRange(this.views[b]!, offset, TARGET_PAGE_SIZE))) {
+    if (fill !== 0 || (testBit(block.touched, page) && !isZeroPage(this.views[b]!, offset))) {
       block.bytes.fill(fill, offset, offset + TARGET_PAGE_SIZE);
     }
     if (fill !== 0) setBit(block.touched, page);

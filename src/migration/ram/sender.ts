@@ -7,7 +7,7 @@
  * emitting ZERO / PAGE records into a StreamWriter, within a budget.
  */
 import { clearBit, lowestBit, newBitmap, popcount32, tailMask, testBit } from '../../base/bitmap.js';
-import { bufferView, isZeroRange } from '../../base/bytes.js';
+import { bufferView, isZeroPage } from '../../base/bytes.js';
 import { hi32, lo32 } from '../../base/u64.js';
 import type { RamBlock } from '../../machine/types.js';
 import { TARGET_PAGE_SIZE } from '../../machine/types.js';
@@ -191,8 +191,8 @@ export class RamSender {
   }
 
   /** Whether page `p` of block `b` is zero: never written since boot (no read, no fault-in), or all zero bytes. */
-  private isZero(b: number, p: number): boolean {
-    return !testBit(this.blocks[b]!.touched, p) || isZeroRange(this.views[b]!, p * TARGET_PAGE_SIZE, TARGET_PAGE_SIZE);
+  private isZero(block: RamBlock, b: number, p: number): boolean {
+    return !testBit(block.touched, p) || isZeroPage(this.views[b]!, p * TARGET_PAGE_SIZE);
   }
 
   /**
@@ -219,7 +219,7 @@ export class RamSender {
 
       const block = this.blocks[b]!;
       const cont = this.lastBlock === b;
-      const zero = this.isZero(b, p);
+      const zero = this.isZero(block, b, p);
       let handled = PageHookResult.Default;
       if (this.hook !== null) {
         handled = this.hook(w, block, b, p, cont, zero, this.bulkStage);
@@ -271,7 +271,7 @@ export class RamSender {
       if (!testBit(bm, p)) continue;
       clearBit(bm, p);
       this.dirtyPages--;
-      this.putPage(w, b, p, this.lastBlock === b, this.isZero(b, p));
+      this.putPage(w, b, p, this.lastBlock === b, this.isZero(block, b, p));
       sent++;
     }
     if (page + n < block.pages) {
@@ -377,7 +377,7 @@ export class RamSender {
       this.dirtyPages--;
       this.curPage = p + 1;
       const block = this.blocks[b]!;
-      const zero = this.isZero(b, p);
+      const zero = this.isZero(block, b, p);
       if (zero) {
         kind[n] = Item.Zero;
       } else if (last !== b) {
