@@ -258,13 +258,13 @@ export class OutgoingSession {
   }
 
   /** What every live section has left (`exact`: see LiveSection.pending). */
-  pending(exact: boolean, only?: (s: LiveSection) => boolean): PendingSum {
+  pending(exact: boolean): PendingSum {
     const sum: PendingSum = { precopy: 0, postcopy: 0, total: 0, each: [] };
     for (const { section } of this.sections) {
-      const p = only && !only(section) ? { precopy: 0, postcopy: 0 } : section.pending(exact);
-      sum.precopy += p.precopy;
-      sum.postcopy += p.postcopy;
-      sum.each.push(p);
+      const { precopy, postcopy } = section.pending(exact);
+      sum.precopy += precopy;
+      sum.postcopy += postcopy;
+      sum.each.push({ precopy, postcopy });
     }
     sum.total = sum.precopy + sum.postcopy;
     return sum;

@@ -78,7 +78,7 @@ export class MigrationSource extends EventEmitter {
 
   /** True in setup, active and postcopy-active (migration_is_setup_or_active). */
   isActive(): boolean {
-    return this.status_.is(...ACTIVE);
+    return this.status_.isOneOf(ACTIVE);
   }
 
   /** Resolves once the migration in flight has ended and cleaned up. */
@@ -91,7 +91,7 @@ export class MigrationSource extends EventEmitter {
    * text), then the migration runs in the background.
    */
   start(uri: string, flags: MigrateFlags = {}): void {
-    if (this.status_.is(...BUSY)) throw new MigrationError("There's a migration process in progress");
+    if (this.status_.isOneOf(BUSY)) throw new MigrationError("There's a migration process in progress");
     if (this.machine.runState === 'inmigrate') throw new MigrationError('Guest is waiting for an incoming migration');
     const tls = this.options.get('tls-creds');
     if (tls !== '') {

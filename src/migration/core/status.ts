@@ -87,7 +87,12 @@ export class StatusMachine {
     return true;
   }
 
-  is(...s: MigrationStatus[]): boolean {
-    return s.includes(this.current);
+  /** The status is `s` (checked before every slice: no allocation). */
+  is(s: MigrationStatus): boolean {
+    return this.current === s;
+  }
+
+  isOneOf(list: readonly MigrationStatus[]): boolean {
+    return list.includes(this.current);
   }
 }

@@ -86,22 +86,24 @@ export async function runPostcopy(s: OutgoingSession): Promise<void> {
   s.channel?.limitSocketBuffers(POSTCOPY_SOCKET_BUFFER);
   s.phase = 'postcopy';
 
-  const isLater = (x: { postcopy?: unknown }): boolean => x.postcopy !== undefined;
+  // A requested page waits for the next slice: nothing here allocates per slice.
+  const budget = { maxBytes: POSTCOPY_SLICE_BYTES, maxMillis: 1 };
   for (;;) {
     s.checkCancelled();
     if (w.error) throw w.error;
-    const p = s.pending(false, isLater);
-    s.stats.remaining = p.total;
-    if (p.total === 0) break;
-    s.trace('postcopy-slice');
-    for (let i = 0; i < s.sections.length; i++) {
-      const { id, section } = s.sections[i]!;
-      const pi = p.each[i]!;
-      if (!section.postcopy || pi.precopy + pi.postcopy === 0) continue;
+    let remaining = 0;
+    for (const { id, section } of later) {
+      const p = section.pending(false);
+      const left = p.precopy + p.postcopy;
+      if (left === 0) continue;
+      remaining += left;
+      if (remaining === left) s.trace('postcopy-slice');
       putSectionPartEnd(w, S.PART, id);
-      section.postcopy.iterate(w, { maxBytes: POSTCOPY_SLICE_BYTES, maxMillis: 1 });
+      section.postcopy!.iterate(w, budget);
       putFooter(w, id);
     }
+    s.stats.remaining = remaining;
+    if (remaining === 0) break;
     await w.flush();
     // lets the return path deliver the requests that came meanwhile
     await yieldToLoop();

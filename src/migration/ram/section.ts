@@ -96,11 +96,17 @@ export class RamSaveSection implements LiveSection, PageRequestSink {
     this.sender.sendSetup(w);
   }
 
+  /** (The object is reused: valid until the next call, as the contract says.) */
   pending(exact: boolean): Pending {
     if (exact && !this.synced) this.sync();
     const bytes = this.sender.remainingBytes;
-    return this.postcopy ? { precopy: 0, postcopy: bytes } : { precopy: bytes, postcopy: 0 };
+    const p = this.pend;
+    p.precopy = this.postcopy ? 0 : bytes;
+    p.postcopy = this.postcopy ? bytes : 0;
+    return p;
   }
+
+  private readonly pend: Pending = { precopy: 0, postcopy: 0 };
 
   async iterate(w: StreamWriter, budget: IterateBudget): Promise<void> {
     if (this.periodicSyncDue()) this.sync();

@@ -91,8 +91,10 @@ export interface LiveSection {
   /**
    * What is left. `exact` false: a cheap estimate, called before every
    * slice. `exact` true: the section may look harder (RAM syncs its dirty
-   * log); called when the estimate says the rest may fit in the downtime, at
-   * the stop, and when the estimate is 0.
+   * log); called when the estimate says the rest may fit in the downtime
+   * and when the estimate is 0. Called before every slice, so it should not
+   * allocate: the returned object may be reused, and is read before the
+   * next call.
    */
   pending(exact: boolean): Pending;
   /** One PART payload within the budget. */
