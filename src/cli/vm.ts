@@ -16,6 +16,7 @@ import {
   RAM_SECTION,
   SectionRegistry,
   machinePort,
+  type TlsDeps,
 } from '../migration/index.js';
 import { QmpError } from '../qapi/errors.js';
 import { QmpServer } from '../qmp/index.js';
@@ -28,6 +29,15 @@ function parseSerial(s: string): SerialConfig {
   if (s === 'stdio' || s === 'stdout') return { kind: 'stdout' };
   if (s.startsWith('file:')) return { kind: 'file', path: s.slice(5) };
   throw new UsageError(`-serial ${s}: expected none, stdio or file:PATH`);
+}
+
+/** FERRY_TLS_HANDSHAKE_TIMEOUT_MS overrides the TLS handshake time limit (docs/tls.md). */
+function handshakeTimeout(): number | undefined {
+  const v = process.env.FERRY_TLS_HANDSHAKE_TIMEOUT_MS;
+  if (v === undefined || v === '') return undefined;
+  const n = Number(v);
+  if (!Number.isInteger(n) || n <= 0) throw new UsageError(`FERRY_TLS_HANDSHAKE_TIMEOUT_MS=${v}: expected a positive number of milliseconds`);
+  return n;
 }
 
 export async function main(argv: string[]): Promise<number> {
@@ -76,14 +86,22 @@ export async function main(argv: string[]): Promise<number> {
     // the live sections this VM migrates besides its devices (disks register here)
     const sections = new SectionRegistry([RAM_SECTION]);
     const log = (msg: string) => process.stderr.write(`ferry: ${msg}\n`);
+    // tls-creds names an object: its loaded credentials, or 'other' for an object of another kind
+    const tls: TlsDeps = {
+      lookup: (id) => {
+        const o = objects.get(id);
+        return o === undefined ? undefined : (o.tls ?? 'other');
+      },
+      handshakeTimeoutMs: handshakeTimeout(),
+    };
     const source = new MigrationSource(port, options, {
       lookupFd,
       qemuCompatible: a.qemuCompat,
-      hasObject: (id) => objects.has(id),
+      tls,
       sections,
       log,
     });
-    const destination = new MigrationDestination(port, options, { lookupFd, log, sections });
+    const destination = new MigrationDestination(port, options, { lookupFd, log, sections, tls });
     vm = {
       machine,
       options,

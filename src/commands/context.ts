@@ -10,6 +10,7 @@ export interface UserObject {
   qomType: string;
   id: string;
   props: Record<string, unknown>;
+  tls?: import('../crypto/tls-creds.js').TlsCreds;
 }
 
 export interface VmServices {

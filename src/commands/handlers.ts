@@ -76,7 +76,9 @@ export const handlers: CommandHandlers<Ctx> = {
   },
   'object-del'(args, ctx) {
     const vm = ctx.vm;
-    deleteObject(vm.objects, args.id, (id) => vm.source.isActive() && vm.options.get('tls-creds') === id);
+    // credentials stay while a migration on either side may still use them
+    const migrating = vm.source.isActive() || ['setup', 'active', 'postcopy-active'].includes(vm.destination.status);
+    deleteObject(vm.objects, args.id, (id) => migrating && vm.options.get('tls-creds') === id);
   },
 
   // ---- descriptors and memory

@@ -9,4 +9,5 @@ export { saveDevicesOnly } from './core/devices-only.js';
 export { SectionRegistry } from './sections/registry.js';
 export type { SectionType, LiveSection, SectionLoader } from './sections/section.js';
 export { RAM_SECTION } from './ram/section.js';
+export { TLS_HANDSHAKE_TIMEOUT_MS, type TlsDeps, type TlsCredsLookup } from './channel/tls.js';
 export { inspectStream, formatInspection, type InspectedRecord, type InspectedSection, type RamRecord } from './inspect.js';

@@ -19,6 +19,7 @@ import {
   SectionRegistry,
   machinePort,
   type SectionType,
+  type TlsDeps,
 } from '../../src/migration/index.js';
 import type { MigrationCapability, MigrationStatus, MigrateSetParameters } from '../../src/generated/qapi-types.js';
 
@@ -45,6 +46,10 @@ export interface PairOptions {
   paused?: boolean;
   wrapSource?: ChannelWrapper;
   wrapDestination?: ChannelWrapper;
+  /** Destination parameters (tls-creds, say). */
+  destinationParams?: MigrateSetParameters;
+  /** The credentials both sides can name in tls-creds. */
+  tls?: TlsDeps;
   /** Called at each source trace point (after it is recorded). */
   onSourceTrace?: (p: SourceTracePoint, pair: Pair) => void;
   onDestinationTrace?: (p: DestinationTracePoint, pair: Pair) => void;
@@ -91,6 +96,7 @@ export class Pair {
       lookupFd: () => undefined,
       sections: this.registry(which),
       wrapChannel: which === 'source' ? this.opts.wrapSource : this.opts.wrapDestination,
+      tls: this.opts.tls,
       trace: (pt: T) => {
         side.traces.push(pt);
         onTrace?.(pt, this);
@@ -117,6 +123,7 @@ export class Pair {
   async newDestination(): Promise<void> {
     if (this.dst) await this.dst.machine.destroy();
     const { side, deps } = await this.side<DestinationTracePoint>({ incoming: true, fill: undefined }, 'destination', this.opts.onDestinationTrace);
+    if (this.opts.destinationParams) side.options.setParameters(this.opts.destinationParams);
     const destination = new MigrationDestination(machinePort(side.machine, { autostart: !this.opts.paused }), side.options, deps);
     destination.on('status', (s) => side.statuses.push(s));
     this.dst = { ...side, destination };

@@ -101,7 +101,7 @@ describe('a wrapper that fails (a handshake that does not happen)', () => {
     const p = await Pair.create({ guest, wrapDestination: () => Promise.reject(new ChannelError('TLS handshake failed: no certificate', 'EPROTO')) });
     pairs.push(p);
     await p.migrate();
-    assert.deepEqual(p.dst!.destination.info(), { status: 'failed', 'error-desc': 'load of migration failed: TLS handshake failed: no certificate' });
+    assert.deepEqual(p.dst!.destination.info(), { status: 'failed', 'error-desc': 'TLS handshake failed: no certificate' });
     assert.equal(p.dst!.destination.current!.error!.kind, 'channel');
     assert.equal(p.dst!.machine.runState, 'inmigrate');
     assert.equal(p.src.source.status, 'failed');

@@ -25,6 +25,8 @@ export interface WrappedStreams {
   output: Writable;
   /** Shown in describe(): "<label> over <inner>". */
   label: string;
+  /** The error text for a failure of the wrapper's streams (default "<label>: <message>"). */
+  describeError?: (e: Error) => string;
 }
 
 /**
@@ -47,9 +49,10 @@ export class WrappedChannel extends EventEmitter implements Channel {
     this.input = streams.input;
     this.output = streams.output;
     this.#label = streams.label;
+    const describeError = streams.describeError ?? ((e: Error) => `${this.#label}: ${e.message}`);
     const onStreamError = (e: Error): void => {
       if (this.#closed) return;
-      this.#fail(e instanceof ChannelError ? e : new ChannelError(`${this.#label}: ${e.message}`, undefined, { cause: e }));
+      this.#fail(e instanceof ChannelError ? e : new ChannelError(describeError(e), (e as NodeJS.ErrnoException).code, { cause: e }));
     };
     this.input.on('error', onStreamError);
     if (this.output !== (this.input as unknown)) this.output.on('error', onStreamError);

@@ -9,6 +9,7 @@
 import { EventEmitter } from 'node:events';
 import type { MigrationInfo, MigrationStatus } from '../../generated/qapi-types.js';
 import { listenIncoming, parseMigrationUri, type ChannelWrapper, type IncomingListener } from '../channel/index.js';
+import type { TlsDeps } from '../channel/tls.js';
 import { MigrationError, errorMessage } from '../errors.js';
 import { RAM_SECTION } from '../ram/section.js';
 import { SectionRegistry } from '../sections/registry.js';
@@ -26,6 +27,8 @@ export interface DestinationDeps {
   sections?: SectionRegistry;
   /** Goes around the incoming channel (channel/wrap.ts). */
   wrapChannel?: ChannelWrapper;
+  /** Where the credentials that tls-creds names are found (channel/tls.ts). */
+  tls?: TlsDeps;
   trace?: (point: DestinationTracePoint) => void;
 }
 
@@ -74,7 +77,6 @@ export class MigrationDestination extends EventEmitter {
    */
   async start(uri: string): Promise<void> {
     if (this.started) throw new MigrationError('The incoming migration has already been started');
-    if (this.options.get('tls-creds') !== '') throw new MigrationError('TLS migration is not supported by this build yet');
     let parsed;
     try {
       parsed = parseMigrationUri(uri, 'incoming');
@@ -100,6 +102,7 @@ export class MigrationDestination extends EventEmitter {
         status: this.status_,
         now: this.deps.now ?? (() => performance.now()),
         wrapChannel: this.deps.wrapChannel,
+        tls: this.deps.tls,
         trace: this.deps.trace,
         log,
       },

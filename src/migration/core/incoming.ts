@@ -12,6 +12,7 @@
  */
 import type { MigrationInfo } from '../../generated/qapi-types.js';
 import { acceptIncoming, closeAfterShut, type Channel, type ChannelWrapper, type IncomingListener } from '../channel/index.js';
+import { chainWrappers, migrationTls, type TlsDeps } from '../channel/tls.js';
 import { DecompressPool } from '../codec/compress-pool.js';
 import { inPhase, type MigrationFailure, type MigrationPhase } from '../errors.js';
 import { PostcopyIncoming, type PostcopyCommand } from '../postcopy/incoming.js';
@@ -41,6 +42,8 @@ export interface IncomingDeps {
   readonly status: StatusMachine;
   now(): number;
   readonly wrapChannel?: ChannelWrapper;
+  /** Where the credentials that tls-creds names are found (channel/tls.ts). */
+  readonly tls?: TlsDeps;
   trace?(point: DestinationTracePoint): void;
   log(msg: string): void;
 }
@@ -59,6 +62,8 @@ export class IncomingSession {
   /** Source stop -> guest running here, in ms (from the ferry-migration section). */
   private downtime: number | undefined;
   private disposed = false;
+  /** Aborts a TLS handshake in flight (close()). */
+  private readonly abort = new AbortController();
 
   constructor(
     private readonly deps: IncomingDeps,
@@ -71,7 +76,12 @@ export class IncomingSession {
     try {
       let ch: Channel;
       try {
-        ch = await acceptIncoming(this.listener, this.deps.wrapChannel);
+        ch = await acceptIncoming(this.listener, (inner, side) => {
+          // tls-creds as it is when the source connects (it may be set after -incoming)
+          const tls = migrationTls(this.deps.options.get('tls-creds'), this.deps.tls, 'incoming', { signal: this.abort.signal });
+          const wrap = chainWrappers(this.deps.wrapChannel, tls);
+          return wrap === undefined ? inner : wrap(inner, side);
+        });
       } finally {
         this.listener.close();
       }
@@ -123,6 +133,7 @@ export class IncomingSession {
 
   /** Abort (quit, tests): a pending accept fails, an open channel closes. */
   close(): void {
+    this.abort.abort();
     this.listener.close();
     this.channel?.close();
   }
@@ -138,8 +149,10 @@ export class IncomingSession {
     this.deps.status.to('failed');
   }
 
+  /** A failure before any byte of the stream (the TLS handshake) is not a load failure. */
   private errorDesc(): string {
-    return `load of migration failed: ${this.error?.message ?? ''}`;
+    const message = this.error?.message ?? '';
+    return this.error?.phase === 'accept' ? message : `load of migration failed: ${message}`;
   }
 
   /** Enter the run state the stream asked for; note the real downtime. */

@@ -17,6 +17,7 @@ import { setImmediate as yieldToLoop } from 'node:timers/promises';
 import type { MigrationInfo, MigrationStatus } from '../../generated/qapi-types.js';
 import { TARGET_PAGE_SIZE, type MigratableDevice } from '../../machine/types.js';
 import { endOutput, linger, openOutgoing, type Channel, type ChannelWrapper, type MigrationUri } from '../channel/index.js';
+import { chainWrappers, migrationTls, type TlsDeps } from '../channel/tls.js';
 import { CompressPool } from '../codec/compress-pool.js';
 import { CancelledError, MigrationError, PeerError, inPhase, type MigrationFailure, type MigrationPhase } from '../errors.js';
 import { runPostcopy } from '../postcopy/switch.js';
@@ -81,6 +82,8 @@ export interface OutgoingDeps {
   /** Send only QEMU's own device sections (a QEMU 7.2 `-M none` destination). */
   readonly qemuCompatible: boolean;
   readonly wrapChannel?: ChannelWrapper;
+  /** Where the credentials that tls-creds names are found (channel/tls.ts). */
+  readonly tls?: TlsDeps;
   trace?(point: SourceTracePoint): void;
   /** The MIGRATION_PASS count went up. */
   onPass(count: number): void;
@@ -206,7 +209,14 @@ export class OutgoingSession {
     // postcopy-ram implies the return path (docs/spec/qmp.md B.2)
     const useReturnPath = postcopy || options.capability('return-path');
     this.phase = 'connect';
-    const channel = await openOutgoing(uri, { lookupFd: this.deps.lookupFd, signal: this.abort.signal, wrap: this.deps.wrapChannel });
+    // transport → the test's wrapper (it sees the bytes on the wire) → TLS
+    const tls = migrationTls(options.get('tls-creds'), this.deps.tls, 'outgoing', {
+      hostname: options.get('tls-hostname'),
+      uriHost: uri.kind === 'tcp' ? uri.host : undefined,
+      signal: this.abort.signal,
+    });
+    const wrap = chainWrappers(this.deps.wrapChannel, tls);
+    const channel = await openOutgoing(uri, { lookupFd: this.deps.lookupFd, signal: this.abort.signal, wrap });
     this.channel = channel;
     this.checkCancelled();
     this.trace('connected');

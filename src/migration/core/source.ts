@@ -8,6 +8,7 @@
 import { EventEmitter } from 'node:events';
 import type { MigrationInfo, MigrationStatus } from '../../generated/qapi-types.js';
 import { parseMigrationUri, resolveFdParam, type ChannelWrapper } from '../channel/index.js';
+import type { TlsDeps } from '../channel/tls.js';
 import { MigrationError, errorMessage } from '../errors.js';
 import type { RamSaveSection } from '../ram/section.js';
 import { RAM_SECTION } from '../ram/section.js';
@@ -25,8 +26,8 @@ export interface SourceDeps {
    * serial state then stay behind.
    */
   qemuCompatible?: boolean;
-  /** Whether a user-created object with this id exists (tls-creds lookup). */
-  hasObject?(id: string): boolean;
+  /** Where the credentials that tls-creds names are found (channel/tls.ts). */
+  tls?: TlsDeps;
   /** The live sections to migrate (default: RAM only). */
   sections?: SectionRegistry;
   /** Goes around the channel of every migration (channel/wrap.ts). */
@@ -76,6 +77,11 @@ export class MigrationSource extends EventEmitter {
     return this.status_.status;
   }
 
+  /** The current (or last) migration's session. */
+  get current(): OutgoingSession | null {
+    return this.session;
+  }
+
   /** True in setup, active and postcopy-active (migration_is_setup_or_active). */
   isActive(): boolean {
     return this.status_.isOneOf(ACTIVE);
@@ -93,12 +99,6 @@ export class MigrationSource extends EventEmitter {
   start(uri: string, flags: MigrateFlags = {}): void {
     if (this.status_.isOneOf(BUSY)) throw new MigrationError("There's a migration process in progress");
     if (this.machine.runState === 'inmigrate') throw new MigrationError('Guest is waiting for an incoming migration');
-    const tls = this.options.get('tls-creds');
-    if (tls !== '') {
-      // never migrate in the clear when the user asked for TLS
-      if (!this.deps.hasObject?.(tls)) throw new MigrationError(`No TLS credentials with id '${tls}'`);
-      throw new MigrationError('TLS migration is not supported by this build yet');
-    }
     if (flags.blk || flags.inc) {
       if (this.options.capability('block') || this.options.get('block-incremental')) {
         throw new MigrationError('Command options are incompatible with current migration capabilities');
@@ -115,6 +115,7 @@ export class MigrationSource extends EventEmitter {
       lookupFd: this.deps.lookupFd,
       qemuCompatible: this.deps.qemuCompatible ?? false,
       wrapChannel: this.deps.wrapChannel,
+      tls: this.deps.tls,
       trace: this.deps.trace,
       onPass: (n) => this.emit('pass', n),
       log: this.deps.log,

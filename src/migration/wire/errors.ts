@@ -21,7 +21,9 @@ export function hexAlt(n: number): string {
 }
 
 export const ERR = {
-  notAStream: () => 'Not a migration stream',
+  /** A TLS record header (handshake, version 3.x) gets a hint: the peer has tls-creds set, this side not. */
+  notAStream: (first32?: number) =>
+    first32 !== undefined && first32 >>> 16 === 0x1603 ? 'Not a migration stream: the peer starts a TLS handshake (set tls-creds here too)' : 'Not a migration stream',
   obsoleteV2: () => "SaveVM v2 format is obsolete and don't work anymore",
   unsupportedVersion: () => 'Unsupported migration stream version',
   configMissing: () => 'Configuration section missing',

@@ -25,7 +25,8 @@ export function putHeader(w: ByteSink): void {
 
 export async function readHeader(r: StreamReader): Promise<void> {
   if (!r.has(4)) await r.ensure(4);
-  if (r.get32() !== WIRE.MAGIC) fail(ERR.notAStream());
+  const magic = r.get32();
+  if (magic !== WIRE.MAGIC) fail(ERR.notAStream(magic));
   if (!r.has(4)) await r.ensure(4);
   const v = r.get32();
   if (v === WIRE.VERSION_V2) fail(ERR.obsoleteV2());
