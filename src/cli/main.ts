@@ -15,7 +15,10 @@ ferry vm options:
   -m SIZE  -smp N  -name NAME  -S  -machine none[,memory-backend=ID]
   -qmp unix:PATH,server=on,wait=off | tcp:HOST:PORT,server=on,wait=off   (repeatable)
   -incoming URI|defer   (tcp:HOST:PORT, unix:PATH, exec:CMD, fd:NAME)
-  -object memory-backend-ram,id=ID,size=SIZE | tls-creds-x509,id=ID,dir=DIR,endpoint=server|client
+  -object memory-backend-ram,id=ID,size=SIZE
+  -object tls-creds-x509,id=ID,dir=DIR,endpoint=server|client[,verify-peer=on|off]
+  -object tls-creds-psk,id=ID,dir=DIR,endpoint=server|client[,username=NAME]
+  -object tls-creds-anon,id=ID,endpoint=server|client
   -workload idle | sweep[,start=SIZE][,end=SIZE] | stress[,rate=BYTES][,wss=SIZE][,write=BYTES][,seed=N][,read=on]
   -fill zero | random[,seed=N] | text[,seed=N]
   -serial none | stdio | file:PATH
