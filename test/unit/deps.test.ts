@@ -1,6 +1,7 @@
 /**
  * The dependency rules of docs/architecture.md, checked on the sources:
- * cli → commands → migration → machine → base, with qmp beside commands.
+ * cli → commands → migration → machine → base, with qmp beside commands
+ * and crypto beside machine.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -49,6 +50,10 @@ function check(from: string, allowed: (i: Import) => boolean): void {
 test('the scan finds imports at all (guards against a broken regex)', () => {
   assert.ok(all.length > 100, `only ${all.length} imports found`);
   assert.ok(all.some((i) => i.file.startsWith('src/migration/') && i.target.startsWith('src/machine/')));
+});
+
+test('crypto (TLS credentials) imports only crypto and base', () => {
+  check('src/crypto/', (i) => i.target.startsWith('src/crypto/') || i.target.startsWith('src/base/'));
 });
 
 test('machine imports only machine and base', () => {
