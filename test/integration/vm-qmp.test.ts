@@ -3,6 +3,7 @@
  * digests and determinism, pmemsave, large RAM, the serial heartbeat,
  * objects, fds, quit, and command-line errors.
  */
+import { makeCa } from '../helpers/tls-certs.js';
 import { after, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
@@ -187,6 +188,10 @@ describe('objects and fds', () => {
     const pki = join(vm.dir, 'pki');
     mkdirSync(pki);
     writeFileSync(join(pki, 'ca-cert.pem'), 'dummy');
+    e = await qmpError(vm.execute('object-add', { 'qom-type': 'tls-creds-x509', id: 'x509', endpoint: 'client', dir: pki }));
+    assert.deepEqual(e, { cls: 'GenericError', desc: `Unable to import CA certificate list ${join(pki, 'ca-cert.pem')}` });
+    // a real CA (and no client certificate, which a client may lack)
+    writeFileSync(join(pki, 'ca-cert.pem'), (await makeCa()).pem);
     await vm.execute('object-add', { 'qom-type': 'tls-creds-x509', id: 'x509', endpoint: 'client', dir: pki });
     await vm.execute('object-del', { id: 'x509' });
     await vm.execute('object-del', { id: 'anon0' });
