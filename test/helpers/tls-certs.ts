@@ -114,6 +114,8 @@ export interface X509DirsOptions {
   ca?: Ca;
   /** the CA the client trusts (default: ca) */
   clientTrusts?: Ca;
+  /** the CA that signs the client's certificate (default: ca) */
+  clientCa?: Ca;
   /** the CA the server trusts (default: ca) */
   serverTrusts?: Ca;
   server?: LeafOptions;
@@ -137,7 +139,7 @@ export async function x509Dirs(root: string, opts: X509DirsOptions = {}): Promis
   writeFileSync(join(server, 'server-key.pem'), s.keyPem, { mode: 0o600 });
   writeFileSync(join(client, 'ca-cert.pem'), (opts.clientTrusts ?? ca).pem);
   if (opts.client !== null) {
-    const c = await makeLeaf(ca, 'client', opts.client);
+    const c = await makeLeaf(opts.clientCa ?? ca, 'client', opts.client);
     writeFileSync(join(client, 'client-cert.pem'), c.certPem);
     writeFileSync(join(client, 'client-key.pem'), c.keyPem, { mode: 0o600 });
   }

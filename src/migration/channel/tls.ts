@@ -129,20 +129,9 @@ function handshake(inner: Channel, side: ChannelSide, creds: TlsCreds, opts: Tls
     return Promise.reject(new TlsChannelError('TLS needs a channel that carries both directions, and this one is one-way'));
   }
   const raw = innerDuplex(inner);
-  let sock: tls.TLSSocket;
-  if (side === 'outgoing') {
-    const base = creds.clientOptions();
-    sock = tls.connect({
-      ...base,
-      socket: raw,
-      // SNI is for names only (RFC 6066); an IP address is still checked below
-      ...(hostname !== undefined && hostname !== '' && isIP(hostname) === 0 ? { servername: hostname } : {}),
-      checkServerIdentity: (_host, cert) => (x509Client && creds.verifyPeer ? tls.checkServerIdentity(hostname ?? '', cert) : undefined),
-    });
-  } else {
-    sock = new tls.TLSSocket(raw, { ...creds.serverOptions(), isServer: true });
-  }
   return new Promise<tls.TLSSocket>((resolve, reject) => {
+    let sock: tls.TLSSocket | undefined;
+    let done = false;
     const timeoutMs = opts.handshakeTimeoutMs ?? TLS_HANDSHAKE_TIMEOUT_MS;
     const timer = setTimeout(() => {
       finish(new TlsChannelError(`TLS handshake failed: no answer from the peer within ${timeoutMs / 1000} s (is it set up for TLS?)`, 'ETIMEDOUT'));
@@ -150,32 +139,62 @@ function handshake(inner: Channel, side: ChannelSide, creds: TlsCreds, opts: Tls
     const onAbort = (): void => finish(new TlsChannelError('TLS handshake cancelled', 'ABORT_ERR'));
     const onError = (e: Error): void => finish(new TlsChannelError(describeHandshakeError(e, creds, hostname), (e as NodeJS.ErrnoException).code, { cause: e }));
     const onClose = (): void => finish(new TlsChannelError(describeHandshakeError(new Error('socket disconnected'), creds, hostname), 'ECONNRESET'));
-    const onSecure = (): void => {
-      // the server checks the client itself: Node lets a failed verification through when it did not request a certificate
-      if (side === 'incoming' && creds.qomType === 'tls-creds-x509' && creds.verifyPeer && !sock.authorized) {
-        const code = String(sock.authorizationError ?? 'CERT_UNTRUSTED');
+    const onSecure = (s: tls.TLSSocket): void => {
+      sock = s;
+      // Node's server lets a failed client verification through when rejectUnauthorized is off: check it here, with QEMU's text
+      if (side === 'incoming' && creds.qomType === 'tls-creds-x509' && creds.verifyPeer && !s.authorized) {
+        const code = String(s.authorizationError ?? 'UNSPECIFIED');
         finish(new TlsChannelError(VERIFY_REASONS[code] ?? `The certificate is not trusted (${code})`, code));
         return;
       }
       finish(undefined);
     };
     function finish(err: TlsChannelError | undefined): void {
+      if (done) return;
+      done = true;
       clearTimeout(timer);
       opts.signal?.removeEventListener('abort', onAbort);
-      sock.off('error', onError);
-      sock.off('close', onClose);
-      sock.off(side === 'outgoing' ? 'secureConnect' : 'secure', onSecure);
-      if (err === undefined) return resolve(sock);
-      // swallow what the destroyed socket still reports
-      sock.on('error', () => undefined);
-      sock.destroy();
+      raw.off('close', onClose);
+      sock?.off('error', onError);
+      sock?.off('close', onClose);
+      if (err === undefined && sock !== undefined) return resolve(sock);
+      // swallow what the destroyed sockets still report
+      sock?.on('error', () => undefined);
+      raw.on('error', () => undefined);
+      sock?.destroy();
+      raw.destroy();
       reject(err);
     }
     if (opts.signal?.aborted) return onAbort();
     opts.signal?.addEventListener('abort', onAbort, { once: true });
-    sock.on('error', onError);
-    sock.once('close', onClose);
-    sock.once(side === 'outgoing' ? 'secureConnect' : 'secure', onSecure);
+    raw.once('close', onClose);
+    if (side === 'outgoing') {
+      const s = tls.connect({
+        ...creds.clientOptions(),
+        socket: raw,
+        // SNI is for names only (RFC 6066); an IP address is still checked below
+        ...(hostname !== undefined && hostname !== '' && isIP(hostname) === 0 ? { servername: hostname } : {}),
+        checkServerIdentity: (_host, cert) => (x509Client && creds.verifyPeer ? tls.checkServerIdentity(hostname ?? '', cert) : undefined),
+      });
+      sock = s;
+      s.on('error', onError);
+      s.once('close', onClose);
+      s.once('secureConnect', () => onSecure(s));
+    } else {
+      // a one-connection tls.Server: only its connection path checks the
+      // client's certificate and sets authorized (a bare server TLSSocket does not)
+      const server = tls.createServer(creds.serverOptions());
+      server.once('tlsClientError', (e: Error, s: tls.TLSSocket) => {
+        sock = s;
+        onError(e);
+      });
+      server.once('secureConnection', (s: tls.TLSSocket) => {
+        s.on('error', onError);
+        s.once('close', onClose);
+        onSecure(s);
+      });
+      server.emit('connection', raw);
+    }
   });
 }
 
@@ -191,8 +210,11 @@ export function tlsWrapper(creds: TlsCreds, opts: TlsWrapOptions = {}): ChannelW
       // QEMU: "Cannot read from TLS channel: %s" (a flipped byte fails the record's MAC)
       describeError: (e) => {
         const code = (e as NodeJS.ErrnoException).code;
+        // TLS 1.3: the server judges our certificate after our side finished, so its alert comes later
+        if (code !== undefined && /^ERR_SSL_.*ALERT/.test(code) && HANDSHAKE_REASONS[code] !== undefined) return describeHandshakeError(e, creds, opts.hostname);
         const why = (e as { reason?: string }).reason ?? e.message.split('\n')[0];
         const verb = code === 'EPIPE' || code === 'ERR_STREAM_WRITE_AFTER_END' ? 'write to' : 'read from';
+        if (code === 'EPIPE' || code === 'ECONNRESET') return `Cannot ${verb} TLS channel: the peer closed the connection (did it refuse our credentials? its error says)`;
         return `Cannot ${verb} TLS channel: ${why}`;
       },
     });

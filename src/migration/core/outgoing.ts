@@ -400,6 +400,9 @@ export class OutgoingSession {
 
   private async fail(e: unknown): Promise<void> {
     let err = inPhase(e, this.phase);
+    // a write that failed on a wrapped channel (TLS): the channel's text names the layer
+    const chErr = this.channel?.error;
+    if (chErr !== undefined && err.cause !== undefined && chErr.cause === err.cause) err = inPhase(chErr, this.phase);
     const rp = this.returnPath;
     if (this.inPostcopy && rp) {
       // a destination that gave up says so (SHUT) just before it closes: let
