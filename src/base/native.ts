@@ -91,3 +91,32 @@ export function setSendBuffer(fd: number, bytes: number): boolean {
   const a = loadSocketAddon();
   return a !== null && a.sndbuf(fd, bytes) === 0;
 }
+
+interface TlsConfigAddon {
+  loadConfig(text: string, appname: string): string | null;
+}
+let noTickets: boolean | undefined;
+
+/** An ssl_conf system_default section: applied by OpenSSL to every SSL_CTX made afterwards. */
+const NO_TICKETS_CONF = ['ferry_conf = ferry_init', '[ferry_init]', 'ssl_conf = ferry_ssl', '[ferry_ssl]', 'system_default = ferry_sys', '[ferry_sys]', 'NumTickets = 0', ''].join('\n');
+
+/**
+ * Makes every TLS 1.3 server context created from now on send no session
+ * tickets (OpenSSL's NumTickets = 0), as QEMU's GnuTLS server sends none;
+ * node:tls has no option for it, so native/tls-config loads the setting into
+ * Node's OpenSSL. Done once per process. Returns false without the addon (or
+ * with FERRY_NO_NATIVE=1): the caller must then keep its server to TLS 1.2,
+ * which has no post-handshake messages.
+ */
+export function tlsServerSendsNoTickets(): boolean {
+  if (noTickets !== undefined) return noTickets;
+  noTickets = false;
+  if (process.env.FERRY_NO_NATIVE === '1') return false;
+  try {
+    const a = createRequire(import.meta.url)(resolve(root, 'native/tls-config/build/Release/ferry_tls_config.node')) as Partial<TlsConfigAddon>;
+    noTickets = typeof a.loadConfig === 'function' && a.loadConfig(NO_TICKETS_CONF, 'ferry_conf') === null;
+  } catch {
+    noTickets = false;
+  }
+  return noTickets;
+}

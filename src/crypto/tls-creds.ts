@@ -6,7 +6,12 @@
  * clientOptions() or serverOptions().
  *
  * Session parameters, chosen to meet QEMU's GnuTLS priorities:
- *  - x509: "NORMAL" there; TLS 1.2 or 1.3 here, Node's default suites.
+ *  - x509: "NORMAL" there; TLS 1.2 or 1.3 here, Node's default suites. A
+ *    server here offers TLS 1.3 only when it sends no session tickets, as
+ *    QEMU's does not: a QEMU source without the return path never reads, so
+ *    tickets would lie unread in its socket and its close would reset the
+ *    connection before its last bytes arrive (native/tls-config; without
+ *    that addon the server keeps to TLS 1.2).
  *  - psk: "NORMAL:+ECDHE-PSK:+DHE-PSK:+PSK" there; TLS 1.2 PSK suites here
  *    (Node's TLS 1.3 does not do external PSKs: the server then asks for a
  *    certificate). AES-GCM first: the CPU has AES instructions.
@@ -18,6 +23,7 @@ import { accessSync, constants, readFileSync } from 'node:fs';
 import { createPrivateKey, type KeyObject, type X509Certificate } from 'node:crypto';
 import { join } from 'node:path';
 import type * as tls from 'node:tls';
+import { tlsServerSendsNoTickets } from '../base/native.js';
 import { TlsCredsError } from './errors.js';
 import { parseCert, parseCertList, sanityCheck } from './x509-checks.js';
 
@@ -204,8 +210,15 @@ function x509(id: string, endpoint: TlsEndpoint, dir: string | undefined, props:
     endpoint,
     verifyPeer,
     clientOptions: () => ({ ...common }),
-    // QEMU's server always asks for a client certificate; verify-peer decides whether it must be good
-    serverOptions: () => ({ ...common, requestCert: true, ...(dhparam !== undefined ? { dhparam } : {}) }) as tls.TLSSocketOptions,
+    // QEMU's server always asks for a client certificate; verify-peer decides whether it must be good.
+    // TLS 1.3 only when our server sends no session tickets (see tlsServerSendsNoTickets)
+    serverOptions: () =>
+      ({
+        ...common,
+        ...(tlsServerSendsNoTickets() ? {} : { maxVersion: 'TLSv1.2' as const }),
+        requestCert: true,
+        ...(dhparam !== undefined ? { dhparam } : {}),
+      }) as tls.TLSSocketOptions,
   };
 }
 

@@ -11,6 +11,7 @@ import * as net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import * as tls from 'node:tls';
+import { tlsServerSendsNoTickets } from '../../src/base/native.js';
 import { createTlsCreds, TlsCredsError, type TlsCreds } from '../../src/crypto/tls-creds.js';
 import { KEY_USAGE, PURPOSE, makeCa, pskDir, x509Dirs, type Ca } from '../helpers/tls-certs.js';
 
@@ -74,7 +75,39 @@ describe('tls-creds-x509', () => {
     const c = createTlsCreds('tls-creds-x509', 'c', { dir: d.client, endpoint: 'client' });
     assert.equal(s.verifyPeer, true);
     assert.equal(c.endpoint, 'client');
-    assert.deepEqual(await handshake(c, s, 'localhost'), { client: 'ok TLSv1.3', server: 'ok' });
+    assert.deepEqual(await handshake(c, s, 'localhost'), { client: `ok ${tlsServerSendsNoTickets() ? 'TLSv1.3' : 'TLSv1.2'}`, server: 'ok' });
+  });
+
+  it('the server sends nothing after its TLS 1.3 handshake (no session tickets), as QEMU\'s does not', async () => {
+    // A QEMU source without the return path never reads: bytes we send after
+    // the handshake would lie unread in its socket, and its close would then
+    // reset the connection before its last bytes reach us.
+    const d = await dirs();
+    const s = createTlsCreds('tls-creds-x509', 's', { dir: d.server, endpoint: 'server' });
+    const c = createTlsCreds('tls-creds-x509', 'c', { dir: d.client, endpoint: 'client' });
+    const path = join(root, `tk${n++}.sock`);
+    const srv = net.createServer((raw) => {
+      const t = new tls.TLSSocket(raw, { ...s.serverOptions(), isServer: true });
+      t.on('error', () => undefined);
+    });
+    await new Promise<void>((r) => srv.listen(path, r));
+    const seen = await new Promise<{ protocol: string | null; tickets: number }>((resolve, reject) => {
+      let tickets = 0;
+      const t = tls.connect({ path, ...c.clientOptions(), servername: 'localhost', checkServerIdentity: () => undefined });
+      t.on('session', () => tickets++);
+      t.on('error', reject);
+      t.on('secureConnect', () => setTimeout(() => {
+        resolve({ protocol: t.getProtocol(), tickets });
+        t.destroy();
+      }, 200));
+    });
+    srv.close();
+    if (process.env.FERRY_NO_NATIVE === '1') {
+      // without native/tls-config the server keeps to TLS 1.2, whose ticket comes inside the handshake
+      assert.equal(seen.protocol, 'TLSv1.2');
+    } else {
+      assert.deepEqual(seen, { protocol: 'TLSv1.3', tickets: 0 });
+    }
   });
 
   it('missing files, with QEMU\'s texts; the client certificate is optional', async () => {
@@ -153,7 +186,7 @@ describe('tls-creds-x509', () => {
     const r = await handshake(c, strict, 'localhost');
     assert.match(r.server, /^error ERR_SSL_PEER_DID_NOT_RETURN_A_CERTIFICATE/);
     const lax = createTlsCreds('tls-creds-x509', 's', { dir: d.server, endpoint: 'server', 'verify-peer': false });
-    assert.equal((await handshake(c, lax, 'localhost')).client, 'ok TLSv1.3');
+    assert.equal((await handshake(c, lax, 'localhost')).client, `ok ${tlsServerSendsNoTickets() ? 'TLSv1.3' : 'TLSv1.2'}`);
   });
 });
 
