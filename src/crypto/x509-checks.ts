@@ -77,7 +77,7 @@ function checkKeyUsage(ext: Extensions, file: string, role: Role): void {
     return;
   }
   if (!(ku.bits & KeyUsageFlags.digitalSignature)) throw new TlsCredsError(`Certificate ${file} usage does not permit digital signature`);
-  if (!(ku.bits & KeyUsageFlags.keyEncipherment)) throw new TlsCredsError(`Certificate ${file} usage does not permit key encipherment`);
+  // QEMU 7.2 checks no more than that: a leaf without key encipherment (usual for EC keys) loads
 }
 
 /** No extended key usage at all allows both; a critical one must name our role (or anyExtendedKeyUsage). */
