@@ -18,23 +18,23 @@
  * is unambiguous). Writes bench/results/migrate.json.
  */
 import { execFileSync } from 'node:child_process';
-import { existsSync, mkdirSync, readFileSync, statSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import { cpus, loadavg } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { measureLoopback } from './loopback.js';
 import {
-  CACHE_DIR,
   GiB,
   MiB,
   cleanupTempDirs,
   freePort,
   median,
-  pollUntil,
+  randomFile1G,
   sleep,
   startFerry,
   startQemu,
   tempDir,
+  untilIncomingRuns,
   untilMigrationEnds,
   writeResult,
   type Vm,
@@ -58,15 +58,6 @@ interface Scenario {
   maxBandwidth?: number;
 }
 
-const randomFile = (): string => {
-  const p = join(CACHE_DIR, 'random-1G.bin');
-  if (!existsSync(p) || statSync(p).size !== GiB) {
-    mkdirSync(CACHE_DIR, { recursive: true });
-    console.log(`creating ${p} (1 GiB of /dev/urandom, once)`);
-    execFileSync('sh', ['-c', `head -c 1G /dev/urandom > '${p}.tmp' && mv '${p}.tmp' '${p}'`]);
-  }
-  return p;
-};
 
 const qemuRam = (size: string): string[] => [
   '-machine', 'none,memory-backend=m', '-object', `memory-backend-ram,id=m,size=${size}`, '-S',
@@ -93,7 +84,7 @@ function scenarios(): Scenario[] {
     ferryDst: ['-m', '1G', '-S'],
     qemuSrc: () => [
       '-machine', 'none,memory-backend=m',
-      '-object', `memory-backend-file,id=m,size=1G,mem-path=${randomFile()},share=off`, '-S',
+      '-object', `memory-backend-file,id=m,size=1G,mem-path=${randomFile1G()},share=off`, '-S',
     ],
     qemuDst: () => qemuRam('1G'),
   });
@@ -200,14 +191,10 @@ async function runOnce(engine: Engine, sc: Scenario, timeoutMs: number): Promise
       rec.error = `${info.status}: ${info['error-desc'] ?? ''}`;
       return rec;
     }
-    const dstState = await pollUntil(async () => {
-      const st = (await d.execute('query-status')).status as string;
-      return st !== 'inmigrate' ? st : null;
-    }, 120000, 10);
+    const dstState = await untilIncomingRuns(d, 120000);
     rec.wallToDestDoneMs = performance.now() - t0;
-    // QEMU's destination takes the source's run state (prelaunch for a -S source)
-    if (!dstState || !['paused', 'running', 'prelaunch'].includes(dstState)) {
-      rec.error = `destination ended in ${String(dstState)}`;
+    if (!dstState.ok) {
+      rec.error = `destination ended in ${String(dstState.reached)}`;
       return rec;
     }
     const ram = info.ram ?? {};

@@ -7,8 +7,8 @@
  * dir): on the shared machine other people's test cleanups run
  * `pkill qemu-system...`, which would otherwise kill our VMs mid-run.
  */
-import { spawn } from 'node:child_process';
-import { existsSync, mkdirSync, symlinkSync, writeFileSync, mkdtempSync, rmSync } from 'node:fs';
+import { execFileSync, spawn } from 'node:child_process';
+import { existsSync, mkdirSync, symlinkSync, statSync, writeFileSync, mkdtempSync, rmSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -92,6 +92,20 @@ export function untilMigrationEnds(vm: Vm, timeoutMs: number, everyMs: number): 
   }, timeoutMs, everyMs);
 }
 
+/**
+ * query-status on a destination every 10 ms until it has left inmigrate.
+ * Resolves null when it ended somewhere else than paused, running or
+ * prelaunch (QEMU's destination takes the run state of a -S source), with
+ * the state it did reach in `reached`.
+ */
+export async function untilIncomingRuns(vm: Vm, timeoutMs: number): Promise<{ ok: boolean; reached: string | null }> {
+  const reached = await pollUntil(async () => {
+    const st = (await vm.execute('query-status')).status as string;
+    return st !== 'inmigrate' ? st : null;
+  }, timeoutMs, 10);
+  return { ok: reached !== null && ['paused', 'running', 'prelaunch'].includes(reached), reached };
+}
+
 export interface SpawnOpts {
   /** extra node flags for ferry (e.g. --cpu-prof) */
   nodeFlags?: string[];
@@ -139,4 +153,18 @@ export function run(cmd: string, args: string[]): Promise<number | null> {
 export function machineFacts(): Record<string, unknown> {
   // filled in by callers that can afford the reads
   return {};
+}
+
+/**
+ * 1 GiB of /dev/urandom bytes in the bench cache, made once: the RAM of
+ * QEMU's incompressible guest (memory-backend-file, share=off).
+ */
+export function randomFile1G(): string {
+  const p = join(CACHE_DIR, 'random-1G.bin');
+  if (!existsSync(p) || statSync(p).size !== GiB) {
+    mkdirSync(CACHE_DIR, { recursive: true });
+    console.log(`creating ${p} (1 GiB of /dev/urandom, once)`);
+    execFileSync('sh', ['-c', `head -c 1G /dev/urandom > '${p}.tmp' && mv '${p}.tmp' '${p}'`]);
+  }
+  return p;
 }
