@@ -33,6 +33,10 @@ export const VECTORS_DIR = resolve(REPO_ROOT, 'test/golden/streams');
 /** `-machine none` with one 16 MiB RAM backend `m`, as in the spec's interop section. */
 export const MEM = 16 << 20;
 export const QEMU_RAM_ARGS = ['-machine', 'none,memory-backend=m', '-object', `memory-backend-ram,id=m,size=16M`];
+/** The same 16 MiB `m`, its bytes read from an image file (copy on write: the file stays as it is). */
+export const qemuImageArgs = (imagePath: string): string[] => ['-machine', 'none,memory-backend=m', '-object', `memory-backend-file,id=m,size=16M,mem-path=${imagePath},share=off`];
+/** A Ferry source that QEMU can load: 16 MiB `m`, and x-qemu-compat (only the device sections QEMU knows). */
+export const FERRY_COMPAT_ARGS = ['-machine', 'none,memory-backend=m,x-qemu-compat=on', '-object', 'memory-backend-ram,id=m,size=16M'];
 
 export interface QemuOptions {
   /** extra arguments (the harness adds -nodefaults -display none -qmp) */

@@ -8,14 +8,13 @@ import { after, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { runMigration } from '../helpers/migration.js';
 import { cleanupAll } from '../helpers/vm.js';
-import { MEM, QEMU_RAM_ARGS, QEMU_SKIP, cleanupQemu } from '../helpers/qemu.js';
+import { FERRY_COMPAT_ARGS, MEM, QEMU_RAM_ARGS, QEMU_SKIP, cleanupQemu } from '../helpers/qemu.js';
 
 after(async () => {
   await cleanupQemu();
   await cleanupAll();
 });
 
-const FERRY_COMPAT = ['-machine', 'none,memory-backend=m,x-qemu-compat=on', '-object', 'memory-backend-ram,id=m,size=16M'];
 
 interface Case {
   transport: 'tcp' | 'unix';
@@ -30,7 +29,7 @@ async function ferryToQemu(c: Case): Promise<void> {
   await runMigration({
     tempPrefix: 'ferry-interop-',
     guest: c.guest === 'random' ? { fill: 'random,seed=4' } : { smp: 2, fill: 'random,seed=5', workload: 'stress,rate=4M,seed=9' },
-    source: { machine: FERRY_COMPAT },
+    source: { machine: FERRY_COMPAT_ARGS },
     destination: { qemu: true, name: 'qemu', args: QEMU_RAM_ARGS },
     transport: c.transport,
     capabilities: c.returnPath ? ['return-path'] : [],

@@ -12,16 +12,13 @@ import { readFileSync, statSync } from 'node:fs';
 import { runMigration } from '../helpers/migration.js';
 import { cleanupAll, waitFor } from '../helpers/vm.js';
 import {
-  MEM, QEMU_RAM_ARGS, QEMU_SKIP, assertSameRam, cleanupQemu, pmem, runQemu, startQemu, waitQemuMigration,
+  FERRY_COMPAT_ARGS, MEM, QEMU_RAM_ARGS, QEMU_SKIP, assertSameRam, cleanupQemu, pmem, runQemu, startQemu, waitQemuMigration,
 } from '../helpers/qemu.js';
 
 after(async () => {
   await cleanupQemu();
   await cleanupAll();
 });
-
-const RAM16 = ['-machine', 'none,memory-backend=m', '-object', 'memory-backend-ram,id=m,size=16M'];
-const COMPAT16 = ['-machine', 'none,memory-backend=m,x-qemu-compat=on', '-object', 'memory-backend-ram,id=m,size=16M'];
 
 /** Migrate a Ferry source into `exec:cat > FILE` (completed); its RAM and the file. */
 async function ferryToFile(machine: string[]): Promise<{ ram: Buffer; file: string; dir: string }> {
@@ -47,7 +44,7 @@ async function ferryToFile(machine: string[]): Promise<{ ram: Buffer; file: stri
 
 describe('Ferry streams read by QEMU 7.2', { skip: QEMU_SKIP, timeout: 150000 }, () => {
   it('x-qemu-compat=on: a stream saved to a file loads with -incoming "exec:cat FILE"', { timeout: 50000 }, async () => {
-    const { ram: want, file, dir } = await ferryToFile(COMPAT16);
+    const { ram: want, file, dir } = await ferryToFile(FERRY_COMPAT_ARGS);
     const qemu = await startQemu({ dir, args: [...QEMU_RAM_ARGS, '-incoming', `exec:cat '${file}'`] });
     const qinfo = await waitQemuMigration(qemu, undefined, 20000);
     assert.equal(qinfo.status, 'completed', `${JSON.stringify(qinfo)}\n${qemu.stderr}`);
@@ -60,7 +57,7 @@ describe('Ferry streams read by QEMU 7.2', { skip: QEMU_SKIP, timeout: 150000 },
   it('without x-qemu-compat QEMU rejects the live stream: unknown section ferry-serial', { timeout: 50000 }, async () => {
     const { info } = await runMigration({
       tempPrefix: 'ferry-qfile-',
-      guest: { machine: RAM16, fill: 'random,seed=12' },
+      guest: { machine: QEMU_RAM_ARGS, fill: 'random,seed=12' },
       destination: { qemu: true, name: 'qemu', args: QEMU_RAM_ARGS },
       transport: 'tcp',
       during: async ({ d: qemu }) => {
@@ -80,7 +77,7 @@ describe('Ferry streams read by QEMU 7.2', { skip: QEMU_SKIP, timeout: 150000 },
   });
 
   it('without x-qemu-compat a saved stream fails the same way in QEMU (and holds a ferry-serial section)', { timeout: 50000 }, async () => {
-    const { file } = await ferryToFile(RAM16);
+    const { file } = await ferryToFile(QEMU_RAM_ARGS);
     assert.ok(readFileSync(file).includes(Buffer.from('\x0cferry-serial', 'latin1')), 'stream names ferry-serial');
     const r = await runQemu([...QEMU_RAM_ARGS, '-incoming', `exec:cat '${file}'`], 30000);
     assert.equal(r.code, 1, r.stderr);

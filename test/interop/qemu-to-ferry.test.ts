@@ -11,7 +11,7 @@ import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { runMigration } from '../helpers/migration.js';
 import { cleanupAll, tempDir } from '../helpers/vm.js';
-import { MEM, QEMU_SKIP, assertSameRam, cleanupQemu, freePort, pmem } from '../helpers/qemu.js';
+import { MEM, QEMU_SKIP, assertSameRam, cleanupQemu, freePort, pmem, qemuImageArgs } from '../helpers/qemu.js';
 
 after(async () => {
   await cleanupQemu();
@@ -37,7 +37,7 @@ async function qemuToFerry(c: Case): Promise<void> {
     source: {
       qemu: true,
       name: `qemu-${port}`,
-      args: ['-machine', 'none,memory-backend=m', '-object', `memory-backend-file,id=m,size=16M,mem-path=${imagePath},share=off`, ...(c.qemuPaused ? ['-S'] : [])],
+      args: [...qemuImageArgs(imagePath), ...(c.qemuPaused ? ['-S'] : [])],
       // QEMU's own migration parameters
       parameters: {},
     },

@@ -12,15 +12,13 @@ import { join } from 'node:path';
 import { runMigration } from '../helpers/migration.js';
 import { makeCa, pskDir, x509Dirs } from '../helpers/tls-certs.js';
 import { cleanupAll, tempDir } from '../helpers/vm.js';
-import { MEM, QEMU_RAM_ARGS, QEMU_SKIP, assertSameRam, cleanupQemu, pmem } from '../helpers/qemu.js';
+import { FERRY_COMPAT_ARGS, MEM, QEMU_RAM_ARGS, QEMU_SKIP, assertSameRam, cleanupQemu, pmem, qemuImageArgs } from '../helpers/qemu.js';
 
 after(async () => {
   await cleanupQemu();
   await cleanupAll();
 });
 
-const FERRY_COMPAT = ['-machine', 'none,memory-backend=m,x-qemu-compat=on', '-object', 'memory-backend-ram,id=m,size=16M'];
-const FERRY_DST = ['-machine', 'none,memory-backend=m', '-object', 'memory-backend-ram,id=m,size=16M'];
 
 let dir = '';
 let x509: { server: string; client: string };
@@ -51,7 +49,7 @@ describe('TLS with QEMU 7.2', { skip: QEMU_SKIP, timeout: 300000 }, () => {
       await runMigration({
         tempPrefix: 'ferry-interop-',
         guest: { fill: 'random,seed=4' },
-        source: { machine: FERRY_COMPAT, args: creds(kind, 'client'), parameters: srcParams(kind) },
+        source: { machine: FERRY_COMPAT_ARGS, args: creds(kind, 'client'), parameters: srcParams(kind) },
         destination: { qemu: true, name: 'qemu', args: [...QEMU_RAM_ARGS, ...creds(kind, 'server')], defer: true, parameters: { 'tls-creds': 'tls0' } },
         transport: 'tcp',
         capabilities: ['return-path'],
@@ -68,10 +66,10 @@ describe('TLS with QEMU 7.2', { skip: QEMU_SKIP, timeout: 300000 }, () => {
         source: {
           qemu: true,
           name: `qemu-src-${kind}`,
-          args: ['-machine', 'none,memory-backend=m', '-object', `memory-backend-file,id=m,size=16M,mem-path=${imagePath},share=off`, ...creds(kind, 'client')],
+          args: [...qemuImageArgs(imagePath), ...creds(kind, 'client')],
           parameters: srcParams(kind),
         },
-        destination: { name: `dst-${kind}`, paused: false, machine: FERRY_DST, args: creds(kind, 'server'), defer: true, parameters: { 'tls-creds': 'tls0' } },
+        destination: { name: `dst-${kind}`, paused: false, machine: QEMU_RAM_ARGS, args: creds(kind, 'server'), defer: true, parameters: { 'tls-creds': 'tls0' } },
         transport: 'tcp',
         timeoutMs: 30000,
         expect: { sourceRunState: 'postmigrate', destinationRunState: 'running', settleMs: { sourceRunState: 5000, destinationRunState: 10000 } },
@@ -87,10 +85,10 @@ describe('TLS with QEMU 7.2', { skip: QEMU_SKIP, timeout: 300000 }, () => {
       source: {
         qemu: true,
         name: 'qemu-src-badkey',
-        args: ['-machine', 'none,memory-backend=m', '-object', `memory-backend-file,id=m,size=16M,mem-path=${imagePath},share=off`, ...creds('psk', 'client', other.dir)],
+        args: [...qemuImageArgs(imagePath), ...creds('psk', 'client', other.dir)],
         parameters: { 'tls-creds': 'tls0' },
       },
-      destination: { name: 'dst-badkey', machine: FERRY_DST, args: creds('psk', 'server'), defer: true, parameters: { 'tls-creds': 'tls0' } },
+      destination: { name: 'dst-badkey', machine: QEMU_RAM_ARGS, args: creds('psk', 'server'), defer: true, parameters: { 'tls-creds': 'tls0' } },
       transport: 'tcp',
       timeoutMs: 30000,
       expect: { source: 'failed', destination: 'failed', sourceRunState: 'running', destinationRunState: 'inmigrate', settleMs: { sourceRunState: 5000 } },
