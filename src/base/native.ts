@@ -38,11 +38,11 @@ export function adviseHugepages(buf: SharedArrayBuffer): boolean {
 }
 
 /**
- * Fault every page of the buffer in for writing without changing its
- * contents (MADV_POPULATE_WRITE). Blocks the calling thread: call it from a
+ * Fault every host page inside the buffer (or view) in for writing without
+ * changing its contents (MADV_POPULATE_WRITE). Blocks the calling thread: call it from a
  * worker. Returns false when the addon or the kernel cannot do it.
  */
-export function populateWrite(buf: SharedArrayBuffer): boolean {
+export function populateWrite(buf: SharedArrayBuffer | Uint8Array): boolean {
   const hp = loadHugepage();
   return hp !== null && hp.available && hp.madviseAdvice(buf, 'populate_write');
 }
@@ -120,3 +120,49 @@ export function tlsServerSendsNoTickets(): boolean {
   }
   return noTickets;
 }
+
+interface PagesAddon {
+  copy(dst: Uint8Array, dstOffset: number, src: Uint8Array, srcOffset: number, length: number): void;
+  loadPages(src: Uint8Array, srcOffset: number, srcEnd: number, ram: Uint8Array, touched: Uint32Array, counts: Float64Array): number;
+}
+
+function loadPagesAddon(): PagesAddon | null {
+  if (process.env.FERRY_NO_NATIVE === '1') return null;
+  try {
+    const a = createRequire(import.meta.url)(resolve(root, 'native/pages/build/Release/ferry_pages.node')) as Partial<PagesAddon>;
+    return typeof a.copy === 'function' && typeof a.loadPages === 'function' ? (a as PagesAddon) : null;
+  } catch {
+    return null;
+  }
+}
+
+const pages = loadPagesAddon();
+
+/** Whether the page-copy addon (native/pages) is loaded. */
+export const nativePages: boolean = pages !== null;
+
+/**
+ * Copies `length` bytes from src[srcOffset..] to dst[dstOffset..]. V8 copies
+ * byte by byte when either array is on a SharedArrayBuffer (guest RAM) and
+ * the two ends are not 8-byte aligned alike, which page payloads inside
+ * stream buffers never are; native/pages does a memcpy. The fallback is
+ * TypedArray.set. Ranges outside either array throw a RangeError.
+ */
+export const copyBytes: (dst: Uint8Array, dstOffset: number, src: Uint8Array, srcOffset: number, length: number) => void =
+  pages !== null
+    ? pages.copy
+    : (dst, dstOffset, src, srcOffset, length) => {
+        if (srcOffset + length > src.length) throw new RangeError('copy: range outside the array');
+        dst.set(src.subarray(srcOffset, srcOffset + length), dstOffset);
+      };
+
+/**
+ * Decodes the run of `CONTINUE|PAGE` and `CONTINUE|ZERO` records of one RAM
+ * block that starts at src[srcOffset] and is complete before srcEnd, into
+ * `ram` and its `touched` bitmap, and adds the PAGE and ZERO counts to
+ * counts[0] and counts[1]. Returns the bytes consumed, stopping before the
+ * first record of another kind, incomplete, or outside the block (the
+ * caller's record loop takes it). Returns 0 without native/pages.
+ */
+export const loadPageRun: (src: Uint8Array, srcOffset: number, srcEnd: number, ram: Uint8Array, touched: Uint32Array, counts: Float64Array) => number =
+  pages !== null ? pages.loadPages : () => 0;

@@ -15,6 +15,7 @@
  * while idle, so an idle pool never keeps the process alive; close()
  * terminates them.
  */
+import { copyBytes } from '../../base/native.js';
 import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
 import type { CodecReply, CodecTask, CodecWorkerData } from './compress-worker.js';
@@ -198,7 +199,7 @@ export class CompressPool extends CodecPool {
 
   /** Copy a page into input slot i. */
   putPage(i: number, src: Uint8Array, offset: number): void {
-    this.input.set(src.subarray(offset, offset + PAGE_SIZE), i * PAGE_SIZE);
+    copyBytes(this.input, i * PAGE_SIZE, src, offset, PAGE_SIZE);
   }
 
   compress(n: number, level: number): Promise<void> {
@@ -228,7 +229,7 @@ export class DecompressPool extends CodecPool {
   /** Copy `len` compressed bytes into input slot i (len <= COMPRESS_BOUND). */
   putCompressed(i: number, src: Uint8Array, offset: number, len: number): void {
     if (len > COMPRESS_BOUND) throw new RangeError(`compressed length ${len} exceeds ${COMPRESS_BOUND}`);
-    this.input.set(src.subarray(offset, offset + len), i * COMPRESS_BOUND);
+    copyBytes(this.input, i * COMPRESS_BOUND, src, offset, len);
     this.inLen[i] = len;
   }
 

@@ -15,6 +15,7 @@
  * All page copies live in one preallocated buffer: no allocation per page.
  * `resize()` to a different size replaces the cache with an empty one (2.10).
  */
+import { copyBytes } from '../../base/native.js';
 
 /** A cached page stays fresh for this many dirty-bitmap syncs. */
 export const CACHED_PAGE_LIFETIME = 2;
@@ -137,7 +138,7 @@ export class XbzrleCache {
     if (cur !== -1 && cur !== page && this.age[s]! + CACHED_PAGE_LIFETIME > currentAge) return -1;
     if (cur === -1) this.items++;
     const off = s * this.pageSize;
-    this.data.set(src.subarray(srcOffset, srcOffset + this.pageSize), off);
+    copyBytes(this.data, off, src, srcOffset, this.pageSize);
     this.addr[s] = page;
     this.age[s] = currentAge;
     return off;

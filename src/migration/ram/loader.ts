@@ -14,6 +14,7 @@
  */
 import { setBit, testBit } from '../../base/bitmap.js';
 import { bufferView, isZeroPage } from '../../base/bytes.js';
+import { copyBytes, loadPageRun, nativePages } from '../../base/native.js';
 import { join64 } from '../../base/u64.js';
 import type { RamBlock } from '../../machine/types.js';
 import { TARGET_PAGE_SIZE } from '../../machine/types.js';
@@ -106,6 +107,8 @@ export class RamLoader {
   private pendN = 0;
   private inflater: PageInflater | null = null;
   private readonly scratch = new Uint8Array(TARGET_PAGE_SIZE + 1);
+  /** PAGE and ZERO records applied by the last native run (loadPageRun). */
+  private readonly runCounts = new Float64Array(2);
 
   constructor(blocks: readonly RamBlock[], opts: RamLoaderOptions = {}) {
     this.inspect = opts.inspect ?? false;
@@ -176,7 +179,13 @@ export class RamLoader {
 
   private async loadRecords(r: StreamReader): Promise<void> {
     const invalid = this.compress || this.inspect ? 0 : F.COMPRESS_PAGE;
+    // precopy with nobody watching: runs of CONTINUE PAGE/ZERO records are
+    // applied straight out of the received chunk by native/pages; the loop
+    // below takes whatever such a run stops at (another kind of record, one
+    // split across chunks, an offset outside the block)
+    const runs = nativePages && !this.inspect && this.observer === null;
     for (;;) {
+      if (runs && this.current >= 0 && this.pendN === 0 && !this.postcopyMode) this.loadRun(r);
       if (!r.has(8)) await r.ensure(8);
       const hi = r.get32();
       const lo = r.get32();
@@ -274,7 +283,7 @@ export class RamLoader {
           const data = r.getBytes(len);
           this.inflater ??= new PageInflater();
           if (!this.inflater.inflate(data, 0, len, this.scratch, 0)) fail(ERR.decompressFailed());
-          block.bytes.set(this.scratch.subarray(0, TARGET_PAGE_SIZE), offset);
+          copyBytes(block.bytes, offset, this.scratch, 0, TARGET_PAGE_SIZE);
           this.counters.compressed++;
           setBit(block.touched, page);
           if (this.observer !== null) this.observer.page(kind, flags, b, offset, data);
@@ -285,6 +294,22 @@ export class RamLoader {
       }
       this.counters.pages++;
     }
+  }
+
+  /** Apply the run of CONTINUE PAGE/ZERO records at the reader's position, in its current chunk. */
+  private loadRun(r: StreamReader): void {
+    const chunk = r.chunk;
+    const block = this.blocks[this.current]!;
+    const counts = this.runCounts;
+    const n = loadPageRun(chunk, r.chunkOffset, chunk.length, block.bytes, block.touched, counts);
+    if (n === 0) return;
+    r.consumeInChunk(n);
+    const c = this.counters;
+    c.normal += counts[0]!;
+    c.zero += counts[1]!;
+    c.pages += counts[0]! + counts[1]!;
+    counts[0] = 0;
+    counts[1] = 0;
   }
 
   /** Inspection: check the record's framing, show it, skip it. */
@@ -361,7 +386,7 @@ export class RamLoader {
       const b = this.pendBlock[i]!;
       const page = this.pendPage[i]!;
       const block = this.blocks[b]!;
-      block.bytes.set(pool.page(i), page * TARGET_PAGE_SIZE);
+      copyBytes(block.bytes, page * TARGET_PAGE_SIZE, pool.page(i), 0, TARGET_PAGE_SIZE);
       setBit(block.touched, page);
       this.counters.compressed++;
       this.counters.pages++;

@@ -8,6 +8,7 @@
  */
 import { clearBit, lowestBit, newBitmap, popcount32, tailMask, testBit } from '../../base/bitmap.js';
 import { bufferView, isZeroPage } from '../../base/bytes.js';
+import { copyBytes } from '../../base/native.js';
 import { hi32, lo32 } from '../../base/u64.js';
 import type { RamBlock } from '../../machine/types.js';
 import { TARGET_PAGE_SIZE } from '../../machine/types.js';
@@ -249,7 +250,7 @@ export class RamSender {
     } else {
       putRamRecordHeader(w, block, offset, F.PAGE, cont);
       const at = w.reserve(TARGET_PAGE_SIZE);
-      this.views[b]!.copy(w.buf, at, offset, offset + TARGET_PAGE_SIZE);
+      copyBytes(w.buf, at, block.bytes, offset, TARGET_PAGE_SIZE);
       this.counters.normal++;
       this.counters.normalBytes += TARGET_PAGE_SIZE;
     }
@@ -429,7 +430,7 @@ export class RamSender {
         case Item.Page: {
           putRamRecordHeader(w, block, offset, F.PAGE, cont);
           const at = w.reserve(TARGET_PAGE_SIZE);
-          this.views[b]!.copy(w.buf, at, offset, offset + TARGET_PAGE_SIZE);
+          copyBytes(w.buf, at, block.bytes, offset, TARGET_PAGE_SIZE);
           this.counters.normal++;
           this.counters.normalBytes += TARGET_PAGE_SIZE;
           break;

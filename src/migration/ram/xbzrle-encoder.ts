@@ -19,6 +19,7 @@
  * In the final stop-and-copy pass the cache is only read: misses are not
  * inserted and hits do not update it.
  */
+import { copyBytes } from '../../base/native.js';
 import type { XBZRLECacheStats } from '../../generated/qapi-types.js';
 import type { RamBlock } from '../../machine/types.js';
 import { TARGET_PAGE_BITS, TARGET_PAGE_SIZE } from '../../machine/types.js';
@@ -172,7 +173,7 @@ export class XbzrleEncoder {
     }
     // hit: encode a snapshot of the page against the cached copy
     const snap = this.snapshot;
-    snap.set(block.bytes.subarray(offset, offset + TARGET_PAGE_SIZE));
+    copyBytes(snap, 0, block.bytes, offset, TARGET_PAGE_SIZE);
     const at = cache.offsetOf(addr);
     const buf = cache.buffer;
     const old = buf.subarray(at, at + TARGET_PAGE_SIZE);

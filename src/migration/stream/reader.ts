@@ -8,6 +8,7 @@
  * checkLength() before it is trusted; ensure() refuses more than maxEnsure.
  */
 import type { Readable } from 'node:stream';
+import { copyBytes } from '../../base/native.js';
 import { join64 } from '../../base/u64.js';
 import { ERR, MigrationStreamError } from '../wire/errors.js';
 
@@ -258,11 +259,31 @@ export class StreamReader {
     if (this.avail < n) this.short();
     while (n > 0) {
       const take = Math.min(n, this.cur.length - this.off);
-      dst.set(this.cur.subarray(this.off, this.off + take), dstOffset);
+      copyBytes(dst, dstOffset, this.cur, this.off, take);
       dstOffset += take;
       n -= take;
       this.advance(take);
     }
+  }
+
+  /**
+   * The received chunk that the next byte is read from, and that byte's
+   * offset in it: for decoders that take a run of records straight out of
+   * the chunk and then consumeInChunk() what they took. Empty when nothing
+   * is buffered.
+   */
+  get chunk(): Buffer {
+    return this.cur;
+  }
+
+  get chunkOffset(): number {
+    return this.off;
+  }
+
+  /** Consume n bytes of the current chunk (n <= chunk.length - chunkOffset). */
+  consumeInChunk(n: number): void {
+    if (n > this.cur.length - this.off) throw new RangeError(`consumeInChunk(${n}) past the chunk`);
+    if (n > 0) this.advance(n);
   }
 
   /**
