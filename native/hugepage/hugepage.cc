@@ -92,11 +92,11 @@ void MadviseAdvice(const FunctionCallbackInfo<Value>& args) {
   args.GetReturnValue().Set(Advise(data, len, advice));
 }
 
-void Init(Local<Object> exports) {
+}  // namespace
+
+// Context-aware: the prefault runs on helper worker threads, and a module
+// registered with plain NODE_MODULE refuses to load in a worker.
+NODE_MODULE_INIT(/* exports, module, context */) {
   NODE_SET_METHOD(exports, "madviseHugepage", MadviseHugepage);
   NODE_SET_METHOD(exports, "madviseAdvice", MadviseAdvice);
 }
-
-}  // namespace
-
-NODE_MODULE(NODE_GYP_MODULE_NAME, Init)

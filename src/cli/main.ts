@@ -12,10 +12,10 @@ commands:
   help                        this text
 
 ferry vm options:
-  -m SIZE  -smp N  -name NAME  -S  -machine none[,memory-backend=ID]
+  -m SIZE  -smp N  -name NAME  -S  -machine none[,memory-backend=ID]  -mem-prealloc
   -qmp unix:PATH,server=on,wait=off | tcp:HOST:PORT,server=on,wait=off   (repeatable)
   -incoming URI|defer   (tcp:HOST:PORT, unix:PATH, exec:CMD, fd:NAME)
-  -object memory-backend-ram,id=ID,size=SIZE
+  -object memory-backend-ram,id=ID,size=SIZE[,prealloc=on|off]
   -object tls-creds-x509,id=ID,dir=DIR,endpoint=server|client[,verify-peer=on|off]
   -object tls-creds-psk,id=ID,dir=DIR,endpoint=server|client[,username=NAME]
   -object tls-creds-anon,id=ID,endpoint=server|client

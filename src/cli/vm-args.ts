@@ -21,6 +21,8 @@ export interface VmArgs {
   qmp: string[];
   incoming?: string;
   startPaused: boolean;
+  /** -mem-prealloc */
+  memPrealloc: boolean;
   objects: ObjectSpec[];
   workload: string;
   fill: string;
@@ -36,7 +38,7 @@ const WITH_ARG = new Map<string, string>([
   ['fill', 'fill'], ['serial', 'serial'], ['display', 'display'], ['accel', 'accel'],
   ['vga', 'vga'], ['monitor', 'monitor'],
 ]);
-const FLAGS = new Set(['S', 'nodefaults', 'no-user-config', 'no-shutdown', 'enable-kvm']);
+const FLAGS = new Set(['S', 'mem-prealloc', 'nodefaults', 'no-user-config', 'no-shutdown', 'enable-kvm']);
 
 /**
  * Split a QEMU option string: "a,b=c,d=e,,f" → first implied value and
@@ -79,6 +81,7 @@ export function parseVmArgs(argv: readonly string[]): VmArgs {
     qemuCompat: false,
     qmp: [],
     startPaused: false,
+    memPrealloc: false,
     objects: [],
     workload: 'idle',
     fill: 'zero',
@@ -90,6 +93,7 @@ export function parseVmArgs(argv: readonly string[]): VmArgs {
     const opt = raw.replace(/^--?/, '');
     if (FLAGS.has(opt)) {
       if (opt === 'S') a.startPaused = true;
+      if (opt === 'mem-prealloc') a.memPrealloc = true;
       continue;
     }
     const canon = WITH_ARG.get(opt);

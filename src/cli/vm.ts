@@ -64,6 +64,7 @@ export async function main(argv: string[]): Promise<number> {
       }
       ramSize = be.props.size as number;
     }
+    const prealloc = a.memPrealloc || (a.memoryBackend !== undefined && objects.get(a.memoryBackend)!.props.prealloc === true);
     const machine = await Machine.create({
       ramSize,
       smp: a.smp,
@@ -74,6 +75,7 @@ export async function main(argv: string[]): Promise<number> {
       fill: parseFill(a.fill),
       startPaused: a.startPaused,
       incoming: a.incoming !== undefined,
+      prealloc,
       serial: parseSerial(a.serial),
     });
     const options = new MigrationOptions();

@@ -26,11 +26,19 @@ export function addObject(objects: Map<string, UserObject>, obj: UserObject): vo
     if (typeof obj.props.size !== 'number' || obj.props.size <= 0) {
       throw new QmpError('GenericError', "can't create backend with size 0");
     }
+    const p = obj.props.prealloc;
+    if (p !== undefined && typeof p !== 'boolean') {
+      if (typeof p !== 'string' || !BOOL_WORDS.has(p)) throw new QmpError('GenericError', "Parameter 'prealloc' expects 'on' or 'off'");
+      obj.props.prealloc = BOOL_WORDS.get(p);
+    }
   } else {
     throw new QmpError('GenericError', `Invalid parameter type for 'qom-type', expected: ObjectType`);
   }
   objects.set(obj.id, obj);
 }
+
+/** QEMU's spellings of a bool property on the command line. */
+const BOOL_WORDS = new Map([['on', true], ['yes', true], ['true', true], ['y', true], ['off', false], ['no', false], ['false', false], ['n', false]]);
 
 export function deleteObject(objects: Map<string, UserObject>, id: string, inUse: (id: string) => boolean): void {
   if (!objects.has(id)) throw new QmpError('GenericError', `object '${id}' not found`);

@@ -9,7 +9,7 @@ import { fillRandom, fillText, makeTextPool } from './workload.js';
 
 export type HelperTask =
   | { id: number; op: 'digest'; buf: SharedArrayBuffer; offset: number; length: number }
-  | { id: number; op: 'prefault'; buf: SharedArrayBuffer }
+  | { id: number; op: 'prefault'; buf: SharedArrayBuffer; offset: number; length: number }
   | {
       id: number;
       op: 'fill';
@@ -35,12 +35,13 @@ let pool: { seed: number; data: Uint8Array } | null = null;
 parentPort!.on('message', (t: HelperTask) => {
   try {
     if (t.op === 'prefault') {
-      // Fault the memory in without changing a byte: the loader may be
-      // writing into it at the same time. MADV_POPULATE_WRITE where we can,
-      // else an atomic add of 0 to one word per page (a locked RMW never
-      // loses a concurrent store to the same word).
-      if (!populateWrite(t.buf)) {
-        const words = new Int32Array(t.buf, 0, t.buf.byteLength >> 2);
+      // Fault [offset, offset + length) in without changing a byte: the
+      // loader may be writing into it at the same time. MADV_POPULATE_WRITE
+      // where we can, else an atomic add of 0 to one word per 4 KiB page (a
+      // locked RMW never loses a concurrent store to the same word). Ranges
+      // are small (PREFAULT_CHUNK), so the word count always fits.
+      if (!populateWrite(new Uint8Array(t.buf, t.offset, t.length))) {
+        const words = new Int32Array(t.buf, t.offset, Math.floor(t.length / 4));
         for (let i = 0; i < words.length; i += 1024) Atomics.add(words, i, 0);
       }
       parentPort!.postMessage({ id: t.id, ok: true } satisfies HelperResult);

@@ -109,9 +109,13 @@ export class Machine extends EventEmitter implements DeviceHost {
   static async create(cfg: MachineConfig): Promise<Machine> {
     const m = new Machine(cfg);
     try {
+      if (cfg.prealloc) await m.guestRam.prefault();
       // an incoming VM's RAM comes from the stream: filling it would be wasted work
-      if (m.runState === 'inmigrate') m.guestRam.prefaultInBackground();
-      else await m.guestRam.fill(m.fill);
+      if (m.runState === 'inmigrate') {
+        if (!cfg.prealloc) m.guestRam.prefaultInBackground();
+      } else {
+        await m.guestRam.fill(m.fill);
+      }
       await m.vcpus.spawn(m.ram, m.paging.faultLat);
       m.serial.open();
       if (m.autostart) await m.start();

@@ -72,6 +72,9 @@ function allocateBlock(name: string, size: number): RamBlock {
   return { name, size, pages, bytes, dirty, touched, present };
 }
 
+/** The range one prefault task covers: small enough to interleave the helper threads. */
+const PREFAULT_CHUNK = 64 * 1024 * 1024;
+
 export class GuestRam {
   readonly size: number;
   /** `<backend>`, `<backend>.1`, … of at most 2 GiB each. */
@@ -126,17 +129,32 @@ export class GuestRam {
   }
 
   /**
-   * An incoming VM has nothing to do until the stream arrives: fault its RAM
-   * in meanwhile, on a helper thread, so that the loader writes into present
-   * memory instead of paying the first-touch cost per page (12-22 µs per
-   * 4 KiB page on our hosts). Contents are not changed; errors only mean the
-   * loader pays the cost itself.
+   * Faults every page of guest RAM in for writing without changing its
+   * contents, split into PREFAULT_CHUNK ranges across the helper threads
+   * (two threads touch settled memory in about half the time of one), in
+   * address order, so that it keeps ahead of a loader that fills RAM from
+   * the bottom up. Resolves when all of it is present.
    */
-  prefaultInBackground(): void {
+  async prefault(): Promise<void> {
+    const tasks: Promise<unknown>[] = [];
     for (const b of this.blocks) {
       const buf = b.bytes.buffer as SharedArrayBuffer;
-      this.helpers.run({ op: 'prefault', buf }).catch(() => undefined);
+      for (let offset = 0; offset < b.size; offset += PREFAULT_CHUNK) {
+        tasks.push(this.helpers.run({ op: 'prefault', buf, offset, length: Math.min(PREFAULT_CHUNK, b.size - offset) }));
+      }
     }
+    await Promise.all(tasks);
+  }
+
+  /**
+   * An incoming VM has nothing to do until the stream arrives: fault its RAM
+   * in meanwhile (prefault()), so that the loader writes into present memory
+   * instead of paying the first-touch cost per page (12-22 µs per 4 KiB page
+   * of settled memory on our hosts). Errors only mean the loader pays the
+   * cost itself.
+   */
+  prefaultInBackground(): void {
+    this.prefault().catch(() => undefined);
   }
 
   /** Block and offset of a guest-physical address. */

@@ -128,6 +128,12 @@ export interface MachineConfig {
   startPaused?: boolean;
   /** -incoming: initial run state inmigrate (wins over startPaused) */
   incoming?: boolean;
+  /**
+   * -mem-prealloc, or prealloc=on on the memory backend: fault all of RAM in
+   * before create() returns (so before the monitor answers), as QEMU does.
+   * Without it an incoming VM prefaults in the background.
+   */
+  prealloc?: boolean;
   serial?: SerialConfig;
   /** heartbeat period in ns of virtual time; default 1e9 */
   heartbeatPeriodNs?: number;

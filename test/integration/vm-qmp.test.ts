@@ -238,6 +238,7 @@ describe('command line', { concurrency: true }, () => {
     ['qmp socket dir missing', ['-qmp', 'unix:/nonexistent-ferry-dir/x.sock,server=on,wait=off'], /Failed to listen/],
     ['unknown memory backend', ['-machine', 'none,memory-backend=nope'], /nope/],
     ['positional argument', ['disk.img'], /disk\.img/],
+    ['bad prealloc value', ['-object', 'memory-backend-ram,id=m,size=16M,prealloc=sometimes', '-machine', 'none,memory-backend=m'], /Parameter 'prealloc' expects 'on' or 'off'/],
   ];
   for (const [what, args, re, todo] of bad) {
     it(`exits with a clear error: ${what}`, { todo }, async () => {
@@ -249,4 +250,26 @@ describe('command line', { concurrency: true }, () => {
       assert.ok(!/\n\s+at /.test(r.stderr), `no stack trace: ${r.stderr}`);
     });
   }
+});
+
+describe('preallocated RAM', () => {
+  const rss = (pid: number): number => Number(/VmRSS:\s+(\d+) kB/.exec(readText(`/proc/${pid}/status`))![1]) * 1024;
+  const MiB = 1024 * 1024;
+  for (const [what, args] of [
+    ['-mem-prealloc', ['-m', '256M', '-mem-prealloc']],
+    ['memory-backend-ram prealloc=on', ['-object', 'memory-backend-ram,id=m,size=256M,prealloc=on', '-machine', 'none,memory-backend=m']],
+  ] as const) {
+    it(`${what}: all of RAM is resident once the monitor answers`, async () => {
+      const vm = await startVm({ args: ['-S', ...args] });
+      const n = rss(vm.proc.pid!);
+      assert.ok(n >= 256 * MiB, `VmRSS ${(n / MiB).toFixed(0)} MiB`);
+      await vm.quit();
+    });
+  }
+  it('without it a paused VM leaves its RAM untouched', async () => {
+    const vm = await startVm({ args: ['-S', '-m', '256M'] });
+    const n = rss(vm.proc.pid!);
+    assert.ok(n < 200 * MiB, `VmRSS ${(n / MiB).toFixed(0)} MiB`);
+    await vm.quit();
+  });
 });
