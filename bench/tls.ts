@@ -3,7 +3,7 @@
  * (x509), on the same 1 GiB random guest, alternated run by run, over
  * tcp:127.0.0.1.
  *
- *   node dist/bench/tls.js [--runs 3] [--no-qemu]
+ *   node dist/bench/tls.js [--runs 3] [--no-qemu] [--cpu-prof DIR]
  *
  * Set-up, the same for both engines, as QEMU's documentation tells its users:
  *  - certificates made with the openssl CLI (an EC P-256 CA, a server cert
@@ -97,9 +97,11 @@ async function runOnce(variant: Variant, certs: { server: string; client: string
     tls ? ['-object', `tls-creds-x509,id=tls0,dir=${endpoint === 'server' ? certs.server : certs.client},endpoint=${endpoint}`] : [];
   try {
     if (engine === 'ferry') {
+      // --cpu-prof DIR: V8 CPU profiles of both Ferry processes, DIR/<variant>-<side>/
+      const prof = (side: string): string[] => (profileDir ? ['--cpu-prof', `--cpu-prof-dir=${join(profileDir, `${variant}-${side}`)}`] : []);
       [dst, src] = await Promise.all([
-        startFerry(['-m', '1G', '-S', ...creds('server'), '-incoming', 'defer'], dir, { name: 'dst' }),
-        startFerry(['-m', '1G', '-fill', 'random,seed=1', ...creds('client')], dir, { name: 'src' }),
+        startFerry(['-m', '1G', '-S', ...creds('server'), '-incoming', 'defer'], dir, { name: 'dst', nodeFlags: prof('dst') }),
+        startFerry(['-m', '1G', '-fill', 'random,seed=1', ...creds('client')], dir, { name: 'src', nodeFlags: prof('src') }),
       ]);
     } else {
       const ram = (extra: string): string[] => ['-machine', 'none,memory-backend=m', '-object', `memory-backend-${extra}`, '-S'];
@@ -147,6 +149,8 @@ function arg(name: string): string | undefined {
   const i = process.argv.indexOf(`--${name}`);
   return i >= 0 ? process.argv[i + 1] : undefined;
 }
+
+const profileDir = arg('cpu-prof');
 
 const stats = (v: number[]): { median: number; min: number; max: number } | null =>
   v.length ? { median: median(v), min: Math.min(...v), max: Math.max(...v) } : null;

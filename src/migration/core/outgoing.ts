@@ -43,11 +43,10 @@ import {
 import type { MigrationOptions } from './options.js';
 import type { MachinePort } from './port.js';
 import { SourceStats } from './stats.js';
+import type { SwitchoverBudget } from './switchover.js';
 import type { StatusMachine } from './status.js';
 
 const S = WIRE.SECTION;
-/** Share of downtime-limit given to the final transfer (see iterate()). */
-const SWITCHOVER_SHARE = 0.5;
 /** Main-thread work per slice before yielding to the event loop. */
 const SLICE_MS = 5;
 /** Device sections a QEMU `-M none` guest has. */
@@ -87,6 +86,8 @@ export interface OutgoingDeps {
   trace?(point: SourceTracePoint): void;
   /** The MIGRATION_PASS count went up. */
   onPass(count: number): void;
+  /** What switchovers cost on this VM (switchover.ts); one per source, shared by its migrations. */
+  readonly switchover: SwitchoverBudget;
   log?(msg: string): void;
 }
 
@@ -291,18 +292,19 @@ export class OutgoingSession {
       this.checkCancelled();
       if (w.error) throw w.error;
       if (this.stats.updateWindow(this.now(), w.bytesWritten)) {
-        // Bytes that fit in the downtime budget. QEMU uses the whole limit;
-        // we keep half of it for what the estimate does not see (stopping
-        // the vCPUs, the device sections, the destination starting its guest),
-        // so that the measured downtime stays within downtime-limit.
-        threshold = this.stats.bandwidth * this.options.get('downtime-limit') * SWITCHOVER_SHARE;
+        // Bytes that fit in the downtime budget: QEMU's rule (what remains
+        // fits in downtime-limit at the measured bandwidth), less the
+        // measured cost of the stop itself (switchover.ts)
+        threshold = this.deps.switchover.thresholdBytes(this.stats.bandwidth, this.options.get('downtime-limit'));
       }
+      // bytes put but not yet handed to the kernel go after the stop too
+      const queued = w.bytesWritten - w.bytesFlushed;
       let p = this.pending(false);
-      if (p.total < threshold || p.total === 0) p = this.pending(true);
+      if (p.total + queued < threshold || p.total === 0) p = this.pending(true);
       this.stats.remaining = p.total;
-      if (p.total === 0 || p.total < threshold) return 'complete';
+      if (p.total === 0 || p.total + queued < threshold) return 'complete';
       // what must go before the switch fits: postcopy carries the rest
-      if (this.postcopyRequested && this.options.capability('postcopy-ram') && p.precopy <= threshold) return 'postcopy';
+      if (this.postcopyRequested && this.options.capability('postcopy-ram') && p.precopy + queued <= threshold) return 'postcopy';
 
       this.trace('slice');
       // Sections take turns at going first, so that one that fills the
@@ -333,6 +335,8 @@ export class OutgoingSession {
     const w = this.writer!;
     const stopWall = wallClockUs();
     const stopTime = this.now();
+    const bandwidth = this.stats.bandwidth;
+    const flushedAtStop = w.bytesFlushed;
     await this.machine.stopForMigration();
     this.vmStopped = true;
     this.checkCancelled();
@@ -367,6 +371,7 @@ export class OutgoingSession {
     // a cancel that came after the last byte still wins (QEMU: cancelled, the source runs on)
     this.checkCancelled();
     this.stats.downtime = Math.round(end - stopTime);
+    this.deps.switchover.record(end - stopTime, w.bytesWritten - flushedAtStop, bandwidth);
     this.finish(end);
   }
 

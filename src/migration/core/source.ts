@@ -5,6 +5,7 @@
  * which does the work; the last session stays current after it ended, so
  * that query-migrate shows its final figures.
  */
+import { SwitchoverBudget } from './switchover.js';
 import { EventEmitter } from 'node:events';
 import type { MigrationInfo, MigrationStatus } from '../../generated/qapi-types.js';
 import { parseMigrationUri, resolveFdParam, type ChannelWrapper } from '../channel/index.js';
@@ -63,6 +64,9 @@ export class MigrationSource extends EventEmitter {
   private readonly sections: SectionRegistry;
   private readonly now: () => number;
 
+  /** The measured cost of a switchover on this VM, learned over its migrations. */
+  readonly switchover = new SwitchoverBudget();
+
   constructor(
     private readonly machine: MachinePort,
     private readonly options: MigrationOptions,
@@ -119,6 +123,7 @@ export class MigrationSource extends EventEmitter {
       trace: this.deps.trace,
       onPass: (n) => this.emit('pass', n),
       log: this.deps.log,
+      switchover: this.switchover,
     });
     this.session = session;
     this.status_.to('setup');
