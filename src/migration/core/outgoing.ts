@@ -293,9 +293,10 @@ export class OutgoingSession {
       if (w.error) throw w.error;
       if (this.stats.updateWindow(this.now(), w.bytesWritten)) {
         // Bytes that fit in the downtime budget: QEMU's rule (what remains
-        // fits in downtime-limit at the measured bandwidth), less the
-        // measured cost of the stop itself (switchover.ts)
-        threshold = this.deps.switchover.thresholdBytes(this.stats.bandwidth, this.options.get('downtime-limit'));
+        // fits in downtime-limit at the measured bandwidth, here the lowest
+        // of the last two windows), less the measured cost of the stop
+        // itself (switchover.ts)
+        threshold = this.deps.switchover.thresholdBytes(this.stats.lowBandwidth, this.options.get('downtime-limit'));
       }
       // bytes put but not yet handed to the kernel go after the stop too
       const queued = w.bytesWritten - w.bytesFlushed;
@@ -335,7 +336,7 @@ export class OutgoingSession {
     const w = this.writer!;
     const stopWall = wallClockUs();
     const stopTime = this.now();
-    const bandwidth = this.stats.bandwidth;
+    const bandwidth = this.stats.lowBandwidth;
     const flushedAtStop = w.bytesFlushed;
     await this.machine.stopForMigration();
     this.vmStopped = true;

@@ -7,6 +7,8 @@
  */
 
 export const WINDOW_MS = 100;
+/** Windows the low bandwidth looks back over. */
+const RECENT_WINDOWS = 2;
 
 export class SourceStats {
   /** now() when `migrate` was issued */
@@ -20,6 +22,9 @@ export class SourceStats {
   remaining = 0;
   /** bytes per millisecond, measured over the last window; 0 before the first */
   bandwidth = 0;
+  /** The lowest of the last RECENT_WINDOWS window bandwidths (bytes/ms): what the switchover plans with. */
+  lowBandwidth = 0;
+  private readonly recent: number[] = [];
   private windowStart = 0;
   private windowBytes = 0;
 
@@ -43,6 +48,9 @@ export class SourceStats {
     if (elapsed < WINDOW_MS) return false;
     const bytes = streamBytes - this.windowBytes;
     this.bandwidth = bytes / elapsed;
+    this.recent.push(this.bandwidth);
+    if (this.recent.length > RECENT_WINDOWS) this.recent.shift();
+    this.lowBandwidth = Math.min(...this.recent);
     this.mbps = (bytes * 8) / (elapsed / 1000) / 1e6;
     if (bytes > 10000 && this.bandwidth > 0) {
       this.expectedDowntime = Math.round(this.remaining / this.bandwidth);
