@@ -112,15 +112,16 @@ export class Refcounts {
     return this.table.readUInt32BE(t * 8) * TWO32 + ((this.table.readUInt32BE(t * 8 + 4) & ~511) >>> 0);
   }
 
-  /** Every refcount block lies, aligned, inside the file (checked at a read-write open). */
+  /** Every refcount block lies, aligned, inside the file (checked at a read-write open; the error is the opener's reason). */
   checkTable(): void {
+    const corrupt = (what: string) => new BlockError(`qcow2 image is corrupt: ${what}`);
     for (let t = 0; t < this.entries; t++) {
-      if (this.table.readUInt32BE(t * 8) >= 0x200000) throw this.corrupt(`refcount block offset of reftable index ${hex(t)} is too large`);
+      if (this.table.readUInt32BE(t * 8) >= 0x200000) throw corrupt(`refcount block offset of reftable index ${hex(t)} is too large`);
       const off = this.blockOffset(t);
       if (off === 0) continue;
-      if (off % this.clusterSize !== 0) throw this.corrupt(`refcount block offset ${hex(off)} unaligned (reftable index: ${hex(t)})`);
+      if (off % this.clusterSize !== 0) throw corrupt(`refcount block offset ${hex(off)} unaligned (reftable index: ${hex(t)})`);
       if (off + this.clusterSize > this.file.size) {
-        throw this.corrupt(`refcount block offset ${hex(off)} (reftable index: ${hex(t)}) lies past the end of the file (${this.file.size} bytes)`);
+        throw corrupt(`refcount block offset ${hex(off)} (reftable index: ${hex(t)}) lies past the end of the file (${this.file.size} bytes)`);
       }
     }
   }
