@@ -15,6 +15,9 @@
  * writing to images with internal snapshots (reading them is fine: only the
  * active L1 table is used). A dirty image (lazy refcounts) opens read-only
  * only: QEMU repairs its refcounts on a read-write open, Ferry does not.
+ * Persistent dirty bitmaps are not kept: a read-write open clears the
+ * autoclear bits, as qcow2.txt asks of a program without bitmap support, and
+ * QEMU then treats the bitmaps as inconsistent (their clusters leak).
  */
 import type { FileHandle } from 'node:fs/promises';
 import { constants as zlibConstants, inflateRawSync } from 'node:zlib';

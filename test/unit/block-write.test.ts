@@ -11,7 +11,7 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, it } from 'node:test';
 import { BlockError, createImage, openImage, type BlockImage } from '../../src/block/index.js';
-import { assertCheck, assertCompare, KiB, MiB, prng, qemuImg, qemuIo, qemuMap, randomBytes, tmpDir } from './block-helpers.js';
+import { assertCheck, assertCompare, KiB, MiB, prng, qemuImg, qemuIo, qemuMap, randomBytes, run, tmpDir } from './block-helpers.js';
 
 interface WorkloadOptions {
   ops: number;
@@ -293,6 +293,27 @@ describe('block: Ferry writes, QEMU checks', () => {
     const raw = join(d, 'expect.raw');
     writeFileSync(raw, model);
     assertCompare(top, raw);
+  });
+
+  it('a persistent bitmap: a read-write open clears the autoclear bits first (qcow2.txt); QEMU then drops the bitmap, leaking its clusters', async () => {
+    const d = tmpDir();
+    const p = join(d, 'bm.qcow2');
+    qemuImg(['create', '-f', 'qcow2', p, '4M']);
+    qemuImg(['bitmap', '--add', p, 'b0']);
+    assert.equal(readFileSync(p).readUInt32BE(92), 1, 'autoclear bit 0 (bitmaps)');
+    const ro = await openImage(p, { readOnly: true });
+    await ro.close();
+    assert.equal(readFileSync(p).readUInt32BE(92), 1, 'a read-only open leaves it');
+    const img = await openImage(p);
+    assert.equal(readFileSync(p).readUInt32BE(92), 0, 'cleared at open, before any write');
+    await img.write(0, Buffer.alloc(4096, 1));
+    await img.close();
+    const r = run('qemu-img', ['check', '--output=json', p]);
+    assert.equal(r.status, 3, r.stdout + r.stderr); // leaks only
+    const j = JSON.parse(r.stdout) as { corruptions?: number; leaks?: number };
+    assert.equal(j.corruptions ?? 0, 0);
+    assert.equal(j.leaks, 2); // the bitmap directory and the bitmap table
+    qemuIo(p, ['read -P 1 0 4k']);
   });
 
   it('raw images: random writes and zero writes', async () => {
