@@ -356,6 +356,24 @@ describe('block: Ferry writes, QEMU checks', () => {
     await verify(img, model, d);
   });
 
+  it('buffers may be views of a SharedArrayBuffer (guest RAM), at any byte offset', async () => {
+    const d = tmpDir();
+    for (const format of ['qcow2', 'raw'] as const) {
+      const p = join(d, `sab.${format}`);
+      await createImage(p, { format, size: 4 * MiB });
+      const img = await openImage(p);
+      const ram = new Uint8Array(new SharedArrayBuffer(3 * MiB));
+      ram.fill(7, 5, MiB + 5);
+      await img.write(100, ram.subarray(5, MiB + 5));
+      const back = new Uint8Array(new SharedArrayBuffer(2 * MiB));
+      await img.read(0, back.subarray(1, MiB + 201));
+      const model = Buffer.alloc(MiB + 200);
+      model.fill(7, 100, MiB + 100);
+      assert.ok(Buffer.from(back.buffer, 1, MiB + 200).equals(model));
+      await verify(img, Buffer.concat([model, Buffer.alloc(4 * MiB - model.length)]), d);
+    }
+  });
+
   it('refuses writes to a read-only image, requests out of range, and requests after close', async () => {
     const d = tmpDir();
     const p = join(d, 'x.qcow2');
