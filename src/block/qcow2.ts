@@ -83,7 +83,6 @@ export class Qcow2Image implements BlockImage {
   private readonly file: ImageFile;
   private readonly queue = new SerialQueue();
   private closed = false;
-  private readonly clusterBits: number;
   private readonly l2Entries: number;
   private readonly l1: Buffer;
   private readonly l1Offset: number;
@@ -115,7 +114,6 @@ export class Qcow2Image implements BlockImage {
     this.header = h;
     this.file = new ImageFile(fh, fileSize, opts.barriers ?? true);
     this.virtualSize = h.size;
-    this.clusterBits = h.clusterBits;
     this.clusterSize = 2 ** h.clusterBits;
     this.l2Entries = this.clusterSize / 8;
     this.l1 = l1;
@@ -690,10 +688,12 @@ export class Qcow2Image implements BlockImage {
     const cs = this.clusterSize;
     const end = offset + length;
     if (!this.zeroClusters) return this.zeroBytes(offset, end);
-    const a = Math.min(end, Math.ceil(offset / cs) * cs);
-    const b = Math.max(a, Math.floor(end / cs) * cs);
+    // The whole clusters [a, b); the image's last cluster counts as whole when the request reaches the end.
+    const a = Math.ceil(offset / cs) * cs;
+    const b = end === this.virtualSize ? Math.ceil(end / cs) * cs : Math.floor(end / cs) * cs;
+    if (a >= b) return this.zeroBytes(offset, end);
     if (a > offset) await this.zeroBytes(offset, a);
-    // Whole clusters, some L2 tables at a time (one barrier per batch).
+    // some L2 tables at a time (one barrier per batch)
     const batch = 64 * this.l2Entries * cs;
     for (let p = a; p < b; p += batch) await this.zeroClustersIn(p, Math.min(b, p + batch));
     if (b < end) await this.zeroBytes(b, end);

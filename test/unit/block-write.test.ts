@@ -231,6 +231,19 @@ describe('block: Ferry writes, QEMU checks', () => {
         assert.equal(zeroBytes, 0, 'no zero clusters in v2');
       }
     }
+    // a zero write that reaches the end of the image takes its last, partial cluster as whole
+    const t = join(d, 'tail.qcow2');
+    qemuImg(['create', '-f', 'qcow2', '-b', 'base.raw', '-F', 'raw', t, '200k'], d);
+    const ti = await openImage(t);
+    await ti.writeZeroes(150 * KiB, 50 * KiB);
+    await ti.close();
+    assertCheck(t);
+    assert.deepEqual(qemuMap(t).filter((e) => e.depth === 0).map((e) => [e.start, e.length, e.zero, e.data]), [
+      [128 * KiB, 64 * KiB, false, true], // the head cluster, zeros written from 150k
+      [192 * KiB, 8 * KiB, true, false], // the last cluster, a zero cluster
+    ]);
+    qemuIo(t, ['read -P 0xee 0 150k', 'read -P 0 150k 50k']);
+
     // no backing file: zeroing unallocated space allocates nothing
     const p = join(d, 'plain.qcow2');
     qemuImg(['create', '-f', 'qcow2', p, '64M']);
