@@ -6,17 +6,16 @@
  * What decides the result on our hosts is the memory state of the host (a
  * VM whose freed memory goes back to the hypervisor after some seconds), so
  * every run records it and runs in a chosen one:
- *  - warm: once the source is up, a helper process touches and frees 2 GiB
- *    just before the destination starts, so its first touch is cheap;
+ *  - warm: runs back to back, the destination started as soon as the
+ *    source is up (seconds after the previous run's processes freed theirs);
  *  - settled: once the source is up, the run waits SETTLE_MS (20 s) before
  *    it starts the destination.
- * A probe (first touch of 256 MiB in a child process, seconds per GiB) is
- * taken at that point and recorded with every run.
+ * The time since the previous run and MemFree are recorded with every run.
  *
  * Set up as users set them up:
- *  - source RAM resident: Ferry `-fill random,seed=1`; QEMU
- *    `memory-backend-file` over a 1 GiB random file in the bench cache
- *    (share=off), read once before the first run so it sits in the page cache;
+ *  - source RAM resident and fresh on both: Ferry `-fill random,seed=1`;
+ *    QEMU `memory-backend-file,share=off` over a copy of a 1 GiB random
+ *    file made in /dev/shm just before the run (see shmCopy);
  *  - the destination (`-incoming defer`, then `migrate-incoming`, as libvirt
  *    does) in three configurations:
  *      default   both engines' defaults (Ferry prefaults in the background,
@@ -34,7 +33,7 @@
  * Writes bench/results/compare.json and prints a table of medians [ranges].
  */
 import { execFileSync } from 'node:child_process';
-import { readFileSync } from 'node:fs';
+import { readFileSync, rmSync } from 'node:fs';
 import { cpus, loadavg } from 'node:os';
 import { fileURLToPath } from 'node:url';
 import { measureLoopback } from './loopback.js';
@@ -55,8 +54,10 @@ interface Run {
   engine: Engine;
   state: State;
   config: Config;
-  /** first-touch cost measured just before the run, s per GiB */
-  probeSPerGiB: number;
+  /** ms from the end of the previous run to the destination's start */
+  sinceLastRunMs: number;
+  /** host MemFree at that point, bytes */
+  memFreeBytes: number;
   ok: boolean;
   error?: string;
   totalTimeMs?: number;
@@ -65,31 +66,36 @@ interface Run {
   transferredBytes?: number;
 }
 
-/** Seconds per GiB of a first touch of 256 MiB in a fresh process (the fill itself is ~0.15 s/GiB of it). */
-function probe(): number {
-  const out = execFileSync(process.execPath, ['-e', `
-    const t = process.hrtime.bigint();
-    const b = Buffer.alloc(256 * 1024 * 1024, 1);
-    const s = Number(process.hrtime.bigint() - t) / 1e9;
-    console.log(s * 4 + (b[12345] === 1 ? 0 : 1));`], { encoding: 'utf8' });
-  return Number(out.trim());
+/** MemFree of the host, bytes (recorded with every run; reading it changes nothing). */
+function memFree(): number {
+  const m = /MemFree:\s+(\d+) kB/.exec(readFileSync('/proc/meminfo', 'utf8'));
+  return m ? Number(m[1]) * 1024 : NaN;
 }
 
-/** Touch and free 2 GiB in a child process: the next first touch is cheap. */
-function warmUp(): void {
-  execFileSync(process.execPath, ['-e', 'const a = []; for (let i = 0; i < 8; i++) a.push(Buffer.alloc(256 * 1024 * 1024, 1)); console.log(a.length)'], { encoding: 'utf8' });
+let lastRunEnded = 0;
+
+/**
+ * Puts the host in `state` just before the destination starts. Warm: right
+ * after the previous run's processes exited (runs back to back), nothing
+ * else. Settled: SETTLE_MS without a large free. A probe that touches and
+ * frees memory was tried and dropped: freeing 2 GiB just before made the
+ * next first touch dearer (QEMU 7.2's destination went from 0.3 to 1.2-1.5 s
+ * of system time per GiB), so it perturbs what it measures.
+ */
+async function reachState(state: State): Promise<void> {
+  if (state === 'settled') await sleep(SETTLE_MS);
 }
 
 /**
- * Puts the host in `state` just before the destination starts, and returns
- * the probe's figure. Settled: SETTLE_MS without a large free (the probe
- * cannot tell by itself: a small first touch is served from memory the
- * guest kernel kept).
+ * QEMU's source RAM: the 1 GiB random file copied to /dev/shm just before
+ * the run, so that QEMU's source takes 1 GiB of fresh memory as Ferry's
+ * `-fill` does (a file in the page cache would leave QEMU's destination the
+ * memory Ferry's source takes).
  */
-async function reachState(state: State): Promise<number> {
-  if (state === 'warm') warmUp();
-  else await sleep(SETTLE_MS);
-  return probe();
+function shmCopy(): string {
+  const p = `/dev/shm/ferry-compare-${process.pid}.bin`;
+  execFileSync('cp', [randomFile1G(), p]);
+  return p;
 }
 
 function qemuRam(config: Config): string[] {
@@ -102,13 +108,16 @@ async function runOnce(engine: Engine, state: State, config: Config): Promise<Ru
   const uri = `tcp:127.0.0.1:${port}`;
   let src: Vm | null = null;
   let dst: Vm | null = null;
-  const rec: Run = { engine, state, config, probeSPerGiB: NaN, ok: false };
+  const rec: Run = { engine, state, config, sinceLastRunMs: NaN, memFreeBytes: NaN, ok: false };
+  const shm = engine === 'qemu' ? shmCopy() : null;
   try {
     // the source first (its RAM resident), then the destination
     src = engine === 'ferry'
       ? await startFerry(['-m', '1G', '-workload', 'idle', '-fill', 'random,seed=1'], dir, { name: 'src' })
-      : await startQemu(['-machine', 'none,memory-backend=m', '-object', `memory-backend-file,id=m,size=1G,mem-path=${randomFile1G()},share=off`, '-S'], dir, { name: 'src' });
-    rec.probeSPerGiB = await reachState(state);
+      : await startQemu(['-machine', 'none,memory-backend=m', '-object', `memory-backend-file,id=m,size=1G,mem-path=${shm!},share=off`, '-S'], dir, { name: 'src' });
+    await reachState(state);
+    rec.sinceLastRunMs = lastRunEnded ? Math.round(performance.now() - lastRunEnded) : NaN;
+    rec.memFreeBytes = memFree();
     dst = engine === 'ferry'
       ? await startFerry(['-m', '1G', '-S', ...(config === 'prealloc' ? ['-mem-prealloc'] : []), '-incoming', 'defer'], dir, { name: 'dst' })
       : await startQemu([...qemuRam(config), '-incoming', 'defer'], dir, { name: 'dst' });
@@ -138,7 +147,9 @@ async function runOnce(engine: Engine, state: State, config: Config): Promise<Ru
     return rec;
   } finally {
     await Promise.all([src?.quit(), dst?.quit()]);
+    if (shm) rmSync(shm, { force: true });
     cleanupTempDirs();
+    lastRunEnded = performance.now();
   }
 }
 
@@ -169,8 +180,7 @@ export async function main(): Promise<void> {
   const runs = Math.max(1, Number(arg('runs') ?? '5'));
   const states = (arg('states') ?? 'warm,settled').split(',') as State[];
   const configs = (arg('configs') ?? 'default,prealloc,paused').split(',') as Config[];
-  // the QEMU source maps this file: read it once so it is in the page cache
-  readFileSync(randomFile1G());
+  randomFile1G();
   console.log(`compare: ${runs} run(s) per engine, states ${states.join(',')}, configs ${configs.join(',')}; ${cpus().length} CPUs; load ${loadavg().map((x) => x.toFixed(2)).join(' ')}`);
   const limits = process.argv.includes('--no-limits')
     ? null
@@ -183,7 +193,7 @@ export async function main(): Promise<void> {
         for (const engine of (i % 2 ? ['qemu', 'ferry'] : ['ferry', 'qemu']) as Engine[]) {
           const r = await runOnce(engine, state, config);
           all.push(r);
-          console.log(`  ${state} ${config} ${engine} #${i + 1} (probe ${r.probeSPerGiB.toFixed(2)} s/GiB): ` +
+          console.log(`  ${state} ${config} ${engine} #${i + 1} (${Math.round(r.sinceLastRunMs / 1000)} s after the last run, MemFree ${(r.memFreeBytes / GiB).toFixed(1)} GiB): ` +
             (r.ok ? `total ${r.totalTimeMs} ms, downtime ${r.downtimeMs} ms, dest done ${Math.round(r.wallToDestDoneMs!)} ms` : `FAILED ${r.error}`));
         }
       }
@@ -200,7 +210,7 @@ export async function main(): Promise<void> {
       const qd = stats(pick('qemu').map((r) => r.downtimeMs!));
       const ratio = f && q ? f.median / q.median : NaN;
       const pctLoop = f && limits ? (GiB / (f.median / 1000) / limits.loopbackBytesPerSec) * 100 : NaN;
-      table.push({ state, config, ferry: f, qemu: q, ratio, ferryPctLoopback: pctLoop, ferryDowntime: fd, qemuDowntime: qd, probes: pick('ferry').concat(pick('qemu')).map((r) => r.probeSPerGiB) });
+      table.push({ state, config, ferry: f, qemu: q, ratio, ferryPctLoopback: pctLoop, ferryDowntime: fd, qemuDowntime: qd });
       console.log(`${state.padEnd(8)} ${config.padEnd(9)} ${fmt(f).padEnd(20)} ${fmt(q).padEnd(20)} ${ratio.toFixed(2).padStart(10)}  ${pctLoop.toFixed(0).padStart(15)}  ${fd ? Math.round(fd.median) : '-'}/${qd ? Math.round(qd.median) : '-'}`);
     }
   }
