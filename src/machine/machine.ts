@@ -343,6 +343,11 @@ export class Machine extends EventEmitter implements DeviceHost {
     return this.guestRam.pages;
   }
 
+  /** An incoming migration's stream has started: the background prefault stops (ram.ts). */
+  stopBackgroundPrefault(): void {
+    this.guestRam.stopBackgroundPrefault();
+  }
+
   /** Block and offset of a guest-physical address. */
   locate(addr: number): { block: RamBlock; offset: number } {
     return this.guestRam.locate(addr);

@@ -88,6 +88,7 @@ export class GuestRam {
   /** `<backend>`, `<backend>.1`, … of at most 2 GiB each. */
   readonly blocks: readonly RamBlock[];
   private readonly helpers = new HelperPool();
+  private prefaultStopped = false;
 
   /** Allocates `size` bytes of zeroed RAM in blocks named after `backendId` (default pc.ram). */
   constructor(size: number, backendId: string) {
@@ -170,11 +171,22 @@ export class GuestRam {
     const run = async (): Promise<void> => {
       for (const b of this.blocks) {
         for (let offset = 0; offset < b.size; offset += PREFAULT_CHUNK) {
+          if (this.prefaultStopped) return;
           if (!allTouched(b, offset, Math.min(PREFAULT_CHUNK, b.size - offset))) await this.prefaultChunk(b, offset);
         }
       }
     };
     run().catch(() => undefined);
+  }
+
+  /**
+   * The stream has started: the background prefault stops after the range
+   * it is on. Faulting beside the loader doubled the destination's system
+   * time when it was migrated at once (huge-page faults, docs/benchmarks.md);
+   * what is not prefaulted by then the loader faults in as it writes.
+   */
+  stopBackgroundPrefault(): void {
+    this.prefaultStopped = true;
   }
 
   /** Block and offset of a guest-physical address. */

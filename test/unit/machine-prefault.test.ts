@@ -64,6 +64,35 @@ describe('prefault', () => {
     }
   });
 
+  it('the background prefault stops after its current range once the stream starts', async () => {
+    const before = rssBytes();
+    const m = await Machine.create({ ramSize: 1024 * MiB, smp: 1, incoming: true });
+    try {
+      m.stopBackgroundPrefault();
+      await new Promise((r) => setTimeout(r, 1500));
+      const grown = rssBytes() - before;
+      // at most the range it was on (64 MiB) and the workers' own memory
+      assert.ok(grown < 256 * MiB, `RSS grew by ${(grown / MiB).toFixed(0)} MiB after the stop`);
+    } finally {
+      await m.destroy();
+    }
+  });
+
+  it('without the stop, the background prefault faults all of RAM in', async () => {
+    const before = rssBytes();
+    const m = await Machine.create({ ramSize: 512 * MiB, smp: 1, incoming: true });
+    try {
+      let grown = 0;
+      for (let i = 0; i < 100 && grown < 480 * MiB; i++) {
+        await new Promise((r) => setTimeout(r, 100));
+        grown = rssBytes() - before;
+      }
+      assert.ok(grown >= 480 * MiB, `RSS grew by ${(grown / MiB).toFixed(0)} MiB in 10 s`);
+    } finally {
+      await m.destroy();
+    }
+  });
+
   it('a range above 2 GiB in a block of more than 2 GiB is faulted in, with the addon and with the fallback', async () => {
     const script = `
       import { HelperPool } from ${JSON.stringify(pathToFileURL(resolve(root, 'dist/src/machine/helpers.js')).href)};

@@ -28,6 +28,7 @@ export function machinePort(m: Machine, opts: { autostart: boolean }): MachinePo
       void m.stop('postmigrate');
     },
     setThrottle: (pct) => m.setThrottle(pct),
+    incomingStreamStarted: () => m.stopBackgroundPrefault(),
     async finishIncoming() {
       const got = m.loadedGlobalState;
       if (got === undefined || got === 'running') {
