@@ -278,13 +278,14 @@ export class Drive {
   /** The I/O status of the guest device (set by a failed guest write). */
   ioStatus: IoStatus = 'ok';
   private closed = false;
+  private _image: BlockImage;
 
   constructor(
     slot: DriveSlot,
     cfg: DriveConfig,
-    /** The open image; read it directly only for what must not count as a guest access. */
-    readonly image: BlockImage,
+    image: BlockImage,
   ) {
+    this._image = image;
     this.name = slot.name;
     this.interface = slot.interface;
     this.index = slot.index;
@@ -294,6 +295,11 @@ export class Drive {
     this.readOnly = image.readOnly;
     this.cache = cfg.cache ?? 'writeback';
     this.dirty = new DirtyChunks(image.virtualSize);
+  }
+
+  /** The open image; use it directly only for what must not count as a guest access. */
+  get image(): BlockImage {
+    return this._image;
   }
 
   /** Guest-visible bytes. */
@@ -403,6 +409,31 @@ export class Drive {
     return info;
   }
 
+  /**
+   * Close the image and open it again (same format and mode), so that
+   * nothing cached of its metadata survives: another process may have
+   * written it (shared storage across a migration; QEMU's image
+   * inactivation and activation).
+   */
+  async reopen(): Promise<void> {
+    if (this.closed) throw new Error(`drive ${this.name} is closed`);
+    const old = this._image;
+    await this.flush();
+    await old.close();
+    try {
+      this._image = await openImage(this.file, { format: old.format, readOnly: this.readOnly, barriers: this.cache !== 'unsafe' });
+    } catch (e) {
+      this.closed = true;
+      throw e;
+    }
+    if (this._image.virtualSize !== old.virtualSize) {
+      const now = this._image.virtualSize;
+      await this._image.close(); // every request fails from now on
+      this.closed = true;
+      throw new Error(`drive ${this.name}: '${this.file}' changed size (${old.virtualSize} to ${now} bytes)`);
+    }
+  }
+
   /** Flush (unless cache=unsafe) and close the image; idempotent. A flush error is thrown after the close. */
   async close(): Promise<void> {
     if (this.closed) return;
@@ -459,6 +490,11 @@ export class Drives {
       ),
     );
     return failed;
+  }
+
+  /** Reopen every drive (see Drive.reopen). */
+  async reopenAll(): Promise<void> {
+    for (const d of this.list) await d.reopen();
   }
 
   /** Flush and close every drive; returns the failures. */

@@ -34,7 +34,12 @@
  * Start/stop calls are serialised.
  *
  * Drives are opened first in create() (a DriveError names the -drive that
- * failed) and flushed and closed last in destroy().
+ * failed) and flushed and closed last in destroy(). An incoming machine's
+ * drives, and a source's once it entered postmigrate, are reopened before
+ * the guest next leaves that state (start(), setRunState() to anything but
+ * internal-error or shutdown): on shared storage the other side wrote them,
+ * and nothing cached of their metadata may survive (QEMU inactivates the
+ * images there and activates them again).
  *
  * Events: 'runstate' (new, old), 'heartbeat' (n, line),
  * 'vcpu-error' (index, Error) — after which the run state is internal-error,
@@ -75,6 +80,8 @@ export class Machine extends EventEmitter implements DeviceHost {
   private readonly rs: RunStateMachine;
   private _drives = Drives.none();
   private disk: DiskWorkload | null = null;
+  /** The drives may have been written by another process (incoming, or migrated away): reopen before the guest runs. */
+  private drivesStale: boolean;
   /** Start the guest once created (neither -S nor -incoming). */
   private readonly autostart: boolean;
   private opChain: Promise<unknown> = Promise.resolve();
@@ -113,6 +120,7 @@ export class Machine extends EventEmitter implements DeviceHost {
 
     this.rs = new RunStateMachine(cfg.incoming ? 'inmigrate' : 'prelaunch', (now, old) => this.emit('runstate', now, old));
     this.autostart = !cfg.incoming && !cfg.startPaused;
+    this.drivesStale = cfg.incoming === true;
 
     const devs: MigratableDevice[] = [new TimerDevice(this), new SerialDevice(this)];
     for (let i = 0; i < this.smp; i++) devs.push(new VcpuDevice(this, i));
@@ -174,6 +182,7 @@ export class Machine extends EventEmitter implements DeviceHost {
       if (this.runState === 'running') return;
       if (this.runState === 'shutdown') throw new Error('The VM has shut down');
       this.rs.check('running');
+      await this.freshDrives();
       await this.vcpus.resume();
       this.clock.run();
       this.disk?.resume();
@@ -191,12 +200,14 @@ export class Machine extends EventEmitter implements DeviceHost {
         this.rs.check(newState);
         await this.pauseGuest();
         if (newState === 'finish-migrate') this.savedRunStateForMigration = old;
+        if (newState === 'postmigrate') this.drivesStale = true;
         this.rs.set(newState);
         return;
       }
       if (newState === 'paused') return;
       this.rs.check(newState);
       if (newState === 'finish-migrate' && old !== 'finish-migrate') this.savedRunStateForMigration = old;
+      if (newState === 'postmigrate') this.drivesStale = true;
       this.rs.set(newState);
     });
   }
@@ -215,6 +226,8 @@ export class Machine extends EventEmitter implements DeviceHost {
         await this.pauseGuest();
         if (s === 'finish-migrate') this.savedRunStateForMigration = 'running';
       }
+      if (s === 'postmigrate') this.drivesStale = true;
+      else if (s !== 'internal-error' && s !== 'shutdown' && s !== 'inmigrate') await this.freshDrives();
       this.rs.set(s);
     });
   }
@@ -314,6 +327,12 @@ export class Machine extends EventEmitter implements DeviceHost {
   }
 
   /* ---------------------------------------------------------- drives */
+
+  private async freshDrives(): Promise<void> {
+    if (!this.drivesStale) return;
+    await this._drives.reopenAll();
+    this.drivesStale = false;
+  }
 
   /** The drives, in command-line order (block migration: dirty-chunk logs, reads and writes). */
   get drives(): Drives {

@@ -16,7 +16,7 @@ import { Drives, DriveError, planDrives, type DriveConfig } from '../../src/mach
 import { DiskWorkloadDevice } from '../../src/machine/device-state.js';
 import { DiskWorkloadError, fillStep } from '../../src/machine/disk-workload.js';
 import { Machine, type MachineConfig } from '../../src/machine/index.js';
-import { qemuImg, tmpDir } from './block-helpers.js';
+import { qemuImg, qemuIo, tmpDir } from './block-helpers.js';
 
 const M = 1 << 20;
 
@@ -302,4 +302,34 @@ test('disk workload: a configuration the drive cannot take is refused', async ()
   await bad(rw, { drive: 'virtio0', write: 1000 }, /write 1000 must be a multiple of 512/);
   await bad(rw, { drive: 'virtio0', start: 3 * M, wss: 2 * M }, /beyond the drive's 4194304 bytes/);
   await bad(rw, { drive: 'virtio0', wss: 512, write: 4096 }, /wss 512 is smaller than write 4096/);
+});
+
+test('drives another process may have written are read again before the guest runs (incoming; after postmigrate)', async () => {
+  const dir = tmpDir();
+  const file = join(dir, 'shared.qcow2');
+  await createImage(file, { format: 'qcow2', size: 4 * M });
+  const m = await Machine.create({ ramSize: 16 * M, smp: 1, incoming: true, drives: [{ file, format: 'qcow2', interface: 'virtio' }] });
+  try {
+    const seen = async () => {
+      const b = new Uint8Array(4);
+      await m.drives.get('virtio0')!.read(M, b);
+      return Buffer.from(b).toString('hex');
+    };
+    // the source writes a new cluster while this machine has the image open
+    qemuIo(file, ['write -P 0x11 1M 64k']);
+    assert.equal(await seen(), '00000000', 'the premise: the open image does not see it (its L1 table is cached)');
+    await m.setRunState('paused'); // the incoming migration ended
+    assert.equal(await seen(), '11111111');
+    // migrated away: the other side writes; cont must not use what was cached
+    await m.start();
+    await m.stop('finish-migrate');
+    await m.stop('postmigrate');
+    qemuIo(file, ['write -P 0x22 1M 64k', 'write -P 0x33 2M 64k']);
+    await m.start();
+    assert.equal(await seen(), '22222222');
+    await m.stop();
+    qemuImg(['check', '-q', file]);
+  } finally {
+    await m.destroy();
+  }
 });
