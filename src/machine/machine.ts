@@ -257,7 +257,8 @@ export class Machine extends EventEmitter implements DeviceHost {
 
   /**
    * Pauses every vCPU; resolves once every worker acknowledged that it is
-   * paused. Does not change the run state (see stop()).
+   * paused. Does not change the run state and leaves the disk workload and
+   * the drives alone (stop() pauses everything).
    */
   pauseVcpus(): Promise<void> {
     return this.vcpus.pause();
