@@ -100,6 +100,10 @@ export async function main(argv: string[]): Promise<number> {
     // the live sections this VM migrates besides its devices (disks register here)
     const sections = new SectionRegistry([RAM_SECTION]);
     const log = (msg: string) => process.stderr.write(`ferry: ${msg}\n`);
+    // QEMU warns too (and then restricts writes to block 0, which Ferry does not)
+    for (const d of machine.drives.list) {
+      if (d.probed && d.image.format === 'raw') log(`warning: Image format was not specified for '${d.file}' and probing guessed raw.`);
+    }
     machine.on('disk-workload-error', (e: Error) => log(`disk workload stopped: ${e.message}`));
     machine.on('drive-error', (drive: string, e: Error) => log(`drive ${drive}: ${e.message}`));
     // tls-creds names an object: its loaded credentials, or 'other' for an object of another kind

@@ -273,6 +273,8 @@ export class Drive {
   readonly file: string;
   readonly readOnly: boolean;
   readonly cache: CacheMode;
+  /** No format= was given: the format was probed. */
+  readonly probed: boolean;
   /** The dirty-chunk log (block migration): start/stop/take through the drive's methods. */
   readonly dirty: DirtyChunks;
   /** The I/O status of the guest device (set by a failed guest write). */
@@ -294,6 +296,7 @@ export class Drive {
     this.file = cfg.file;
     this.readOnly = image.readOnly;
     this.cache = cfg.cache ?? 'writeback';
+    this.probed = cfg.format === undefined;
     this.dirty = new DirtyChunks(image.virtualSize);
   }
 

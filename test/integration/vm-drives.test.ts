@@ -140,6 +140,15 @@ describe('query-block', () => {
     assert.equal(vm.exitCode, 0);
   });
 
+  it('probes the format when format= is omitted, and warns about raw as QEMU does', async () => {
+    const vm = await startVm({ args: ['-m', '16M', '-drive', `file=${raw},if=virtio,readonly=on`, '-drive', `file=${vq},if=none,readonly=on`] });
+    const info = await vm.execute<any[]>('query-block');
+    assert.deepEqual(info.map((b) => [b.device, b.inserted.drv]), [['virtio0', 'raw'], ['none0', 'qcow2']]);
+    await vm.quit();
+    assert.match(vm.stderr, new RegExp(`warning: Image format was not specified for '${raw}' and probing guessed raw\\.`));
+    assert.doesNotMatch(vm.stderr, /v2\.qcow2/);
+  });
+
   it('is what QEMU 7.2 reports for the same drives (pc machine), less the members Ferry leaves out', { skip: QEMU_SKIP }, async () => {
     // QEMU's ide-hd cannot be read-only: the read-only drives are virtio and none here too
     const q = await startQemu({ args: ['-M', 'pc', '-S', ...driveArgs()] });
