@@ -22,6 +22,15 @@ ferry vm options:
   -workload idle | sweep[,start=SIZE][,end=SIZE] | stress[,rate=BYTES][,wss=SIZE][,write=BYTES][,seed=N][,read=on]
   -fill zero | random[,seed=N] | text[,seed=N]
   -serial none | stdio | file:PATH
+  -drive file=PATH[,format=raw|qcow2][,if=ide|virtio|none][,index=N][,id=ID][,readonly=on][,cache=MODE]   (repeatable)
+        if=ide (default): ide<bus>-hd<unit>, index 0-3; if=virtio: virtio<N>; if=none: none<N>; id=ID names it instead.
+        cache=writeback (default) | none | writethrough | directsync | unsafe: I/O always goes through the host
+        page cache; writethrough and directsync flush after every write, unsafe never flushes.
+  -disk-workload drive=NAME[,rate=BYTES][,wss=SIZE][,start=SIZE][,write=BYTES][,seed=N][,steps=N][,read=on]
+        guest disk writes to the drive NAME (as query-block shows it) while the guest runs: rate bytes per
+        second (default 1M, 0 = unlimited), write bytes per step (multiple of 512, default 4K) at random
+        sectors of [start, start+wss), content fixed by seed and step; read=on reads one sector per step
+        into the checksum (x-query-disk-workload)
 `;
 
 async function run(argv: string[]): Promise<number> {

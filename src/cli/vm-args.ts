@@ -3,6 +3,13 @@
  * each taking at most one argument, with QEMU's "key=value,key=value" option
  * strings where QEMU has them.
  */
+import { CACHE_MODES, DRIVE_INTERFACES, type CacheMode, type DriveConfig, type DriveInterface } from '../machine/index.js';
+
+/** One -drive: the option text (error messages name it) and what it says. */
+export interface DriveArg {
+  spec: string;
+  config: DriveConfig;
+}
 
 export interface ObjectSpec {
   qomType: string;
@@ -27,6 +34,9 @@ export interface VmArgs {
   workload: string;
   fill: string;
   serial: string;
+  drives: DriveArg[];
+  /** -disk-workload, unparsed (the machine checks it against the drives) */
+  diskWorkload?: string;
 }
 
 export class UsageError extends Error {}
@@ -36,7 +46,7 @@ const WITH_ARG = new Map<string, string>([
   ['m', 'm'], ['smp', 'smp'], ['name', 'name'], ['qmp', 'qmp'], ['incoming', 'incoming'],
   ['object', 'object'], ['machine', 'machine'], ['M', 'machine'], ['workload', 'workload'],
   ['fill', 'fill'], ['serial', 'serial'], ['display', 'display'], ['accel', 'accel'],
-  ['vga', 'vga'], ['monitor', 'monitor'],
+  ['vga', 'vga'], ['monitor', 'monitor'], ['drive', 'drive'], ['disk-workload', 'disk-workload'],
 ]);
 const FLAGS = new Set(['S', 'mem-prealloc', 'nodefaults', 'no-user-config', 'no-shutdown', 'enable-kvm']);
 
@@ -86,6 +96,7 @@ export function parseVmArgs(argv: readonly string[]): VmArgs {
     workload: 'idle',
     fill: 'zero',
     serial: 'none',
+    drives: [],
   };
   for (let i = 0; i < argv.length; i++) {
     const raw = argv[i]!;
@@ -158,10 +169,88 @@ export function parseVmArgs(argv: readonly string[]): VmArgs {
       case 'serial':
         a.serial = val;
         break;
+      case 'drive':
+        try {
+          a.drives.push({ spec: val, config: parseDrive(val) });
+        } catch (e) {
+          throw new UsageError(`-drive ${val}: ${(e as Error).message}`);
+        }
+        break;
+      case 'disk-workload':
+        if (a.diskWorkload !== undefined) throw new UsageError(`-disk-workload ${val}: only one disk workload per VM`);
+        a.diskWorkload = val;
+        break;
       default:
         // -display, -accel, -vga: accepted for command-line compatibility, no effect
         break;
     }
   }
   return a;
+}
+
+/** -drive options QEMU has that Ferry does not carry out. */
+const QEMU_DRIVE_OPTIONS = new Set([
+  'bus', 'unit', 'media', 'snapshot', 'aio', 'discard', 'werror', 'rerror', 'serial', 'addr', 'cyls', 'heads', 'secs',
+  'trans', 'copy-on-read', 'detect-zeroes', 'node-name', 'auto-read-only', 'force-share', 'boot', 'cache.direct',
+  'cache.no-flush', 'cache.writeback', 'bps', 'bps_rd', 'bps_wr', 'iops', 'iops_rd', 'iops_wr', 'iops_size', 'group',
+]);
+/** Image formats QEMU has that Ferry does not open. */
+const QEMU_FORMATS = new Set([
+  'bochs', 'cloop', 'dmg', 'file', 'host_device', 'luks', 'nbd', 'parallels', 'qcow', 'qed', 'vdi', 'vhdx', 'vmdk', 'vpc', 'vvfat',
+]);
+/** Interfaces QEMU has that Ferry's machine does not. */
+const QEMU_INTERFACES = new Set(['scsi', 'floppy', 'pflash', 'mtd', 'sd', 'xen']);
+
+/** QEMU's boolean option values. */
+function parseBool(v: string, name: string): boolean {
+  if (['on', 'yes', 'true', 'y'].includes(v)) return true;
+  if (['off', 'no', 'false', 'n'].includes(v)) return false;
+  throw new Error(`Parameter '${name}' expects 'on' or 'off'`);
+}
+
+/**
+ * One -drive option string: file=PATH[,format=raw|qcow2][,if=ide|virtio|none][,index=N][,id=ID][,readonly=on][,cache=MODE]
+ * (",," is a comma in a value). Throws with QEMU's text where QEMU has one;
+ * the slot, the name and the image are the machine's checks (drives.ts).
+ */
+export function parseDrive(spec: string): DriveConfig {
+  const o = parseOptString(spec);
+  for (const k of Object.keys(o)) {
+    if (['file', 'format', 'if', 'index', 'id', 'readonly', 'read-only', 'cache'].includes(k)) continue;
+    if (QEMU_DRIVE_OPTIONS.has(k) || k.startsWith('throttling.') || k.startsWith('file.')) {
+      throw new Error(`Ferry does not support the drive option '${k}'`);
+    }
+    if (o.format !== undefined) throw new Error(`Block format '${o.format}' does not support the option '${k}'`);
+    throw new Error(`Invalid drive option '${k}' (Ferry's are file, format, if, index, id, readonly, cache)`);
+  }
+  if (o.file === undefined) throw new Error('Ferry needs file= (drives without a medium are not supported)');
+  if (o.file === '') throw new Error('A block device must be specified for "file"');
+  const cfg: DriveConfig = { file: o.file };
+  if (o.format !== undefined) {
+    if (o.format === 'raw' || o.format === 'qcow2') cfg.format = o.format;
+    else if (QEMU_FORMATS.has(o.format)) throw new Error(`Ferry opens raw and qcow2 images only, not '${o.format}'`);
+    else throw new Error(`Unknown driver '${o.format}'`);
+  }
+  if (o.if !== undefined) {
+    if ((DRIVE_INTERFACES as readonly string[]).includes(o.if)) cfg.interface = o.if as DriveInterface;
+    else if (QEMU_INTERFACES.has(o.if)) throw new Error(`machine type does not support if=${o.if} (Ferry has if=ide, if=virtio and if=none)`);
+    else throw new Error(`unsupported bus type '${o.if}'`);
+  }
+  if (o.index !== undefined) {
+    if (!/^\d+$/.test(o.index)) throw new Error("Parameter 'index' expects a number");
+    const n = Number(o.index);
+    if (!Number.isSafeInteger(n)) throw new Error(`Value '${o.index}' is too large for parameter 'index'`);
+    cfg.index = n;
+  }
+  if (o.id !== undefined) cfg.id = o.id;
+  if (o.readonly !== undefined && o['read-only'] !== undefined) {
+    throw new Error("'read-only' and its alias 'readonly' can't be used at the same time");
+  }
+  const ro = o['read-only'] ?? o.readonly;
+  if (ro !== undefined) cfg.readOnly = parseBool(ro, 'read-only');
+  if (o.cache !== undefined) {
+    if (!(CACHE_MODES as readonly string[]).includes(o.cache)) throw new Error('invalid cache option');
+    cfg.cache = o.cache as CacheMode;
+  }
+  return cfg;
 }

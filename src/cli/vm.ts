@@ -8,7 +8,7 @@ import type { Ctx, UserObject, VmServices } from '../commands/context.js';
 import { addObject } from '../commands/objects.js';
 import { COMMANDS } from '../generated/qapi-commands.js';
 import { QapiEvents } from '../generated/qapi-events.js';
-import { Machine, parseFill, parseWorkload, type SerialConfig } from '../machine/index.js';
+import { DiskWorkloadError, DriveError, Machine, parseDiskWorkload, parseFill, parseWorkload, type SerialConfig } from '../machine/index.js';
 import {
   MigrationDestination,
   MigrationOptions,
@@ -65,6 +65,14 @@ export async function main(argv: string[]): Promise<number> {
       ramSize = be.props.size as number;
     }
     const prealloc = a.memPrealloc || (a.memoryBackend !== undefined && objects.get(a.memoryBackend)!.props.prealloc === true);
+    let diskWorkload;
+    if (a.diskWorkload !== undefined) {
+      try {
+        diskWorkload = parseDiskWorkload(a.diskWorkload);
+      } catch (e) {
+        throw new UsageError(`-disk-workload ${a.diskWorkload}: ${(e as Error).message}`);
+      }
+    }
     const machine = await Machine.create({
       ramSize,
       smp: a.smp,
@@ -77,6 +85,12 @@ export async function main(argv: string[]): Promise<number> {
       incoming: a.incoming !== undefined,
       prealloc,
       serial: parseSerial(a.serial),
+      drives: a.drives.map((d) => d.config),
+      diskWorkload,
+    }).catch((e: unknown) => {
+      if (e instanceof DriveError) throw new UsageError(`-drive ${a.drives[e.drive]!.spec}: ${e.message}`);
+      if (e instanceof DiskWorkloadError) throw new UsageError(`-disk-workload ${a.diskWorkload!}: ${e.message}`);
+      throw e;
     });
     const options = new MigrationOptions();
     const fds = new Map<string, number>();
@@ -88,6 +102,12 @@ export async function main(argv: string[]): Promise<number> {
     // the live sections this VM migrates besides its devices (disks register here)
     const sections = new SectionRegistry([RAM_SECTION]);
     const log = (msg: string) => process.stderr.write(`ferry: ${msg}\n`);
+    // QEMU warns too (and then restricts writes to block 0, which Ferry does not)
+    for (const d of machine.drives.list) {
+      if (d.probed && d.image.format === 'raw') log(`warning: Image format was not specified for '${d.file}' and probing guessed raw.`);
+    }
+    machine.on('disk-workload-error', (e: Error) => log(`disk workload stopped: ${e.message}`));
+    machine.on('drive-error', (drive: string, e: Error) => log(`drive ${drive}: ${e.message}`));
     // tls-creds names an object: its loaded credentials, or 'other' for an object of another kind
     const tls: TlsDeps = {
       lookup: (id) => {

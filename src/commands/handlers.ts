@@ -12,6 +12,7 @@ import { saveDevicesOnly } from '../migration/index.js';
 import type { Ctx } from './context.js';
 import { generic } from './errors.js';
 import { addObject, deleteObject } from './objects.js';
+import { blockDigest, blockInfo, diskWorkloadInfo } from './block.js';
 
 
 function migrationInfo(ctx: Ctx) {
@@ -113,6 +114,18 @@ export const handlers: CommandHandlers<Ctx> = {
       blocked: v.blocked,
     }));
   },
+  'x-query-disk-workload'(_args, ctx) {
+    return ctx.vm.machine.diskWorkloadInfo().map(diskWorkloadInfo);
+  },
+  async 'x-query-block-digest'(_args, ctx) {
+    return blockDigest(await generic(() => ctx.vm.machine.blockDigest()));
+  },
+
+  // ---- block
+  async 'query-block'(_args, ctx) {
+    return (await generic(() => ctx.vm.machine.blockInfo())).map(blockInfo);
+  },
+
   'x-query-page-faults'(_args, ctx) {
     const { faults, latenciesUs } = ctx.vm.machine.faultStats();
     const s = Float64Array.from(latenciesUs).sort();

@@ -67,6 +67,7 @@ export interface CommandArgs {
   'object-del': {
     id: string;
   };
+  'query-block': Record<string, never>;
   'getfd': {
     fdname: string;
   };
@@ -81,6 +82,8 @@ export interface CommandArgs {
   'x-query-memory-digest': Record<string, never>;
   'x-query-workload': Record<string, never>;
   'x-query-page-faults': Record<string, never>;
+  'x-query-block-digest': Record<string, never>;
+  'x-query-disk-workload': Record<string, never>;
 }
 
 /** Result of each command (`void` is answered as `{}`). */
@@ -114,12 +117,15 @@ export interface CommandReturns {
   'xen-colo-do-checkpoint': void;
   'object-add': void;
   'object-del': void;
+  'query-block': T.BlockInfo[];
   'getfd': void;
   'closefd': void;
   'pmemsave': void;
   'x-query-memory-digest': T.MemoryDigest;
   'x-query-workload': T.WorkloadVcpuInfo[];
   'x-query-page-faults': T.PageFaultInfo;
+  'x-query-block-digest': T.BlockDigest;
+  'x-query-disk-workload': T.DiskWorkloadInfo[];
 }
 
 /** Names of all commands. */
@@ -391,6 +397,15 @@ export interface CommandHandlers<Ctx> {
    */
   'object-del'(args: CommandArgs['object-del'], ctx: Ctx): void | Promise<void>;
   /**
+   * Get a list of BlockInfo for all virtual block devices, in the order
+   * of the -drive options.
+   *
+   * @returns a list of `BlockInfo` describing each virtual block device.
+   *
+   * @since 0.14
+   */
+  'query-block'(args: CommandArgs['query-block'], ctx: Ctx): T.BlockInfo[] | Promise<T.BlockInfo[]>;
+  /**
    * Take the file descriptor that arrived with this request (as ancillary
    * data on a unix socket) and keep it under a name, for later use by
    * commands such as `migrate` with an "fd:NAME" URI.  A descriptor already
@@ -444,6 +459,24 @@ export interface CommandHandlers<Ctx> {
    * @since Ferry 0.1
    */
   'x-query-page-faults'(args: CommandArgs['x-query-page-faults'], ctx: Ctx): T.PageFaultInfo | Promise<T.PageFaultInfo>;
+  /**
+   * Hash the content of every drive, 1 MiB at a time.  The answer is only
+   * stable while the guest is stopped (a running disk workload writes on).
+   *
+   * @returns `BlockDigest`
+   *
+   * @since Ferry 0.1
+   */
+  'x-query-block-digest'(args: CommandArgs['x-query-block-digest'], ctx: Ctx): T.BlockDigest | Promise<T.BlockDigest>;
+  /**
+   * Report the counters of the disk workload.  A migrated guest reports
+   * the source's counters and goes on from them.
+   *
+   * @returns one `DiskWorkloadInfo` per disk workload (none or one)
+   *
+   * @since Ferry 0.1
+   */
+  'x-query-disk-workload'(args: CommandArgs['x-query-disk-workload'], ctx: Ctx): T.DiskWorkloadInfo[] | Promise<T.DiskWorkloadInfo[]>;
 }
 
 /** How the dispatcher treats one command. */
@@ -490,10 +523,13 @@ export const COMMANDS: ReadonlyMap<string, CommandDef> = new Map<string, Command
   ['xen-colo-do-checkpoint', { name: 'xen-colo-do-checkpoint', boxed: false, validate: (a) => R.struct(a, R.ROOT, NO_ARGS) }],
   ['object-add', { name: 'object-add', boxed: true, validate: (a) => V.v_ObjectOptions(a, R.ROOT) }],
   ['object-del', { name: 'object-del', boxed: false, validate: (a) => V.v_q_obj_object_del_arg(a, R.ROOT) }],
+  ['query-block', { name: 'query-block', boxed: false, validate: (a) => R.struct(a, R.ROOT, NO_ARGS) }],
   ['getfd', { name: 'getfd', boxed: false, validate: (a) => V.v_q_obj_getfd_arg(a, R.ROOT) }],
   ['closefd', { name: 'closefd', boxed: false, validate: (a) => V.v_q_obj_closefd_arg(a, R.ROOT) }],
   ['pmemsave', { name: 'pmemsave', boxed: false, validate: (a) => V.v_q_obj_pmemsave_arg(a, R.ROOT) }],
   ['x-query-memory-digest', { name: 'x-query-memory-digest', boxed: false, validate: (a) => R.struct(a, R.ROOT, NO_ARGS) }],
   ['x-query-workload', { name: 'x-query-workload', boxed: false, validate: (a) => R.struct(a, R.ROOT, NO_ARGS) }],
   ['x-query-page-faults', { name: 'x-query-page-faults', boxed: false, validate: (a) => R.struct(a, R.ROOT, NO_ARGS) }],
+  ['x-query-block-digest', { name: 'x-query-block-digest', boxed: false, validate: (a) => R.struct(a, R.ROOT, NO_ARGS) }],
+  ['x-query-disk-workload', { name: 'x-query-disk-workload', boxed: false, validate: (a) => R.struct(a, R.ROOT, NO_ARGS) }],
 ]);

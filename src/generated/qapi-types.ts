@@ -904,6 +904,259 @@ export type ObjectOptions =
     } & TlsCredsX509Properties);
 
 /**
+ * An enumeration of block device I/O status.
+ *
+ * - `ok`: the last I/O operation has succeeded
+ * - `failed`: the last I/O operation has failed
+ * - `nospace`: the last I/O operation has failed due to a no-space condition
+ *
+ * @since 1.0
+ */
+export type BlockDeviceIoStatus =
+  | 'ok'
+  | 'failed'
+  | 'nospace';
+/** Every value of {@link BlockDeviceIoStatus}, in schema order. */
+export const BlockDeviceIoStatus_VALUES = ['ok', 'failed', 'nospace'] as const;
+
+/**
+ * Describes the operation mode for the automatic conversion of plain
+ * zero writes by the OS to driver specific optimized zero write commands.
+ * Ferry never converts them.
+ *
+ * - `off`: Disabled (default)
+ * - `on`: Enabled
+ * - `unmap`: Enabled and even try to unmap blocks if possible
+ *
+ * @since 2.1
+ */
+export type BlockdevDetectZeroesOptions =
+  | 'off'
+  | 'on'
+  | 'unmap';
+/** Every value of {@link BlockdevDetectZeroesOptions}, in schema order. */
+export const BlockdevDetectZeroesOptions_VALUES = ['off', 'on', 'unmap'] as const;
+
+/**
+ * Cache mode information for a block device.  Ferry never opens an
+ * image with O_DIRECT, so `direct` is always false.
+ *
+ * @since 2.3
+ */
+export interface BlockdevCacheInfo {
+  /**
+   * true if writeback mode is enabled (false with
+   * cache=writethrough and cache=directsync: every write is flushed)
+   */
+  writeback: boolean;
+  /** true if the host page cache is bypassed (O_DIRECT) */
+  direct: boolean;
+  /**
+   * true if flush requests are ignored for the device
+   * (cache=unsafe)
+   */
+  'no-flush': boolean;
+}
+
+/**
+ * Compression type used in qcow2 image file.
+ *
+ * - `zlib`: zlib compression, see <http://zlib.net/>
+ * - `zstd`: zstd compression, see <http://github.com/facebook/zstd>
+ *
+ * @since 5.1
+ */
+export type Qcow2CompressionType =
+  | 'zlib'
+  | 'zstd';
+/** Every value of {@link Qcow2CompressionType}, in schema order. */
+export const Qcow2CompressionType_VALUES = ['zlib', 'zstd'] as const;
+
+/**
+ * qcow2 facts of an image.
+ *
+ * @since 1.7
+ */
+export interface ImageInfoSpecificQCow2 {
+  /** compatibility level: "0.10" (version 2) or "1.1" (version 3) */
+  compat: string;
+  /** on or off; only valid for compat >= 1.1 */
+  'lazy-refcounts'?: boolean;
+  /**
+   * true if the image has been marked corrupt; only valid for
+   * compat >= 1.1
+   */
+  corrupt?: boolean;
+  /** width of a refcount entry in bits */
+  'refcount-bits': number;
+  /** the image cluster compression method */
+  'compression-type'?: Qcow2CompressionType;
+  /**
+   * true if the image has extended L2 entries; only valid
+   * for compat >= 1.1
+   */
+  'extended-l2'?: boolean;
+}
+
+/**
+ * The formats that have format-specific image information.
+ *
+ * - `qcow2`: the qcow2 format
+ *
+ * @since 1.7
+ */
+export type ImageInfoSpecificKind =
+  | 'qcow2';
+/** Every value of {@link ImageInfoSpecificKind}, in schema order. */
+export const ImageInfoSpecificKind_VALUES = ['qcow2'] as const;
+
+/**
+ * The qcow2 branch of `ImageInfoSpecific`.
+ *
+ * @since 1.7
+ */
+export interface ImageInfoSpecificQCow2Wrapper {
+  /** the qcow2 facts */
+  data: ImageInfoSpecificQCow2;
+}
+
+/**
+ * A discriminated record of image format specific information
+ * structures.
+ *
+ * @since 1.7
+ */
+export type ImageInfoSpecific =
+  | ({
+      /** the image format */
+      type: 'qcow2';
+    } & ImageInfoSpecificQCow2Wrapper);
+
+/**
+ * Information about a QEMU image file, and its backing chain.
+ *
+ * @since 1.3
+ */
+export interface ImageInfo {
+  /** name of the image file */
+  filename: string;
+  /** format of the image file */
+  format: string;
+  /** true if image is not cleanly closed */
+  'dirty-flag'?: boolean;
+  /** actual size on disk in bytes of the image */
+  'actual-size'?: number;
+  /** maximum capacity in bytes of the image */
+  'virtual-size': number;
+  /** size of a cluster in bytes */
+  'cluster-size'?: number;
+  /** name of the backing file, as the image stores it */
+  'backing-filename'?: string;
+  /** full path of the backing file */
+  'full-backing-filename'?: string;
+  /**
+   * the format of the backing file, as the
+   * image names it
+   */
+  'backing-filename-format'?: string;
+  /** info of the backing image */
+  'backing-image'?: ImageInfo;
+  /**
+   * structure supplying additional format-specific
+   * information
+   */
+  'format-specific'?: ImageInfoSpecific;
+}
+
+/**
+ * Information about the backing device for a block device.
+ *
+ * @since 0.14
+ */
+export interface BlockDeviceInfo {
+  /** the filename of the backing device */
+  file: string;
+  /** true if the backing device was open read-only */
+  ro: boolean;
+  /** the name of the block format used to open the backing device */
+  drv: string;
+  /** the name of the backing file (for copy-on-write) */
+  backing_file?: string;
+  /** number of files in the backing file chain */
+  backing_file_depth: number;
+  /**
+   * true if the backing device is encrypted (never, in
+   * Ferry)
+   */
+  encrypted: boolean;
+  /**
+   * detect and optimize zero writes (always off, in
+   * Ferry)
+   */
+  detect_zeroes: BlockdevDetectZeroesOptions;
+  /**
+   * total throughput limit in bytes per second (0: none; Ferry has
+   * no I/O throttling)
+   */
+  bps: number;
+  /** read throughput limit in bytes per second */
+  bps_rd: number;
+  /** write throughput limit in bytes per second */
+  bps_wr: number;
+  /** total I/O operations per second */
+  iops: number;
+  /** read I/O operations per second */
+  iops_rd: number;
+  /** write I/O operations per second */
+  iops_wr: number;
+  /** the info of image used */
+  image: ImageInfo;
+  /** the cache mode used for the block device */
+  cache: BlockdevCacheInfo;
+  /**
+   * configured write threshold for the device (0 if
+   * disabled)
+   */
+  write_threshold: number;
+}
+
+/**
+ * Block device information.  This structure describes a virtual device
+ * and the backing device associated with it.
+ *
+ * @since 0.14
+ */
+export interface BlockInfo {
+  /**
+   * The device name associated with the virtual device (the
+   * block backend name: ide0-hd0, virtio0, none0 or the drive's id).
+   */
+  device: string;
+  /**
+   * This field is returned only for compatibility reasons, it
+   * should not be used (always returns 'unknown')
+   */
+  type: string;
+  /**
+   * True if the device supports removable media (QEMU says
+   * so of a drive that no guest device uses: if=none).
+   */
+  removable: boolean;
+  /**
+   * True if the guest has locked this device from having its
+   * media removed
+   */
+  locked: boolean;
+  /** `BlockDeviceInfo` describing the device if media is present */
+  inserted?: BlockDeviceInfo;
+  /**
+   * `BlockDeviceIoStatus`. Only present if the device supports
+   * it (if=ide and if=virtio).
+   */
+  'io-status'?: BlockDeviceIoStatus;
+}
+
+/**
  * The digest of one RAM block.
  *
  * @since Ferry 0.1
@@ -978,4 +1231,69 @@ export interface PageFaultInfo {
    * most recent 65536 at most)
    */
   samples: number;
+}
+
+/**
+ * The digest of one drive's guest-visible content.
+ *
+ * @since Ferry 0.1
+ */
+export interface BlockDriveDigest {
+  /** the drive's block backend name (as in query-block) */
+  device: string;
+  /** the drive's virtual size in bytes */
+  size: number;
+  /**
+   * SHA-256 of the content the guest sees, read through the
+   * backing chain (what "qemu-img convert -O raw" writes), lower-case
+   * hex
+   */
+  digest: string;
+}
+
+/**
+ * Digests of every drive, for checking that a migration or a workload
+ * left the disks as expected.
+ *
+ * @since Ferry 0.1
+ */
+export interface BlockDigest {
+  /**
+   * SHA-256 over "device NUL size NUL digest NUL" of every drive,
+   * in drive order
+   */
+  digest: string;
+  /** one entry per drive, in the order of the -drive options */
+  drives: BlockDriveDigest[];
+}
+
+/**
+ * Counters of the disk workload (-disk-workload).
+ *
+ * @since Ferry 0.1
+ */
+export interface DiskWorkloadInfo {
+  /** the drive it writes to */
+  device: string;
+  /**
+   * steps done so far (one write each; exact while the guest is
+   * stopped)
+   */
+  steps: number;
+  /** `steps` times the write size */
+  'bytes-written': number;
+  /**
+   * checksum of the sectors read with read=on (0 otherwise); a
+   * function of the drive's initial content, the workload and `steps`
+   */
+  sum: number;
+  /**
+   * true while it writes (the guest runs, the step limit is not
+   * reached and no error stopped it)
+   */
+  running: boolean;
+  /** true once the step limit is reached */
+  done: boolean;
+  /** why it stopped early (an I/O error), if it did */
+  error?: string;
 }

@@ -17,6 +17,10 @@ import {
   FailoverStatus_VALUES,
   ObjectType_VALUES,
   QCryptoTLSCredsEndpoint_VALUES,
+  BlockDeviceIoStatus_VALUES,
+  BlockdevDetectZeroesOptions_VALUES,
+  Qcow2CompressionType_VALUES,
+  ImageInfoSpecificKind_VALUES,
 } from './qapi-types.js';
 
 const F_SchemaInfoBuiltin: readonly R.Field[] = [
@@ -174,6 +178,61 @@ const F_TlsCredsX509Properties: readonly R.Field[] = [
   ['sanity-check', true, R.bool],
   ['passwordid', true, R.str],
 ];
+const F_BlockdevCacheInfo: readonly R.Field[] = [
+  ['writeback', false, R.bool],
+  ['direct', false, R.bool],
+  ['no-flush', false, R.bool],
+];
+const F_ImageInfoSpecificQCow2: readonly R.Field[] = [
+  ['compat', false, R.str],
+  ['lazy-refcounts', true, R.bool],
+  ['corrupt', true, R.bool],
+  ['refcount-bits', false, R.int],
+  ['compression-type', true, v_Qcow2CompressionType],
+  ['extended-l2', true, R.bool],
+];
+const F_ImageInfoSpecificQCow2Wrapper: readonly R.Field[] = [
+  ['data', false, v_ImageInfoSpecificQCow2],
+];
+const F_ImageInfo: readonly R.Field[] = [
+  ['filename', false, R.str],
+  ['format', false, R.str],
+  ['dirty-flag', true, R.bool],
+  ['actual-size', true, R.int],
+  ['virtual-size', false, R.int],
+  ['cluster-size', true, R.int],
+  ['backing-filename', true, R.str],
+  ['full-backing-filename', true, R.str],
+  ['backing-filename-format', true, R.str],
+  ['backing-image', true, v_ImageInfo],
+  ['format-specific', true, v_ImageInfoSpecific],
+];
+const F_BlockDeviceInfo: readonly R.Field[] = [
+  ['file', false, R.str],
+  ['ro', false, R.bool],
+  ['drv', false, R.str],
+  ['backing_file', true, R.str],
+  ['backing_file_depth', false, R.int],
+  ['encrypted', false, R.bool],
+  ['detect_zeroes', false, v_BlockdevDetectZeroesOptions],
+  ['bps', false, R.int],
+  ['bps_rd', false, R.int],
+  ['bps_wr', false, R.int],
+  ['iops', false, R.int],
+  ['iops_rd', false, R.int],
+  ['iops_wr', false, R.int],
+  ['image', false, v_ImageInfo],
+  ['cache', false, v_BlockdevCacheInfo],
+  ['write_threshold', false, R.int],
+];
+const F_BlockInfo: readonly R.Field[] = [
+  ['device', false, R.str],
+  ['type', false, R.str],
+  ['removable', false, R.bool],
+  ['locked', false, R.bool],
+  ['inserted', true, v_BlockDeviceInfo],
+  ['io-status', true, v_BlockDeviceIoStatus],
+];
 const F_MemoryBlockDigest: readonly R.Field[] = [
   ['name', false, R.str],
   ['size', false, R.int],
@@ -195,6 +254,27 @@ const F_PageFaultInfo: readonly R.Field[] = [
   ['p99-us', false, R.number],
   ['max-us', false, R.number],
   ['samples', false, R.int],
+];
+const F_BlockDriveDigest: readonly R.Field[] = [
+  ['device', false, R.str],
+  ['size', false, R.int],
+  ['digest', false, R.str],
+];
+const F_BlockDigest: readonly R.Field[] = [
+  ['digest', false, R.str],
+  ['drives', false, (v, p) => R.list(v, p, v_BlockDriveDigest)],
+];
+const F_DiskWorkloadInfo: readonly R.Field[] = [
+  ['device', false, R.str],
+  ['steps', false, R.int],
+  ['bytes-written', false, R.int],
+  ['sum', false, R.int],
+  ['running', false, R.bool],
+  ['done', false, R.bool],
+  ['error', true, R.str],
+];
+const F_q_obj_ImageInfoSpecific_base: readonly R.Field[] = [
+  ['type', false, v_ImageInfoSpecificKind],
 ];
 const F_q_obj_MIGRATION_arg: readonly R.Field[] = [
   ['status', false, v_MigrationStatus],
@@ -283,6 +363,9 @@ const B_ObjectOptions: Readonly<Record<string, readonly R.Field[]>> = {
   'tls-creds-anon': F_TlsCredsAnonProperties,
   'tls-creds-psk': F_TlsCredsPskProperties,
   'tls-creds-x509': F_TlsCredsX509Properties,
+};
+const B_ImageInfoSpecific: Readonly<Record<string, readonly R.Field[]>> = {
+  'qcow2': F_ImageInfoSpecificQCow2Wrapper,
 };
 
 export function v_StrOrNull(v: unknown, p: R.Path): T.StrOrNull {
@@ -417,6 +500,39 @@ export function v_TlsCredsX509Properties(v: unknown, p: R.Path): T.TlsCredsX509P
 export function v_ObjectOptions(v: unknown, p: R.Path): T.ObjectOptions {
   return R.flatUnion(v, p, F_q_obj_ObjectOptions_base, 'qom-type', B_ObjectOptions) as unknown as T.ObjectOptions;
 }
+export function v_BlockDeviceIoStatus(v: unknown, p: R.Path): T.BlockDeviceIoStatus {
+  return R.enumValue(v, p, BlockDeviceIoStatus_VALUES);
+}
+export function v_BlockdevDetectZeroesOptions(v: unknown, p: R.Path): T.BlockdevDetectZeroesOptions {
+  return R.enumValue(v, p, BlockdevDetectZeroesOptions_VALUES);
+}
+export function v_BlockdevCacheInfo(v: unknown, p: R.Path): T.BlockdevCacheInfo {
+  return R.struct(v, p, F_BlockdevCacheInfo) as unknown as T.BlockdevCacheInfo;
+}
+export function v_Qcow2CompressionType(v: unknown, p: R.Path): T.Qcow2CompressionType {
+  return R.enumValue(v, p, Qcow2CompressionType_VALUES);
+}
+export function v_ImageInfoSpecificQCow2(v: unknown, p: R.Path): T.ImageInfoSpecificQCow2 {
+  return R.struct(v, p, F_ImageInfoSpecificQCow2) as unknown as T.ImageInfoSpecificQCow2;
+}
+export function v_ImageInfoSpecificKind(v: unknown, p: R.Path): T.ImageInfoSpecificKind {
+  return R.enumValue(v, p, ImageInfoSpecificKind_VALUES);
+}
+export function v_ImageInfoSpecificQCow2Wrapper(v: unknown, p: R.Path): T.ImageInfoSpecificQCow2Wrapper {
+  return R.struct(v, p, F_ImageInfoSpecificQCow2Wrapper) as unknown as T.ImageInfoSpecificQCow2Wrapper;
+}
+export function v_ImageInfoSpecific(v: unknown, p: R.Path): T.ImageInfoSpecific {
+  return R.flatUnion(v, p, F_q_obj_ImageInfoSpecific_base, 'type', B_ImageInfoSpecific) as unknown as T.ImageInfoSpecific;
+}
+export function v_ImageInfo(v: unknown, p: R.Path): T.ImageInfo {
+  return R.struct(v, p, F_ImageInfo) as unknown as T.ImageInfo;
+}
+export function v_BlockDeviceInfo(v: unknown, p: R.Path): T.BlockDeviceInfo {
+  return R.struct(v, p, F_BlockDeviceInfo) as unknown as T.BlockDeviceInfo;
+}
+export function v_BlockInfo(v: unknown, p: R.Path): T.BlockInfo {
+  return R.struct(v, p, F_BlockInfo) as unknown as T.BlockInfo;
+}
 export function v_MemoryBlockDigest(v: unknown, p: R.Path): T.MemoryBlockDigest {
   return R.struct(v, p, F_MemoryBlockDigest) as unknown as T.MemoryBlockDigest;
 }
@@ -428,6 +544,18 @@ export function v_WorkloadVcpuInfo(v: unknown, p: R.Path): T.WorkloadVcpuInfo {
 }
 export function v_PageFaultInfo(v: unknown, p: R.Path): T.PageFaultInfo {
   return R.struct(v, p, F_PageFaultInfo) as unknown as T.PageFaultInfo;
+}
+export function v_BlockDriveDigest(v: unknown, p: R.Path): T.BlockDriveDigest {
+  return R.struct(v, p, F_BlockDriveDigest) as unknown as T.BlockDriveDigest;
+}
+export function v_BlockDigest(v: unknown, p: R.Path): T.BlockDigest {
+  return R.struct(v, p, F_BlockDigest) as unknown as T.BlockDigest;
+}
+export function v_DiskWorkloadInfo(v: unknown, p: R.Path): T.DiskWorkloadInfo {
+  return R.struct(v, p, F_DiskWorkloadInfo) as unknown as T.DiskWorkloadInfo;
+}
+export function v_q_obj_ImageInfoSpecific_base(v: unknown, p: R.Path): Record<string, unknown> {
+  return R.struct(v, p, F_q_obj_ImageInfoSpecific_base);
 }
 export function v_q_obj_MIGRATION_arg(v: unknown, p: R.Path): Record<string, unknown> {
   return R.struct(v, p, F_q_obj_MIGRATION_arg);

@@ -1,6 +1,7 @@
 /**
  * The machine's migratable device states, in the fixed section order
- *   timer, ferry-serial, ferry-vcpu (×smp, instance = index), globalstate.
+ *   timer, ferry-serial, ferry-vcpu (×smp, instance = index),
+ *   ferry-disk-workload (only sent when a disk workload runs), globalstate.
  * `timer` and `globalstate` use QEMU's vmstate layouts byte for byte
  * (docs/spec/stream-format.md §7.2); the ferry-* devices are ours
  * (self-delimiting through the migration layer's be32 length, see types.ts).
@@ -22,6 +23,12 @@ export interface DeviceHost {
   saveVcpu(index: number): Float64Array;
   /** validates and installs; throws Error with a clear message */
   loadVcpu(index: number, slots: Float64Array): void;
+  /** Whether the machine runs a disk workload. */
+  hasDiskWorkload(): boolean;
+  /** The disk workload's state (only while paused; throws without one). */
+  saveDiskWorkload(): Uint8Array;
+  /** validates and adopts the source's disk workload; throws Error with a clear message */
+  loadDiskWorkload(data: Uint8Array): void;
 }
 
 function checkLen(dev: string, data: Uint8Array, want: number): DataView {
@@ -192,5 +199,34 @@ export class VcpuDevice implements MigratableDevice {
     const slots = new Float64Array(version === 1 ? VS_NSLOTS : n);
     for (let i = 0; i < n; i++) slots[i] = dv.getFloat64(8 + i * 8);
     this.host.loadVcpu(this.instanceId, slots);
+  }
+}
+
+/**
+ * ferry-disk-workload, version 1, instance 0: the disk workload's
+ * configuration and state (disk-workload.ts: "FDWL", be32 drive name
+ * length, the name, 13 be64 doubles). Sent only when the source has a disk
+ * workload, so streams without one are unchanged; every machine can load
+ * it, and loading adopts the source's workload (its drive must exist here
+ * and be writable).
+ */
+export class DiskWorkloadDevice implements MigratableDevice {
+  readonly idstr = 'ferry-disk-workload';
+  readonly instanceId = 0;
+  readonly version = 1;
+  readonly minVersion = 1;
+  constructor(private host: DeviceHost) {}
+  payloadSize(): undefined {
+    return undefined;
+  }
+  needed(): boolean {
+    return this.host.hasDiskWorkload();
+  }
+  save(): Uint8Array {
+    return this.host.saveDiskWorkload();
+  }
+  load(data: Uint8Array, version: number): void {
+    checkVersion(this, version);
+    this.host.loadDiskWorkload(data);
   }
 }

@@ -7,6 +7,8 @@
  *   virtual-clock.ts   the guest clock
  *   run-state.ts       the run state and its transition table
  *   device-state.ts    the migratable devices, in section order
+ *   drives.ts          the drives (-drive): images, cache modes, dirty-chunk logs
+ *   disk-workload.ts   the guest's disk writes (-disk-workload), on the main thread
  * and keeps the rules that tie them together, below. Knows nothing of
  * migration or QMP.
  *
@@ -15,10 +17,14 @@
  * - initial: `inmigrate` with `incoming`, else `prelaunch`; without
  *   `startPaused` create() starts the guest (prelaunch -> running).
  * - start(): from any state except `running` (no-op) and `shutdown`
- *   (error) to `running`; the vCPUs resume and the virtual clock runs.
+ *   (error) to `running`; the vCPUs resume, the virtual clock runs, then
+ *   the disk workload resumes.
  *   (The commands layer decides which states `cont` accepts.)
  * - stop(newState = 'paused'): from `running`: pause all vCPUs (resolves
- *   after every vCPU acknowledged), freeze the clock, enter newState.
+ *   after every vCPU acknowledged) and the disk workload (after its step in
+ *   flight), freeze the clock, flush every drive (QEMU's vm_stop does;
+ *   a flush error sets the drive's I/O status and emits 'drive-error'),
+ *   enter newState.
  *   From a non-running state: newState 'paused' is a no-op (a stopped VM
  *   stays in prelaunch/inmigrate/postmigrate/...), any other newState is
  *   entered directly (e.g. finish-migrate, postmigrate).
@@ -27,12 +33,24 @@
  * - Every change emits 'runstate' (newState, oldState).
  * Start/stop calls are serialised.
  *
+ * Drives are opened first in create() (a DriveError names the -drive that
+ * failed) and flushed and closed last in destroy(). An incoming machine's
+ * drives, and a source's once it entered postmigrate, are reopened before
+ * the guest next leaves that state (start(), setRunState() to anything but
+ * internal-error or shutdown): on shared storage the other side wrote them,
+ * and nothing cached of their metadata may survive (QEMU inactivates the
+ * images there and activates them again).
+ *
  * Events: 'runstate' (new, old), 'heartbeat' (n, line),
- * 'vcpu-error' (index, Error) — after which the run state is internal-error.
+ * 'vcpu-error' (index, Error) — after which the run state is internal-error,
+ * 'disk-workload-error' (Error) — the disk workload stopped; the guest runs on,
+ * 'drive-error' (drive name, Error) — a flush or close failed.
  */
 import { EventEmitter } from 'node:events';
 import { DemandPaging, DEMAND_PAGING_RAM_ERROR } from './demand-paging.js';
-import { GlobalStateDevice, SerialDevice, TimerDevice, VcpuDevice, type DeviceHost } from './device-state.js';
+import { DiskWorkloadDevice, GlobalStateDevice, SerialDevice, TimerDevice, VcpuDevice, type DeviceHost } from './device-state.js';
+import { DiskWorkload, resolveDiskWorkload, type DiskWorkloadInfo } from './disk-workload.js';
+import { Drives, type BlockDigest, type DriveInfo } from './drives.js';
 import { GuestRam, checkRamSize, type MemoryDigest } from './ram.js';
 import { RunStateMachine } from './run-state.js';
 import { SerialConsole } from './serial-console.js';
@@ -60,6 +78,10 @@ export class Machine extends EventEmitter implements DeviceHost {
   private readonly serial: SerialConsole;
   private readonly clock = new VirtualClock();
   private readonly rs: RunStateMachine;
+  private _drives = Drives.none();
+  private disk: DiskWorkload | null = null;
+  /** The drives may have been written by another process (incoming, or migrated away): reopen before the guest runs. */
+  private drivesStale: boolean;
   /** Start the guest once created (neither -S nor -incoming). */
   private readonly autostart: boolean;
   private opChain: Promise<unknown> = Promise.resolve();
@@ -98,17 +120,24 @@ export class Machine extends EventEmitter implements DeviceHost {
 
     this.rs = new RunStateMachine(cfg.incoming ? 'inmigrate' : 'prelaunch', (now, old) => this.emit('runstate', now, old));
     this.autostart = !cfg.incoming && !cfg.startPaused;
+    this.drivesStale = cfg.incoming === true;
 
     const devs: MigratableDevice[] = [new TimerDevice(this), new SerialDevice(this)];
     for (let i = 0; i < this.smp; i++) devs.push(new VcpuDevice(this, i));
+    devs.push(new DiskWorkloadDevice(this));
     devs.push(new GlobalStateDevice(this));
     this.devices = devs;
   }
 
-  /** Creates the machine: RAM, boot fill, vCPU workers; starts them unless -S/-incoming. */
+  /** Creates the machine: drives, disk workload, RAM, boot fill, vCPU workers; starts them unless -S/-incoming. */
   static async create(cfg: MachineConfig): Promise<Machine> {
     const m = new Machine(cfg);
     try {
+      m._drives = await Drives.open(cfg.drives ?? []);
+      if (cfg.diskWorkload !== undefined) {
+        const w = cfg.diskWorkload;
+        m.disk = new DiskWorkload(resolveDiskWorkload(w, m._drives.get(w.drive), m.driveNames()), m._drives.get(w.drive)!, m.diskHost());
+      }
       if (cfg.prealloc) await m.guestRam.prefault();
       // an incoming VM's RAM comes from the stream: filling it would be wasted work
       if (m.runState === 'inmigrate') {
@@ -143,10 +172,11 @@ export class Machine extends EventEmitter implements DeviceHost {
     if (this.vcpus.error) throw new Error(`vCPU failed: ${this.vcpus.error.message}`);
   }
 
-  /** From running: pause the vCPUs and freeze the clock. */
+  /** From running: pause the vCPUs and the disk workload, freeze the clock, flush the drives. */
   private async pauseGuest(): Promise<void> {
-    await this.vcpus.pause();
+    await Promise.all([this.vcpus.pause(), this.disk?.pause()]);
     this.clock.freeze();
+    for (const f of await this._drives.flushAll()) this.emit('drive-error', f.drive, f.error);
   }
 
   /** cont: resume vCPUs and clock; → running. */
@@ -156,8 +186,10 @@ export class Machine extends EventEmitter implements DeviceHost {
       if (this.runState === 'running') return;
       if (this.runState === 'shutdown') throw new Error('The VM has shut down');
       this.rs.check('running');
+      await this.freshDrives();
       await this.vcpus.resume();
       this.clock.run();
+      this.disk?.resume();
       this.rs.set('running');
     });
   }
@@ -172,12 +204,14 @@ export class Machine extends EventEmitter implements DeviceHost {
         this.rs.check(newState);
         await this.pauseGuest();
         if (newState === 'finish-migrate') this.savedRunStateForMigration = old;
+        if (newState === 'postmigrate') this.drivesStale = true;
         this.rs.set(newState);
         return;
       }
       if (newState === 'paused') return;
       this.rs.check(newState);
       if (newState === 'finish-migrate' && old !== 'finish-migrate') this.savedRunStateForMigration = old;
+      if (newState === 'postmigrate') this.drivesStale = true;
       this.rs.set(newState);
     });
   }
@@ -196,6 +230,8 @@ export class Machine extends EventEmitter implements DeviceHost {
         await this.pauseGuest();
         if (s === 'finish-migrate') this.savedRunStateForMigration = 'running';
       }
+      if (s === 'postmigrate') this.drivesStale = true;
+      else if (s !== 'internal-error' && s !== 'shutdown' && s !== 'inmigrate') await this.freshDrives();
       this.rs.set(s);
     });
   }
@@ -225,7 +261,8 @@ export class Machine extends EventEmitter implements DeviceHost {
 
   /**
    * Pauses every vCPU; resolves once every worker acknowledged that it is
-   * paused. Does not change the run state (see stop()).
+   * paused. Does not change the run state and leaves the disk workload and
+   * the drives alone (stop() pauses everything).
    */
   pauseVcpus(): Promise<void> {
     return this.vcpus.pause();
@@ -292,6 +329,62 @@ export class Machine extends EventEmitter implements DeviceHost {
   /** Per-vCPU workload counters (x-query-workload). */
   workloadInfo(): VcpuWorkloadInfo[] {
     return this.vcpus.workloadInfo();
+  }
+
+  /* ---------------------------------------------------------- drives */
+
+  private async freshDrives(): Promise<void> {
+    if (!this.drivesStale) return;
+    await this._drives.reopenAll();
+    this.drivesStale = false;
+  }
+
+  /** The drives, in command-line order (block migration: dirty-chunk logs, reads and writes). */
+  get drives(): Drives {
+    return this._drives;
+  }
+
+  private driveNames(): string[] {
+    return this._drives.list.map((d) => d.name);
+  }
+
+  /** query-block's facts of every drive. */
+  blockInfo(): Promise<DriveInfo[]> {
+    this.checkAliveForRam();
+    return this._drives.info();
+  }
+
+  /** sha256 of every drive's guest-visible content (stable while the guest is stopped). */
+  blockDigest(): Promise<BlockDigest> {
+    this.checkAliveForRam();
+    return this._drives.digest();
+  }
+
+  /** The disk workload's counters ([] without one). */
+  diskWorkloadInfo(): DiskWorkloadInfo[] {
+    return this.disk === null ? [] : [this.disk.info()];
+  }
+
+  hasDiskWorkload(): boolean {
+    return this.disk !== null;
+  }
+
+  saveDiskWorkload(): Uint8Array {
+    if (this.disk === null) throw new Error('ferry-disk-workload: the machine has no disk workload');
+    return this.disk.save();
+  }
+
+  /** Adopts the source's disk workload (only while the guest is stopped). */
+  loadDiskWorkload(data: Uint8Array): void {
+    if (this.runState === 'running') throw new Error('ferry-disk-workload: cannot load while the guest runs');
+    this.disk = DiskWorkload.load(data, (n) => this._drives.get(n), this.driveNames(), this.diskHost());
+  }
+
+  private diskHost() {
+    return {
+      vclockNs: () => this.vclockNs(),
+      failed: (e: Error) => this.emit('disk-workload-error', e),
+    };
   }
 
   /* --------------------------------------------------- demand paging */
@@ -401,9 +494,12 @@ export class Machine extends EventEmitter implements DeviceHost {
     this.destroyed = true;
     this.serial.stopHeartbeat();
     const exited = this.vcpus.exit();
+    const diskPaused = this.disk?.pause();
     this.clock.freeze();
     await exited;
+    await diskPaused;
     await this.guestRam.close();
     this.serial.closeOutput();
+    for (const f of await this._drives.closeAll()) this.emit('drive-error', f.drive, f.error);
   }
 }

@@ -1,3 +1,6 @@
+import type { DiskWorkloadConfig } from './disk-workload.js';
+import type { DriveConfig } from './drives.js';
+
 /** Target page size: 4 KiB, as on x86 (TARGET_PAGE_BITS = 12). */
 export const TARGET_PAGE_BITS = 12;
 export const TARGET_PAGE_SIZE = 1 << TARGET_PAGE_BITS;
@@ -137,4 +140,8 @@ export interface MachineConfig {
   serial?: SerialConfig;
   /** heartbeat period in ns of virtual time; default 1e9 */
   heartbeatPeriodNs?: number;
+  /** -drive, in command-line order */
+  drives?: DriveConfig[];
+  /** -disk-workload: writes to one of the drives while the guest runs */
+  diskWorkload?: DiskWorkloadConfig;
 }

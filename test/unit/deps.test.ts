@@ -1,7 +1,7 @@
 /**
  * The dependency rules of docs/architecture.md, checked on the sources:
- * cli → commands → migration → machine → base, with qmp beside commands,
- * crypto beside machine, and block (disk images) below machine.
+ * cli → commands → migration → machine → block → base, with qmp beside
+ * commands and crypto beside machine.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -62,8 +62,10 @@ test('block (disk images) imports only block and base', () => {
   assert.ok(all.some((i) => i.file.startsWith('src/block/') && i.target.startsWith('src/base/')));
 });
 
-test('machine imports only machine, block (it will own the drives) and base', () => {
+test('machine imports only machine, block (the drives\' images) and base', () => {
   check('src/machine/', (i) => ['src/machine/', 'src/block/', 'src/base/'].some((p) => i.target.startsWith(p)));
+  // and the check is live: the drives do import the block layer
+  assert.ok(all.some((i) => i.file === 'src/machine/drives.ts' && i.target.startsWith('src/block/')));
 });
 
 test('migration knows nothing of QMP: no qmp, commands, cli; generated types only as types', () => {

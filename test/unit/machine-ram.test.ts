@@ -124,8 +124,10 @@ test('devices: fixed order, globalstate records the state before finish-migrate'
   try {
     assert.deepEqual(
       m.devices.map((d) => `${d.idstr}/${d.instanceId}/v${d.version}`),
-      ['timer/0/v2', 'ferry-serial/0/v1', 'ferry-vcpu/0/v2', 'ferry-vcpu/1/v2', 'globalstate/0/v1'],
+      ['timer/0/v2', 'ferry-serial/0/v1', 'ferry-vcpu/0/v2', 'ferry-vcpu/1/v2', 'ferry-disk-workload/0/v1', 'globalstate/0/v1'],
     );
+    // without a disk workload its section is not sent
+    assert.deepEqual(m.devices.filter((d) => d.needed?.() !== false).map((d) => d.idstr), ['timer', 'ferry-serial', 'ferry-vcpu', 'ferry-vcpu', 'globalstate']);
     const gs = m.devices.find((d) => d.idstr === 'globalstate')!;
     assert.equal(gs.payloadSize!(1), 104);
     assert.equal(decodeGlobalState(gs.save()), 'prelaunch');
