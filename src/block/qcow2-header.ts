@@ -286,7 +286,11 @@ export function buildHeader(n: NewHeader): Buffer {
       table[i * 48 + 1] = f.bit;
       table.write(f.name, i * 48 + 2, 46, 'utf8');
     });
-    ext(EXT_FEATURE_TABLE, table);
+    // the feature name table is optional: as qemu-img does, it is left out
+    // when it would not leave room for the end marker and the backing name
+    // (a 512-byte cluster with a backing file)
+    const backingLength = n.backingFile === undefined ? 0 : Buffer.byteLength(n.backingFile, 'utf8');
+    if (at + 8 + table.length + 8 + backingLength <= clusterSize) ext(EXT_FEATURE_TABLE, table);
   }
   at += 8; // the end marker (zeros)
   if (n.backingFile !== undefined) {
