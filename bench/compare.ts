@@ -39,7 +39,7 @@ import { fileURLToPath } from 'node:url';
 import { measureLoopback } from './loopback.js';
 import {
   GiB, MiB, cleanupTempDirs, freePort, median, randomFile1G, sleep, startFerry, startQemu, tempDir,
-  untilIncomingRuns, untilMigrationEnds, writeResult, type Vm,
+  migrateAndMeasure, writeResult, type Vm,
 } from './lib/common.js';
 
 type Engine = 'ferry' | 'qemu';
@@ -124,23 +124,7 @@ async function runOnce(engine: Engine, state: State, config: Config): Promise<Ru
     if (config === 'paused') await sleep(PAUSE_MS);
     await dst.execute('migrate-incoming', { uri });
     await src.execute('migrate-set-parameters', { 'max-bandwidth': engine === 'ferry' ? 0 : BIG_BW, 'downtime-limit': 300 });
-    const t0 = performance.now();
-    await src.execute('migrate', { uri });
-    const info = await untilMigrationEnds(src, 120000, 20);
-    if (!info || info.status !== 'completed') {
-      rec.error = info ? `${info.status}: ${info['error-desc'] ?? ''}` : 'timed out';
-      return rec;
-    }
-    const st = await untilIncomingRuns(dst, 60000);
-    rec.wallToDestDoneMs = performance.now() - t0;
-    if (!st.ok) {
-      rec.error = `destination ended in ${String(st.reached)}`;
-      return rec;
-    }
-    rec.ok = true;
-    rec.totalTimeMs = info['total-time'];
-    rec.downtimeMs = info.downtime;
-    rec.transferredBytes = info.ram?.transferred;
+    Object.assign(rec, await migrateAndMeasure(src, dst, uri, 120000));
     return rec;
   } catch (e) {
     rec.error = e instanceof Error ? e.message : String(e);

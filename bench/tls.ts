@@ -38,8 +38,7 @@ import {
   startFerry,
   startQemu,
   tempDir,
-  untilIncomingRuns,
-  untilMigrationEnds,
+  migrateAndMeasure,
   writeResult,
   type Vm,
 } from './lib/common.js';
@@ -117,25 +116,7 @@ async function runOnce(variant: Variant, certs: { server: string; client: string
       'downtime-limit': 300,
       ...(tls ? { 'tls-creds': 'tls0', 'tls-hostname': 'localhost' } : {}),
     });
-    const d = dst;
-    const t0 = performance.now();
-    await src.execute('migrate', { uri });
-    const info = await untilMigrationEnds(src, timeoutMs, 20);
-    if (!info || info.status !== 'completed') {
-      rec.error = info ? `${info.status}: ${info['error-desc'] ?? ''}` : 'timed out';
-      return rec;
-    }
-    const st = await untilIncomingRuns(d, 60000);
-    rec.wallToDestDoneMs = performance.now() - t0;
-    if (!st.ok) {
-      rec.error = `destination ended in ${String(st.reached)}`;
-      return rec;
-    }
-    rec.ok = true;
-    rec.totalTimeMs = info['total-time'];
-    rec.downtimeMs = info.downtime;
-    rec.setupTimeMs = info['setup-time'];
-    rec.transferredBytes = info.ram?.transferred;
+    Object.assign(rec, await migrateAndMeasure(src, dst, uri, timeoutMs));
     return rec;
   } catch (e) {
     rec.error = e instanceof Error ? e.message : String(e);

@@ -92,6 +92,42 @@ export function untilMigrationEnds(vm: Vm, timeoutMs: number, everyMs: number): 
   }, timeoutMs, everyMs);
 }
 
+/** What one migration measured (migrateAndMeasure). */
+export interface Measured {
+  ok: boolean;
+  error?: string;
+  totalTimeMs?: number;
+  downtimeMs?: number;
+  setupTimeMs?: number;
+  transferredBytes?: number;
+  /** ms from `migrate` until the destination left inmigrate (client-side) */
+  wallToDestDoneMs?: number;
+}
+
+/**
+ * `migrate` on src to uri, then wait until it ends and until the
+ * destination runs: the source's figures, or ok false with the reason.
+ */
+export async function migrateAndMeasure(src: Vm, dst: Vm, uri: string, timeoutMs: number): Promise<Measured> {
+  const t0 = performance.now();
+  await src.execute('migrate', { uri });
+  const info = await untilMigrationEnds(src, timeoutMs, 20);
+  if (!info || info.status !== 'completed') {
+    return { ok: false, error: info ? `${info.status}: ${info['error-desc'] ?? ''}` : 'timed out' };
+  }
+  const st = await untilIncomingRuns(dst, 60000);
+  const wallToDestDoneMs = performance.now() - t0;
+  if (!st.ok) return { ok: false, error: `destination ended in ${String(st.reached)}`, wallToDestDoneMs };
+  return {
+    ok: true,
+    totalTimeMs: info['total-time'],
+    downtimeMs: info.downtime,
+    setupTimeMs: info['setup-time'],
+    transferredBytes: info.ram?.transferred,
+    wallToDestDoneMs,
+  };
+}
+
 /**
  * query-status on a destination every 10 ms until it has left inmigrate.
  * Resolves null when it ended somewhere else than paused, running or
