@@ -39,7 +39,7 @@ import { fileURLToPath } from 'node:url';
 import { measureLoopback } from './loopback.js';
 import {
   GiB, MiB, cleanupTempDirs, freePort, median, randomFile1G, sleep, startFerry, startQemu, tempDir,
-  migrateAndMeasure, writeResult, type Vm,
+  migrateAndMeasure, writeResult, type Measured, type Vm,
 } from './lib/common.js';
 
 type Engine = 'ferry' | 'qemu';
@@ -50,7 +50,7 @@ const SETTLE_MS = 20000;
 const PAUSE_MS = 5000;
 const BIG_BW = 100e9;
 
-interface Run {
+interface Run extends Measured {
   engine: Engine;
   state: State;
   config: Config;
@@ -58,12 +58,6 @@ interface Run {
   sinceLastRunMs: number;
   /** host MemFree at that point, bytes */
   memFreeBytes: number;
-  ok: boolean;
-  error?: string;
-  totalTimeMs?: number;
-  downtimeMs?: number;
-  wallToDestDoneMs?: number;
-  transferredBytes?: number;
 }
 
 /** MemFree of the host, bytes (recorded with every run; reading it changes nothing). */

@@ -39,6 +39,7 @@ import {
   startQemu,
   tempDir,
   migrateAndMeasure,
+  type Measured,
   writeResult,
   type Vm,
 } from './lib/common.js';
@@ -46,15 +47,8 @@ import {
 type Engine = 'ferry' | 'qemu';
 type Variant = `${Engine}-${'plain' | 'tls'}`;
 
-interface Run {
+interface Run extends Measured {
   variant: Variant;
-  ok: boolean;
-  error?: string;
-  totalTimeMs?: number;
-  downtimeMs?: number;
-  setupTimeMs?: number;
-  transferredBytes?: number;
-  wallToDestDoneMs?: number;
 }
 
 const BIG_BW = 100e9;

@@ -19,7 +19,7 @@
  * ferry-disk-workload device (device-state.ts), so a destination goes on
  * with step `steps` exactly where the source stopped.
  */
-import { mix32, seedXorshift } from './workload.js';
+import { Xorshift128, mix32 } from './workload.js';
 import { isNoSpace, type Drive } from './drives.js';
 
 export const SECTOR = 512;
@@ -129,10 +129,8 @@ const MAGIC = 0x4644574c; // "FDWL"
 const NFIELDS = 13;
 
 export class DiskWorkload {
-  private s0 = 0;
-  private s1 = 0;
-  private s2 = 0;
-  private s3 = 1;
+  /** The PRNG that picks each step's sectors. */
+  private rng: Xorshift128;
   private _steps = 0;
   private _sum = 0;
   private _error: string | null = null;
@@ -153,11 +151,7 @@ export class DiskWorkload {
     private readonly drive: Drive,
     private readonly host: DiskWorkloadHost,
   ) {
-    const [a, b, c, d] = seedXorshift(cfg.seed, DISK_STREAM);
-    this.s0 = a | 0;
-    this.s1 = b | 0;
-    this.s2 = c | 0;
-    this.s3 = d | 0;
+    this.rng = Xorshift128.seeded(cfg.seed, DISK_STREAM);
     this.wbuf = new Uint8Array(cfg.write);
     this.slots = (cfg.wss - cfg.write) / SECTOR + 1;
     this.stepsPerNs = cfg.rate / cfg.write / 1e9;
@@ -257,18 +251,8 @@ export class DiskWorkload {
 
   /** One step; the state changes only once its read and write are done. */
   private async step(): Promise<void> {
-    let s0 = this.s0;
-    let s1 = this.s1;
-    let s2 = this.s2;
-    let s3 = this.s3;
-    const next = (): number => {
-      const t = s0 ^ (s0 << 11);
-      s0 = s1;
-      s1 = s2;
-      s2 = s3;
-      s3 = s3 ^ (s3 >>> 19) ^ t ^ (t >>> 8);
-      return s3 >>> 0;
-    };
+    const rng = this.rng.copy();
+    const next = (): number => rng.next();
     const { start, write, read, seed } = this.cfg;
     const wpos = start + (next() % this.slots) * SECTOR;
     let sum = this._sum;
@@ -280,10 +264,7 @@ export class DiskWorkload {
     }
     fillStep(this.wbuf, seed, this._steps);
     await this.drive.write(wpos, this.wbuf);
-    this.s0 = s0;
-    this.s1 = s1;
-    this.s2 = s2;
-    this.s3 = s3;
+    this.rng = rng;
     this._sum = sum;
     this._steps++;
   }
@@ -306,7 +287,7 @@ export class DiskWorkload {
     dv.setUint32(4, name.length);
     out.set(name, 8);
     const c = this.cfg;
-    const f = [c.rate, c.start, c.wss, c.write, c.seed, c.steps, c.read ? 1 : 0, this.s0 >>> 0, this.s1 >>> 0, this.s2 >>> 0, this.s3 >>> 0, this._steps, this._sum];
+    const f = [c.rate, c.start, c.wss, c.write, c.seed, c.steps, c.read ? 1 : 0, this.rng.s0 >>> 0, this.rng.s1 >>> 0, this.rng.s2 >>> 0, this.rng.s3 >>> 0, this._steps, this._sum];
     f.forEach((v, i) => dv.setFloat64(8 + name.length + i * 8, v));
     return out;
   }
@@ -346,7 +327,7 @@ export class DiskWorkload {
     const st = [u32(s0, 'PRNG state'), u32(s1, 'PRNG state'), u32(s2, 'PRNG state'), u32(s3, 'PRNG state')];
     if (st.every((v) => v === 0)) throw bad('PRNG state is all zero');
     const w = new DiskWorkload(cfg, drives(name)!, host);
-    [w.s0, w.s1, w.s2, w.s3] = st.map((v) => v | 0) as [number, number, number, number];
+    w.rng = new Xorshift128(st[0]! | 0, st[1]! | 0, st[2]! | 0, st[3]! | 0);
     w._steps = steps;
     w._sum = u32(sum, 'checksum');
     return w;

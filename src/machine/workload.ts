@@ -26,6 +26,39 @@ export function seedXorshift(seed: number, stream: number): [number, number, num
   return [a, b, c, d];
 }
 
+/**
+ * xorshift128 as an object, for the generators that are not hot loops (the
+ * text pool, the disk workload's steps). The vCPU and fill loops keep the
+ * same steps inline in local variables.
+ */
+export class Xorshift128 {
+  constructor(
+    public s0: number,
+    public s1: number,
+    public s2: number,
+    public s3: number,
+  ) {}
+
+  /** For (seed, stream), as seedXorshift. */
+  static seeded(seed: number, stream: number): Xorshift128 {
+    const [a, b, c, d] = seedXorshift(seed, stream);
+    return new Xorshift128(a | 0, b | 0, c | 0, d | 0);
+  }
+
+  copy(): Xorshift128 {
+    return new Xorshift128(this.s0, this.s1, this.s2, this.s3);
+  }
+
+  next(): number {
+    const t = this.s0 ^ (this.s0 << 11);
+    this.s0 = this.s1;
+    this.s1 = this.s2;
+    this.s2 = this.s3;
+    this.s3 = this.s3 ^ (this.s3 >>> 19) ^ t ^ (t >>> 8);
+    return this.s3 >>> 0;
+  }
+}
+
 /** The salt of vCPU `vcpu`'s stress pattern: byte j of step s is (s + salt + j) & 255. */
 export function stressSalt(vcpu: number): number {
   return mix32(vcpu + 0x5bd1e995) & 255;
@@ -349,19 +382,8 @@ const WORDS = (
 export function makeTextPool(seed: number, poolPages = 256): Uint8Array {
   const pool = new Uint8Array(poolPages * 4096);
   const enc = WORDS.map((w) => Buffer.from(w, 'latin1'));
-  const s = seedXorshift(seed ^ 0x54455854, 0x7e57);
-  let s0 = s[0] | 0;
-  let s1 = s[1] | 0;
-  let s2 = s[2] | 0;
-  let s3 = s[3] | 0;
-  const next = (): number => {
-    const t = s0 ^ (s0 << 11);
-    s0 = s1;
-    s1 = s2;
-    s2 = s3;
-    s3 = s3 ^ (s3 >>> 19) ^ t ^ (t >>> 8);
-    return s3 >>> 0;
-  };
+  const rng = Xorshift128.seeded(seed ^ 0x54455854, 0x7e57);
+  const next = (): number => rng.next();
   let o = 0;
   let col = 0;
   while (o < pool.length) {
