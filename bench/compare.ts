@@ -15,7 +15,7 @@
  * Set up as users set them up:
  *  - source RAM resident and fresh on both: Ferry `-fill random,seed=1`;
  *    QEMU `memory-backend-file,share=off` over a copy of a 1 GiB random
- *    file made in /dev/shm just before the run (see shmCopy);
+ *    file made in /dev/shm just before the run (randomRamCopy in bench/lib);
  *  - the destination (`-incoming defer`, then `migrate-incoming`, as libvirt
  *    does) in three configurations:
  *      default   both engines' defaults (Ferry prefaults in the background,
@@ -32,13 +32,12 @@
  * and the memcpy limit are measured in the same sitting.
  * Writes bench/results/compare.json and prints a table of medians [ranges].
  */
-import { execFileSync } from 'node:child_process';
-import { readFileSync, rmSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import { cpus, loadavg } from 'node:os';
 import { fileURLToPath } from 'node:url';
 import { measureLoopback } from './loopback.js';
 import {
-  GiB, MiB, cleanupTempDirs, freePort, median, randomFile1G, sleep, startFerry, startQemu, tempDir,
+  GiB, MiB, cleanupTempDirs, freePort, median, randomFile1G, randomRamCopy, removeRandomRamCopy, sleep, startFerry, startQemu, tempDir,
   migrateAndMeasure, writeResult, type Measured, type Vm,
 } from './lib/common.js';
 
@@ -80,18 +79,6 @@ async function reachState(state: State): Promise<void> {
   if (state === 'settled') await sleep(SETTLE_MS);
 }
 
-/**
- * QEMU's source RAM: the 1 GiB random file copied to /dev/shm just before
- * the run, so that QEMU's source takes 1 GiB of fresh memory as Ferry's
- * `-fill` does (a file in the page cache would leave QEMU's destination the
- * memory Ferry's source takes).
- */
-function shmCopy(): string {
-  const p = `/dev/shm/ferry-compare-${process.pid}.bin`;
-  execFileSync('cp', [randomFile1G(), p]);
-  return p;
-}
-
 function qemuRam(config: Config): string[] {
   return ['-machine', 'none,memory-backend=m', '-object', `memory-backend-ram,id=m,size=1G${config === 'prealloc' ? ',prealloc=on' : ''}`, '-S'];
 }
@@ -103,7 +90,7 @@ async function runOnce(engine: Engine, state: State, config: Config): Promise<Ru
   let src: Vm | null = null;
   let dst: Vm | null = null;
   const rec: Run = { engine, state, config, sinceLastRunMs: NaN, memFreeBytes: NaN, ok: false };
-  const shm = engine === 'qemu' ? shmCopy() : null;
+  const shm = engine === 'qemu' ? randomRamCopy() : null;
   try {
     // the source first (its RAM resident), then the destination
     src = engine === 'ferry'
@@ -125,7 +112,7 @@ async function runOnce(engine: Engine, state: State, config: Config): Promise<Ru
     return rec;
   } finally {
     await Promise.all([src?.quit(), dst?.quit()]);
-    if (shm) rmSync(shm, { force: true });
+    removeRandomRamCopy();
     cleanupTempDirs();
     lastRunEnded = performance.now();
   }

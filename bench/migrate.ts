@@ -29,7 +29,8 @@ import {
   cleanupTempDirs,
   freePort,
   median,
-  randomFile1G,
+  randomRamCopy,
+  removeRandomRamCopy,
   sleep,
   startFerry,
   startQemu,
@@ -48,7 +49,8 @@ interface Scenario {
   ramBytes: number;
   ferrySrc: string[];
   ferryDst: string[];
-  qemuSrc?: () => string[];
+  /** QEMU's source arguments; `ram()` makes the random RAM file (randomRamCopy) where one is needed */
+  qemuSrc?: (ram: () => string) => string[];
   qemuDst?: () => string[];
   /** give the source guest this long to run before migrating (stress) */
   warmupMs?: number;
@@ -82,9 +84,9 @@ function scenarios(): Scenario[] {
     ramBytes: GiB,
     ferrySrc: ['-m', '1G', '-workload', 'idle', '-fill', 'random,seed=1'],
     ferryDst: ['-m', '1G', '-S'],
-    qemuSrc: () => [
+    qemuSrc: (ram) => [
       '-machine', 'none,memory-backend=m',
-      '-object', `memory-backend-file,id=m,size=1G,mem-path=${randomFile1G()},share=off`, '-S',
+      '-object', `memory-backend-file,id=m,size=1G,mem-path=${ram()},share=off`, '-S',
     ],
     qemuDst: () => qemuRam('1G'),
   });
@@ -171,7 +173,7 @@ async function runOnce(engine: Engine, sc: Scenario, timeoutMs: number): Promise
     } else {
       [dst, src] = await Promise.all([
         startQemu([...sc.qemuDst!(), ...incoming], dir, { name: 'dst' }),
-        startQemu(sc.qemuSrc!(), dir, { name: 'src' }),
+        startQemu(sc.qemuSrc!(randomRamCopy), dir, { name: 'src' }),
       ]);
       await src.execute('migrate-set-parameters', { 'max-bandwidth': BIG_BW, 'downtime-limit': 300 });
     }
@@ -217,6 +219,7 @@ async function runOnce(engine: Engine, sc: Scenario, timeoutMs: number): Promise
     return rec;
   } finally {
     await Promise.all([src?.quit(), dst?.quit()]);
+    removeRandomRamCopy();
   }
 }
 
@@ -301,7 +304,7 @@ export async function main(argv = process.argv.slice(2)): Promise<void> {
       what: sc.what,
       ramBytes: sc.ramBytes,
       ferry: { args: sc.ferrySrc, runs: all.ferry, median: mf },
-      qemu: mq ? { args: sc.qemuSrc!(), runs: all.qemu, median: mq } : { note: 'no equivalent QEMU guest workload without a kernel' },
+      qemu: mq ? { args: sc.qemuSrc!(() => '/dev/shm/<copy of the random file>'), runs: all.qemu, median: mq } : { note: 'no equivalent QEMU guest workload without a kernel' },
       ratioFerryOverQemu: ratio,
       wireFractionOfLoopback: lbRate
         ? { ferry: (mf.wireBytesPerSec ?? NaN) / lbRate, qemu: mq ? (mq.wireBytesPerSec ?? NaN) / lbRate : null }

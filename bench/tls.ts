@@ -34,7 +34,8 @@ import {
   cleanupTempDirs,
   freePort,
   median,
-  randomFile1G,
+  randomRamCopy,
+  removeRandomRamCopy,
   startFerry,
   startQemu,
   tempDir,
@@ -100,7 +101,7 @@ async function runOnce(variant: Variant, certs: { server: string; client: string
       const ram = (extra: string): string[] => ['-machine', 'none,memory-backend=m', '-object', `memory-backend-${extra}`, '-S'];
       [dst, src] = await Promise.all([
         startQemu([...ram('ram,id=m,size=1G'), ...creds('server'), '-incoming', 'defer'], dir, { name: 'dst' }),
-        startQemu([...ram(`file,id=m,size=1G,mem-path=${randomFile1G()},share=off`), ...creds('client')], dir, { name: 'src' }),
+        startQemu([...ram(`file,id=m,size=1G,mem-path=${randomRamCopy()},share=off`), ...creds('client')], dir, { name: 'src' }),
       ]);
     }
     if (tls) await dst.execute('migrate-set-parameters', { 'tls-creds': 'tls0' });
@@ -117,6 +118,7 @@ async function runOnce(variant: Variant, certs: { server: string; client: string
     return rec;
   } finally {
     await Promise.all([src?.quit(), dst?.quit()]);
+    removeRandomRamCopy();
   }
 }
 

@@ -204,3 +204,23 @@ export function randomFile1G(): string {
   }
   return p;
 }
+
+/** Where randomRamCopy() puts its copy (one per bench process). */
+const RAM_COPY = `/dev/shm/ferry-bench-ram-${process.pid}.bin`;
+
+/**
+ * QEMU's incompressible source RAM: the 1 GiB random file copied to
+ * /dev/shm just before the run (map it with memory-backend-file,share=off),
+ * so that QEMU's source takes 1 GiB of fresh memory as Ferry's
+ * `-fill random` does. A file in the page cache takes none, and leaves
+ * QEMU's destination the fresh memory that Ferry's source has to take.
+ * Remove it after the run with removeRandomRamCopy().
+ */
+export function randomRamCopy(): string {
+  execFileSync('cp', [randomFile1G(), RAM_COPY]);
+  return RAM_COPY;
+}
+
+export function removeRandomRamCopy(): void {
+  rmSync(RAM_COPY, { force: true });
+}
