@@ -16,6 +16,7 @@ import { fileURLToPath, pathToFileURL } from 'node:url';
 import { Worker } from 'node:worker_threads';
 import { HelperPool } from '../../src/machine/helpers.js';
 import { Machine } from '../../src/machine/index.js';
+import { GuestRam } from '../../src/machine/ram.js';
 
 const MiB = 1 << 20;
 const here = dirname(fileURLToPath(import.meta.url));
@@ -90,6 +91,28 @@ describe('prefault', () => {
       assert.ok(grown >= 480 * MiB, `RSS grew by ${(grown / MiB).toFixed(0)} MiB in 10 s`);
     } finally {
       await m.destroy();
+    }
+  });
+
+  it('the background prefault skips the ranges the loader has already written', async () => {
+    const ram = new GuestRam(512 * MiB, 'pc.ram');
+    try {
+      const b = ram.blocks[0]!;
+      // the loader wrote the first 448 MiB (touched bits), not the last 64 MiB
+      b.touched.fill(0xffffffff, 0, (448 * MiB) / 4096 / 32);
+      const before = rssBytes();
+      ram.prefaultInBackground();
+      let grown = 0;
+      for (let i = 0; i < 50 && grown < 60 * MiB; i++) {
+        await new Promise((r) => setTimeout(r, 100));
+        grown = rssBytes() - before;
+      }
+      await new Promise((r) => setTimeout(r, 500));
+      grown = rssBytes() - before;
+      // the last range only (and the helper worker's own memory), not 512 MiB
+      assert.ok(grown >= 60 * MiB && grown < 200 * MiB, `RSS grew by ${(grown / MiB).toFixed(0)} MiB`);
+    } finally {
+      await ram.close();
     }
   });
 
