@@ -11,22 +11,35 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { createRequire } from 'node:module';
 import { dirname, join, resolve } from 'node:path';
-import { after, describe, it } from 'node:test';
+import { describe, it } from 'node:test';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { Worker } from 'node:worker_threads';
 import { HelperPool } from '../../src/machine/helpers.js';
-import { Machine } from '../../src/machine/index.js';
-import { GuestRam } from '../../src/machine/ram.js';
 
 const MiB = 1 << 20;
 const here = dirname(fileURLToPath(import.meta.url));
 const root = resolve(here, '../../..');
 const noNative = process.env.FERRY_NO_NATIVE === '1';
 
-function rssBytes(): number {
-  const m = /VmRSS:\s+(\d+) kB/.exec(readFileSync('/proc/self/status', 'utf8'));
-  return Number(m![1]) * 1024;
+/**
+ * Runs an ES module script in a fresh node process (with `env` added) and
+ * returns what it printed: RSS figures taken there are not disturbed by
+ * the memory this test process frees meanwhile.
+ */
+function runChild(script: string, env: Record<string, string> = {}): string {
+  const dir = mkdtempSync(join(tmpdir(), 'ferry-prefault-'));
+  try {
+    const file = join(dir, 'child.mjs');
+    writeFileSync(file, script);
+    return execFileSync(process.execPath, [file], { env: { ...process.env, ...env }, encoding: 'utf8' }).trim();
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
 }
+
+const distUrl = (rel: string): string => JSON.stringify(pathToFileURL(resolve(root, 'dist/src', rel)).href);
+const CHILD_RSS = `import { readFileSync } from 'node:fs';
+      const rss = () => Number(/VmRSS:\\s+(\\d+) kB/.exec(readFileSync('/proc/self/status', 'utf8'))[1]) * 1024;`;
 
 describe('prefault', () => {
   it('the hugepage addon loads in a worker thread (it is context-aware)', { skip: noNative && 'FERRY_NO_NATIVE=1' }, async () => {
@@ -41,87 +54,67 @@ describe('prefault', () => {
     assert.equal(createRequire(import.meta.url)(addon).available, true);
   });
 
-  it('Machine with prealloc has all of its RAM resident when create() returns, contents unchanged', async () => {
-    const before = rssBytes();
-    const m = await Machine.create({ ramSize: 192 * MiB, smp: 1, startPaused: true, prealloc: true });
-    try {
-      const grown = rssBytes() - before;
-      assert.ok(grown >= 180 * MiB, `RSS grew by ${(grown / MiB).toFixed(0)} MiB, expected about 192`);
-      assert.ok(m.ram[0]!.bytes.every((v) => v === 0));
-    } finally {
-      await m.destroy();
-    }
+  /** A child that creates a Machine with `cfg`, runs `body` (it sets `grown`), prints grown and destroys it. */
+  const machineChild = (cfg: string, body: string): number =>
+    Number(runChild(`
+      import { Machine } from ${distUrl('machine/index.js')};
+      ${CHILD_RSS}
+      const MiB = 2 ** 20;
+      const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+      const before = rss();
+      const m = await Machine.create(${cfg});
+      let grown = rss() - before;
+      ${body}
+      console.log(grown);
+      await m.destroy();`));
+
+  it('Machine with prealloc has all of its RAM resident when create() returns, contents unchanged', () => {
+    const grown = machineChild('{ ramSize: 192 * MiB, smp: 1, startPaused: true, prealloc: true }',
+      `if (!m.ram[0].bytes.every((v) => v === 0)) throw new Error('RAM changed');`);
+    assert.ok(grown >= 180 * MiB, `RSS grew by ${(grown / MiB).toFixed(0)} MiB, expected about 192`);
   });
 
-  it('an incoming Machine without prealloc does not wait for the prefault', async () => {
-    const before = rssBytes();
-    const m = await Machine.create({ ramSize: 1024 * MiB, smp: 1, incoming: true });
-    try {
-      // create() returned before the helpers could fault in 1 GiB (it takes 0.1-3 s)
-      const grown = rssBytes() - before;
-      assert.ok(grown < 900 * MiB, `RSS grew by ${(grown / MiB).toFixed(0)} MiB before create() returned`);
-    } finally {
-      await m.destroy();
-    }
+  it('an incoming Machine without prealloc does not wait for the prefault', () => {
+    // create() returned before the helpers could fault in 1 GiB (it takes 0.1-3 s)
+    const grown = machineChild('{ ramSize: 1024 * MiB, smp: 1, incoming: true }', '');
+    assert.ok(grown < 900 * MiB, `RSS grew by ${(grown / MiB).toFixed(0)} MiB before create() returned`);
   });
 
-  it('the background prefault stops after its current range once the stream starts', async () => {
-    const before = rssBytes();
-    const m = await Machine.create({ ramSize: 1024 * MiB, smp: 1, incoming: true });
-    try {
-      m.stopBackgroundPrefault();
-      await new Promise((r) => setTimeout(r, 1500));
-      const grown = rssBytes() - before;
-      // at most the range it was on (64 MiB) and the workers' own memory
-      assert.ok(grown < 256 * MiB, `RSS grew by ${(grown / MiB).toFixed(0)} MiB after the stop`);
-    } finally {
-      await m.destroy();
-    }
+  it('the background prefault stops after its current range once the stream starts', () => {
+    // once the range it was on is done (64 MiB, well under 0.5 s), RSS stays put
+    const grown = machineChild('{ ramSize: 1024 * MiB, smp: 1, incoming: true }',
+      'm.stopBackgroundPrefault(); await sleep(500); const settled = rss(); await sleep(1500); grown = rss() - settled;');
+    assert.ok(grown < 32 * MiB, `RSS grew by ${(grown / MiB).toFixed(0)} MiB in the 1.5 s after the stop`);
   });
 
-  it('without the stop, the background prefault faults all of RAM in', async () => {
-    const before = rssBytes();
-    const m = await Machine.create({ ramSize: 512 * MiB, smp: 1, incoming: true });
-    try {
-      let grown = 0;
-      for (let i = 0; i < 100 && grown < 480 * MiB; i++) {
-        await new Promise((r) => setTimeout(r, 100));
-        grown = rssBytes() - before;
-      }
-      assert.ok(grown >= 480 * MiB, `RSS grew by ${(grown / MiB).toFixed(0)} MiB in 10 s`);
-    } finally {
-      await m.destroy();
-    }
+  it('without the stop, the background prefault faults all of RAM in', () => {
+    const grown = machineChild('{ ramSize: 512 * MiB, smp: 1, incoming: true }',
+      'for (let i = 0; i < 100 && grown < 480 * MiB; i++) { await sleep(100); grown = rss() - before; }');
+    assert.ok(grown >= 480 * MiB, `RSS grew by ${(grown / MiB).toFixed(0)} MiB in 10 s`);
   });
 
-  it('the background prefault skips the ranges the loader has already written', async () => {
-    const ram = new GuestRam(512 * MiB, 'pc.ram');
-    try {
-      const b = ram.blocks[0]!;
+  it('the background prefault skips the ranges the loader has already written', () => {
+    const out = runChild(`
+      import { GuestRam } from ${distUrl('machine/ram.js')};
+      ${CHILD_RSS}
+      const MiB = 2 ** 20;
+      const ram = new GuestRam(512 * MiB, 'pc.ram');
       // the loader wrote the first 448 MiB (touched bits), not the last 64 MiB
-      b.touched.fill(0xffffffff, 0, (448 * MiB) / 4096 / 32);
-      const before = rssBytes();
+      ram.blocks[0].touched.fill(0xffffffff, 0, (448 * MiB) / 4096 / 32);
+      const before = rss();
       ram.prefaultInBackground();
-      let grown = 0;
-      for (let i = 0; i < 50 && grown < 60 * MiB; i++) {
-        await new Promise((r) => setTimeout(r, 100));
-        grown = rssBytes() - before;
-      }
-      await new Promise((r) => setTimeout(r, 500));
-      grown = rssBytes() - before;
-      // the last range only (and the helper worker's own memory), not 512 MiB
-      assert.ok(grown >= 60 * MiB && grown < 200 * MiB, `RSS grew by ${(grown / MiB).toFixed(0)} MiB`);
-    } finally {
-      await ram.close();
-    }
+      await new Promise((r) => setTimeout(r, 2000));
+      console.log(rss() - before);
+      await ram.close();`);
+    const grown = Number(out);
+    // the last range only (and the helper worker's own memory), not 512 MiB
+    assert.ok(grown >= 60 * MiB && grown < 200 * MiB, `RSS grew by ${(grown / MiB).toFixed(0)} MiB`);
   });
 
   it('a range above 2 GiB in a block of more than 2 GiB is faulted in, with the addon and with the fallback', async () => {
     const script = `
-      import { HelperPool } from ${JSON.stringify(pathToFileURL(resolve(root, 'dist/src/machine/helpers.js')).href)};
-      import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-      const rss = () => Number(/VmRSS:\\s+(\\d+) kB/.exec(readFileSync('/proc/self/status', 'utf8'))[1]) * 1024;
+      import { HelperPool } from ${distUrl('machine/helpers.js')};
+      ${CHILD_RSS}
       const buf = new SharedArrayBuffer(2 ** 31 + 64 * 2 ** 20);
       const pool = new HelperPool(2);
       await pool.run({ op: 'prefault', buf, offset: 0, length: 4096 }); // spawn the worker first
@@ -129,13 +122,8 @@ import { tmpdir } from 'node:os';
       await pool.run({ op: 'prefault', buf, offset: 2 ** 31, length: 64 * 2 ** 20 });
       console.log(rss() - before);
       await pool.close();`;
-    const dir = mkdtempSync(join(tmpdir(), 'ferry-prefault-'));
-    const file = join(dir, 'prefault.mjs');
-    writeFileSync(file, script);
-    after(() => rmSync(dir, { recursive: true, force: true }));
     for (const env of noNative ? ['1'] : ['0', '1']) {
-      const out = execFileSync(process.execPath, [file], { env: { ...process.env, FERRY_NO_NATIVE: env }, encoding: 'utf8' });
-      const grown = Number(out.trim());
+      const grown = Number(runChild(script, { FERRY_NO_NATIVE: env }));
       assert.ok(grown >= 60 * MiB, `FERRY_NO_NATIVE=${env}: RSS grew by ${(grown / MiB).toFixed(1)} MiB, expected 64`);
     }
   });
