@@ -11,6 +11,7 @@ import { QapiEvents } from '../generated/qapi-events.js';
 import { DiskWorkloadError, DriveError, Machine, parseDiskWorkload, parseFill, parseWorkload, type SerialConfig } from '../machine/index.js';
 import {
   MigrationDestination,
+  MigrationObserver,
   MigrationOptions,
   MigrationSource,
   RAM_SECTION,
@@ -124,6 +125,7 @@ export async function main(argv: string[]): Promise<number> {
       log,
     });
     const destination = new MigrationDestination(port, options, { lookupFd, log, sections, tls });
+    const observe = new MigrationObserver({ source, destination, options, ram: () => machine.ram, faultStats: () => machine.faultStats() });
     vm = {
       machine,
       options,
@@ -131,6 +133,7 @@ export async function main(argv: string[]): Promise<number> {
       fds,
       source,
       destination,
+      observe,
       incomingMode: a.incoming === undefined ? 'none' : a.incoming === 'defer' ? 'defer' : 'uri',
       commandNames: [...COMMANDS.keys()],
       version: FERRY_VERSION,
@@ -155,6 +158,7 @@ export async function main(argv: string[]): Promise<number> {
     });
     const events = new QapiEvents((name, data) => server.broadcast(name, data));
     machine.on('runstate', (now: string, old: string) => {
+      observe.runState(now, old);
       if (old === 'running') events.STOP();
       if (now === 'running') events.RESUME();
     });

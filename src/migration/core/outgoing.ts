@@ -20,6 +20,7 @@ import { endOutput, linger, openOutgoing, type Channel, type ChannelWrapper, typ
 import { chainWrappers, migrationTls, type TlsDeps } from '../channel/tls.js';
 import { CompressPool } from '../codec/compress-pool.js';
 import { CancelledError, MigrationError, PeerError, inPhase, type MigrationFailure, type MigrationPhase } from '../errors.js';
+import { DecisionLog, type DecisionWhy } from '../observe/decisions.js';
 import { runPostcopy } from '../postcopy/switch.js';
 import { ReturnPathReader } from '../return-path/reader.js';
 import { MigrationClockDevice, wallClockUs } from '../sections/clock-device.js';
@@ -107,6 +108,10 @@ interface PendingSum {
 export class OutgoingSession {
   readonly stats = new SourceStats();
   readonly abort = new AbortController();
+  /** What the switchover decided and why (x-query-migrate-decisions). */
+  readonly decisions = new DecisionLog();
+  /** The dirty-sync count (MIGRATION_PASS) so far. */
+  pass = 0;
   channel: Channel | null = null;
   writer: StreamWriter | null = null;
   returnPath: ReturnPathReader | null = null;
@@ -263,7 +268,10 @@ export class OutgoingSession {
       now: this.deps.now,
       returnPath: this.returnPath,
       compressPool: () => (this.compress ??= new CompressPool({ threads: this.options.get('compress-threads') })),
-      onPass: (n) => this.deps.onPass(n),
+      onPass: (n) => {
+        this.pass = n;
+        this.deps.onPass(n);
+      },
       throughputMbps: () => this.stats.mbps,
     };
   }
@@ -301,11 +309,20 @@ export class OutgoingSession {
       // bytes put but not yet handed to the kernel go after the stop too
       const queued = w.bytesWritten - w.bytesFlushed;
       let p = this.pending(false);
-      if (p.total + queued < threshold || p.total === 0) p = this.pending(true);
+      const exact = p.total + queued < threshold || p.total === 0;
+      if (exact) p = this.pending(true);
       this.stats.remaining = p.total;
-      if (p.total === 0 || p.total + queued < threshold) return 'complete';
+      if (p.total === 0 || p.total + queued < threshold) {
+        this.decide(p, queued, threshold, 'switchover', p.total === 0 ? 'empty' : 'fits');
+        return 'complete';
+      }
       // what must go before the switch fits: postcopy carries the rest
-      if (this.postcopyRequested && this.options.capability('postcopy-ram') && p.precopy + queued <= threshold) return 'postcopy';
+      const postcopy = this.postcopyRequested && this.options.capability('postcopy-ram');
+      if (postcopy && p.precopy + queued <= threshold) {
+        this.decide(p, queued, threshold, 'postcopy', 'postcopy-fits');
+        return 'postcopy';
+      }
+      if (exact) this.decide(p, queued, threshold, 'iterate', postcopy ? 'postcopy-waits' : 'too-much');
 
       this.trace('slice');
       // Sections take turns at going first, so that one that fills the
@@ -329,6 +346,28 @@ export class OutgoingSession {
       if (w.rateLimitExceeded()) await w.waitForWindow();
       else await yieldToLoop();
     }
+  }
+
+  /** Record a decision with the figures it was taken on (observe/decisions.ts). */
+  private decide(p: PendingSum, queued: number, threshold: number, decision: 'iterate' | 'switchover' | 'postcopy', why: DecisionWhy): void {
+    const budget = this.deps.switchover;
+    const limit = this.options.get('downtime-limit');
+    const bandwidth = this.stats.lowBandwidth;
+    this.decisions.record({
+      timeMs: this.now() - this.stats.startTime,
+      pass: this.pass,
+      dirtyBytes: p.total,
+      precopyBytes: p.precopy,
+      queuedBytes: queued,
+      bandwidth,
+      plannedBandwidth: budget.plannedBandwidth(bandwidth),
+      expectedDowntimeMs: budget.expectedDowntimeMs(p.total + queued, bandwidth, limit),
+      limitMs: limit,
+      reserveMs: budget.reserveMs(limit),
+      thresholdBytes: threshold,
+      decision,
+      why,
+    });
   }
 
   /** Stop-and-copy: VM stopped, the rest of every section, devices, EOF, vmdesc. */
