@@ -9,6 +9,8 @@ commands:
   qmp SOCKET [cmd [k=v ...]]  talk to a QMP monitor (one-shot or interactive)
   demo [options]              live-migrate a running 1 GiB VM between two local processes
   inspect [options] FILE      list the sections and records of a migration stream (- reads stdin)
+  migrate SRC DST [options]   migrate between two monitors (Ferry or QEMU), with a progress bar and the result
+  report INPUT.json [-o OUT]  draw a traced migration as one self-contained HTML page
   help                        this text
 
 ferry vm options:
@@ -44,6 +46,10 @@ async function run(argv: string[]): Promise<number> {
       return (await import('./demo.js')).main(rest);
     case 'inspect':
       return (await import('./inspect.js')).main(rest);
+    case 'migrate':
+      return (await import('./migrate.js')).main(rest);
+    case 'report':
+      return (await import('./report.js')).main(rest);
     case '--version':
     case '-V': {
       const pkg = createRequire(import.meta.url)('../../../package.json') as { version: string };

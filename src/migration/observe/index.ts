@@ -106,7 +106,7 @@ export class MigrationObserver {
     const { options, source } = this.d;
     let forecast: MigrationForecast | undefined;
     try {
-      if (this.meter.last) forecast = this.forecast();
+      if (this.meter.last) forecast = this.forecast(undefined, true);
     } catch {
       forecast = undefined;
     }
@@ -201,8 +201,8 @@ export class MigrationObserver {
   }
 
   /** x-query-migrate-forecast */
-  forecast(bandwidthArg?: number): MigrationForecast {
-    const { model, running, status, bandwidthSource, rateSource, elapsed } = this.model(bandwidthArg);
+  forecast(bandwidthArg?: number, beforeStart = false): MigrationForecast {
+    const { model, running, status, bandwidthSource, rateSource, elapsed } = this.model(bandwidthArg, beforeStart);
     const { options } = this.d;
     const asSetUp = outcome(model);
     const opts = weighOptions(
@@ -246,11 +246,11 @@ export class MigrationObserver {
   }
 
   /** Everything the model needs, from the meter, the parameters and the running migration. */
-  private model(bandwidthArg?: number) {
+  private model(bandwidthArg?: number, beforeStart = false) {
     const { source, options } = this.d;
     const session = source.current;
-    const status = source.status;
-    const running = source.isActive() && session !== null;
+    const status = beforeStart ? 'none' : source.status;
+    const running = !beforeStart && source.isActive() && session !== null;
     const ramBytes = this.ramBytes();
     const meas = this.meter.last;
     const limitMs = options.get('downtime-limit');
@@ -302,6 +302,7 @@ export class MigrationObserver {
         bandwidth = maxBw > 0 ? maxBw / 1000 : 0;
         bandwidthSource = 'max-bandwidth';
       }
+      if (!(bandwidth > 0)) throw new ForecastError('The bandwidth is not measured yet: ask again once the migration has sent for a moment');
       const zero = meas?.zeroShare ?? 0;
       if (ram) {
         const bulk = ram.sender.bulkStage;
