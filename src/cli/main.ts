@@ -24,6 +24,7 @@ ferry vm options:
   -workload idle | sweep[,start=SIZE][,end=SIZE] | stress[,rate=BYTES][,wss=SIZE][,write=BYTES][,seed=N][,read=on]
   -fill zero | random[,seed=N] | text[,seed=N]
   -serial none | stdio | file:PATH
+  -metrics tcp:HOST:PORT   serve the migration statistics to Prometheus at http://HOST:PORT/metrics (port 0: any)
   -drive file=PATH[,format=raw|qcow2][,if=ide|virtio|none][,index=N][,id=ID][,readonly=on][,cache=MODE]   (repeatable)
         if=ide (default): ide<bus>-hd<unit>, index 0-3; if=virtio: virtio<N>; if=none: none<N>; id=ID names it instead.
         cache=writeback (default) | none | writethrough | directsync | unsafe: I/O always goes through the host

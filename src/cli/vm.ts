@@ -20,6 +20,7 @@ import {
   type TlsDeps,
 } from '../migration/index.js';
 import { QmpError } from '../qapi/errors.js';
+import { startMetrics } from '../metrics/prometheus.js';
 import { QmpServer } from '../qmp/index.js';
 import { parseVmArgs, UsageError } from './vm-args.js';
 
@@ -192,6 +193,10 @@ export async function main(argv: string[]): Promise<number> {
       await destination.start(a.incoming);
     }
     for (const spec of a.qmp) await server.listen(spec);
+    if (a.metrics !== undefined) {
+      const m = await startMetrics(a.metrics, { source, destination, observe, name: a.name, faultStats: () => machine.faultStats() });
+      log(`metrics on ${m.url}`);
+    }
     return -1; // keep running
   } catch (e) {
     const msg = e instanceof QmpError ? e.desc : e instanceof Error ? e.message : String(e);
