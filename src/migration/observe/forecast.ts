@@ -375,5 +375,5 @@ export function summarize(asSetUp: Outcome, options: readonly MigrationForecastO
     const t = o['total-time'];
     return `${o.method}${t ? ` (~${secs(t.expected)})` : ''}`;
   });
-  return `does not converge as set up: the guest dirties memory faster than the link drains it. ${helps.length ? `It would converge with ${helps.join(', ')}.` : ''}`.trim();
+  return `does not converge as set up: the guest dirties memory faster than the link drains it${helps.length ? `; it would converge with ${helps.join(', ')}` : ''}`;
 }
