@@ -132,12 +132,12 @@ export class QmpProcess {
   }
 
   async status(): Promise<string> {
-    return (await this.execute<{ status: string }>('query-status')).status;
+    return (await this.api.queryStatus({ timeoutMs: this.opts.commandTimeoutMs })).status;
   }
 
   /** x-query-memory-digest (Ferry only). */
   async digest(): Promise<string> {
-    return (await this.execute<{ digest: string }>('x-query-memory-digest')).digest;
+    return (await this.api.xQueryMemoryDigest({ timeoutMs: this.opts.commandTimeoutMs })).digest;
   }
 
   /** Another QMP connection to the same process. */

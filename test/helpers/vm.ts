@@ -8,6 +8,7 @@ import { tmpdir } from 'node:os';
 import { join, resolve, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { FERRY_MAIN, QmpProcess, ferryVmArgv, runToExit, waitFor, type LaunchOptions } from '../../src/cli/launch.js';
+import type { EventData, QmpApi } from '../../src/generated/qapi-client.js';
 
 export { FERRY_MAIN, QmpProcess, runToExit, waitFor };
 
@@ -55,16 +56,17 @@ export function runVmExpectingExit(args: string[], timeoutMs = 10000): Promise<{
   return runToExit(process.execPath, [FERRY_MAIN, 'vm', ...args], timeoutMs);
 }
 
-/** Poll query-migrate (of a Ferry or a QEMU) until the status is one of `states`. */
+/** Poll query-migrate (of a Ferry or a QEMU, through the typed client) until the status is one of `states`. */
 export async function waitMigration(
-  vm: { execute<T>(cmd: string): Promise<T> },
+  vm: QmpProcess | QmpApi,
   states: string[] = ['completed', 'failed', 'cancelled'],
   timeoutMs = 60000,
 ): Promise<Record<string, any>> {
+  const api = vm instanceof QmpProcess ? vm.api : vm;
   return waitFor<Record<string, any> | null>(
     async () => {
-      const info = await vm.execute<Record<string, any>>('query-migrate');
-      return states.includes(info.status) ? info : null;
+      const info = await api.queryMigrate();
+      return states.includes(info.status ?? 'none') ? info : null;
     },
     timeoutMs,
     `migration status in ${states.join('|')}`,
@@ -74,7 +76,7 @@ export async function waitMigration(
 
 /** The MIGRATION event statuses a process reported so far, in order. */
 export function migrationEvents(vm: QmpProcess): string[] {
-  return vm.qmp.eventLog.filter((e) => e.event === 'MIGRATION').map((e) => (e.data as { status: string }).status);
+  return vm.qmp.eventLog.filter((e) => e.event === 'MIGRATION').map((e) => (e.data as EventData['MIGRATION']).status);
 }
 
 /** Shell-quote a path for exec: URIs. */
