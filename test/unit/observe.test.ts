@@ -83,7 +83,7 @@ test('the dirty curve fit finds the working set and the rate', () => {
   assert.ok(Math.abs(c.rate / truth.rate - 1) < 0.06, `rate ${c.rate}`);
   const lin = fitCurve([{ ms: 100, bytes: 1e6 }, { ms: 200, bytes: 2e6 }, { ms: 400, bytes: 4e6 }], 1e9);
   assert.equal(lin.workingSet, Infinity);
-  assert.equal(lin.rate, 1e4);
+  assert.ok(Math.abs(lin.rate - 1e4) < 1e-3, `rate ${lin.rate}`);
 });
 
 const base: SimOptions = {
@@ -127,8 +127,10 @@ test('the loop model: converges when the link outruns the dirtying, not when the
 test('the least bandwidth that converges is found, and a wider band comes from wider inputs', () => {
   const m: ForecastModel = { ...base, curve: { rate: 60_000, workingSet: Infinity }, curveLow: { rate: 50_000, workingSet: Infinity }, curveHigh: { rate: 70_000, workingSet: Infinity } };
   const need = requiredBandwidth(m)!;
-  assert.ok(need > 70_000 && need < 100_000, `needs ${need}`);
+  // about the dirty rate at the band's high end (a little less: the dirty set cannot outgrow RAM)
+  assert.ok(need > 40_000 && need < 100_000, `needs ${need}`);
   assert.ok(simulate({ ...m, curve: m.curveHigh, bandwidth: need }).converges);
+  assert.ok(!simulate({ ...m, curve: m.curveHigh, bandwidth: need * 0.8 }).converges);
   const o = outcome({ ...m, bandwidth: need * 1.2 });
   assert.ok(o.low.totalMs <= o.expected.totalMs && o.expected.totalMs <= o.high.totalMs);
 });

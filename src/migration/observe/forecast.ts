@@ -29,6 +29,12 @@ import { TARGET_PAGE_SIZE } from '../../machine/types.js';
 
 /** Ferry's slice: the loop's decision points near the threshold are this far apart. */
 const SLICE_MS = 5;
+/**
+ * With max-bandwidth set, the writer sends each 100 ms window's budget in a
+ * burst and sleeps to the window's end (stream/writer.ts): the dirty log is
+ * then read about once a window.
+ */
+const WINDOW_MS = 100;
 /** Record header of a page (be64 address + flags) and a ZERO record's size. */
 const PAGE_WIRE = TARGET_PAGE_SIZE + 8;
 const ZERO_WIRE = 9;
@@ -60,38 +66,47 @@ export function dirtyBytes(c: DirtyCurve, ms: number): number {
 }
 
 /**
- * Fit the curve to readings of the dirty set (bytes after ms). The rate
- * comes from the earliest reading; the working set is the one that fits
- * the later readings best (none, when they keep growing linearly).
+ * Fit the curve to readings of the dirty set (bytes after ms) by least
+ * squares on the bytes (so the later, larger readings, which rest on more
+ * changed samples, weigh most): for each candidate working set (from the
+ * largest reading up to all of RAM, and none) the best rate, and the best
+ * pair of all.
  */
 export function fitCurve(readings: readonly { ms: number; bytes: number }[], ramBytes: number): DirtyCurve {
   const pts = readings.filter((r) => r.ms > 0).sort((a, b) => a.ms - b.ms);
   if (pts.length === 0 || pts.every((p) => p.bytes === 0)) return { rate: 0, workingSet: Infinity };
-  let best: DirtyCurve = { rate: 0, workingSet: Infinity };
-  let bestErr = Infinity;
   const last = pts[pts.length - 1]!;
-  // candidate working sets from the largest reading up to all of RAM, plus "none"
-  const cands: number[] = [Infinity];
-  const lo = Math.max(last.bytes, 1);
-  for (let w = lo; w <= ramBytes * 1.0001; w *= 1.05) cands.push(w);
-  for (const w of cands) {
-    // the rate that makes the curve pass through the first reading
-    const first = pts[0]!;
-    let rate: number;
-    if (!Number.isFinite(w)) rate = first.bytes / first.ms;
-    else {
-      const share = Math.min(first.bytes / w, 0.999999);
-      rate = (-Math.log(1 - share) * w) / first.ms;
-    }
-    const c = { rate, workingSet: w };
-    let err = 0;
+  const err = (c: DirtyCurve): number => {
+    let e = 0;
     for (const p of pts) {
-      const d = (dirtyBytes(c, p.ms) - p.bytes) / Math.max(last.bytes, 1);
-      err += d * d;
+      const d = dirtyBytes(c, p.ms) - p.bytes;
+      e += d * d;
     }
-    if (err < bestErr - 1e-12) {
-      bestErr = err;
+    return e;
+  };
+  // the rate's search range: what the readings imply, widened
+  const implied = pts.filter((p) => p.bytes > 0).map((p) => p.bytes / p.ms);
+  const rLo = Math.min(...implied) / 2;
+  const rHi = Math.max(...implied) * 8;
+  const bestRate = (w: number): DirtyCurve => {
+    let lo = Math.log(rLo);
+    let hi = Math.log(rHi);
+    for (let i = 0; i < 60; i++) {
+      const a = lo + (hi - lo) / 3;
+      const b = hi - (hi - lo) / 3;
+      if (err({ rate: Math.exp(a), workingSet: w }) <= err({ rate: Math.exp(b), workingSet: w })) hi = b;
+      else lo = a;
+    }
+    return { rate: Math.exp((lo + hi) / 2), workingSet: w };
+  };
+  let best = bestRate(Infinity);
+  let bestErr = err(best);
+  for (let w = Math.max(last.bytes, 1); w <= ramBytes * 1.0001; w *= 1.05) {
+    const c = bestRate(w);
+    const e = err(c);
+    if (e < bestErr * (1 - 1e-9)) {
       best = c;
+      bestErr = e;
     }
   }
   return best;
@@ -105,6 +120,8 @@ export interface SimOptions {
   bandwidth: number;
   /** bytes per ms after the stop (the writer runs unlimited then) */
   stopBandwidth: number;
+  /** the bandwidth is max-bandwidth's limit (100 ms windows), not the engine's pace */
+  limited?: boolean;
   limitMs: number;
   reserveMs: number;
   /** share of the bandwidth the switchover plans with */
@@ -142,8 +159,11 @@ function resendWire(bytes: number, o: SimOptions): number {
 export function simulate(o: SimOptions): SimResult {
   const B = o.bandwidth;
   const threshold = B * o.plannedShare * Math.max(0, o.limitMs - o.reserveMs);
+  const step = o.limited ? WINDOW_MS : SLICE_MS;
   let throttle = o.from?.throttle ?? o.autoConverge?.throttle ?? 0;
-  const dirty = (ms: number) => dirtyBytes(o.curve, ms * (1 - throttle / 100));
+  // random writes never dirty more than all of RAM
+  const curve: DirtyCurve = { rate: o.curve.rate, workingSet: Math.min(o.curve.workingSet, o.ramBytes) };
+  const dirty = (ms: number) => dirtyBytes(curve, ms * (1 - throttle / 100));
   const wireOf = (bytes: number) => resendWire(bytes, o);
   const stop = (t: number, rest: number, passes: number): SimResult => {
     const down = rest / Math.max(o.stopBandwidth, B) + o.overheadMs;
@@ -186,12 +206,13 @@ export function simulate(o: SimOptions): SimResult {
   for (let step = 0; step < MAX_STEPS && t < HORIZON_MS; step++) {
     if (R < threshold) return stop(t, R, passes);
     // send until the estimate falls under the threshold, then sync
-    const dt = Math.max(SLICE_MS, (R - threshold) / B + SLICE_MS / 2);
+    const dt = Math.max(step, (R - threshold) / B + step / 2);
     const sent = Math.min(R, B * dt);
     t += dt;
     since += dt;
     R -= sent;
-    const fresh = wireOf(dirty(since)) * (o.curve.workingSet > 0 && Number.isFinite(o.curve.workingSet) ? Math.max(0, 1 - R / wireOf(o.curve.workingSet)) : 1);
+    // pages still waiting in the bitmap are not new when dirtied again
+    const fresh = wireOf(dirty(since)) * (curve.workingSet > 0 ? Math.max(0, 1 - R / wireOf(curve.workingSet)) : 1);
     R += fresh;
     periodDirty += fresh;
     periodSent += sent;

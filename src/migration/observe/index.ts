@@ -345,6 +345,7 @@ export class MigrationObserver {
       bandwidth,
       bandwidthSpread: spread,
       stopBandwidth: Math.max(bandwidth, this.lastBandwidth),
+      limited: maxBw > 0 && bandwidth <= (maxBw / 1000) * 1.1,
       limitMs,
       reserveMs: budget.reserveMs(limitMs),
       plannedShare: budget.plannedBandwidth(1),
