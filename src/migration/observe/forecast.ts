@@ -203,29 +203,58 @@ export function simulate(o: SimOptions): SimResult {
   let high = 0;
   let rising = 0;
   let prevR = R;
-  for (let step = 0; step < MAX_STEPS && t < HORIZON_MS; step++) {
-    if (R < threshold) return stop(t, R, passes);
-    // send until the estimate falls under the threshold, then sync
-    const dt = Math.max(step, (R - threshold) / B + step / 2);
-    const sent = Math.min(R, B * dt);
-    t += dt;
-    since += dt;
-    R -= sent;
+  let lastSync = t - since;
+  /** A dirty-log sync at `now`: what was dirtied since the last one joins the bitmap. */
+  const sync = (now: number): void => {
     // pages still waiting in the bitmap are not new when dirtied again
-    const fresh = wireOf(dirty(since)) * (curve.workingSet > 0 ? Math.max(0, 1 - R / wireOf(curve.workingSet)) : 1);
+    const fresh = wireOf(dirty(now - lastSync)) * Math.max(0, 1 - R / wireOf(curve.workingSet));
     R += fresh;
     periodDirty += fresh;
-    periodSent += sent;
-    since = 0;
+    lastSync = now;
     passes++;
-    if (o.autoConverge && t - periodStart >= PERIOD_MS) {
+    if (o.autoConverge && now - periodStart >= PERIOD_MS) {
       if (periodDirty > periodSent / 2 && ++high >= 2) {
         high = 0;
         throttle = Math.min(99, throttle === 0 ? o.autoConverge.initial : throttle + o.autoConverge.increment);
       }
-      periodStart = t;
+      periodStart = now;
       periodDirty = 0;
       periodSent = 0;
+    }
+  };
+  // the engine's own pace: how fast a window's budget goes out
+  const burst = Math.max(o.stopBandwidth, B * 8);
+  for (let step = 0; step < MAX_STEPS && t < HORIZON_MS; step++) {
+    if (o.limited) {
+      // one 100 ms window: the budget in a burst; a sync whenever the bitmap
+      // falls under the threshold (and again after each crossing), then the
+      // rest of the window asleep
+      let budget = B * WINDOW_MS;
+      let now = t;
+      for (let k = 0; k < 64; k++) {
+        if (R < threshold) {
+          sync(now);
+          if (R < threshold) return stop(now, R, passes);
+        }
+        if (budget <= 0) break;
+        const x = Math.min(budget, R, R - threshold + TARGET_PAGE_SIZE);
+        now += x / burst;
+        R -= x;
+        budget -= x;
+        periodSent += x;
+      }
+      t = Math.max(now, t + WINDOW_MS);
+    } else {
+      if (R < threshold) {
+        sync(t);
+        if (R < threshold) return stop(t, R, passes);
+      }
+      // send until the estimate falls under the threshold
+      const dt = Math.max(SLICE_MS, (R - threshold) / B + SLICE_MS / 2);
+      const sent = Math.min(R, B * dt);
+      t += dt;
+      R -= sent;
+      periodSent += sent;
     }
     // no progress for a long time and nothing left to change: it does not converge
     if (R >= prevR - 1) rising++;
