@@ -3,6 +3,7 @@
  * src/cli/launch.ts, as the demo and the benchmarks do), talk QMP to them
  * over real unix sockets, and clean up whatever a test leaves behind.
  */
+import { spawn } from 'node:child_process';
 import { mkdtempSync, rmSync, existsSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve, dirname } from 'node:path';
@@ -49,6 +50,22 @@ export async function startVm(opts: VmOptions = {}): Promise<VmHandle> {
   const sock = join(dir, `${opts.name ?? 'vm'}.qmp`);
   const h = track(new QmpProcess(process.execPath, ferryVmArgv(sock, opts.args ?? []), { ...opts, sock, dir, what: 'ferry vm' }));
   return h.ready();
+}
+
+/** Run `ferry ARGS...` to its end (`signal` after timeoutMs): exit code, stdout and stderr. */
+export function runFerry(args: string[], timeoutMs = 120000, signal: NodeJS.Signals = 'SIGKILL'): Promise<{ code: number | null; out: string; err: string }> {
+  return new Promise((resolve) => {
+    const p = spawn(process.execPath, [FERRY_MAIN, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    let err = '';
+    p.stdout.on('data', (b: Buffer) => (out += b.toString()));
+    p.stderr.on('data', (b: Buffer) => (err += b.toString()));
+    const t = setTimeout(() => p.kill(signal), timeoutMs);
+    p.once('exit', (code) => {
+      clearTimeout(t);
+      resolve({ code, out, err });
+    });
+  });
 }
 
 /** Run `ferry vm` expecting it to fail at startup; returns exit code and stderr. */

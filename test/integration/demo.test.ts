@@ -1,28 +1,14 @@
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { FERRY_MAIN, cleanupAll, tempDir } from '../helpers/vm.js';
+import { cleanupAll, runFerry, tempDir } from '../helpers/vm.js';
 import { after } from 'node:test';
 
 after(cleanupAll);
 
-/** Run `ferry demo` as `npm start` does, small: 128 MiB, no progress bar. */
-function runDemo(args: string[], timeoutMs = 120000): Promise<{ code: number | null; out: string; err: string }> {
-  return new Promise((resolve) => {
-    const p = spawn(process.execPath, [FERRY_MAIN, 'demo', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = '';
-    let err = '';
-    p.stdout.on('data', (b: Buffer) => (out += b.toString()));
-    p.stderr.on('data', (b: Buffer) => (err += b.toString()));
-    const t = setTimeout(() => p.kill('SIGINT'), timeoutMs);
-    p.once('exit', (code) => {
-      clearTimeout(t);
-      resolve({ code, out, err });
-    });
-  });
-}
+/** Run `ferry demo` as `npm start` does (SIGINT, which stops its VMs, when it takes too long). */
+const runDemo = (args: string[], timeoutMs = 120000) => runFerry(['demo', ...args], timeoutMs, 'SIGINT');
 
 describe('ferry demo', () => {
   it('migrates a small VM and verifies it (exit 0, verdict lines, the ETA, a report)', { timeout: 150000 }, async () => {

@@ -5,31 +5,17 @@
  */
 import { after, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { QEMU_RAM_ARGS, QEMU_SKIP, cleanupQemu, startQemu } from '../helpers/qemu.js';
-import { FERRY_MAIN, cleanupAll, startVm, tempDir } from '../helpers/vm.js';
+import { cleanupAll, runFerry, startVm, tempDir } from '../helpers/vm.js';
 
 after(async () => {
   await cleanupQemu();
   await cleanupAll();
 });
 
-function ferryMigrate(args: string[], timeoutMs = 90000): Promise<{ code: number | null; out: string; err: string }> {
-  return new Promise((resolve) => {
-    const p = spawn(process.execPath, [FERRY_MAIN, 'migrate', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = '';
-    let err = '';
-    p.stdout.on('data', (b: Buffer) => (out += b.toString()));
-    p.stderr.on('data', (b: Buffer) => (err += b.toString()));
-    const t = setTimeout(() => p.kill('SIGKILL'), timeoutMs);
-    p.once('exit', (code) => {
-      clearTimeout(t);
-      resolve({ code, out, err });
-    });
-  });
-}
+const ferryMigrate = (args: string[], timeoutMs = 90000) => runFerry(['migrate', ...args], timeoutMs);
 
 describe('ferry migrate', () => {
   it('Ferry → Ferry: capabilities and parameters on both, progress with the ETA, the result, verified, a report', { timeout: 120000 }, async () => {
