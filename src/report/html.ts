@@ -200,7 +200,8 @@ export function forecastHit(fc: MigrationForecast, actual: number | undefined): 
 
 function forecastVerdict(fc: MigrationForecast, actual: number | undefined): string {
   const tt = fc['total-time'];
-  const band = tt ? `${fmtMs(tt.expected)} (${fmtMs(tt.low)}–${tt.high !== undefined ? fmtMs(tt.high) : '?'})` : 'no convergence predicted';
+  if (!tt) return `${fc.summary}${actual !== undefined ? `. It completed in ${fmtMs(actual)} (with what was changed after the forecast, e.g. postcopy)` : ''}`;
+  const band = `${fmtMs(tt.expected)} (${fmtMs(tt.low)}–${tt.high !== undefined ? fmtMs(tt.high) : '?'})`;
   const hit = actual === undefined ? '' : forecastHit(fc, actual) ? `; actual ${fmtMs(actual)}: inside the band` : `; actual ${fmtMs(actual)}: OUTSIDE the band`;
   return `${fc.summary}. Total time ${band}${hit}`;
 }
