@@ -1,5 +1,5 @@
 /**
- * `npm run bench -- forecast [--runs N] [--mem SIZE] [--only I,J] [--reports DIR]`:
+ * `npm run bench -- forecast [--runs N] [--run-from K] [--mem SIZE] [--only I,J] [--reports DIR]`:
  * how good is x-query-migrate-forecast?
  *
  * For each scenario (a dirty rate and working set of the guest's stress
@@ -64,6 +64,8 @@ function args() {
     mem,
     memBytes: Number(mem.replace(/M$/i, '')) * MiB,
     only: get('--only')?.split(',').map(Number),
+    /** the first run's number (runs differ in their workload and fill seeds) */
+    from: Number(get('--run-from') ?? 0),
     reports: get('--reports'),
   };
 }
@@ -134,7 +136,7 @@ async function main(): Promise<void> {
   const rows: Row[] = [];
   console.log(`forecast bench: ${chosen.length} scenarios × ${o.runs} runs, ${o.mem} guests, downtime-limit 300 ms`);
   console.log('scenario                              predicted (band)                   actual       hit   naive err  forecast err');
-  for (let run = 0; run < o.runs; run++) {
+  for (let run = o.from; run < o.from + o.runs; run++) {
     for (const { s } of chosen) {
       const r = await runOne(s, run, o);
       rows.push(r);
@@ -168,7 +170,7 @@ async function main(): Promise<void> {
       `median |error| of the expected value ${(summary.medianAbsErrForecast * 100).toFixed(1)}% vs RAM/bandwidth ${(summary.medianAbsErrNaive * 100).toFixed(1)}% ` +
       `(RAM/bandwidth within ±20%: ${naiveIn20}/${conv.length})`,
   );
-  const file = writeResult(`forecast${o.only ? `-${o.only.join('_')}` : ''}`, { when: new Date().toISOString(), options: o, summary, rows });
+  const file = writeResult(`forecast${o.only ? `-${o.only.join('_')}` : ''}${o.from ? `-from${o.from}` : ''}`, { when: new Date().toISOString(), options: o, summary, rows });
   console.log(`results: ${file}`);
   cleanupTempDirs();
 }
