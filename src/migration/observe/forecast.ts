@@ -397,7 +397,7 @@ export function weighOptions(m: ForecastModel, ctx: OptionsContext, asSetUp: Out
     opt(
       'xbzrle',
       xo,
-      `a ${(cache / (1 << 20)).toFixed(0)} MiB page cache on the source (xbzrle-cache-size) and the CPU to encode; pages sent again shrink to ${(ctx.xbzrleRatio * 100).toFixed(0)}% (measured)`,
+      `a ${(cache / (1 << 20)).toFixed(0)} MiB page cache on the source (xbzrle-cache-size) and the CPU to encode; pages sent again shrink to ${(ctx.xbzrleRatio * 100).toFixed(ctx.xbzrleRatio < 0.1 ? 1 : 0)}% of a page (measured)`,
       { 'cache-size': cache, 'xbzrle-ratio': Math.round(ctx.xbzrleRatio * 1000) / 1000 },
     );
   } else {

@@ -6,6 +6,7 @@
  * metrics endpoint ask it.
  */
 import type { MigrationForecast, MigrationStatus, MigrationTrace, SwitchoverDecision, TimeUnit } from '../../generated/qapi-types.js';
+import { countDirty } from '../../machine/index.js';
 import { TARGET_PAGE_SIZE, type RamBlock } from '../../machine/types.js';
 import type { MigrationDestination } from '../core/destination.js';
 import type { MigrationOptions } from '../core/options.js';
@@ -256,29 +257,39 @@ export class MigrationObserver {
     const limitMs = options.get('downtime-limit');
     const budget = source.switchover;
 
-    // the dirty curve
+    // the dirty curve: the last measurement's readings, and while a migration
+    // runs, the guest's dirty log since the last sync (read, not taken: the
+    // distinct pages dirtied since then, a reading for free)
+    const ram = running ? session.section<RamSaveSection>('ram') : undefined;
+    const readings = [...(meas?.readings ?? [])];
+    if (ram && session) {
+      const st = session.stats;
+      const now = this.now() - st.startTime;
+      const since = ram.sender.bulkStage ? now - st.setupTime : now - (session.decisions.last?.time ?? st.setupTime);
+      if (since >= 200) {
+        let pages = 0;
+        for (const b of this.d.ram()) pages += countDirty(b);
+        readings.push({ ms: since, bytes: pages * TARGET_PAGE_SIZE });
+      }
+    }
     let curve: DirtyCurve | undefined;
     let curveLow: DirtyCurve | undefined;
     let curveHigh: DirtyCurve | undefined;
     let rateSource = 'calc-dirty-rate';
-    if (meas) {
-      curve = fitCurve(meas.readings, ramBytes);
-      [curveLow, curveHigh] = curveBand(curve, meas.readings, ramBytes, meas.samples);
-    }
-    const ram = running ? session.section<RamSaveSection>('ram') : undefined;
-    const runRate = ram ? (ram.stats.dirtyPagesRate * TARGET_PAGE_SIZE) / 1000 : 0;
-    if (running && runRate > 0) {
-      if (!curve) {
-        rateSource = 'migration';
-        curve = { rate: runRate, workingSet: Infinity };
-        curveLow = { rate: runRate * 0.7, workingSet: Infinity };
-        curveHigh = { rate: runRate * 1.3, workingSet: Infinity };
-      } else rateSource = 'both';
+    if (readings.length > 0) {
+      curve = fitCurve(readings, ramBytes);
+      if (meas) [curveLow, curveHigh] = curveBand(curve, readings, ramBytes, meas.samples);
+      else {
+        // one exact reading, but of a guest that may change its pace
+        curveLow = { rate: curve.rate * 0.7, workingSet: curve.workingSet };
+        curveHigh = { rate: curve.rate * 1.3, workingSet: curve.workingSet };
+      }
+      if (readings.length > (meas?.readings.length ?? 0)) rateSource = meas ? 'both' : 'migration';
     }
     if (!curve || !curveLow || !curveHigh) {
       if (!running) throw new ForecastError('No dirty rate was measured yet: run calc-dirty-rate first');
       rateSource = 'migration';
-      // nothing known yet (the first pass has not ended): no dirtying assumed, and no upper bound
+      // nothing known yet (the migration just began): no dirtying assumed, and no upper bound
       curve = { rate: 0, workingSet: Infinity };
       curveLow = curve;
       curveHigh = { rate: Infinity, workingSet: Infinity };
