@@ -288,7 +288,7 @@ async function runDemo(o: DemoOptions, dir: string, setBar: (b: cliProgress.Sing
     log(`forecast: ${f.summary}`);
   } catch (e) {
     if (!isQmpError(e)) throw e;
-    log(`forecast: none before the migration (${e.desc}); the ETA comes from what the migration measures`);
+    log(`forecast: none before the migration (${e.desc.charAt(0).toLowerCase()}${e.desc.slice(1)}); the ETA comes from what the migration measures`);
   }
 
   const srcHbBefore = lastHeartbeat(readText(srcVm.serialPath));
