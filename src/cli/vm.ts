@@ -6,6 +6,7 @@ import { parseSize } from '../base/size.js';
 import { handlers } from '../commands/handlers.js';
 import type { Ctx, UserObject, VmServices } from '../commands/context.js';
 import { addObject } from '../commands/objects.js';
+import { NbdService } from '../commands/nbd.js';
 import { COMMANDS } from '../generated/qapi-commands.js';
 import { QapiEvents } from '../generated/qapi-events.js';
 import { DiskWorkloadError, DriveError, Machine, parseDiskWorkload, parseFill, parseWorkload, type SerialConfig } from '../machine/index.js';
@@ -129,6 +130,8 @@ export async function main(argv: string[]): Promise<number> {
       options,
       objects,
       fds,
+      nbd: new NbdService(),
+      log,
       source,
       destination,
       incomingMode: a.incoming === undefined ? 'none' : a.incoming === 'defer' ? 'defer' : 'uri',
@@ -172,6 +175,7 @@ export async function main(argv: string[]): Promise<number> {
       try {
         source.cancel();
         destination.close();
+        await vm.nbd.shutdown().catch(() => undefined);
         await server.close();
         await machine.destroy();
       } finally {

@@ -126,6 +126,20 @@ export const handlers: CommandHandlers<Ctx> = {
     return (await generic(() => ctx.vm.machine.blockInfo())).map(blockInfo);
   },
 
+  // ---- NBD server
+  'nbd-server-start'(args, ctx) {
+    return ctx.vm.nbd.start(ctx.vm, args, ctx.vm.log);
+  },
+  'nbd-server-add'(args, ctx) {
+    ctx.vm.nbd.add(ctx.vm, args);
+  },
+  'nbd-server-remove'(args, ctx) {
+    return ctx.vm.nbd.remove(args.name, args.mode);
+  },
+  'nbd-server-stop'(_args, ctx) {
+    return ctx.vm.nbd.stop();
+  },
+
   'x-query-page-faults'(_args, ctx) {
     const { faults, latenciesUs } = ctx.vm.machine.faultStats();
     const s = Float64Array.from(latenciesUs).sort();
