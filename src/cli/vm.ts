@@ -109,6 +109,7 @@ export async function main(argv: string[]): Promise<number> {
     }
     machine.on('disk-workload-error', (e: Error) => log(`disk workload stopped: ${e.message}`));
     machine.on('drive-error', (drive: string, e: Error) => log(`drive ${drive}: ${e.message}`));
+    machine.on('replication-error', (drive: string, e: Error) => log(`block replication on drive ${drive}: ${e.message}`));
     // tls-creds names an object: its loaded credentials, or 'other' for an object of another kind
     const tls: TlsDeps = {
       lookup: (id) => {

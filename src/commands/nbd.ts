@@ -36,8 +36,8 @@ export class NbdService {
   private server: NbdServer | null = null;
   /** Set while nbd-server-start is listening, so that a second start is refused at once. */
   private starting = false;
-  /** Connections that ended without NBD_CMD_DISC, per export: replication's "peer gone". */
-  onClientLost: ((exportName: string) => void) | null = null;
+  /** The drive behind each export. */
+  private readonly exportDrives = new Map<string, string>();
 
   get running(): NbdServer | null {
     return this.server;
@@ -79,8 +79,10 @@ export class NbdService {
     try {
       const s = await NbdServer.listen(addr, { maxConnections: args['max-connections'] ?? 0 });
       s.on('client-error', (e: Error) => log(`nbd: ${e.message}`));
+      // a client gone without NBD_CMD_DISC: block replication's primary may be gone
       s.on('client-closed', (name: string | null, clean: boolean) => {
-        if (name !== null && !clean) this.onClientLost?.(name);
+        const drive = name === null ? undefined : this.exportDrives.get(name);
+        if (drive !== undefined && !clean) vm.machine.replicationPeerLost(drive, `a client of export '${name}' went away without NBD_CMD_DISC`);
       });
       this.server = s;
     } catch (e) {
@@ -106,12 +108,14 @@ export class NbdService {
     // nbd-server-add downgrades a read-only drive's export silently, as QEMU does
     const writable = (o.writable ?? false) && !drive.readOnly;
     this.server.addExport(name, driveTarget(drive), { writable, ...(o.description !== undefined ? { description: o.description } : {}) });
+    this.exportDrives.set(name, drive.name);
   }
 
   async remove(name: string, mode: 'safe' | 'hard' = 'safe'): Promise<void> {
     if (this.server === null) throw generic(`Export '${name}' is not found`);
     try {
       await this.server.removeExport(name, mode);
+      this.exportDrives.delete(name);
     } catch (e) {
       if (e instanceof NbdServerError) throw generic(e.message);
       throw e;
@@ -122,6 +126,7 @@ export class NbdService {
     const s = this.server;
     if (s === null) throw generic('NBD server not running');
     this.server = null;
+    this.exportDrives.clear();
     await s.close();
   }
 
