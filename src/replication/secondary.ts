@@ -140,11 +140,16 @@ export class ReplicationSecondary implements BlockImage, ReplicationNode {
   }
 
   write(offset: number, data: Uint8Array): Promise<void> {
-    return this.gate.withShared(() => this.guestWrite(offset, data.length, (img) => img.write(offset, data), (o, n, img) => img.write(o, data.subarray(o - offset, o - offset + n))));
+    return this.gate.withShared(() =>
+      this.guestWrite(offset, data.length, (o, n, toActive) => {
+        const part = n === data.length ? data : data.subarray(o - offset, o - offset + n);
+        return toActive ? this.active.image.write(o, part) : this.disk.write(o, part);
+      }),
+    );
   }
 
   writeZeroes(offset: number, length: number): Promise<void> {
-    return this.gate.withShared(() => this.guestWrite(offset, length, (img) => img.writeZeroes(offset, length), (o, n, img) => img.writeZeroes(o, n)));
+    return this.gate.withShared(() => this.guestWrite(offset, length, (o, n, toActive) => (toActive ? this.active.image.writeZeroes(o, n) : this.disk.writeZeroes(o, n))));
   }
 
   flush(): Promise<void> {
@@ -172,24 +177,21 @@ export class ReplicationSecondary implements BlockImage, ReplicationNode {
    * while running or failing over, straight to the secondary disk once done;
    * after a failed failover, split by where the overlays hold the data.
    */
-  private async guestWrite(
-    offset: number,
-    length: number,
-    whole: (img: BlockImage) => Promise<void>,
-    part: (o: number, n: number, img: BlockImage) => Promise<void>,
-  ): Promise<void> {
+  private async guestWrite(offset: number, length: number, to: (o: number, n: number, toActive: boolean) => Promise<void>): Promise<void> {
     switch (this._stage) {
       case 'none':
         throw new BlockError(`${NOT_RUNNING}: the secondary's guest cannot write before replication starts`);
       case 'running':
       case 'failover':
-        return whole(this.active.image);
+        return to(offset, length, true);
       case 'done':
-        return whole(this.disk.image);
+        // through the secondary disk's drive (its cache mode, its dirty log)
+        return to(offset, length, false);
       case 'failover-failed':
+        if (length === 0) return to(offset, 0, true);
         for (let o = offset; o < offset + length; ) {
           const { above, n } = await this.allocatedAbove(o, offset + length - o);
-          await part(o, n, above ? this.active.image : this.disk.image);
+          await to(o, n, above);
           o += n;
         }
     }
