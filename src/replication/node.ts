@@ -25,6 +25,31 @@ export const RUNNING_OR_DONE = 'Block replication is running or done';
 export const IO_ERROR = 'I/O error occurred';
 export const BACKUP_CANCELLED = 'Backup job was cancelled unexpectedly';
 
+/**
+ * QEMU's checks before a start: false when the call is ignored (stopped or
+ * failed over: a promoted secondary), an error for a running node or the
+ * wrong mode, else true.
+ */
+export function mayStart(stage: ReplicationStage, own: ReplicationMode, asked: ReplicationMode): boolean {
+  if (stage === 'done' || stage === 'failover') return false;
+  if (stage !== 'none') throw new ReplicationError(RUNNING_OR_DONE);
+  if (asked !== own) throw new ReplicationError(`The parameter mode's value is invalid, needs ${MODE_NUMBER[own]}, but got ${MODE_NUMBER[asked]}`);
+  return true;
+}
+
+/** QEMU's checks before a stop: false when ignored (already stopped or failing over), an error unless running. */
+export function mayStop(stage: ReplicationStage): boolean {
+  if (stage === 'done' || stage === 'failover') return false;
+  if (stage !== 'running') throw new ReplicationError(NOT_RUNNING);
+  return true;
+}
+
+/** QEMU's replication_get_error text of a node. */
+export function stageError(stage: ReplicationStage, failed: boolean): string | null {
+  if (stage === 'none') return NOT_RUNNING;
+  return failed ? IO_ERROR : null;
+}
+
 export interface ReplicationNode {
   readonly mode: ReplicationMode;
   readonly stage: ReplicationStage;

@@ -21,7 +21,7 @@ import type { BlockImage, BlockStatus } from '../block/index.js';
 import { NbdClient, describeAddress } from '../nbd/index.js';
 import type { PrimaryConfig } from './config.js';
 import { Gate } from './gate.js';
-import { IO_ERROR, MODE_NUMBER, NOT_RUNNING, RUNNING_OR_DONE, ReplicationError, type FailureSink, type ReplicationMode, type ReplicationNode, type ReplicationStage } from './node.js';
+import { ReplicationError, mayStart, mayStop, stageError, type FailureSink, type ReplicationMode, type ReplicationNode, type ReplicationStage } from './node.js';
 
 export class ReplicationPrimary implements BlockImage, ReplicationNode {
   readonly mode = 'primary' as const;
@@ -119,11 +119,7 @@ export class ReplicationPrimary implements BlockImage, ReplicationNode {
   // ---- ReplicationNode
 
   async start(mode: ReplicationMode): Promise<void> {
-    if (this._stage === 'done' || this._stage === 'failover') return;
-    if (this._stage !== 'none') throw new ReplicationError(RUNNING_OR_DONE);
-    if (mode !== this.mode) {
-      throw new ReplicationError(`The parameter mode's value is invalid, needs ${MODE_NUMBER[this.mode]}, but got ${MODE_NUMBER[mode]}`);
-    }
+    if (!mayStart(this._stage, this.mode, mode)) return;
     const c = await NbdClient.connect(this.cfg.nbd, this.cfg.exportName, { timeoutMs: 10000 }).catch((e: unknown) => {
       throw new ReplicationError((e as Error).message);
     });
@@ -148,13 +144,11 @@ export class ReplicationPrimary implements BlockImage, ReplicationNode {
   }
 
   getError(): string | null {
-    if (this._stage === 'none') return NOT_RUNNING;
-    return this.failure !== null ? IO_ERROR : null;
+    return stageError(this._stage, this.failure !== null);
   }
 
   async stop(failover: boolean): Promise<void> {
-    if (this._stage === 'done' || this._stage === 'failover') return;
-    if (this._stage !== 'running') throw new ReplicationError(NOT_RUNNING);
+    if (!mayStop(this._stage)) return;
     // writes in flight finish (and are mirrored) first
     await this.gate.withExclusive(async () => {
       this._stage = 'done';

@@ -35,11 +35,11 @@ import type { SecondaryConfig } from './config.js';
 import { Gate } from './gate.js';
 import {
   BACKUP_CANCELLED,
-  IO_ERROR,
-  MODE_NUMBER,
   NOT_RUNNING,
-  RUNNING_OR_DONE,
   ReplicationError,
+  mayStart,
+  mayStop,
+  stageError,
   type FailureSink,
   type ReplicationMode,
   type ReplicationNode,
@@ -253,11 +253,7 @@ export class ReplicationSecondary implements BlockImage, ReplicationNode {
   // ---- ReplicationNode
 
   async start(mode: ReplicationMode): Promise<void> {
-    if (this._stage === 'done' || this._stage === 'failover') return;
-    if (this._stage !== 'none') throw new ReplicationError(RUNNING_OR_DONE);
-    if (mode !== this.mode) {
-      throw new ReplicationError(`The parameter mode's value is invalid, needs ${MODE_NUMBER[this.mode]}, but got ${MODE_NUMBER[mode]}`);
-    }
+    if (!mayStart(this._stage, this.mode, mode)) return;
     const a = this.active.image.virtualSize;
     if (a !== this.hidden.image.virtualSize || a !== this.disk.size) {
       throw new ReplicationError("Active disk, hidden disk, secondary disk's length are not the same");
@@ -296,13 +292,11 @@ export class ReplicationSecondary implements BlockImage, ReplicationNode {
   }
 
   getError(): string | null {
-    if (this._stage === 'none') return NOT_RUNNING;
-    return this.failure !== null ? IO_ERROR : null;
+    return stageError(this._stage, this.failure !== null);
   }
 
   async stop(failover: boolean): Promise<void> {
-    if (this._stage === 'done' || this._stage === 'failover') return;
-    if (this._stage !== 'running') throw new ReplicationError(NOT_RUNNING);
+    if (!mayStop(this._stage)) return;
     await this.gate.withExclusive(async () => {
       // the backup job ends first
       this.disk.writeHook = null;
