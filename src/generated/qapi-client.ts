@@ -500,6 +500,56 @@ export class QmpApi {
   }
 
   /**
+   * Start an NBD server listening on the given host and port.  Block
+   * devices can then be exported using `nbd-server-add`.  The NBD server
+   * will present them as named exports; for example, another Ferry or
+   * QEMU instance could refer to them as "nbd:HOST:PORT:exportname=NAME",
+   * qemu-img and qemu-io as "nbd://HOST:PORT/NAME" or
+   * "nbd+unix:///NAME?socket=PATH".
+   *
+   * @returns error if the server is already running.
+   *
+   * @since 1.3
+   */
+  nbdServerStart(args: CommandArgs['nbd-server-start'], opts?: QmpCallOptions): Promise<CommandReturns['nbd-server-start']> {
+    return this.execute('nbd-server-start', args, opts);
+  }
+
+  /**
+   * Export a drive to QEMU's embedded NBD server.
+   *
+   * @returns error if the server is not running, or the export name is
+   * in use.
+   *
+   * @since 1.3
+   */
+  nbdServerAdd(args: CommandArgs['nbd-server-add'], opts?: QmpCallOptions): Promise<CommandReturns['nbd-server-add']> {
+    return this.execute('nbd-server-add', args, opts);
+  }
+
+  /**
+   * Remove an NBD export.
+   *
+   * @returns error if the server is not running, the export is not
+   * found, or it is in use in 'safe' mode.
+   *
+   * @since 2.12
+   */
+  nbdServerRemove(args: CommandArgs['nbd-server-remove'], opts?: QmpCallOptions): Promise<CommandReturns['nbd-server-remove']> {
+    return this.execute('nbd-server-remove', args, opts);
+  }
+
+  /**
+   * Stop QEMU's embedded NBD server, and unregister all devices
+   * previously added via `nbd-server-add`.
+   *
+   * @since 1.3
+   */
+  nbdServerStop(opts?: QmpCallOptions): Promise<CommandReturns['nbd-server-stop']> {
+    return this.execute('nbd-server-stop', undefined, opts);
+  }
+
+  /**
    * Take the file descriptor that arrived with this request (as ancillary
    * data on a unix socket) and keep it under a name, for later use by
    * commands such as `migrate` with an "fd:NAME" URI.  A descriptor already
