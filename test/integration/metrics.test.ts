@@ -49,22 +49,29 @@ describe('-metrics', () => {
     assert.equal(value(idle.body, 'ferry_migrations_total{side="source",result="completed",guest="guest1"}'), 0);
     assert.match(idle.body, /# TYPE ferry_migration_ram_remaining_bytes gauge/);
 
-    await src.api.calcDirtyRate({ 'calc-time': 200, 'calc-time-unit': 'millisecond' });
+    // dirty-bitmap: exact (page-sampling's default 512 pages per GiB see about 32 pages of 64 MiB, often none dirty in 0.2 s)
+    await src.api.calcDirtyRate({ 'calc-time': 200, 'calc-time-unit': 'millisecond', mode: 'dirty-bitmap' });
     await waitFor(async () => (await src.api.queryDirtyRate()).status === 'measured', 5000, 'the measurement');
+    const measured = (await src.api.queryDirtyRate())['dirty-rate']!;
+    assert.ok(measured > 0, `dirty-rate ${measured} MiB/s`);
     await src.api.migrateSetParameters({ 'max-bandwidth': 30_000_000 });
     await src.api.migrate({ uri: `unix:${dir}/m.sock` });
     // a scrape while it runs
     const during = await waitFor(async () => {
       const r = await get(url);
       return value(r.body, 'ferry_migration_status{side="source",status="active",guest="guest1"}') === 1 &&
-        (value(r.body, 'ferry_migration_ram_transferred_bytes{side="source",guest="guest1"}') ?? 0) > 0
+        (value(r.body, 'ferry_migration_ram_transferred_bytes{side="source",guest="guest1"}') ?? 0) > 0 &&
+        value(r.body, 'ferry_migration_eta_seconds{guest="guest1"}') !== undefined
         ? r
         : null;
     }, 20000, 'an active scrape', 50);
+    // the forecast's ETA: 64 MiB at 30 MB/s is a few seconds at most
+    const eta = value(during!.body, 'ferry_migration_eta_seconds{guest="guest1"}')!;
+    assert.ok(eta >= 0 && eta < 30, `eta ${eta} s`);
     const remaining = value(during!.body, 'ferry_migration_ram_remaining_bytes{side="source",guest="guest1"}')!;
     assert.ok(remaining > 0 && remaining <= 64 << 20, `remaining ${remaining}`);
     assert.equal(value(during!.body, 'ferry_migration_ram_total_bytes{side="source",guest="guest1"}'), 64 << 20);
-    assert.ok((value(during!.body, 'ferry_dirty_rate_bytes_per_second{guest="guest1"}') ?? 0) > 0);
+    assert.equal(value(during!.body, 'ferry_dirty_rate_bytes_per_second{guest="guest1"}'), measured * (1 << 20));
     await waitFor(async () => (await src.api.queryMigrate()).status === 'completed', 30000, 'the migration', 50);
     const end = await get(url);
     assert.equal(value(end.body, 'ferry_migration_status{side="source",status="completed",guest="guest1"}'), 1);
