@@ -47,6 +47,25 @@ export function clearDirty(block: RamBlock): number {
   return n;
 }
 
+/**
+ * Takes and clears a block's dirty bitmap atomically word by word, ORing the
+ * bits into `into` (and into `touched`); returns the number of pages that
+ * were dirty.
+ */
+export function takeDirty(block: RamBlock, into: Uint32Array): number {
+  let n = 0;
+  const d = block.dirty;
+  for (let i = 0; i < d.length; i++) {
+    if (d[i] !== 0) {
+      const v = Atomics.exchange(d, i, 0);
+      block.touched[i] = (block.touched[i]! | v) >>> 0;
+      into[i] = (into[i]! | v) >>> 0;
+      n += popcount32(v);
+    }
+  }
+  return n;
+}
+
 /** Throws unless `size` is a valid guest RAM size. */
 export function checkRamSize(size: number): void {
   if (!Number.isSafeInteger(size) || size <= 0 || size % TARGET_PAGE_SIZE !== 0) {

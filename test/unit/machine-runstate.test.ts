@@ -100,6 +100,7 @@ const FERRY_MOVES = `
   finish-migrate -> watchdog
   finish-migrate -> guest-panicked
   colo -> finish-migrate
+  colo -> paused
   postmigrate -> paused
 `;
 
