@@ -10,6 +10,7 @@ import { COMMANDS } from '../generated/qapi-commands.js';
 import { QapiEvents } from '../generated/qapi-events.js';
 import { DiskWorkloadError, DriveError, Machine, parseDiskWorkload, parseFill, parseWorkload, type SerialConfig } from '../machine/index.js';
 import {
+  ColoService,
   MigrationDestination,
   MigrationOptions,
   MigrationSource,
@@ -116,14 +117,17 @@ export async function main(argv: string[]): Promise<number> {
       },
       handshakeTimeoutMs: handshakeTimeout(),
     };
+    // COLO: one per VM, shared by its outgoing (primary) and incoming (secondary) migrations
+    const colo = new ColoService();
     const source = new MigrationSource(port, options, {
       lookupFd,
       qemuCompatible: a.qemuCompat,
       tls,
       sections,
       log,
+      colo,
     });
-    const destination = new MigrationDestination(port, options, { lookupFd, log, sections, tls });
+    const destination = new MigrationDestination(port, options, { lookupFd, log, sections, tls, colo });
     vm = {
       machine,
       options,
@@ -131,6 +135,7 @@ export async function main(argv: string[]): Promise<number> {
       fds,
       source,
       destination,
+      colo,
       incomingMode: a.incoming === undefined ? 'none' : a.incoming === 'defer' ? 'defer' : 'uri',
       commandNames: [...COMMANDS.keys()],
       version: FERRY_VERSION,
@@ -167,10 +172,11 @@ export async function main(argv: string[]): Promise<number> {
     destination.on('status', (status) => {
       if (status === 'setup' || options.capability('events')) events.MIGRATION({ status });
     });
+    colo.on('exit', (mode, reason) => events.COLO_EXIT({ mode, reason }));
 
     const shutdown = async (code: number) => {
       try {
-        source.cancel();
+        source.shutdown();
         destination.close();
         await server.close();
         await machine.destroy();

@@ -13,6 +13,7 @@ import type { Ctx } from './context.js';
 import { generic } from './errors.js';
 import { addObject, deleteObject } from './objects.js';
 import { blockDigest, blockInfo, diskWorkloadInfo } from './block.js';
+import { coloHandlers } from './colo.js';
 
 
 function migrationInfo(ctx: Ctx) {
@@ -139,7 +140,8 @@ export const handlers: CommandHandlers<Ctx> = {
   },
   'migrate-set-capabilities'(args, ctx) {
     const { source, options } = ctx.vm;
-    if (source.isActive() || source.status === 'cancelling') {
+    // in colo too, as later QEMU does (7.2 let x-colo go off under a running COLO)
+    if (source.isActive() || source.status === 'cancelling' || source.status === 'colo') {
       throw new QmpError('GenericError', "There's a migration process in progress");
     }
     return generic(() => options.setCapabilities(args.capabilities));
@@ -150,6 +152,7 @@ export const handlers: CommandHandlers<Ctx> = {
   async 'migrate-set-parameters'(args, ctx) {
     await generic(() => ctx.vm.options.setParameters(args));
     ctx.vm.source.applyMaxBandwidth();
+    if (args['x-checkpoint-delay'] !== undefined) ctx.vm.colo.checkpointDelayChanged();
   },
   'query-migrate-parameters'(_args, ctx) {
     return ctx.vm.options.parameters();
@@ -172,9 +175,6 @@ export const handlers: CommandHandlers<Ctx> = {
     }
     // also after the migration ended or when already requested: {} (docs/spec/qmp.md B.9)
     ctx.vm.source.requestPostcopy();
-  },
-  'x-colo-lost-heartbeat'() {
-    throw new QmpError('GenericError', "The feature 'colo' is not enabled");
   },
   migrate_cancel(_args, ctx) {
     ctx.vm.source.cancel();
@@ -202,6 +202,8 @@ export const handlers: CommandHandlers<Ctx> = {
     return ctx.vm.options.xbzrleCacheSize();
   },
   migrate(args, ctx) {
+    // a COLO secondary's guest is the primary's copy, not a guest to migrate
+    if (ctx.vm.destination.status === 'colo') throw new QmpError('GenericError', "There's a migration process in progress");
     return generic(() => ctx.vm.source.start(args.uri, { blk: args.blk, inc: args.inc }));
   },
   async 'migrate-incoming'(args, ctx) {
@@ -240,4 +242,6 @@ export const handlers: CommandHandlers<Ctx> = {
   'xen-colo-do-checkpoint'() {
     // no replication is running, so there is nothing to checkpoint
   },
+
+  ...coloHandlers,
 };

@@ -63,6 +63,14 @@ export interface CommandArgs {
   };
   'query-xen-replication-status': Record<string, never>;
   'xen-colo-do-checkpoint': Record<string, never>;
+  'query-colo-status': Record<string, never>;
+  'x-colo-set-parameters': {
+    compare?: T.ColoCompareMode;
+    'compare-timeout'?: number;
+    'heartbeat-timeout'?: number;
+    witness?: T.StrOrNull;
+  };
+  'x-query-colo-parameters': Record<string, never>;
   'object-add': T.ObjectOptions;
   'object-del': {
     id: string;
@@ -115,6 +123,9 @@ export interface CommandReturns {
   'xen-set-replication': void;
   'query-xen-replication-status': T.ReplicationStatus;
   'xen-colo-do-checkpoint': void;
+  'query-colo-status': T.COLOStatus;
+  'x-colo-set-parameters': void;
+  'x-query-colo-parameters': T.ColoParameters;
   'object-add': void;
   'object-del': void;
   'query-block': T.BlockInfo[];
@@ -380,6 +391,32 @@ export interface CommandHandlers<Ctx> {
    */
   'xen-colo-do-checkpoint'(args: CommandArgs['xen-colo-do-checkpoint'], ctx: Ctx): void | Promise<void>;
   /**
+   * Report the COLO state of this machine.  Never fails.
+   *
+   * @returns `COLOStatus`
+   *
+   * @since 3.1
+   */
+  'query-colo-status'(args: CommandArgs['query-colo-status'], ctx: Ctx): T.COLOStatus | Promise<T.COLOStatus>;
+  /**
+   * Change Ferry's COLO settings.  Every value is checked first; when one
+   * is refused nothing changes.  They apply at once, also to a COLO session
+   * that runs.
+   *
+   * @returns nothing
+   *
+   * @since Ferry 0.1
+   */
+  'x-colo-set-parameters'(args: CommandArgs['x-colo-set-parameters'], ctx: Ctx): void | Promise<void>;
+  /**
+   * Report Ferry's COLO settings.
+   *
+   * @returns `ColoParameters`
+   *
+   * @since Ferry 0.1
+   */
+  'x-query-colo-parameters'(args: CommandArgs['x-query-colo-parameters'], ctx: Ctx): T.ColoParameters | Promise<T.ColoParameters>;
+  /**
    * Create a user-creatable object, for example the TLS credentials that
    * the tls-creds migration parameter names.
    *
@@ -521,6 +558,9 @@ export const COMMANDS: ReadonlyMap<string, CommandDef> = new Map<string, Command
   ['xen-set-replication', { name: 'xen-set-replication', boxed: false, validate: (a) => V.v_q_obj_xen_set_replication_arg(a, R.ROOT) }],
   ['query-xen-replication-status', { name: 'query-xen-replication-status', boxed: false, validate: (a) => R.struct(a, R.ROOT, NO_ARGS) }],
   ['xen-colo-do-checkpoint', { name: 'xen-colo-do-checkpoint', boxed: false, validate: (a) => R.struct(a, R.ROOT, NO_ARGS) }],
+  ['query-colo-status', { name: 'query-colo-status', boxed: false, validate: (a) => R.struct(a, R.ROOT, NO_ARGS) }],
+  ['x-colo-set-parameters', { name: 'x-colo-set-parameters', boxed: false, validate: (a) => V.v_q_obj_x_colo_set_parameters_arg(a, R.ROOT) }],
+  ['x-query-colo-parameters', { name: 'x-query-colo-parameters', boxed: false, validate: (a) => R.struct(a, R.ROOT, NO_ARGS) }],
   ['object-add', { name: 'object-add', boxed: true, validate: (a) => V.v_ObjectOptions(a, R.ROOT) }],
   ['object-del', { name: 'object-del', boxed: false, validate: (a) => V.v_q_obj_object_del_arg(a, R.ROOT) }],
   ['query-block', { name: 'query-block', boxed: false, validate: (a) => R.struct(a, R.ROOT, NO_ARGS) }],

@@ -15,6 +15,8 @@ import {
   COLOMessage_VALUES,
   COLOMode_VALUES,
   FailoverStatus_VALUES,
+  COLOExitReason_VALUES,
+  ColoCompareMode_VALUES,
   ObjectType_VALUES,
   QCryptoTLSCredsEndpoint_VALUES,
   BlockDeviceIoStatus_VALUES,
@@ -151,6 +153,31 @@ const F_ReplicationStatus: readonly R.Field[] = [
   ['error', false, R.bool],
   ['desc', true, R.str],
 ];
+const F_ColoCheckpointInfo: readonly R.Field[] = [
+  ['pause', false, R.number],
+  ['size', false, R.int],
+  ['dirty-pages', false, R.int],
+  ['reset-pages', false, R.int],
+  ['duration', false, R.number],
+  ['trigger', false, R.str],
+];
+const F_COLOStatus: readonly R.Field[] = [
+  ['mode', false, v_COLOMode],
+  ['last-mode', false, v_COLOMode],
+  ['reason', false, v_COLOExitReason],
+  ['x-failover-status', false, v_FailoverStatus],
+  ['x-checkpoints', false, R.int],
+  ['x-last-checkpoint', true, v_ColoCheckpointInfo],
+  ['x-compare-checkpoints', false, R.int],
+  ['x-console-held', false, R.int],
+  ['x-error', true, R.str],
+];
+const F_ColoParameters: readonly R.Field[] = [
+  ['compare', false, v_ColoCompareMode],
+  ['compare-timeout', false, R.int],
+  ['heartbeat-timeout', false, R.int],
+  ['witness', false, R.str],
+];
 const F_MemoryBackendProperties: readonly R.Field[] = [
   ['size', false, R.size],
   ['share', true, R.bool],
@@ -273,6 +300,10 @@ const F_DiskWorkloadInfo: readonly R.Field[] = [
   ['done', false, R.bool],
   ['error', true, R.str],
 ];
+const F_q_obj_COLO_EXIT_arg: readonly R.Field[] = [
+  ['mode', false, v_COLOMode],
+  ['reason', false, v_COLOExitReason],
+];
 const F_q_obj_ImageInfoSpecific_base: readonly R.Field[] = [
   ['type', false, v_ImageInfoSpecificKind],
 ];
@@ -339,6 +370,12 @@ const F_q_obj_pmemsave_arg: readonly R.Field[] = [
 ];
 const F_q_obj_qmp_capabilities_arg: readonly R.Field[] = [
   ['enable', true, (v, p) => R.list(v, p, v_QMPCapability)],
+];
+const F_q_obj_x_colo_set_parameters_arg: readonly R.Field[] = [
+  ['compare', true, v_ColoCompareMode],
+  ['compare-timeout', true, R.int],
+  ['heartbeat-timeout', true, R.int],
+  ['witness', true, v_StrOrNull],
 ];
 const F_q_obj_xen_save_devices_state_arg: readonly R.Field[] = [
   ['filename', false, R.str],
@@ -476,6 +513,21 @@ export function v_FailoverStatus(v: unknown, p: R.Path): T.FailoverStatus {
 export function v_ReplicationStatus(v: unknown, p: R.Path): T.ReplicationStatus {
   return R.struct(v, p, F_ReplicationStatus) as unknown as T.ReplicationStatus;
 }
+export function v_COLOExitReason(v: unknown, p: R.Path): T.COLOExitReason {
+  return R.enumValue(v, p, COLOExitReason_VALUES);
+}
+export function v_ColoCheckpointInfo(v: unknown, p: R.Path): T.ColoCheckpointInfo {
+  return R.struct(v, p, F_ColoCheckpointInfo) as unknown as T.ColoCheckpointInfo;
+}
+export function v_COLOStatus(v: unknown, p: R.Path): T.COLOStatus {
+  return R.struct(v, p, F_COLOStatus) as unknown as T.COLOStatus;
+}
+export function v_ColoCompareMode(v: unknown, p: R.Path): T.ColoCompareMode {
+  return R.enumValue(v, p, ColoCompareMode_VALUES);
+}
+export function v_ColoParameters(v: unknown, p: R.Path): T.ColoParameters {
+  return R.struct(v, p, F_ColoParameters) as unknown as T.ColoParameters;
+}
 export function v_ObjectType(v: unknown, p: R.Path): T.ObjectType {
   return R.enumValue(v, p, ObjectType_VALUES);
 }
@@ -554,6 +606,9 @@ export function v_BlockDigest(v: unknown, p: R.Path): T.BlockDigest {
 export function v_DiskWorkloadInfo(v: unknown, p: R.Path): T.DiskWorkloadInfo {
   return R.struct(v, p, F_DiskWorkloadInfo) as unknown as T.DiskWorkloadInfo;
 }
+export function v_q_obj_COLO_EXIT_arg(v: unknown, p: R.Path): Record<string, unknown> {
+  return R.struct(v, p, F_q_obj_COLO_EXIT_arg);
+}
 export function v_q_obj_ImageInfoSpecific_base(v: unknown, p: R.Path): Record<string, unknown> {
   return R.struct(v, p, F_q_obj_ImageInfoSpecific_base);
 }
@@ -607,6 +662,9 @@ export function v_q_obj_pmemsave_arg(v: unknown, p: R.Path): Record<string, unkn
 }
 export function v_q_obj_qmp_capabilities_arg(v: unknown, p: R.Path): Record<string, unknown> {
   return R.struct(v, p, F_q_obj_qmp_capabilities_arg);
+}
+export function v_q_obj_x_colo_set_parameters_arg(v: unknown, p: R.Path): Record<string, unknown> {
+  return R.struct(v, p, F_q_obj_x_colo_set_parameters_arg);
 }
 export function v_q_obj_xen_save_devices_state_arg(v: unknown, p: R.Path): Record<string, unknown> {
   return R.struct(v, p, F_q_obj_xen_save_devices_state_arg);

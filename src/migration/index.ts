@@ -11,3 +11,4 @@ export type { SectionType, LiveSection, SectionLoader } from './sections/section
 export { RAM_SECTION } from './ram/section.js';
 export { TLS_HANDSHAKE_TIMEOUT_MS, type TlsDeps, type TlsCredsLookup } from './channel/tls.js';
 export { inspectStream, formatInspection, type InspectedRecord, type InspectedSection, type RamRecord } from './inspect.js';
+export { ColoService, type ColoReplication } from './colo/index.js';
