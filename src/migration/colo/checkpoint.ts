@@ -47,27 +47,51 @@ const RAM_ID = FIRST_SECTION_ID;
 /** Staging buffer of the checkpoint writer. */
 const STAGING = 4 << 20;
 
-/** A Writable that copies what it gets into one growing buffer, kept from checkpoint to checkpoint. */
+/**
+ * A Writable that copies what it gets into a list of fixed-size chunks,
+ * kept from checkpoint to checkpoint: a bigger checkpoint adds chunks (no
+ * copy of what is there), later ones reuse them (no fresh memory to fault in).
+ */
 class Collector extends Writable {
-  buf: Buffer = Buffer.allocUnsafeSlow(0);
+  private readonly chunks: Buffer[] = [];
+  /** Bytes collected since reset(). */
   length = 0;
 
+  reset(): void {
+    this.length = 0;
+  }
+
   override _write(chunk: Buffer, _enc: BufferEncoding, cb: (e?: Error | null) => void): void {
-    const need = this.length + chunk.length;
-    if (need > this.buf.length) {
-      const grown = Buffer.allocUnsafeSlow(Math.max(need, Math.ceil(this.buf.length * 1.5), 1 << 20));
-      copyBytes(grown, 0, this.buf, 0, this.length);
-      this.buf = grown;
+    let off = 0;
+    while (off < chunk.length) {
+      const k = Math.floor(this.length / STAGING);
+      const at = this.length % STAGING;
+      if (k === this.chunks.length) this.chunks.push(Buffer.allocUnsafeSlow(STAGING));
+      const n = Math.min(STAGING - at, chunk.length - off);
+      copyBytes(this.chunks[k]!, at, chunk, off, n);
+      off += n;
+      this.length += n;
     }
-    copyBytes(this.buf, this.length, chunk, 0, chunk.length);
-    this.length = need;
     cb();
+  }
+
+  /** The collected bytes, as views of the chunks (valid until the next reset()). */
+  views(): Buffer[] {
+    const out: Buffer[] = [];
+    for (let left = this.length, k = 0; left > 0; k++) {
+      const n = Math.min(STAGING, left);
+      out.push(this.chunks[k]!.subarray(0, n));
+      left -= n;
+    }
+    return out;
   }
 }
 
 export interface BuiltCheckpoint {
-  /** The stream (a view of the writer's buffer: valid until the next build). */
-  data: Buffer;
+  /** The stream, in pieces (views of the writer's chunks: valid until the next build). */
+  data: Buffer[];
+  /** Its length in bytes. */
+  size: number;
   /** RAM pages it carries. */
   pages: number;
 }
@@ -80,7 +104,7 @@ export class CheckpointWriter {
   async build(machineType: string, ram: RamSaveSection, devices: readonly MigratableDevice[]): Promise<BuiltCheckpoint> {
     const w = this.w;
     const sender = ram.sender;
-    this.collector.length = 0;
+    this.collector.reset();
     putHeader(w);
     putConfiguration(w, machineType);
     putSectionStartFull(w, S.START, RAM_ID, ram.idstr, ram.instanceId, ram.version);
@@ -101,7 +125,7 @@ export class CheckpointWriter {
     putEof(w);
     putVmdesc(w, buildVmdesc(entries));
     await w.drain();
-    return { data: this.collector.buf.subarray(0, this.collector.length), pages };
+    return { data: this.collector.views(), size: this.collector.length, pages };
   }
 }
 

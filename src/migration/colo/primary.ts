@@ -43,10 +43,10 @@ import { RamSaveSection } from '../ram/section.js';
 import type { LiveSection } from '../sections/section.js';
 import type { StreamReader } from '../stream/reader.js';
 import { MigrationStreamError } from '../wire/errors.js';
-import { CheckpointWriter } from './checkpoint.js';
+import { CheckpointWriter, type BuiltCheckpoint } from './checkpoint.js';
 import { ConsoleCompare } from './compare.js';
 import { ColoStateDevice, FerryColoDevice } from './devices.js';
-import { ColoRuntime } from './runtime.js';
+import { ColoRuntime, ms3 } from './runtime.js';
 import type { ColoService } from './service.js';
 import { COLO_ERR, ColoReader, ColoWriter, FERRY_CONSOLE, FERRY_HEARTBEAT, MSG } from './wire.js';
 
@@ -220,7 +220,7 @@ export class ColoPrimary extends ColoRuntime {
     this.lastStart = start;
     writer.send(MSG.CHECKPOINT_REQUEST);
     await this.expect(MSG.CHECKPOINT_REPLY);
-    let built: { data: Buffer; pages: number } | null = null;
+    let built: BuiltCheckpoint | null = null;
     const stop0 = this.now();
     await ctx.machine.checkpointPause(async () => {
       if (this.failover.requested || this.ended) return;
@@ -230,18 +230,18 @@ export class ColoPrimary extends ColoRuntime {
     });
     const pause = this.now() - stop0;
     if (built === null) return; // failover requested meanwhile
-    const cp = built as { data: Buffer; pages: number };
-    writer.sendCheckpoint(cp.data);
+    const cp = built as BuiltCheckpoint;
+    writer.sendCheckpoint(cp.data, cp.size);
     await this.expect(MSG.VMSTATE_RECEIVED);
     await this.expect(MSG.VMSTATE_LOADED);
     this.compare?.loaded();
     this.checkpoints++;
     const info: ColoCheckpointInfo = {
-      pause,
-      size: cp.data.length,
+      pause: ms3(pause),
+      size: cp.size,
       'dirty-pages': cp.pages,
       'reset-pages': 0,
-      duration: this.now() - start,
+      duration: ms3(this.now() - start),
       trigger,
     };
     this.lastCheckpoint = info;

@@ -13,6 +13,11 @@ import { FAILOVER_ERR, Failover, HeartbeatWatch, claimWitness } from './failover
 import type { ColoService } from './service.js';
 import type { ColoReader, ColoWriter } from './wire.js';
 
+/** Milliseconds as query-colo-status shows them (to the microsecond). */
+export function ms3(x: number): number {
+  return Math.round(x * 1000) / 1000;
+}
+
 /** How often a Ferry peer sends a heartbeat when it has sent nothing else. */
 export const HEARTBEAT_MS = 100;
 

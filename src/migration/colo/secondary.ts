@@ -36,7 +36,7 @@ import { MigrationStreamError } from '../wire/errors.js';
 import { CheckpointLoader, loadDevices, saveDevices, type DevicePayload } from './checkpoint.js';
 import type { ColoRequest } from './devices.js';
 import { secondaryGraceMs } from './failover.js';
-import { ColoRuntime } from './runtime.js';
+import { ColoRuntime, ms3 } from './runtime.js';
 import type { ColoService } from './service.js';
 import { COLO_ERR, ColoReader, ColoWriter, MSG } from './wire.js';
 
@@ -174,7 +174,7 @@ export class ColoSecondary extends ColoRuntime {
     writer.send(MSG.VMSTATE_LOADED);
     const i = info as ColoCheckpointInfo | null;
     if (i) {
-      i.pause = i.duration = this.now() - start;
+      i.pause = i.duration = ms3(this.now() - start);
       this.checkpoints++;
       this.lastCheckpoint = i;
       this.service.emit('checkpoint', this.mode, this.checkpoints, i);

@@ -225,14 +225,14 @@ export class ColoWriter {
     this.write(b);
   }
 
-  /** vmstate-size and its value, then the checkpoint's bytes, in one go (nothing can come between). */
-  sendCheckpoint(data: Buffer): void {
+  /** vmstate-send, vmstate-size and its value, then the checkpoint's bytes, in one go (nothing can come between). */
+  sendCheckpoint(data: readonly Buffer[], size: number): void {
     const b = Buffer.allocUnsafe(16);
     b.writeUInt32BE(MSG.VMSTATE_SEND, 0);
     b.writeUInt32BE(MSG.VMSTATE_SIZE, 4);
-    b.writeBigUInt64BE(BigInt(data.length), 8);
+    b.writeBigUInt64BE(BigInt(size), 8);
     this.write(b);
-    if (data.length > 0) this.write(data);
+    for (const d of data) if (d.length > 0) this.write(d);
   }
 
   /** Ferry's heartbeat, unless something else was written in the last `quietMs`. */
