@@ -99,16 +99,20 @@ export class ColoReader {
     private readonly onAlive: () => void = () => undefined,
   ) {}
 
-  /** The next message, Ferry's heartbeats included. */
-  async next(): Promise<ColoMessage> {
-    const r = this.reader;
-    let msg: number;
+  /** Waits for n bytes; a stream that ends or fails first is a lost peer. */
+  private async need(n: number): Promise<void> {
     try {
-      if (!r.has(4)) await r.ensure(4);
-      msg = r.get32();
+      if (!this.reader.has(n)) await this.reader.ensure(n);
     } catch (e) {
       throw receiveError(e, COLO_ERR.cantReceive);
     }
+  }
+
+  /** The next message, Ferry's heartbeats included. */
+  async next(): Promise<ColoMessage> {
+    const r = this.reader;
+    await this.need(4);
+    const msg = r.get32();
     if (msg < MSG_MAX) {
       this.onAlive();
       return { msg };
@@ -116,19 +120,9 @@ export class ColoReader {
     if (!this.extensions || (msg !== FERRY_HEARTBEAT && msg !== FERRY_CONSOLE)) throw new MigrationStreamError(COLO_ERR.invalid());
     this.onAlive();
     if (msg === FERRY_HEARTBEAT) return { msg };
-    let len: number;
-    try {
-      if (!r.has(4)) await r.ensure(4);
-      len = r.get32();
-    } catch (e) {
-      throw receiveError(e, COLO_ERR.cantReceive);
-    }
-    StreamReader.checkLength(len, CONSOLE_LINE_MAX, 'a COLO console line');
-    try {
-      if (!r.has(len)) await r.ensure(len);
-    } catch (e) {
-      throw receiveError(e, COLO_ERR.cantReceive);
-    }
+    await this.need(4);
+    const len = StreamReader.checkLength(r.get32(), CONSOLE_LINE_MAX, 'a COLO console line');
+    await this.need(len);
     return { msg, line: r.getBytes(len).toString('utf8') };
   }
 
