@@ -13,6 +13,7 @@
  *   freeze    forward nothing more in either direction, close nothing (a
  *             link that died silently)
  *   cut       close both sides now
+ *   inject    bytes of the test's own to the secondary (in process only)
  *
  * The secondary's direction carries COLO messages from its first byte when
  * the return-path capability is off (these tests leave it off).
@@ -128,6 +129,18 @@ export class ColoLinkControl {
     return this.back.replies;
   }
 
+  private pushForward: (b: Buffer) => void = () => undefined;
+
+  /** Where forward bytes of the test's own go (set by the wrapper). */
+  onInject(fn: (b: Buffer) => void): void {
+    this.pushForward = fn;
+  }
+
+  /** Bytes of the test's own to the secondary, between the primary's (only while no checkpoint is under way). */
+  injectForward(b: Buffer): void {
+    this.pushForward(b);
+  }
+
   onCut(fn: () => void): void {
     this.cutHook = fn;
   }
@@ -202,6 +215,7 @@ export function coloLinkWrapper(ctl: ColoLinkControl): ChannelWrapper {
       input.end();
       inner.close();
     });
+    ctl.onInject((b) => input.push(b));
     return ch;
   };
 }

@@ -146,6 +146,16 @@ describe('COLO in process', () => {
     assert.equal(st.reason, 'request');
   });
 
+  it('a message the secondary does not expect while it waits for a checkpoint: "Got unknown COLO message"', async () => {
+    const link = new ColoLinkControl();
+    const c = await startColo({ link, delay: 60_000 });
+    link.injectForward(Buffer.from([0, 0, 0, 6]));
+    await waitFor(() => c.dst.status()['x-error'] !== undefined, 10000, 'the secondary refuses it');
+    assert.equal(c.dst.status()['x-error'], 'Got unknown COLO message: 6');
+    await waitFor(() => c.src.status()['x-error'] !== undefined, 10000, 'the primary sees the link go');
+    assert.equal(c.p.dst!.destination.status, 'colo');
+  });
+
   it('x-checkpoint-delay: a new value checkpoints at once', async () => {
     const c = await startColo({ delay: 60_000 });
     const before = checkpoints(c.src);
