@@ -11,6 +11,7 @@ import { COMMANDS } from '../generated/qapi-commands.js';
 import { QapiEvents } from '../generated/qapi-events.js';
 import { DiskWorkloadError, DriveError, Machine, parseDiskWorkload, parseFill, parseWorkload, type SerialConfig } from '../machine/index.js';
 import {
+  ColoService,
   MigrationDestination,
   MigrationObserver,
   MigrationOptions,
@@ -120,14 +121,17 @@ export async function main(argv: string[]): Promise<number> {
       },
       handshakeTimeoutMs: handshakeTimeout(),
     };
+    // COLO: one per VM, shared by its outgoing (primary) and incoming (secondary) migrations
+    const colo = new ColoService();
     const source = new MigrationSource(port, options, {
       lookupFd,
       qemuCompatible: a.qemuCompat,
       tls,
       sections,
       log,
+      colo,
     });
-    const destination = new MigrationDestination(port, options, { lookupFd, log, sections, tls });
+    const destination = new MigrationDestination(port, options, { lookupFd, log, sections, tls, colo });
     const observe = new MigrationObserver({ source, destination, options, ram: () => machine.ram, faultStats: () => machine.faultStats() });
     vm = {
       machine,
@@ -139,6 +143,7 @@ export async function main(argv: string[]): Promise<number> {
       source,
       destination,
       observe,
+      colo,
       incomingMode: a.incoming === undefined ? 'none' : a.incoming === 'defer' ? 'defer' : 'uri',
       commandNames: [...COMMANDS.keys()],
       version: FERRY_VERSION,
@@ -176,10 +181,11 @@ export async function main(argv: string[]): Promise<number> {
     destination.on('status', (status) => {
       if (status === 'setup' || options.capability('events')) events.MIGRATION({ status });
     });
+    colo.on('exit', (mode, reason) => events.COLO_EXIT({ mode, reason }));
 
     const shutdown = async (code: number) => {
       try {
-        source.cancel();
+        source.shutdown();
         destination.close();
         await vm.nbd.shutdown().catch(() => undefined);
         await server.close();

@@ -3,7 +3,7 @@
  * connection that issued the command.
  */
 import type { Machine } from '../machine/machine.js';
-import type { MigrationDestination, MigrationObserver, MigrationOptions, MigrationSource } from '../migration/index.js';
+import type { ColoService, MigrationDestination, MigrationObserver, MigrationOptions, MigrationSource } from '../migration/index.js';
 import type { QmpClientConn } from '../qmp/index.js';
 import type { NbdService } from './nbd.js';
 
@@ -21,6 +21,8 @@ export interface VmServices {
   readonly destination: MigrationDestination;
   /** Dirty rate, forecast, decisions and traces of this VM's migrations. */
   readonly observe: MigrationObserver;
+  /** COLO on this VM (its primary or secondary session, settings, status). */
+  readonly colo: ColoService;
   /** How -incoming was given: not at all, `defer`, or a URI. */
   readonly incomingMode: 'none' | 'defer' | 'uri';
   /** Objects created by -object and object-add, by id. */

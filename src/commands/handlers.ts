@@ -14,6 +14,7 @@ import { generic } from './errors.js';
 import { addObject, deleteObject } from './objects.js';
 import { blockDigest, blockInfo, diskWorkloadInfo } from './block.js';
 import { observeHandlers } from './observe.js';
+import { coloHandlers } from './colo.js';
 
 
 function migrationInfo(ctx: Ctx) {
@@ -154,7 +155,8 @@ export const handlers: CommandHandlers<Ctx> = {
   },
   'migrate-set-capabilities'(args, ctx) {
     const { source, options } = ctx.vm;
-    if (source.isActive() || source.status === 'cancelling') {
+    // in colo too, as later QEMU does (7.2 let x-colo go off under a running COLO)
+    if (source.isActive() || source.status === 'cancelling' || source.status === 'colo') {
       throw new QmpError('GenericError', "There's a migration process in progress");
     }
     return generic(() => options.setCapabilities(args.capabilities));
@@ -165,6 +167,7 @@ export const handlers: CommandHandlers<Ctx> = {
   async 'migrate-set-parameters'(args, ctx) {
     await generic(() => ctx.vm.options.setParameters(args));
     ctx.vm.source.applyMaxBandwidth();
+    if (args['x-checkpoint-delay'] !== undefined) ctx.vm.colo.checkpointDelayChanged();
   },
   'query-migrate-parameters'(_args, ctx) {
     return ctx.vm.options.parameters();
@@ -187,9 +190,6 @@ export const handlers: CommandHandlers<Ctx> = {
     }
     // also after the migration ended or when already requested: {} (docs/spec/qmp.md B.9)
     ctx.vm.source.requestPostcopy();
-  },
-  'x-colo-lost-heartbeat'() {
-    throw new QmpError('GenericError', "The feature 'colo' is not enabled");
   },
   migrate_cancel(_args, ctx) {
     ctx.vm.source.cancel();
@@ -217,6 +217,8 @@ export const handlers: CommandHandlers<Ctx> = {
     return ctx.vm.options.xbzrleCacheSize();
   },
   migrate(args, ctx) {
+    // a COLO secondary's guest is the primary's copy, not a guest to migrate
+    if (ctx.vm.destination.status === 'colo') throw new QmpError('GenericError', "There's a migration process in progress");
     return generic(() => ctx.vm.source.start(args.uri, { blk: args.blk, inc: args.inc }));
   },
   async 'migrate-incoming'(args, ctx) {
@@ -262,4 +264,6 @@ export const handlers: CommandHandlers<Ctx> = {
   async 'xen-colo-do-checkpoint'(_args, ctx) {
     await generic(() => ctx.vm.machine.replication.checkpointAll());
   },
+
+  ...coloHandlers,
 };

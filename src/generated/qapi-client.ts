@@ -465,6 +465,41 @@ export class QmpApi {
   }
 
   /**
+   * Report the COLO state of this machine.  Never fails.
+   *
+   * @returns `COLOStatus`
+   *
+   * @since 3.1
+   */
+  queryColoStatus(opts?: QmpCallOptions): Promise<CommandReturns['query-colo-status']> {
+    return this.execute('query-colo-status', undefined, opts);
+  }
+
+  /**
+   * Change Ferry's COLO settings.  Every value is checked first; when one
+   * is refused nothing changes.  They apply at once, also to a COLO session
+   * that runs.
+   *
+   * @returns nothing
+   *
+   * @since Ferry 0.1
+   */
+  xColoSetParameters(args?: CommandArgs['x-colo-set-parameters'], opts?: QmpCallOptions): Promise<CommandReturns['x-colo-set-parameters']> {
+    return this.execute('x-colo-set-parameters', args, opts);
+  }
+
+  /**
+   * Report Ferry's COLO settings.
+   *
+   * @returns `ColoParameters`
+   *
+   * @since Ferry 0.1
+   */
+  xQueryColoParameters(opts?: QmpCallOptions): Promise<CommandReturns['x-query-colo-parameters']> {
+    return this.execute('x-query-colo-parameters', undefined, opts);
+  }
+
+  /**
    * Create a user-creatable object, for example the TLS credentials that
    * the tls-creds migration parameter names.
    *

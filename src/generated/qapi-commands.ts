@@ -72,6 +72,14 @@ export interface CommandArgs {
   'query-dirty-rate': {
     'calc-time-unit'?: T.TimeUnit;
   };
+  'query-colo-status': Record<string, never>;
+  'x-colo-set-parameters': {
+    compare?: T.ColoCompareMode;
+    'compare-timeout'?: number;
+    'heartbeat-timeout'?: number;
+    witness?: T.StrOrNull;
+  };
+  'x-query-colo-parameters': Record<string, never>;
   'object-add': T.ObjectOptions;
   'object-del': {
     id: string;
@@ -147,6 +155,9 @@ export interface CommandReturns {
   'xen-colo-do-checkpoint': void;
   'calc-dirty-rate': void;
   'query-dirty-rate': T.DirtyRateInfo;
+  'query-colo-status': T.COLOStatus;
+  'x-colo-set-parameters': void;
+  'x-query-colo-parameters': T.ColoParameters;
   'object-add': void;
   'object-del': void;
   'query-block': T.BlockInfo[];
@@ -439,6 +450,32 @@ export interface CommandHandlers<Ctx> {
    */
   'query-dirty-rate'(args: CommandArgs['query-dirty-rate'], ctx: Ctx): T.DirtyRateInfo | Promise<T.DirtyRateInfo>;
   /**
+   * Report the COLO state of this machine.  Never fails.
+   *
+   * @returns `COLOStatus`
+   *
+   * @since 3.1
+   */
+  'query-colo-status'(args: CommandArgs['query-colo-status'], ctx: Ctx): T.COLOStatus | Promise<T.COLOStatus>;
+  /**
+   * Change Ferry's COLO settings.  Every value is checked first; when one
+   * is refused nothing changes.  They apply at once, also to a COLO session
+   * that runs.
+   *
+   * @returns nothing
+   *
+   * @since Ferry 0.1
+   */
+  'x-colo-set-parameters'(args: CommandArgs['x-colo-set-parameters'], ctx: Ctx): void | Promise<void>;
+  /**
+   * Report Ferry's COLO settings.
+   *
+   * @returns `ColoParameters`
+   *
+   * @since Ferry 0.1
+   */
+  'x-query-colo-parameters'(args: CommandArgs['x-query-colo-parameters'], ctx: Ctx): T.ColoParameters | Promise<T.ColoParameters>;
+  /**
    * Create a user-creatable object, for example the TLS credentials that
    * the tls-creds migration parameter names.
    *
@@ -663,6 +700,9 @@ export const COMMANDS: ReadonlyMap<string, CommandDef> = new Map<string, Command
   ['xen-colo-do-checkpoint', { name: 'xen-colo-do-checkpoint', boxed: false, validate: (a) => R.struct(a, R.ROOT, NO_ARGS) }],
   ['calc-dirty-rate', { name: 'calc-dirty-rate', boxed: false, validate: (a) => V.v_q_obj_calc_dirty_rate_arg(a, R.ROOT) }],
   ['query-dirty-rate', { name: 'query-dirty-rate', boxed: false, validate: (a) => V.v_q_obj_query_dirty_rate_arg(a, R.ROOT) }],
+  ['query-colo-status', { name: 'query-colo-status', boxed: false, validate: (a) => R.struct(a, R.ROOT, NO_ARGS) }],
+  ['x-colo-set-parameters', { name: 'x-colo-set-parameters', boxed: false, validate: (a) => V.v_q_obj_x_colo_set_parameters_arg(a, R.ROOT) }],
+  ['x-query-colo-parameters', { name: 'x-query-colo-parameters', boxed: false, validate: (a) => R.struct(a, R.ROOT, NO_ARGS) }],
   ['object-add', { name: 'object-add', boxed: true, validate: (a) => V.v_ObjectOptions(a, R.ROOT) }],
   ['object-del', { name: 'object-del', boxed: false, validate: (a) => V.v_q_obj_object_del_arg(a, R.ROOT) }],
   ['query-block', { name: 'query-block', boxed: false, validate: (a) => R.struct(a, R.ROOT, NO_ARGS) }],

@@ -888,6 +888,154 @@ export interface DirtyRateInfo {
 }
 
 /**
+ * Why COLO ended, or is ending.
+ *
+ * - `none`: COLO has not ended (or never ran)
+ * - `request`: a failover was asked for (`x-colo-lost-heartbeat`)
+ * - `error`: the peer or the link failed (COLO_EXIT); in `query-colo-status`, a failover that is not done while this machine is no longer in COLO; in Ferry also a failover started by the heartbeat timeout
+ * - `processing`: a failover is being carried out
+ *
+ * @since 3.1 (processing: 4.0)
+ */
+export type COLOExitReason =
+  | 'none'
+  | 'request'
+  | 'error'
+  | 'processing';
+/** Every value of {@link COLOExitReason}, in schema order. */
+export const COLOExitReason_VALUES = ['none', 'request', 'error', 'processing'] as const;
+
+/**
+ * What one COLO checkpoint cost (Ferry).
+ *
+ * @since Ferry 0.1
+ */
+export interface ColoCheckpointInfo {
+  /**
+   * milliseconds the primary's guest was stopped for it (from the
+   * request to stop the vCPUs until they ran again); on a secondary,
+   * milliseconds its guest was stopped (from the primary's request to
+   * the checkpoint being applied)
+   */
+  pause: number;
+  /** bytes of the checkpoint stream (the vmstate-size value) */
+  size: number;
+  /**
+   * RAM pages it carried; on a secondary, also counted: the
+   * pages its own guest had written since the checkpoint before, put
+   * back (`reset-pages`)
+   */
+  'dirty-pages': number;
+  /**
+   * on a secondary, pages its own guest had written that were
+   * put back to the primary's contents; 0 on a primary
+   */
+  'reset-pages': number;
+  /**
+   * milliseconds from the checkpoint request to the secondary's
+   * vmstate-loaded
+   */
+  duration: number;
+  /**
+   * what started it: "delay" (x-checkpoint-delay ran out),
+   * "parameter" (x-checkpoint-delay was changed), "compare" (the
+   * consoles differed, or a line waited too long for its twin); empty
+   * on a secondary
+   */
+  trigger: string;
+}
+
+/**
+ * The COLO state of this machine.
+ *
+ * @since 3.1 (last-mode: 4.0; the x- members: Ferry 0.1)
+ */
+export interface COLOStatus {
+  /**
+   * the role this machine plays in COLO now ("unknown" when it is
+   * in none: the 2.10 `COLOMode` has no "none", which QEMU 3.1 and later
+   * report instead)
+   */
+  mode: COLOMode;
+  /**
+   * the role it had in its last COLO session ("unknown" when it
+   * never had one)
+   */
+  'last-mode': COLOMode;
+  /**
+   * why COLO ended (derived from the failover status, as QEMU
+   * does: "none" while no failover was asked for, "request" once one is
+   * done, "processing" while one runs)
+   */
+  reason: COLOExitReason;
+  /** the failover state of the current or last session */
+  'x-failover-status': FailoverStatus;
+  /**
+   * checkpoints completed in the current or last session
+   * (the initial migration is not counted)
+   */
+  'x-checkpoints': number;
+  /** what the last completed checkpoint cost */
+  'x-last-checkpoint'?: ColoCheckpointInfo;
+  /** checkpoints the console comparison asked for */
+  'x-compare-checkpoints': number;
+  /**
+   * primary console lines held back now, waiting for the
+   * secondary's twin or for a checkpoint (compare "full")
+   */
+  'x-console-held': number;
+  /** what broke the session, when something did */
+  'x-error'?: string;
+}
+
+/**
+ * What the primary does with the two guests' serial consoles (Ferry's
+ * counterpart of QEMU's colo-compare, which compares network packets).
+ *
+ * - `off`: nothing: checkpoints come every `x-checkpoint-delay` only (2.10's periodic mode)
+ * - `trigger`: compare the lines the two guests print since the last checkpoint, in order, and take a checkpoint at once when they differ or when a line waits longer than `compare-timeout` for its twin; the primary's lines are printed as they come
+ * - `full`: as trigger, and the primary's lines are held back until the secondary printed the same line or a checkpoint that covers them is loaded on the secondary (colo-compare's release rule)
+ *
+ * @since Ferry 0.1
+ */
+export type ColoCompareMode =
+  | 'off'
+  | 'trigger'
+  | 'full';
+/** Every value of {@link ColoCompareMode}, in schema order. */
+export const ColoCompareMode_VALUES = ['off', 'trigger', 'full'] as const;
+
+/**
+ * Ferry's COLO settings of this machine.
+ *
+ * @since Ferry 0.1
+ */
+export interface ColoParameters {
+  /** console comparison, on the primary (default off) */
+  compare: ColoCompareMode;
+  /**
+   * milliseconds a console line may wait for its twin
+   * before a checkpoint is taken (default 3000, QEMU's colo-compare
+   * compare_timeout)
+   */
+  'compare-timeout': number;
+  /**
+   * milliseconds without a sign of life from the peer
+   * after which this machine fails over by itself; 0 (the default)
+   * never, as in 2.10 (wait for `x-colo-lost-heartbeat`).  A secondary
+   * fails over by itself only when both machines have a `witness`
+   */
+  'heartbeat-timeout': number;
+  /**
+   * a directory both machines reach (shared storage): before
+   * either fails over, it claims the pair there with an exclusive
+   * create, and the one that does not get the claim does not run the
+   * guest.  Empty: none
+   */
+  witness: string;
+}
+
+/**
  * The kinds of object `object-add` can create in Ferry.
  *
  * - `memory-backend-ram`: anonymous RAM usable as guest memory

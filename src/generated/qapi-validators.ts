@@ -19,6 +19,8 @@ import {
   DirtyRateStatus_VALUES,
   DirtyRateMeasureMode_VALUES,
   TimeUnit_VALUES,
+  COLOExitReason_VALUES,
+  ColoCompareMode_VALUES,
   ObjectType_VALUES,
   QCryptoTLSCredsEndpoint_VALUES,
   BlockDeviceIoStatus_VALUES,
@@ -174,6 +176,31 @@ const F_DirtyRateInfo: readonly R.Field[] = [
   ['sample-pages', false, R.uint64],
   ['mode', false, v_DirtyRateMeasureMode],
   ['vcpu-dirty-rate', true, (v, p) => R.list(v, p, v_DirtyRateVcpu)],
+];
+const F_ColoCheckpointInfo: readonly R.Field[] = [
+  ['pause', false, R.number],
+  ['size', false, R.int],
+  ['dirty-pages', false, R.int],
+  ['reset-pages', false, R.int],
+  ['duration', false, R.number],
+  ['trigger', false, R.str],
+];
+const F_COLOStatus: readonly R.Field[] = [
+  ['mode', false, v_COLOMode],
+  ['last-mode', false, v_COLOMode],
+  ['reason', false, v_COLOExitReason],
+  ['x-failover-status', false, v_FailoverStatus],
+  ['x-checkpoints', false, R.int],
+  ['x-last-checkpoint', true, v_ColoCheckpointInfo],
+  ['x-compare-checkpoints', false, R.int],
+  ['x-console-held', false, R.int],
+  ['x-error', true, R.str],
+];
+const F_ColoParameters: readonly R.Field[] = [
+  ['compare', false, v_ColoCompareMode],
+  ['compare-timeout', false, R.int],
+  ['heartbeat-timeout', false, R.int],
+  ['witness', false, R.str],
 ];
 const F_MemoryBackendProperties: readonly R.Field[] = [
   ['size', false, R.size],
@@ -405,6 +432,10 @@ const F_MigrationTrace: readonly R.Field[] = [
   ['forecast', true, v_MigrationForecast],
   ['complete', false, R.bool],
 ];
+const F_q_obj_COLO_EXIT_arg: readonly R.Field[] = [
+  ['mode', false, v_COLOMode],
+  ['reason', false, v_COLOExitReason],
+];
 const F_q_obj_ImageInfoSpecific_base: readonly R.Field[] = [
   ['type', false, v_ImageInfoSpecificKind],
 ];
@@ -493,6 +524,12 @@ const F_q_obj_qmp_capabilities_arg: readonly R.Field[] = [
 ];
 const F_q_obj_query_dirty_rate_arg: readonly R.Field[] = [
   ['calc-time-unit', true, v_TimeUnit],
+];
+const F_q_obj_x_colo_set_parameters_arg: readonly R.Field[] = [
+  ['compare', true, v_ColoCompareMode],
+  ['compare-timeout', true, R.int],
+  ['heartbeat-timeout', true, R.int],
+  ['witness', true, v_StrOrNull],
 ];
 const F_q_obj_x_query_migrate_forecast_arg: readonly R.Field[] = [
   ['bandwidth', true, R.int],
@@ -660,6 +697,21 @@ export function v_TimeUnit(v: unknown, p: R.Path): T.TimeUnit {
 export function v_DirtyRateInfo(v: unknown, p: R.Path): T.DirtyRateInfo {
   return R.struct(v, p, F_DirtyRateInfo) as unknown as T.DirtyRateInfo;
 }
+export function v_COLOExitReason(v: unknown, p: R.Path): T.COLOExitReason {
+  return R.enumValue(v, p, COLOExitReason_VALUES);
+}
+export function v_ColoCheckpointInfo(v: unknown, p: R.Path): T.ColoCheckpointInfo {
+  return R.struct(v, p, F_ColoCheckpointInfo) as unknown as T.ColoCheckpointInfo;
+}
+export function v_COLOStatus(v: unknown, p: R.Path): T.COLOStatus {
+  return R.struct(v, p, F_COLOStatus) as unknown as T.COLOStatus;
+}
+export function v_ColoCompareMode(v: unknown, p: R.Path): T.ColoCompareMode {
+  return R.enumValue(v, p, ColoCompareMode_VALUES);
+}
+export function v_ColoParameters(v: unknown, p: R.Path): T.ColoParameters {
+  return R.struct(v, p, F_ColoParameters) as unknown as T.ColoParameters;
+}
 export function v_ObjectType(v: unknown, p: R.Path): T.ObjectType {
   return R.enumValue(v, p, ObjectType_VALUES);
 }
@@ -804,6 +856,9 @@ export function v_PageFaultWindow(v: unknown, p: R.Path): T.PageFaultWindow {
 export function v_MigrationTrace(v: unknown, p: R.Path): T.MigrationTrace {
   return R.struct(v, p, F_MigrationTrace) as unknown as T.MigrationTrace;
 }
+export function v_q_obj_COLO_EXIT_arg(v: unknown, p: R.Path): Record<string, unknown> {
+  return R.struct(v, p, F_q_obj_COLO_EXIT_arg);
+}
 export function v_q_obj_ImageInfoSpecific_base(v: unknown, p: R.Path): Record<string, unknown> {
   return R.struct(v, p, F_q_obj_ImageInfoSpecific_base);
 }
@@ -872,6 +927,9 @@ export function v_q_obj_qmp_capabilities_arg(v: unknown, p: R.Path): Record<stri
 }
 export function v_q_obj_query_dirty_rate_arg(v: unknown, p: R.Path): Record<string, unknown> {
   return R.struct(v, p, F_q_obj_query_dirty_rate_arg);
+}
+export function v_q_obj_x_colo_set_parameters_arg(v: unknown, p: R.Path): Record<string, unknown> {
+  return R.struct(v, p, F_q_obj_x_colo_set_parameters_arg);
 }
 export function v_q_obj_x_query_migrate_forecast_arg(v: unknown, p: R.Path): Record<string, unknown> {
   return R.struct(v, p, F_q_obj_x_query_migrate_forecast_arg);

@@ -35,12 +35,22 @@ export function countDirty(block: RamBlock): number {
 
 /** Clears a block's dirty bitmap atomically word by word; returns the number of pages that were dirty. */
 export function clearDirty(block: RamBlock): number {
+  return takeDirty(block, null);
+}
+
+/**
+ * Takes and clears a block's dirty bitmap atomically word by word, ORing the
+ * bits into `touched` and, when given, into `into`; returns the number of
+ * pages that were dirty.
+ */
+export function takeDirty(block: RamBlock, into: Uint32Array | null): number {
   let n = 0;
   const d = block.dirty;
   for (let i = 0; i < d.length; i++) {
     if (d[i] !== 0) {
       const v = Atomics.exchange(d, i, 0);
       block.touched[i] = (block.touched[i]! | v) >>> 0;
+      if (into !== null) into[i] = (into[i]! | v) >>> 0;
       n += popcount32(v);
     }
   }

@@ -137,6 +137,12 @@ test('sections, RAM and postcopy use the state machines only as types', () => {
   }
 });
 
+test('COLO uses the state machines only as types (the load loop reads its checkpoints)', () => {
+  check(M + 'colo/', (i) => !i.target.startsWith(M + 'core/') || i.typeOnly || i.target === M + 'core/load-loop.ts');
+  // and the check is live: COLO does read checkpoints through the load loop
+  assert.ok(all.some((i) => i.file.startsWith(M + 'colo/') && i.target === M + 'core/load-loop.ts'));
+});
+
 test('the state machines and sessions name no section: RAM comes from the registry', () => {
   for (const f of ['core/outgoing.ts', 'core/incoming.ts', 'core/load-loop.ts', 'core/status.ts', 'postcopy/switch.ts']) {
     check(M + f, (i) => !i.target.startsWith(M + 'ram/'));

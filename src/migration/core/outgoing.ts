@@ -19,6 +19,7 @@ import { TARGET_PAGE_SIZE, type MigratableDevice } from '../../machine/types.js'
 import { endOutput, linger, openOutgoing, type Channel, type ChannelWrapper, type MigrationUri } from '../channel/index.js';
 import { chainWrappers, migrationTls, type TlsDeps } from '../channel/tls.js';
 import { CompressPool } from '../codec/compress-pool.js';
+import { ColoPrimary, COLO_ERR, type ColoService } from '../colo/index.js';
 import { CancelledError, MigrationError, PeerError, inPhase, type MigrationFailure, type MigrationPhase } from '../errors.js';
 import { DecisionLog, type DecisionWhy } from '../observe/decisions.js';
 import { runPostcopy } from '../postcopy/switch.js';
@@ -27,6 +28,7 @@ import { MigrationClockDevice, wallClockUs } from '../sections/clock-device.js';
 import { buildVmdesc, writeDeviceSections, type VmdescEntry } from '../sections/device-sections.js';
 import { FIRST_SECTION_ID, type SectionRegistry } from '../sections/registry.js';
 import type { LiveSection, OutgoingSectionContext, Pending } from '../sections/section.js';
+import { StreamReader } from '../stream/reader.js';
 import { StreamWriter, type ByteSink } from '../stream/writer.js';
 import { WIRE } from '../wire/constants.js';
 import {
@@ -89,6 +91,8 @@ export interface OutgoingDeps {
   onPass(count: number): void;
   /** What switchovers cost on this VM (switchover.ts); one per source, shared by its migrations. */
   readonly switchover: SwitchoverBudget;
+  /** The VM's COLO (x-colo: after the precopy the session goes on as a COLO primary, colo/primary.ts). */
+  readonly colo: ColoService;
   log?(msg: string): void;
 }
 
@@ -124,6 +128,8 @@ export class OutgoingSession {
   inPostcopy = false;
   /** The VM is stopped by us and must be restarted on failure. */
   vmStopped = false;
+  /** x-colo: the COLO primary this migration becomes once its precopy completed. */
+  colo: ColoPrimary | null = null;
   phase: MigrationPhase = 'start';
   private compress: CompressPool | null = null;
   /** Which section goes first in the next slice. */
@@ -131,6 +137,8 @@ export class OutgoingSession {
   /** vmdesc entries of the device sections written by writeDevices(). */
   private vmdesc: VmdescEntry[] = [];
   private disposed = false;
+  /** now() when the vCPUs stopped for the switchover. */
+  private stopTime = 0;
 
   constructor(readonly deps: OutgoingDeps) {
     this.stats.begin(deps.now());
@@ -198,6 +206,7 @@ export class OutgoingSession {
       }
     }
     this.returnPath?.stop();
+    this.colo?.shutdown();
     this.channel?.close();
     void this.compress?.close();
     this.compress = null;
@@ -228,6 +237,11 @@ export class OutgoingSession {
     this.trace('connected');
     this.phase = 'setup';
     if (useReturnPath && !channel.bidirectional) throw new MigrationError('Unable to open return-path for postcopy');
+    if (options.capability('x-colo')) {
+      // COLO's messages come back on the channel's other direction
+      if (!channel.bidirectional) throw new MigrationError(COLO_ERR.noReturnPath());
+      this.colo = new ColoPrimary(this.deps.colo, { qemuCompatible: this.deps.qemuCompatible, now: this.deps.now, log: (m) => this.deps.log?.(m) });
+    }
     const w = new StreamWriter(channel.output, { now: this.deps.now });
     this.writer = w;
     w.setMaxBandwidth(options.get('max-bandwidth'));
@@ -236,7 +250,7 @@ export class OutgoingSession {
     putHeader(w);
     putConfiguration(w, machine.machineType);
     if (useReturnPath) {
-      this.returnPath = new ReturnPathReader(channel, (e) => this.onReturnPathError(e));
+      this.returnPath = new ReturnPathReader(channel, (e) => this.onReturnPathError(e), { stopAtShut: this.colo !== null });
       putCmdOpenReturnPath(w);
       putCmdPing(w, 1);
     }
@@ -375,6 +389,7 @@ export class OutgoingSession {
     const w = this.writer!;
     const stopWall = wallClockUs();
     const stopTime = this.now();
+    this.stopTime = stopTime;
     const bandwidth = this.stats.lowBandwidth;
     const flushedAtStop = w.bytesFlushed;
     await this.machine.stopForMigration();
@@ -394,6 +409,10 @@ export class OutgoingSession {
     this.checkCancelled();
     this.trace('sent');
     const rp = this.returnPath;
+    if (this.colo) {
+      await this.runColo(rp);
+      return;
+    }
     if (rp) {
       const shut = await rp.waitForShut();
       this.checkCancelled();
@@ -415,6 +434,37 @@ export class OutgoingSession {
     this.finish(end);
   }
 
+  /** x-colo: instead of completing, the session goes on as the COLO primary until a failover. */
+  private async runColo(rp: ReturnPathReader | null): Promise<void> {
+    const channel = this.channel!;
+    let input: StreamReader;
+    if (rp) {
+      // the destination confirms the load with SHUT 0 before COLO's messages
+      const shut = await rp.waitForShut();
+      this.checkCancelled();
+      if (shut !== 0) throw new PeerError(`Destination reported failure (SHUT ${shut})`);
+      input = rp.takeReader();
+    } else {
+      input = new StreamReader(channel.input);
+    }
+    this.phase = 'colo';
+    const end = this.now();
+    this.stats.downtime = Math.round(end - this.stopTime);
+    await this.colo!.run({
+      machine: this.machine,
+      options: this.options,
+      status: this.deps.status,
+      channel,
+      input,
+      sections: this.sections.map((a) => a.section),
+      resumeGuest: async () => {
+        this.vmStopped = false;
+        await this.machine.resumeAfterMigration();
+      },
+      finish: () => this.stats.finish(this.now(), this.writer!.bytesWritten),
+    });
+  }
+
   /** The device sections of the switchover, numbered after the live sections. */
   writeDevices(w: ByteSink, stopWallUs: number): void {
     const first = FIRST_SECTION_ID + this.sections.length;
@@ -424,9 +474,10 @@ export class OutgoingSession {
 
   /** Device sections for the switchover (stop time in the ferry-migration section). */
   private devicesToSend(stopWallUs: number): MigratableDevice[] {
-    return this.deps.qemuCompatible
+    const own = this.deps.qemuCompatible
       ? this.machine.devices.filter((d) => QEMU_DEVICES.has(d.idstr))
       : [...this.machine.devices, new MigrationClockDevice(stopWallUs)];
+    return this.colo ? [...own, ...this.colo.streamDevices()] : own;
   }
 
   /** Final statistics, run state postmigrate, status completed. */
