@@ -122,6 +122,8 @@ function parse(argv: string[]): Options | null {
   if (pos.length !== 2) throw new Usage('expected two monitors, SRC and DST');
   if (!o.uri) throw new Usage('--uri is required (where the destination listens)');
   if (o.postcopyAfter !== undefined && !o.caps.includes('postcopy-ram')) throw new Usage('--postcopy-after needs --caps postcopy-ram');
+  // a COLO migration never completes: it checkpoints until a failover (docs/colo.md)
+  if (o.caps.includes('x-colo')) throw new Usage('--caps x-colo: COLO does not complete; start it with migrate and follow query-colo-status (docs/colo.md)');
   return { ...(o as Options), src: pos[0]!, dst: pos[1]! };
 }
 

@@ -57,9 +57,9 @@ describe('typed client: Ferry → Ferry', () => {
       assert.equal((await dst.queryStatus()).status, 'paused');
       assert.equal((await src.xQueryMemoryDigest()).digest, (await dst.xQueryMemoryDigest()).digest);
       // typed errors
-      await assert.rejects(src.migrateSetCapabilities({ capabilities: [{ capability: 'x-colo', state: true }] }), (e: unknown) => {
+      await assert.rejects(src.migrateSetCapabilities({ capabilities: [{ capability: 'compress', state: true }, { capability: 'postcopy-ram', state: true }] }), (e: unknown) => {
         assert.ok(isQmpError(e, 'GenericError'));
-        assert.equal(e.desc, "Capability 'x-colo' is not supported by this build yet");
+        assert.equal(e.desc, 'Postcopy is not currently compatible with compression');
         return true;
       });
       await assert.rejects(src.executeRaw('no-such-command'), (e: unknown) => isQmpError(e, 'CommandNotFound'));

@@ -78,14 +78,17 @@ describe('ferry migrate', () => {
     const u3 = await ferryMigrate(['a.sock', 'b.sock', '--uri', 'unix:x', '--postcopy-after', '1']);
     assert.equal(u3.code, 2);
     assert.match(u3.err, /--postcopy-after needs --caps postcopy-ram/);
+    const u4 = await ferryMigrate(['a.sock', 'b.sock', '--uri', 'unix:x', '--caps', 'x-colo']);
+    assert.equal(u4.code, 2);
+    assert.match(u4.err, /--caps x-colo: COLO does not complete/);
     const dir = tempDir();
     const [src, dst] = await Promise.all([
       startVm({ dir, name: 'src', args: ['-m', '16M'] }),
       startVm({ dir, name: 'dst', args: ['-m', '16M', '-incoming', 'defer'] }),
     ]);
-    const r = await ferryMigrate([src.sock, dst.sock, '--uri', `unix:${dir}/m.sock`, '--caps', 'x-colo', '--no-progress']);
+    const r = await ferryMigrate([src.sock, dst.sock, '--uri', `unix:${dir}/m.sock`, '--caps', 'compress,postcopy-ram', '--no-progress']);
     assert.equal(r.code, 1);
-    assert.match(r.err, /ferry migrate: migrate-set-capabilities: GenericError: Capability 'x-colo' is not supported by this build yet/);
+    assert.match(r.err, /ferry migrate: migrate-set-capabilities: GenericError: Postcopy is not currently compatible with compression/);
     // nothing started
     assert.equal((await src.api.queryMigrate()).status, undefined);
     assert.equal((await dst.api.queryStatus()).status, 'inmigrate');
