@@ -53,6 +53,11 @@ const SLICE_MS = 5;
 const QEMU_DEVICES: ReadonlySet<string> = new Set(['timer', 'globalstate']);
 /** How long a failed postcopy source waits for the return path's last words. */
 const RP_SETTLE_MS = 1000;
+/**
+ * How long a migrate_cancel that comes after the last byte waits for the
+ * destination's verdict (SHUT) before it cuts the migration short anyway.
+ */
+export const CANCEL_VERDICT_MS = 2000;
 
 /**
  * Named points of an outgoing migration, reported to `trace` as they are
@@ -126,6 +131,9 @@ export class OutgoingSession {
   /** vmdesc entries of the device sections written by writeDevices(). */
   private vmdesc: VmdescEntry[] = [];
   private disposed = false;
+  /** Every byte is out and the return path's SHUT will say who owns the guest. */
+  private verdictPending = false;
+  private cancelTimer: NodeJS.Timeout | undefined;
 
   constructor(readonly deps: OutgoingDeps) {
     this.stats.begin(deps.now());
@@ -174,6 +182,24 @@ export class OutgoingSession {
     this.abort.abort();
     this.writer?.setError(new CancelledError({ phase: this.phase }));
     this.channel?.close();
+  }
+
+  /**
+   * migrate_cancel after the last byte, while the destination's verdict is
+   * pending: the destination may have loaded everything and be running the
+   * guest already, so resuming ours would leave two running copies (QEMU
+   * resumes it). The cancel waits for the SHUT: 0 completes the migration
+   * (the cancel came too late), anything else fails it and our guest runs on.
+   * Without a verdict within CANCEL_VERDICT_MS, `then` cancels after all.
+   * False when nothing is pending (cancel at once).
+   */
+  deferCancel(then: () => void): boolean {
+    if (!this.verdictPending) return false;
+    this.cancelTimer ??= setTimeout(() => {
+      this.verdictPending = false;
+      then();
+    }, CANCEL_VERDICT_MS);
+    return true;
   }
 
   /** Throws CancelledError once migrate_cancel was issued. */
@@ -353,10 +379,17 @@ export class OutgoingSession {
     putVmdesc(w, buildVmdesc(this.vmdesc));
     await w.drain();
     this.checkCancelled();
-    this.trace('sent');
     const rp = this.returnPath;
+    this.verdictPending = rp !== null;
+    this.trace('sent');
     if (rp) {
-      const shut = await rp.waitForShut();
+      let shut: number;
+      try {
+        shut = await rp.waitForShut();
+      } finally {
+        this.verdictPending = false;
+        clearTimeout(this.cancelTimer);
+      }
       this.checkCancelled();
       if (shut !== 0) throw new PeerError(`Destination reported failure (SHUT ${shut})`);
     } else {
@@ -368,6 +401,10 @@ export class OutgoingSession {
       // forwarder gets to pass the tail on before we close it
       this.trace('lingering');
       await linger(this.channel!, undefined, this.abort.signal);
+      // an exec: forwarder that failed to pass the tail on (`cat > FILE` on
+      // a full disk exits 1): the stream did not arrive, our guest runs on
+      const chErr = this.channel!.error;
+      if (chErr !== undefined && !this.deps.status.is('cancelling')) throw chErr;
     }
     // a cancel that came after the last byte still wins (QEMU: cancelled, the source runs on)
     this.checkCancelled();
