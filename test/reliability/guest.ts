@@ -29,6 +29,19 @@ export const GUEST: MachineConfig = {
  */
 export const SOURCE_PARAMS = { 'max-bandwidth': 128 << 20, 'downtime-limit': 1 };
 
+/**
+ * The postcopy row's parameters. The switch happens at the first decision
+ * point where what must go before it (here only the bytes still queued in
+ * the writer, up to a 2 MiB staging buffer) fits the downtime budget. With
+ * SOURCE_PARAMS that budget is a few KiB, so a destination slower than the
+ * rate limit (a loaded machine) kept the queue full until the first pass
+ * was out and the workload done, and the migration completed in precopy
+ * without ever switching. Here the budget (~3.5 MB at 32 MiB/s) holds a
+ * full staging buffer, and the first pass (16 MiB) cannot fit it: the
+ * switch comes at the first measured window, in the bulk pass.
+ */
+export const POSTCOPY_PARAMS = { 'max-bandwidth': 32 << 20, 'downtime-limit': 150 };
+
 /** Where in a migration a fault hits, as seen by the source's trace points. */
 export interface PhaseDef {
   /** The row's name in docs/reliability.md. */
@@ -38,6 +51,8 @@ export interface PhaseDef {
   caps: ('return-path' | 'postcopy-ram')[];
   /** Ask for postcopy at the first iteration slice. */
   postcopy?: boolean;
+  /** The source's parameters (SOURCE_PARAMS unless given). */
+  params?: Record<string, number>;
   /** True at the trace point where the fault fires. */
   at(point: SourceTracePoint, info: MigrationInfo): boolean;
   /**
@@ -83,6 +98,7 @@ export const PHASES: PhaseDef[] = [
     what: 'the first background slice after the switch (guest running on the destination, pages missing)',
     caps: ['return-path', 'postcopy-ram'],
     postcopy: true,
+    params: POSTCOPY_PARAMS,
     at: (p) => p === 'postcopy-slice',
     until: (p) => p === 'postcopy-sent',
   },

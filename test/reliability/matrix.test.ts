@@ -56,7 +56,9 @@ const here = dirname(fileURLToPath(import.meta.url));
 const CHILD = join(here, 'side-child.js');
 const ROOT = process.getuid?.() === 0;
 
-type FaultName = 'kill-source' | 'kill-destination' | 'cancel' | 'cut' | 'truncate' | 'flip' | 'qmp-gone' | 'disk-full';
+type FaultName = 'kill-source' | 'kill-destination' | 'cancel' | 'cut' | 'truncate' | 'flip' | 'qmp-gone' | 'disk-full' | 'disk-full-rp';
+
+const diskFull = (f: FaultName): boolean => f === 'disk-full' || f === 'disk-full-rp';
 
 interface FaultDef {
   name: FaultName;
@@ -77,10 +79,18 @@ const FAULTS: FaultDef[] = [
   { name: 'qmp-gone', what: 'a QMP client sends query-migrate and migrate-set-parameters and closes its socket before the replies' },
   {
     name: 'disk-full',
-    what: 'migrating to `exec:cat > FILE` on a small tmpfs that fills up',
+    what: 'migrating to `exec:cat > FILE` on a small tmpfs that fills up, without the return path (the file is the destination: loaded from it when the source completed)',
     notApplicable: (p) =>
       p.postcopy
-        ? 'postcopy needs a return path, which `exec:cat > FILE` has not (QEMU refuses it the same way)'
+        ? 'postcopy needs a return path, which `exec:cat > FILE` cannot carry'
+        : tmpfsWorks,
+  },
+  {
+    name: 'disk-full-rp',
+    what: 'the same with the return path on: no SHUT can come from a file, so the source ends the command\'s input after its last byte and fails when the command exits (its exit status when the disk was full)',
+    notApplicable: (p) =>
+      p.postcopy
+        ? 'postcopy into a file: no destination could run the guest after the switch'
         : tmpfsWorks,
   },
 ];
@@ -296,7 +306,7 @@ let baseline: Resources;
 async function runCell(phase: PhaseDef, fault: FaultDef, seed: number): Promise<Result> {
   const res: Result = { phase: phase.name, fault: fault.name };
   const dir = mkdtempSync(join(tmpdir(), 'ferry-matrix-'));
-  // a file has no return path: with one, the source would wait for a SHUT that `cat` never sends
+  // `disk-full` runs without the return path, `disk-full-rp` with it
   const caps = (phase.caps as string[]).filter((c) => fault.name !== 'disk-full' || c !== 'return-path');
   const rand = rng(seed);
   const dstSock = join(dir, 'dst.sock');
@@ -313,7 +323,7 @@ async function runCell(phase: PhaseDef, fault: FaultDef, seed: number): Promise<
   try {
     // the destination: in a child when it is the one killed
     let uri = `unix:${relaySock}`;
-    if (fault.name !== 'disk-full') {
+    if (!diskFull(fault.name)) {
       if (fault.name === 'kill-destination') dstChild = await startChild({ role: 'destination', uri: `unix:${dstSock}`, caps });
       else dst = await newDestination(`unix:${dstSock}`, caps);
       relay = await FaultRelay.listen(relaySock, dstSock);
@@ -337,7 +347,7 @@ async function runCell(phase: PhaseDef, fault: FaultDef, seed: number): Promise<
       await srcChild.exited;
     } else {
       const machine = await Machine.create({ ...GUEST });
-      const options = newOptions(caps, SOURCE_PARAMS);
+      const options = newOptions(caps, phase.params ?? SOURCE_PARAMS);
       let fired = false;
       let holding = false;
       let applied = false;
@@ -391,6 +401,7 @@ async function runCell(phase: PhaseDef, fault: FaultDef, seed: number): Promise<
               );
               break;
             case 'disk-full':
+            case 'disk-full-rp':
               fillUp(mnt!);
               break;
           }
@@ -410,7 +421,7 @@ async function runCell(phase: PhaseDef, fault: FaultDef, seed: number): Promise<
         other.destroy();
       }
     }
-    if (fault.name === 'disk-full' && src!.source.status === 'completed') {
+    if (diskFull(fault.name) && src!.source.status === 'completed') {
       // cat wrote the whole stream before the disk filled up: the file must then load whole
       dst = await newDestination(`exec:cat ${shq(join(mnt!, 'state'))}`, caps);
       res.detail = 'the file was whole before the disk filled; loaded from it';
@@ -421,7 +432,7 @@ async function runCell(phase: PhaseDef, fault: FaultDef, seed: number): Promise<
     const s = src?.source.status;
     const d = dst?.destination.status;
     const srcRuns = src !== null && src.machine.runState === 'running';
-    const desc = `source ${s ?? 'killed'} (${src?.machine.runState ?? '-'}), destination ${d ?? (fault.name === 'disk-full' ? 'none' : 'killed')} (${dst?.machine.runState ?? '-'})`;
+    const desc = `source ${s ?? 'killed'} (${src?.machine.runState ?? '-'}), destination ${d ?? (diskFull(fault.name) ? 'none' : 'killed')} (${dst?.machine.runState ?? '-'})`;
     let owner: Machine | null = null;
     if (srcRuns) {
       assert.ok(s === 'failed' || s === 'cancelled', `a source that runs on has failed or was cancelled: ${desc}`);
@@ -513,7 +524,7 @@ function writeDoc(): void {
     `| phase | ${cols.join(' | ')} |`,
     `|---|${cols.map(() => '---').join('|')}|`,
     ...PHASES.map((p) => `| ${p.name} | ${cols.map((c) => cellText(results.find((r) => r.phase === p.name && r.fault === c))).join(' | ')} |`),
-    ...LATER.map((l) => `| ${l.name} | ${cols.map(() => `not yet available: ${l.why}`).join(' | ')} |`),
+    ...LATER.map((l) => `| ${l.name} | ${cols.map((_, i) => (i === 0 ? `not yet available: ${l.why}` : '–')).join(' | ')} |`),
     '',
     'Phases:',
     '',

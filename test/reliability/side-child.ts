@@ -37,7 +37,7 @@ if (args.role === 'destination') {
 } else {
   const machine = await Machine.create({ ...GUEST });
   const phase = PHASES.find((p) => p.name === args.phase)!;
-  options.setParameters(SOURCE_PARAMS);
+  options.setParameters(phase.params ?? SOURCE_PARAMS);
   let asked = false;
   const source: MigrationSource = new MigrationSource(machinePort(machine, { autostart: true }), options, {
     lookupFd: () => undefined,

@@ -19,7 +19,7 @@ import { TARGET_PAGE_SIZE, type MigratableDevice } from '../../machine/types.js'
 import { endOutput, linger, openOutgoing, type Channel, type ChannelWrapper, type MigrationUri } from '../channel/index.js';
 import { chainWrappers, migrationTls, type TlsDeps } from '../channel/tls.js';
 import { CompressPool } from '../codec/compress-pool.js';
-import { CancelledError, MigrationError, PeerError, inPhase, type MigrationFailure, type MigrationPhase } from '../errors.js';
+import { CancelledError, MigrationError, PeerError, errorMessage, inPhase, type MigrationFailure, type MigrationPhase } from '../errors.js';
 import { runPostcopy } from '../postcopy/switch.js';
 import { ReturnPathReader } from '../return-path/reader.js';
 import { MigrationClockDevice, wallClockUs } from '../sections/clock-device.js';
@@ -58,6 +58,8 @@ const RP_SETTLE_MS = 1000;
  * destination's verdict (SHUT) before it cuts the migration short anyway.
  */
 export const CANCEL_VERDICT_MS = 2000;
+/** How long a source waits for an exec: command that ended its stdout without a SHUT to exit. */
+const EXIT_STATUS_MS = 1000;
 
 /**
  * Named points of an outgoing migration, reported to `trace` as they are
@@ -383,9 +385,24 @@ export class OutgoingSession {
     this.verdictPending = rp !== null;
     this.trace('sent');
     if (rp) {
+      const ch = this.channel!;
       let shut: number;
       try {
+        // an exec: command sees the end of the stream only at EOF on its
+        // stdin: `cat > FILE` would otherwise wait for more while we wait for
+        // its SHUT (QEMU 7.2 hangs there in `active`). Ended now, a command
+        // that cannot answer exits, its stdout ends, and that fails below.
+        if (ch.endOnLastByte) await endOutput(ch);
         shut = await rp.waitForShut();
+      } catch (e) {
+        // the command ended without a verdict: its exit status, when it
+        // failed (a full disk), says more than the end of its stdout
+        if (ch.endOnLastByte && !this.deps.status.is('cancelling')) {
+          await linger(ch, EXIT_STATUS_MS, this.abort.signal);
+          if (ch.error !== undefined) throw ch.error;
+          if (ch.released) throw new PeerError(`The command exited without a verdict on the return path (no SHUT): ${errorMessage(e)}`, { cause: e });
+        }
+        throw e;
       } finally {
         this.verdictPending = false;
         clearTimeout(this.cancelTimer);
@@ -438,6 +455,9 @@ export class OutgoingSession {
   private onReturnPathError(e: MigrationFailure): void {
     e.phase ??= 'return-path';
     this.writer?.setError(e);
+    // after the last byte on an exec: channel, complete() first waits for
+    // the command's exit status (it closes the channel when it is done)
+    if (this.verdictPending && this.channel?.endOnLastByte) return;
     this.channel?.close();
   }
 
