@@ -156,6 +156,8 @@ export async function main(argv: string[]): Promise<number> {
       requestQuit() {
         if (quitting) return;
         quitting = true;
+        // as QEMU 7.2: the event goes out before quit's reply
+        events.SHUTDOWN({ guest: false, reason: 'host-qmp-quit' });
         setTimeout(() => void shutdown(0), 20);
       },
     };
@@ -194,9 +196,15 @@ export async function main(argv: string[]): Promise<number> {
         process.exit(code);
       }
     };
-    process.on('SIGINT', () => void shutdown(0));
-    process.on('SIGTERM', () => void shutdown(0));
-    process.on('SIGHUP', () => void shutdown(0));
+    const onSignal = (): void => {
+      if (quitting) return;
+      quitting = true;
+      events.SHUTDOWN({ guest: false, reason: 'host-signal' });
+      void shutdown(0);
+    };
+    process.on('SIGINT', onSignal);
+    process.on('SIGTERM', onSignal);
+    process.on('SIGHUP', onSignal);
 
     // like QEMU, the incoming listener exists before the monitor answers:
     // a client that got the greeting may connect to it at once

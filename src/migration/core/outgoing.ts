@@ -20,7 +20,7 @@ import { endOutput, linger, openOutgoing, type Channel, type ChannelWrapper, typ
 import { chainWrappers, migrationTls, type TlsDeps } from '../channel/tls.js';
 import { CompressPool } from '../codec/compress-pool.js';
 import { ColoPrimary, COLO_ERR, type ColoService } from '../colo/index.js';
-import { CancelledError, MigrationError, PeerError, inPhase, type MigrationFailure, type MigrationPhase } from '../errors.js';
+import { CancelledError, MigrationError, PeerError, errorMessage, inPhase, type MigrationFailure, type MigrationPhase } from '../errors.js';
 import { DecisionLog, type DecisionWhy } from '../observe/decisions.js';
 import { runPostcopy } from '../postcopy/switch.js';
 import { ReturnPathReader } from '../return-path/reader.js';
@@ -56,6 +56,13 @@ const SLICE_MS = 5;
 const QEMU_DEVICES: ReadonlySet<string> = new Set(['timer', 'globalstate']);
 /** How long a failed postcopy source waits for the return path's last words. */
 const RP_SETTLE_MS = 1000;
+/**
+ * How long a migrate_cancel that comes after the last byte waits for the
+ * destination's verdict (SHUT) before it cuts the migration short anyway.
+ */
+export const CANCEL_VERDICT_MS = 2000;
+/** How long a source waits for an exec: command that ended its stdout without a SHUT to exit. */
+const EXIT_STATUS_MS = 1000;
 
 /**
  * Named points of an outgoing migration, reported to `trace` as they are
@@ -139,6 +146,9 @@ export class OutgoingSession {
   private disposed = false;
   /** now() when the vCPUs stopped for the switchover. */
   private stopTime = 0;
+  /** Every byte is out and the return path's SHUT will say who owns the guest. */
+  private verdictPending = false;
+  private cancelTimer: NodeJS.Timeout | undefined;
 
   constructor(readonly deps: OutgoingDeps) {
     this.stats.begin(deps.now());
@@ -187,6 +197,24 @@ export class OutgoingSession {
     this.abort.abort();
     this.writer?.setError(new CancelledError({ phase: this.phase }));
     this.channel?.close();
+  }
+
+  /**
+   * migrate_cancel after the last byte, while the destination's verdict is
+   * pending: the destination may have loaded everything and be running the
+   * guest already, so resuming ours would leave two running copies (QEMU
+   * resumes it). The cancel waits for the SHUT: 0 completes the migration
+   * (the cancel came too late), anything else fails it and our guest runs on.
+   * Without a verdict within CANCEL_VERDICT_MS, `then` cancels after all.
+   * False when nothing is pending (cancel at once).
+   */
+  deferCancel(then: () => void): boolean {
+    if (!this.verdictPending) return false;
+    this.cancelTimer ??= setTimeout(() => {
+      this.verdictPending = false;
+      then();
+    }, CANCEL_VERDICT_MS);
+    return true;
   }
 
   /** Throws CancelledError once migrate_cancel was issued. */
@@ -407,14 +435,36 @@ export class OutgoingSession {
     putVmdesc(w, buildVmdesc(this.vmdesc));
     await w.drain();
     this.checkCancelled();
-    this.trace('sent');
     const rp = this.returnPath;
+    this.trace('sent');
     if (this.colo) {
       await this.runColo(rp);
       return;
     }
+    this.verdictPending = rp !== null;
     if (rp) {
-      const shut = await rp.waitForShut();
+      const ch = this.channel!;
+      let shut: number;
+      try {
+        // an exec: command sees the end of the stream only at EOF on its
+        // stdin: `cat > FILE` would otherwise wait for more while we wait for
+        // its SHUT (QEMU 7.2 hangs there in `active`). Ended now, a command
+        // that cannot answer exits, its stdout ends, and that fails below.
+        if (ch.endOnLastByte) await endOutput(ch);
+        shut = await rp.waitForShut();
+      } catch (e) {
+        // the command ended without a verdict: its exit status, when it
+        // failed (a full disk), says more than the end of its stdout
+        if (ch.endOnLastByte && !this.deps.status.is('cancelling')) {
+          await linger(ch, EXIT_STATUS_MS, this.abort.signal);
+          if (ch.error !== undefined) throw ch.error;
+          if (ch.released) throw new PeerError(`The command exited without a verdict on the return path (no SHUT): ${errorMessage(e)}`, { cause: e });
+        }
+        throw e;
+      } finally {
+        this.verdictPending = false;
+        clearTimeout(this.cancelTimer);
+      }
       this.checkCancelled();
       if (shut !== 0) throw new PeerError(`Destination reported failure (SHUT ${shut})`);
     } else {
@@ -426,6 +476,10 @@ export class OutgoingSession {
       // forwarder gets to pass the tail on before we close it
       this.trace('lingering');
       await linger(this.channel!, undefined, this.abort.signal);
+      // an exec: forwarder that failed to pass the tail on (`cat > FILE` on
+      // a full disk exits 1): the stream did not arrive, our guest runs on
+      const chErr = this.channel!.error;
+      if (chErr !== undefined && !this.deps.status.is('cancelling')) throw chErr;
     }
     // a cancel that came after the last byte still wins (QEMU: cancelled, the source runs on)
     this.checkCancelled();
@@ -491,6 +545,9 @@ export class OutgoingSession {
   private onReturnPathError(e: MigrationFailure): void {
     e.phase ??= 'return-path';
     this.writer?.setError(e);
+    // after the last byte on an exec: channel, complete() first waits for
+    // the command's exit status (it closes the channel when it is done)
+    if (this.verdictPending && this.channel?.endOnLastByte) return;
     this.channel?.close();
   }
 
