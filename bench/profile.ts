@@ -4,7 +4,9 @@
  * and the destination, quits both over QMP so the profiles are written, and
  * prints the top self-time functions of each side.
  *
- *   node dist/bench/profile.js [--scenario random|idle] [--top 15] [--keep DIR]
+ *   node dist/bench/profile.js [--scenario random|idle] [--top 15] [--keep DIR] [--prealloc]
+ * (--prealloc: the destination faults its RAM in before it answers, so
+ * that the profile shows the data path rather than first touches)
  * Writes bench/results/profile.json (+ the .cpuprofile files in the cache dir;
  * open them in Chrome DevTools or speedscope).
  */
@@ -70,7 +72,7 @@ let dst: Vm | null = null;
 let info: any;
 try {
   [dst, src] = await Promise.all([
-    startFerry(['-m', '1G', '-S', '-incoming', `tcp:127.0.0.1:${port}`], dir, { name: 'dst', nodeFlags: prof('dst') }),
+    startFerry(['-m', '1G', '-S', ...(process.argv.includes('--prealloc') ? ['-mem-prealloc'] : []), '-incoming', `tcp:127.0.0.1:${port}`], dir, { name: 'dst', nodeFlags: prof('dst') }),
     startFerry(srcArgs, dir, { name: 'src', nodeFlags: prof('src') }),
   ]);
   await src.execute('migrate-set-parameters', { 'max-bandwidth': 0, 'downtime-limit': 300 });

@@ -8,7 +8,7 @@
  * `pkill qemu-system...`, which would otherwise kill our VMs mid-run.
  */
 import { execFileSync, spawn } from 'node:child_process';
-import { existsSync, mkdirSync, symlinkSync, statSync, writeFileSync, mkdtempSync, rmSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, symlinkSync, statSync, writeFileSync, mkdtempSync, rmSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -102,6 +102,37 @@ export interface Measured {
   transferredBytes?: number;
   /** ms from `migrate` until the destination left inmigrate (client-side) */
   wallToDestDoneMs?: number;
+  /** CPU the source and the destination process used over that time (all threads), ms */
+  srcCpu?: CpuTimes;
+  dstCpu?: CpuTimes;
+}
+
+/** User and system CPU time of a process, ms (all its threads; 10 ms resolution). */
+export interface CpuTimes {
+  userMs: number;
+  sysMs: number;
+}
+
+/** CPU times of process `pid` so far, from /proc/PID/stat (utime, stime); null when it is gone. */
+export function cpuTimes(pid: number | undefined): CpuTimes | null {
+  if (pid === undefined) return null;
+  try {
+    const s = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    // fields after the command name (which may hold spaces) start at state (field 3)
+    const f = s.slice(s.lastIndexOf(')') + 2).split(' ');
+    const tick = 1000 / CLK_TCK;
+    return { userMs: Number(f[11]) * tick, sysMs: Number(f[12]) * tick };
+  } catch {
+    return null;
+  }
+}
+
+/** Clock ticks per second of /proc times (USER_HZ, 100 on Linux). */
+const CLK_TCK = 100;
+
+/** b - a, or undefined when either is missing. */
+export function cpuSpent(a: CpuTimes | null, b: CpuTimes | null): CpuTimes | undefined {
+  return a && b ? { userMs: b.userMs - a.userMs, sysMs: b.sysMs - a.sysMs } : undefined;
 }
 
 /**
@@ -109,6 +140,8 @@ export interface Measured {
  * destination runs: the source's figures, or ok false with the reason.
  */
 export async function migrateAndMeasure(src: Vm, dst: Vm, uri: string, timeoutMs: number): Promise<Measured> {
+  const srcCpu0 = cpuTimes(src.proc.pid);
+  const dstCpu0 = cpuTimes(dst.proc.pid);
   const t0 = performance.now();
   await src.execute('migrate', { uri });
   const info = await untilMigrationEnds(src, timeoutMs, 20);
@@ -117,9 +150,13 @@ export async function migrateAndMeasure(src: Vm, dst: Vm, uri: string, timeoutMs
   }
   const st = await untilIncomingRuns(dst, 60000);
   const wallToDestDoneMs = performance.now() - t0;
+  const srcCpu = cpuSpent(srcCpu0, cpuTimes(src.proc.pid));
+  const dstCpu = cpuSpent(dstCpu0, cpuTimes(dst.proc.pid));
   if (!st.ok) return { ok: false, error: `destination ended in ${String(st.reached)}`, wallToDestDoneMs };
   return {
     ok: true,
+    srcCpu,
+    dstCpu,
     totalTimeMs: info['total-time'],
     downtimeMs: info.downtime,
     setupTimeMs: info['setup-time'],
