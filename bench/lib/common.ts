@@ -111,17 +111,26 @@ export interface Measured {
 export interface CpuTimes {
   userMs: number;
   sysMs: number;
+  /** the main thread's part (the thread whose id is the pid) */
+  mainUserMs?: number;
+  mainSysMs?: number;
+}
+
+function statTimes(path: string): { user: number; sys: number } {
+  const s = readFileSync(path, 'utf8');
+  // fields after the command name (which may hold spaces) start at state (field 3)
+  const f = s.slice(s.lastIndexOf(')') + 2).split(' ');
+  const tick = 1000 / CLK_TCK;
+  return { user: Number(f[11]) * tick, sys: Number(f[12]) * tick };
 }
 
 /** CPU times of process `pid` so far, from /proc/PID/stat (utime, stime); null when it is gone. */
 export function cpuTimes(pid: number | undefined): CpuTimes | null {
   if (pid === undefined) return null;
   try {
-    const s = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    // fields after the command name (which may hold spaces) start at state (field 3)
-    const f = s.slice(s.lastIndexOf(')') + 2).split(' ');
-    const tick = 1000 / CLK_TCK;
-    return { userMs: Number(f[11]) * tick, sysMs: Number(f[12]) * tick };
+    const all = statTimes(`/proc/${pid}/stat`);
+    const main = statTimes(`/proc/${pid}/task/${pid}/stat`);
+    return { userMs: all.user, sysMs: all.sys, mainUserMs: main.user, mainSysMs: main.sys };
   } catch {
     return null;
   }
@@ -132,7 +141,9 @@ const CLK_TCK = 100;
 
 /** b - a, or undefined when either is missing. */
 export function cpuSpent(a: CpuTimes | null, b: CpuTimes | null): CpuTimes | undefined {
-  return a && b ? { userMs: b.userMs - a.userMs, sysMs: b.sysMs - a.sysMs } : undefined;
+  return a && b
+    ? { userMs: b.userMs - a.userMs, sysMs: b.sysMs - a.sysMs, mainUserMs: (b.mainUserMs ?? NaN) - (a.mainUserMs ?? NaN), mainSysMs: (b.mainSysMs ?? NaN) - (a.mainSysMs ?? NaN) }
+    : undefined;
 }
 
 /**
