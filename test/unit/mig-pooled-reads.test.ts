@@ -7,6 +7,7 @@
 import assert from 'node:assert/strict';
 import { mkdtempSync, rmSync } from 'node:fs';
 import * as net from 'node:net';
+import * as tls from 'node:tls';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, describe, it } from 'node:test';
@@ -32,6 +33,21 @@ async function socketPair(kind: 'tcp' | 'unix'): Promise<{ accepted: net.Socket;
       if (dir) rmSync(dir, { recursive: true, force: true });
     },
   };
+}
+
+/** A TLS 1.2 PSK session over a TCP pair (no certificate files needed): the server's and the client's TLSSocket. */
+async function tlsPair(): Promise<{ server: tls.TLSSocket; client: tls.TLSSocket; done(): void }> {
+  const key = Buffer.alloc(32, 7);
+  const common = { ciphers: 'PSK-AES256-GCM-SHA384', minVersion: 'TLSv1.2' as const, maxVersion: 'TLSv1.2' as const };
+  const srv = tls.createServer({ ...common, pskCallback: () => key });
+  await new Promise<void>((res) => srv.listen(0, '127.0.0.1', res));
+  const secured = new Promise<tls.TLSSocket>((res) => srv.once('secureConnection', res));
+  const port = (srv.address() as net.AddressInfo).port;
+  const client = tls.connect({ ...common, port, host: '127.0.0.1', pskCallback: () => ({ identity: 'qemu', psk: key }), checkServerIdentity: () => undefined });
+  await new Promise<void>((res) => client.once('secureConnect', res));
+  const server = await secured;
+  srv.close();
+  return { server, client, done: () => { server.destroy(); client.destroy(); } };
 }
 
 /** Deterministic bytes: byte i of the stream. */
@@ -119,6 +135,20 @@ describe('StreamReader pooled reads', () => {
       assert.ok(seen.size <= 12, `${seen.size} distinct read buffers`);
     });
   }
+
+  it('reads a TLS session into pooled buffers on both ends (one record per read, several reads per buffer)', async () => {
+    const total = 16 << 20;
+    for (const dir of ['to server', 'to client']) {
+      const p = await tlsPair();
+      open.push(p.done);
+      const [from, to] = dir === 'to server' ? [p.client, p.server] : [p.server, p.client];
+      const r = new StreamReader(to, { highWater: 1 << 20 });
+      assert.equal(r.pooled, true);
+      const [seen] = await Promise.all([readAll(r, total), send(from, total)]);
+      // 16 MiB in records of at most 16 KiB: over a thousand reads, in a dozen buffers at most
+      assert.ok(seen.size <= 12, `${seen.size} distinct read buffers`);
+    }
+  });
 
   it('reads the same bytes without pooling (pooledReads: false), a buffer per read', async () => {
     const p = await socketPair('tcp');
