@@ -12,6 +12,7 @@
  *                     1 GiB of /dev/urandom bytes (share=off, -S)
  *   stress-16m/64m/256m  Ferry `-fill random,seed=1 -workload stress,rate=R`;
  *                     QEMU has no equivalent guest workload without a kernel
+ *   sweep-256m        Ferry `-m 256M -workload sweep,start=1M,end=100M` (Ferry only)
  *
  * Both: downtime-limit 300 ms; max-bandwidth 0 on Ferry (unlimited) and
  * 100 GB/s on QEMU (7.2 also treats 0 as unlimited, see the docs; a huge value
@@ -100,6 +101,16 @@ function scenarios(): Scenario[] {
       warmupMs: 1000,
     });
   }
+  // The issue's convergence guest: 256 MiB sweeping 1-100 MiB (QEMU 7.2 on a
+  // real guest doing the same: 543 ms, 245 MiB, 4 syncs; none here, no kernel)
+  list.push({
+    name: 'sweep-256m',
+    what: '256M, the guest sweeps 1-100 MiB, unlimited bandwidth (Ferry only)',
+    ramBytes: 256 * MiB,
+    ferrySrc: ['-m', '256M', '-workload', 'sweep,start=1M,end=100M'],
+    ferryDst: ['-m', '256M', '-S'],
+    warmupMs: 500,
+  });
   // Convergence tools: a guest that dirties 48 MiB/s of sparse writes over a
   // link held to 32 MiB/s, which plain precopy can never drain. Ferry only:
   // QEMU has no dirtying guest without a kernel.
