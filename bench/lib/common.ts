@@ -272,3 +272,31 @@ export function randomRamCopy(): string {
 export function removeRandomRamCopy(): void {
   rmSync(RAM_COPY, { force: true });
 }
+
+/**
+ * Frees `bytes` of huge pages just before a destination starts, so that the
+ * host is in the same "warm" state for every engine whatever its source
+ * took. On our hosts (a VM with the balloon's free page reporting, order 9)
+ * a huge page freed in the last ~2 s is still backed by the hypervisor and
+ * costs ~0.1 s/GiB to fault in again; one freed longer ago costs 1.2-1.6
+ * s/GiB (docs/benchmarks.md, "Why the destination's huge pages cost").
+ * A child process takes the memory as guest RAM is taken (a
+ * SharedArrayBuffer advised MADV_HUGEPAGE, faulted in with
+ * MADV_POPULATE_WRITE, or written page by page without the addon) and exits.
+ */
+export function warmHugePages(bytes: number): Promise<void> {
+  const hp = join(REPO_ROOT, 'native', 'hugepage', 'index.cjs');
+  const script = `
+    const hp = require(${JSON.stringify(hp)});
+    for (let left = ${bytes}; left > 0; left -= 1 << 30) {
+      const sab = new SharedArrayBuffer(Math.min(left, 1 << 30));
+      hp.madviseHugepage(sab);
+      if (!hp.madviseAdvice(sab, 'populate_write')) { const u = new Uint8Array(sab); for (let i = 0; i < u.length; i += 4096) u[i] = 1; }
+      globalThis['keep' + left] = sab;
+    }`;
+  return new Promise((res, rej) => {
+    const p = spawn(process.execPath, ['-e', script], { stdio: 'inherit' });
+    p.once('error', rej);
+    p.once('exit', (code) => (code === 0 ? res() : rej(new Error(`warmHugePages: exit ${code}`))));
+  });
+}
