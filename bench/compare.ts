@@ -18,9 +18,9 @@
  * The time since the previous run and MemFree are recorded with every run.
  *
  * Set up as users set them up:
- *  - source RAM resident and fresh on both: Ferry `-fill random,seed=1`;
- *    QEMU `memory-backend-file,share=off` over a copy of a 1 GiB random
- *    file made in /dev/shm just before the run (randomRamCopy in bench/lib);
+ *  - source RAM resident and mapped on both, as a running guest's is: Ferry
+ *    `-fill random,seed=1`; QEMU `memory-backend-ram` loaded from the same
+ *    bytes saved as a migration stream (startQemuRandomSource in bench/lib);
  *  - the destination (`-incoming defer`, then `migrate-incoming`, as libvirt
  *    does) in three configurations:
  *      default   both engines' defaults (Ferry prefaults in the background,
@@ -42,7 +42,7 @@ import { cpus, loadavg } from 'node:os';
 import { fileURLToPath } from 'node:url';
 import { measureLoopback } from './loopback.js';
 import {
-  GiB, MiB, cleanupTempDirs, freePort, median, randomFile1G, randomRamCopy, removeRandomRamCopy, sleep, startFerry, startQemu, tempDir,
+  GiB, MiB, cleanupTempDirs, freePort, median, randomStream1G, sleep, startFerry, startQemu, startQemuRandomSource, tempDir,
   migrateAndMeasure, warmHugePages, writeResult, type Measured, type Vm,
 } from './lib/common.js';
 
@@ -95,12 +95,11 @@ async function runOnce(engine: Engine, state: State, config: Config): Promise<Ru
   let src: Vm | null = null;
   let dst: Vm | null = null;
   const rec: Run = { engine, state, config, sinceLastRunMs: NaN, memFreeBytes: NaN, ok: false };
-  const shm = engine === 'qemu' ? randomRamCopy() : null;
   try {
     // the source first (its RAM resident), then the destination
     src = engine === 'ferry'
       ? await startFerry(['-m', '1G', '-workload', 'idle', '-fill', 'random,seed=1'], dir, { name: 'src' })
-      : await startQemu(['-machine', 'none,memory-backend=m', '-object', `memory-backend-file,id=m,size=1G,mem-path=${shm!},share=off`, '-S'], dir, { name: 'src' });
+      : await startQemuRandomSource(dir);
     await reachState(state);
     rec.sinceLastRunMs = lastRunEnded ? Math.round(performance.now() - lastRunEnded) : NaN;
     rec.memFreeBytes = memFree();
@@ -117,7 +116,6 @@ async function runOnce(engine: Engine, state: State, config: Config): Promise<Ru
     return rec;
   } finally {
     await Promise.all([src?.quit(), dst?.quit()]);
-    removeRandomRamCopy();
     cleanupTempDirs();
     lastRunEnded = performance.now();
   }
@@ -150,7 +148,7 @@ export async function main(): Promise<void> {
   const runs = Math.max(1, Number(arg('runs') ?? '5'));
   const states = (arg('states') ?? 'warm,settled').split(',') as State[];
   const configs = (arg('configs') ?? 'default,prealloc,paused').split(',') as Config[];
-  randomFile1G();
+  await randomStream1G();
   console.log(`compare: ${runs} run(s) per engine, states ${states.join(',')}, configs ${configs.join(',')}; ${cpus().length} CPUs; load ${loadavg().map((x) => x.toFixed(2)).join(' ')}`);
   const limits = process.argv.includes('--no-limits')
     ? null

@@ -8,7 +8,7 @@
  * `pkill qemu-system...`, which would otherwise kill our VMs mid-run.
  */
 import { execFileSync, spawn } from 'node:child_process';
-import { existsSync, mkdirSync, readFileSync, symlinkSync, statSync, writeFileSync, mkdtempSync, rmSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, renameSync, symlinkSync, statSync, writeFileSync, mkdtempSync, rmSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -253,24 +253,57 @@ export function randomFile1G(): string {
   return p;
 }
 
-/** Where randomRamCopy() puts its copy (one per bench process). */
-const RAM_COPY = `/dev/shm/ferry-bench-ram-${process.pid}.bin`;
-
-/**
- * QEMU's incompressible source RAM: the 1 GiB random file copied to
- * /dev/shm just before the run (map it with memory-backend-file,share=off),
- * so that QEMU's source takes 1 GiB of fresh memory as Ferry's
- * `-fill random` does. A file in the page cache takes none, and leaves
- * QEMU's destination the fresh memory that Ferry's source has to take.
- * Remove it after the run with removeRandomRamCopy().
- */
-export function randomRamCopy(): string {
-  execFileSync('cp', [randomFile1G(), RAM_COPY]);
-  return RAM_COPY;
+/** The random guest's RAM as a QEMU 7.2 migration stream, made once (randomStream1G). */
+export function randomStreamPath(): string {
+  return join(CACHE_DIR, 'random-1G.qemu-stream');
 }
 
-export function removeRandomRamCopy(): void {
-  rmSync(RAM_COPY, { force: true });
+/**
+ * The 1 GiB random guest saved as a QEMU 7.2 migration stream in the bench
+ * cache, made once: a QEMU whose RAM maps the random file (share=off) migrates
+ * to `exec:cat > FILE`.
+ */
+export async function randomStream1G(): Promise<string> {
+  const p = randomStreamPath();
+  if (existsSync(p) && statSync(p).size > GiB) return p;
+  const file = randomFile1G();
+  console.log(`creating ${p} (the random guest as a QEMU migration stream, once)`);
+  const dir = tempDir('stream-');
+  const q = await startQemu(['-machine', 'none,memory-backend=m', '-object', `memory-backend-file,id=m,size=1G,mem-path=${file},share=off`, '-S'], dir, { name: 'save' });
+  try {
+    await q.execute('migrate-set-parameters', { 'max-bandwidth': 100e9 });
+    await q.execute('migrate', { uri: `exec:cat > '${p}.tmp'` });
+    const info = await untilMigrationEnds(q, 120000, 50);
+    if (info?.status !== 'completed') throw new Error(`saving the random guest failed: ${JSON.stringify(info)}`);
+  } finally {
+    await q.quit();
+  }
+  renameSync(`${p}.tmp`, p);
+  return p;
+}
+
+/**
+ * QEMU's incompressible source, set up as a running guest's RAM is:
+ * anonymous memory (memory-backend-ram, which QEMU advises for huge pages),
+ * resident and mapped, loaded from the saved stream (`-incoming defer`,
+ * `migrate-incoming exec:cat FILE`). It is paused (-S) afterwards, ready to
+ * migrate, like Ferry's `-fill random` source, whose RAM the fill wrote.
+ * (A memory-backend-file over a copy of the data, used before, left every
+ * page to be faulted in by the source's first read during the migration:
+ * 0.8 s of system time per GiB on QEMU's side that a guest never pays.)
+ */
+export async function startQemuRandomSource(dir: string, extra: string[] = []): Promise<Vm> {
+  const stream = await randomStream1G();
+  const q = await startQemu(['-machine', 'none,memory-backend=m', '-object', 'memory-backend-ram,id=m,size=1G', '-S', '-incoming', 'defer', ...extra], dir, { name: 'src' });
+  try {
+    await q.execute('migrate-incoming', { uri: `exec:cat '${stream}'` });
+    const st = await untilIncomingRuns(q, 120000);
+    if (!st.ok) throw new Error(`QEMU's source did not load the random guest (${String(st.reached)})`);
+    return q;
+  } catch (e) {
+    await q.quit();
+    throw e;
+  }
 }
 
 /**
