@@ -12,7 +12,7 @@
 import { Socket } from 'node:net';
 import * as tls from 'node:tls';
 import { parentPort } from 'node:worker_threads';
-import { pskCallbackOptions, type PskSecret } from '../../crypto/tls-creds.js';
+import { pskCallbackOptions, type PskSecret } from '../../crypto/psk.js';
 
 export interface TlsWorkerStart {
   t: 'start';
@@ -31,7 +31,7 @@ export interface TlsWorkerStart {
 
 export type ToWorker =
   | TlsWorkerStart
-  | { t: 'data'; buf: ArrayBuffer }
+  | { t: 'data'; buf: ArrayBuffer; n: number }
   | { t: 'end' }
   | { t: 'ack'; n: number }
   | { t: 'destroy' };
@@ -39,7 +39,8 @@ export type ToWorker =
 export type FromWorker =
   | { t: 'secure'; authorized: boolean; authorizationError: string | null; protocol: string | null; cipher: string | null }
   | { t: 'data'; buf: ArrayBuffer }
-  | { t: 'written'; n: number }
+  /** buf: the data message's buffer, handed back for reuse. */
+  | { t: 'written'; n: number; buf: ArrayBuffer }
   | { t: 'end' }
   | { t: 'finished' }
   | { t: 'error'; code?: string; message: string; reason?: string }
@@ -158,8 +159,9 @@ function run(port: NonNullable<typeof parentPort>): void {
         start(m);
         break;
       case 'data': {
-        const n = m.buf.byteLength;
-        sec?.write(Buffer.from(m.buf), () => post({ t: 'written', n }));
+        const { buf, n } = m;
+        // node:tls has encrypted the bytes once the callback runs: the buffer goes back to be filled again
+        sec?.write(Buffer.from(buf, 0, n), () => post({ t: 'written', n, buf }, [buf]));
         break;
       }
       case 'end':
