@@ -3,11 +3,10 @@
  * (x509), on the same 1 GiB random guest, alternated run by run, over
  * tcp:127.0.0.1.
  *
- *   node dist/bench/tls.js [--runs 3] [--no-qemu] [--with-main] [--with-both] [--cpu-prof DIR]
+ *   node dist/bench/tls.js [--runs 3] [--no-qemu] [--with-main] [--cpu-prof DIR]
  *
  * --with-main adds ferry-tls-main: Ferry's TLS forced onto the main thread
- * (FERRY_TLS_WORKER=0), the path used before the worker thread; --with-both
- * adds ferry-tls-both: the destination's session in a worker as well.
+ * (FERRY_TLS_WORKER=0), the path used before the worker thread.
  *
  * Set-up, the same for both engines, as QEMU's documentation tells its users:
  *  - certificates made with the openssl CLI (an EC P-256 CA, a server cert
@@ -51,13 +50,8 @@ import {
 } from './lib/common.js';
 
 type Engine = 'ferry' | 'qemu';
-/**
- * ferry-tls: TLS as Ferry runs it (the source's session in a worker thread);
- * ferry-tls-main: both on the main thread (FERRY_TLS_WORKER=0), the path
- * before the worker; ferry-tls-both: the destination's in a worker too
- * (FERRY_TLS_WORKER=both).
- */
-type Variant = `${Engine}-${'plain' | 'tls'}` | 'ferry-tls-main' | 'ferry-tls-both';
+/** ferry-tls: TLS as Ferry runs it (in a worker thread); ferry-tls-main: forced onto the main thread (FERRY_TLS_WORKER=0), the path before the worker. */
+type Variant = `${Engine}-${'plain' | 'tls'}` | 'ferry-tls-main';
 
 interface Run extends Measured {
   variant: Variant;
@@ -90,12 +84,11 @@ function makeCerts(dir: string): { server: string; client: string } {
 }
 
 async function runOnce(variant: Variant, certs: { server: string; client: string }, timeoutMs: number): Promise<Run> {
-  const [engine, mode, where] = variant.split('-') as [Engine, 'plain' | 'tls', 'main' | 'both' | undefined];
+  const [engine, mode, where] = variant.split('-') as [Engine, 'plain' | 'tls', 'main' | undefined];
   const tls = mode === 'tls';
   // the Ferry processes inherit it when they start
   const workerEnv = process.env.FERRY_TLS_WORKER;
   if (where === 'main') process.env.FERRY_TLS_WORKER = '0';
-  else if (where === 'both') process.env.FERRY_TLS_WORKER = 'both';
   else delete process.env.FERRY_TLS_WORKER;
   const dir = tempDir();
   const port = await freePort();
@@ -150,10 +143,7 @@ export async function main(): Promise<void> {
   const runs = Math.max(1, Number(arg('runs') ?? '3'));
   const withQemu = !process.argv.includes('--no-qemu');
   // --with-main: also Ferry's TLS on the main thread (the path before the worker), alternated with the rest
-  // --with-both: also with the destination's TLS in a worker
-  const ferryVariants: Variant[] = ['ferry-plain', 'ferry-tls'];
-  if (process.argv.includes('--with-main')) ferryVariants.push('ferry-tls-main');
-  if (process.argv.includes('--with-both')) ferryVariants.push('ferry-tls-both');
+  const ferryVariants: Variant[] = process.argv.includes('--with-main') ? ['ferry-plain', 'ferry-tls', 'ferry-tls-main'] : ['ferry-plain', 'ferry-tls'];
   const variants: Variant[] = withQemu ? [...ferryVariants, 'qemu-plain', 'qemu-tls'] : ferryVariants;
   // in the bench cache (other people's cleanups empty /tmp/ferry-*), but not under tempDir():
   // cleanupTempDirs() after each run would take the certificates with it
@@ -188,7 +178,6 @@ export async function main(): Promise<void> {
     qemuTlsOverPlain: withQemu ? med('qemu-tls') / med('qemu-plain') : null,
     ferryTlsOverQemuTls: withQemu ? med('ferry-tls') / med('qemu-tls') : null,
     ferryTlsMainOverPlain: variants.includes('ferry-tls-main') ? med('ferry-tls-main') / med('ferry-plain') : null,
-    ferryTlsBothOverPlain: variants.includes('ferry-tls-both') ? med('ferry-tls-both') / med('ferry-plain') : null,
   };
   console.log('\ntotal-time, ms: median [min–max]');
   for (const v of variants) {
@@ -197,7 +186,6 @@ export async function main(): Promise<void> {
   }
   console.log(`ratios: Ferry TLS/plain ${ratios.ferryTlsOverPlain.toFixed(2)}` +
     (ratios.ferryTlsMainOverPlain !== null ? `, Ferry TLS on the main thread/plain ${ratios.ferryTlsMainOverPlain.toFixed(2)}` : '') +
-    (ratios.ferryTlsBothOverPlain !== null ? `, Ferry TLS in workers on both sides/plain ${ratios.ferryTlsBothOverPlain.toFixed(2)}` : '') +
     (withQemu ? `, QEMU TLS/plain ${ratios.qemuTlsOverPlain!.toFixed(2)}, Ferry TLS / QEMU TLS ${ratios.ferryTlsOverQemuTls!.toFixed(2)}` : ''));
   const p = writeResult('tls', {
     bench: 'tls',

@@ -25,10 +25,9 @@ import { join } from 'node:path';
 import type * as tls from 'node:tls';
 import { tlsServerSendsNoTickets } from '../base/native.js';
 import { TlsCredsError } from './errors.js';
-import { pskCallbackOptions, type PskSecret } from './psk.js';
 import { parseCert, parseCertList, sanityCheck } from './x509-checks.js';
 
-export { TlsCredsError, pskCallbackOptions, type PskSecret };
+export { TlsCredsError };
 
 export type TlsCredsType = 'tls-creds-x509' | 'tls-creds-psk' | 'tls-creds-anon';
 export type TlsEndpoint = 'client' | 'server';
@@ -50,6 +49,25 @@ export interface TlsCreds {
   clientOptions(): tls.ConnectionOptions;
   /** Options for new tls.TLSSocket(socket, { isServer: true, ... }). */
   serverOptions(): tls.TLSSocketOptions;
+}
+
+/** A psk client's identity and key, or a psk server's keys.psk by username. */
+export type PskSecret = { identity: string; key: Buffer } | ReadonlyMap<string, Buffer>;
+
+/** node:tls's pskCallback for a psk secret: the client sends its identity and key; the server looks the identity up. */
+export function pskCallbackOptions(psk: PskSecret): Pick<tls.ConnectionOptions, 'pskCallback'> | Pick<tls.TlsOptions, 'pskCallback'> {
+  if (!(psk instanceof Map)) {
+    const { identity, key } = psk as { identity: string; key: Buffer };
+    return { pskCallback: () => ({ identity, psk: key }) };
+  }
+  const keys = psk;
+  return {
+    // an unknown name, or a key that is not valid hex, fails the handshake (unknown_psk_identity)
+    pskCallback: (_socket: tls.TLSSocket, identity: string) => {
+      const k = keys.get(identity);
+      return k !== undefined && k.length > 0 ? k : null;
+    },
+  };
 }
 
 const TYPES: readonly TlsCredsType[] = ['tls-creds-x509', 'tls-creds-psk', 'tls-creds-anon'];

@@ -24,8 +24,6 @@ import type { FromWorker, TlsWorkerStart, ToWorker } from './tls-worker.js';
 
 /** Plain text handed to the worker and not yet written; writes wait above this. */
 const INFLIGHT_MAX = 8 * 1024 * 1024;
-/** Plain text goes to the worker in buffers of this size, handed back and forth (no allocation per write). */
-const SLAB = 1024 * 1024;
 
 interface DupAddon {
   dup(fd: number): number;
@@ -60,9 +58,8 @@ export function tlsWorkerSessions(): number {
 }
 
 /** The channel's socket, when a worker can take its session over; undefined otherwise. */
-export function offloadableSocket(inner: Channel, side: 'outgoing' | 'incoming'): Socket | undefined {
-  const mode = process.env.FERRY_TLS_WORKER ?? 'outgoing';
-  if (mode === '0' || (mode !== 'both' && mode !== side)) return undefined;
+export function offloadableSocket(inner: Channel): Socket | undefined {
+  if (process.env.FERRY_TLS_WORKER === '0') return undefined;
   const s = inner.input as unknown;
   if (s !== inner.output || !(s instanceof Socket) || s.destroyed || s.connecting) return undefined;
   const h = (s as unknown as { _handle?: ReadHandle | null })._handle;
@@ -103,7 +100,6 @@ export class WorkerTlsSocket extends Duplex {
   #finalCb: ((e?: Error | null) => void) | undefined;
   #unacked = 0;
   #gotEnd = false;
-  #free: ArrayBuffer[] = [];
 
   constructor(raw: Socket, spec: OffloadSpec) {
     super({ readableHighWaterMark: 1024 * 1024, writableHighWaterMark: 1024 * 1024, allowHalfOpen: true });
@@ -167,7 +163,6 @@ export class WorkerTlsSocket extends Duplex {
       }
       case 'written':
         this.#inflight -= m.n;
-        this.#free.push(m.buf);
         if (this.#waitingWrite !== undefined && this.#inflight <= INFLIGHT_MAX) {
           const cb = this.#waitingWrite;
           this.#waitingWrite = undefined;
@@ -207,27 +202,14 @@ export class WorkerTlsSocket extends Duplex {
   }
 
   override _writev(chunks: Array<{ chunk: Buffer }>, cb: (e?: Error | null) => void): void {
-    let slab: Buffer | undefined;
-    let fill = 0;
-    const send = (): void => {
-      const buf = slab!.buffer as ArrayBuffer;
-      this.#inflight += fill;
-      this.#post({ t: 'data', buf, n: fill }, [buf]);
-      slab = undefined;
-    };
-    for (const { chunk } of chunks) {
-      for (let at = 0; at < chunk.length; ) {
-        if (slab === undefined) {
-          slab = Buffer.from(this.#free.pop() ?? new ArrayBuffer(SLAB));
-          fill = 0;
-        }
-        const n = chunk.copy(slab, fill, at);
-        fill += n;
-        at += n;
-        if (fill === SLAB) send();
-      }
-    }
-    if (slab !== undefined && fill > 0) send();
+    let n = 0;
+    for (const c of chunks) n += c.chunk.length;
+    const ab = new ArrayBuffer(n);
+    const out = Buffer.from(ab);
+    let off = 0;
+    for (const c of chunks) off += c.chunk.copy(out, off);
+    this.#inflight += n;
+    this.#post({ t: 'data', buf: ab }, [ab]);
     if (this.#inflight <= INFLIGHT_MAX) cb();
     else this.#waitingWrite = cb;
   }

@@ -12,7 +12,7 @@
 import { Socket } from 'node:net';
 import * as tls from 'node:tls';
 import { parentPort } from 'node:worker_threads';
-import { pskCallbackOptions, type PskSecret } from '../../crypto/psk.js';
+import { pskCallbackOptions, type PskSecret } from '../../crypto/tls-creds.js';
 
 export interface TlsWorkerStart {
   t: 'start';
@@ -31,7 +31,7 @@ export interface TlsWorkerStart {
 
 export type ToWorker =
   | TlsWorkerStart
-  | { t: 'data'; buf: ArrayBuffer; n: number }
+  | { t: 'data'; buf: ArrayBuffer }
   | { t: 'end' }
   | { t: 'ack'; n: number }
   | { t: 'destroy' };
@@ -39,8 +39,7 @@ export type ToWorker =
 export type FromWorker =
   | { t: 'secure'; authorized: boolean; authorizationError: string | null; protocol: string | null; cipher: string | null }
   | { t: 'data'; buf: ArrayBuffer }
-  /** buf: the data message's buffer, handed back for reuse. */
-  | { t: 'written'; n: number; buf: ArrayBuffer }
+  | { t: 'written'; n: number }
   | { t: 'end' }
   | { t: 'finished' }
   | { t: 'error'; code?: string; message: string; reason?: string }
@@ -159,9 +158,8 @@ function run(port: NonNullable<typeof parentPort>): void {
         start(m);
         break;
       case 'data': {
-        const { buf, n } = m;
-        // node:tls has encrypted the bytes once the callback runs: the buffer goes back to be filled again
-        sec?.write(Buffer.from(buf, 0, n), () => post({ t: 'written', n, buf }, [buf]));
+        const n = m.buf.byteLength;
+        sec?.write(Buffer.from(m.buf), () => post({ t: 'written', n }));
         break;
       }
       case 'end':

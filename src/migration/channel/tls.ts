@@ -141,7 +141,7 @@ function handshake(inner: Channel, side: ChannelSide, creds: TlsCreds, opts: Tls
   const options = side === 'outgoing' ? creds.clientOptions() : creds.serverOptions();
   // a function in the options cannot cross to a worker, unless it is the pskCallback that creds.psk rebuilds there
   const transferable = Object.entries(options).every(([k, v]) => typeof v !== 'function' || (k === 'pskCallback' && creds.psk !== undefined));
-  const offload = transferable ? offloadableSocket(inner, side) : undefined;
+  const offload = transferable ? offloadableSocket(inner) : undefined;
   return new Promise<SecureSocket>((resolve, reject) => {
     let sock: SecureSocket | undefined;
     let done = false;
