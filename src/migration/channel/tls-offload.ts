@@ -50,13 +50,6 @@ interface ReadHandle {
   readStop?: () => number;
 }
 
-let sessions = 0;
-
-/** How many TLS sessions this process has started in a worker thread (for tests and diagnostics). */
-export function tlsWorkerSessions(): number {
-  return sessions;
-}
-
 /** The channel's socket, when a worker can take its session over; undefined otherwise. */
 export function offloadableSocket(inner: Channel): Socket | undefined {
   if (process.env.FERRY_TLS_WORKER === '0') return undefined;
@@ -115,7 +108,6 @@ export class WorkerTlsSocket extends Duplex {
     const fd = loadDup()!.dup(h.fd!);
     if (fd < 0) throw new Error(`dup: errno ${-fd}`);
     this.#worker = new Worker(new URL('./tls-worker.js', import.meta.url));
-    sessions++;
     this.#worker.on('message', (m: FromWorker) => this.#onMessage(m));
     this.#worker.on('error', (e) => this.destroy(e));
     this.#worker.once('exit', () => {
