@@ -3,10 +3,7 @@
  * (x509), on the same 1 GiB random guest, alternated run by run, over
  * tcp:127.0.0.1.
  *
- *   node dist/bench/tls.js [--runs 3] [--no-qemu] [--with-main] [--cpu-prof DIR]
- *
- * --with-main adds ferry-tls-main: Ferry's TLS forced onto the main thread
- * (FERRY_TLS_WORKER=0), the path used before the worker thread.
+ *   node dist/bench/tls.js [--runs 3] [--no-qemu] [--cpu-prof DIR]
  *
  * Set-up, the same for both engines, as QEMU's documentation tells its users:
  *  - certificates made with the openssl CLI (an EC P-256 CA, a server cert
@@ -50,8 +47,7 @@ import {
 } from './lib/common.js';
 
 type Engine = 'ferry' | 'qemu';
-/** ferry-tls: TLS as Ferry runs it (in a worker thread); ferry-tls-main: forced onto the main thread (FERRY_TLS_WORKER=0), the path before the worker. */
-type Variant = `${Engine}-${'plain' | 'tls'}` | 'ferry-tls-main';
+type Variant = `${Engine}-${'plain' | 'tls'}`;
 
 interface Run extends Measured {
   variant: Variant;
@@ -84,12 +80,8 @@ function makeCerts(dir: string): { server: string; client: string } {
 }
 
 async function runOnce(variant: Variant, certs: { server: string; client: string }, timeoutMs: number): Promise<Run> {
-  const [engine, mode, where] = variant.split('-') as [Engine, 'plain' | 'tls', 'main' | undefined];
+  const [engine, mode] = variant.split('-') as [Engine, 'plain' | 'tls'];
   const tls = mode === 'tls';
-  // the Ferry processes inherit it when they start
-  const workerEnv = process.env.FERRY_TLS_WORKER;
-  if (where === 'main') process.env.FERRY_TLS_WORKER = '0';
-  else delete process.env.FERRY_TLS_WORKER;
   const dir = tempDir();
   const port = await freePort();
   const uri = `tcp:127.0.0.1:${port}`;
@@ -123,8 +115,6 @@ async function runOnce(variant: Variant, certs: { server: string; client: string
     rec.error = e instanceof Error ? e.message : String(e);
     return rec;
   } finally {
-    if (workerEnv === undefined) delete process.env.FERRY_TLS_WORKER;
-    else process.env.FERRY_TLS_WORKER = workerEnv;
     await Promise.all([src?.quit(), dst?.quit()]);
   }
 }
@@ -142,9 +132,7 @@ const stats = (v: number[]): { median: number; min: number; max: number } | null
 export async function main(): Promise<void> {
   const runs = Math.max(1, Number(arg('runs') ?? '3'));
   const withQemu = !process.argv.includes('--no-qemu');
-  // --with-main: also Ferry's TLS on the main thread (the path before the worker), alternated with the rest
-  const ferryVariants: Variant[] = process.argv.includes('--with-main') ? ['ferry-plain', 'ferry-tls', 'ferry-tls-main'] : ['ferry-plain', 'ferry-tls'];
-  const variants: Variant[] = withQemu ? [...ferryVariants, 'qemu-plain', 'qemu-tls'] : ferryVariants;
+  const variants: Variant[] = withQemu ? ['ferry-plain', 'ferry-tls', 'qemu-plain', 'qemu-tls'] : ['ferry-plain', 'ferry-tls'];
   // in the bench cache (other people's cleanups empty /tmp/ferry-*), but not under tempDir():
   // cleanupTempDirs() after each run would take the certificates with it
   mkdirSync(CACHE_DIR, { recursive: true });
@@ -177,15 +165,13 @@ export async function main(): Promise<void> {
     ferryTlsOverPlain: med('ferry-tls') / med('ferry-plain'),
     qemuTlsOverPlain: withQemu ? med('qemu-tls') / med('qemu-plain') : null,
     ferryTlsOverQemuTls: withQemu ? med('ferry-tls') / med('qemu-tls') : null,
-    ferryTlsMainOverPlain: variants.includes('ferry-tls-main') ? med('ferry-tls-main') / med('ferry-plain') : null,
   };
   console.log('\ntotal-time, ms: median [min–max]');
   for (const v of variants) {
     const t = (summary[v] as any).totalTimeMs;
-    console.log(`  ${v.padEnd(14)} ${t ? `${t.median} [${t.min}–${t.max}]` : '-'}  (${(summary[v] as any).okRuns}/${runs} ok)`);
+    console.log(`  ${v.padEnd(12)} ${t ? `${t.median} [${t.min}–${t.max}]` : '-'}  (${(summary[v] as any).okRuns}/${runs} ok)`);
   }
   console.log(`ratios: Ferry TLS/plain ${ratios.ferryTlsOverPlain.toFixed(2)}` +
-    (ratios.ferryTlsMainOverPlain !== null ? `, Ferry TLS on the main thread/plain ${ratios.ferryTlsMainOverPlain.toFixed(2)}` : '') +
     (withQemu ? `, QEMU TLS/plain ${ratios.qemuTlsOverPlain!.toFixed(2)}, Ferry TLS / QEMU TLS ${ratios.ferryTlsOverQemuTls!.toFixed(2)}` : ''));
   const p = writeResult('tls', {
     bench: 'tls',

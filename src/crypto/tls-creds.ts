@@ -40,34 +40,10 @@ export interface TlsCreds {
   readonly verifyPeer: boolean;
   /** psk client: the identity sent (default `qemu`). */
   readonly username?: string;
-  /**
-   * psk: the secret behind the pskCallback of the options (functions do not
-   * cross to a worker thread; pskCallbackOptions rebuilds it there).
-   */
-  readonly psk?: PskSecret;
   /** Options for tls.connect (everything but socket, servername, checkServerIdentity). */
   clientOptions(): tls.ConnectionOptions;
   /** Options for new tls.TLSSocket(socket, { isServer: true, ... }). */
   serverOptions(): tls.TLSSocketOptions;
-}
-
-/** A psk client's identity and key, or a psk server's keys.psk by username. */
-export type PskSecret = { identity: string; key: Buffer } | ReadonlyMap<string, Buffer>;
-
-/** node:tls's pskCallback for a psk secret: the client sends its identity and key; the server looks the identity up. */
-export function pskCallbackOptions(psk: PskSecret): Pick<tls.ConnectionOptions, 'pskCallback'> | Pick<tls.TlsOptions, 'pskCallback'> {
-  if (!(psk instanceof Map)) {
-    const { identity, key } = psk as { identity: string; key: Buffer };
-    return { pskCallback: () => ({ identity, psk: key }) };
-  }
-  const keys = psk;
-  return {
-    // an unknown name, or a key that is not valid hex, fails the handshake (unknown_psk_identity)
-    pskCallback: (_socket: tls.TLSSocket, identity: string) => {
-      const k = keys.get(identity);
-      return k !== undefined && k.length > 0 ? k : null;
-    },
-  };
 }
 
 const TYPES: readonly TlsCredsType[] = ['tls-creds-x509', 'tls-creds-psk', 'tls-creds-anon'];
@@ -278,9 +254,17 @@ function psk(id: string, endpoint: TlsEndpoint, dir: string | undefined, props: 
       id,
       endpoint,
       verifyPeer: true,
-      psk: keys,
       clientOptions: () => ({ ...base }),
-      serverOptions: () => ({ ...base, dhparam, ...pskCallbackOptions(keys) }) as tls.TLSSocketOptions,
+      serverOptions: () =>
+        ({
+          ...base,
+          dhparam,
+          // an unknown name, or a key that is not valid hex, fails the handshake (unknown_psk_identity)
+          pskCallback: (_socket: tls.TLSSocket, identity: string) => {
+            const k = keys.get(identity);
+            return k !== undefined && k.length > 0 ? k : null;
+          },
+        }) as tls.TLSSocketOptions,
     };
   }
   const file = credPath(dir, 'keys.psk', true)!;
@@ -294,8 +278,7 @@ function psk(id: string, endpoint: TlsEndpoint, dir: string | undefined, props: 
     endpoint,
     verifyPeer: true,
     username,
-    psk: { identity: username, key },
-    clientOptions: () => ({ ...base, ...pskCallbackOptions({ identity: username, key }) }) as tls.ConnectionOptions,
+    clientOptions: () => ({ ...base, pskCallback: () => ({ identity: username, psk: key }) }),
     serverOptions: () => ({ ...base }),
   };
 }

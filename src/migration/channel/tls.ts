@@ -24,7 +24,6 @@ import * as tls from 'node:tls';
 import type { TlsCreds } from '../../crypto/tls-creds.js';
 import type { Channel } from './channel.js';
 import { ChannelError } from './errors.js';
-import { offloadableSocket, WorkerTlsSocket } from './tls-offload.js';
 import { WrappedChannel, type ChannelSide, type ChannelWrapper } from './wrap.js';
 
 /** How long a handshake may take before the migration fails. */
@@ -119,16 +118,8 @@ function innerDuplex(inner: Channel): Duplex {
   return Duplex.from({ readable: inner.input, writable: inner.output });
 }
 
-/** What the wrapper needs of a session: node:tls's own socket, or one whose TLS runs in a worker (tls-offload.ts). */
-type SecureSocket = Duplex & { authorized: boolean; authorizationError?: unknown; getProtocol(): string | null; getCipher(): { name: string } | undefined };
-
-/**
- * Run the handshake; resolves with the secure socket, or rejects with a
- * TlsChannelError. Over a socket with a descriptor (tcp:, unix:, fd:) the
- * session runs in a worker thread when it can (tls-offload.ts); over exec:'s
- * pipes, or without the dup() addon, node:tls runs here.
- */
-function handshake(inner: Channel, side: ChannelSide, creds: TlsCreds, opts: TlsWrapOptions): Promise<SecureSocket> {
+/** Run the handshake; resolves with the secure socket, or rejects with a TlsChannelError. */
+function handshake(inner: Channel, side: ChannelSide, creds: TlsCreds, opts: TlsWrapOptions): Promise<tls.TLSSocket> {
   const hostname = opts.hostname;
   const x509Client = creds.qomType === 'tls-creds-x509' && side === 'outgoing';
   if (x509Client && creds.verifyPeer && (hostname === undefined || hostname === '')) {
@@ -138,12 +129,8 @@ function handshake(inner: Channel, side: ChannelSide, creds: TlsCreds, opts: Tls
     return Promise.reject(new TlsChannelError('TLS needs a channel that carries both directions, and this one is one-way'));
   }
   const raw = innerDuplex(inner);
-  const options = side === 'outgoing' ? creds.clientOptions() : creds.serverOptions();
-  // a function in the options cannot cross to a worker, unless it is the pskCallback that creds.psk rebuilds there
-  const transferable = Object.entries(options).every(([k, v]) => typeof v !== 'function' || (k === 'pskCallback' && creds.psk !== undefined));
-  const offload = transferable ? offloadableSocket(inner) : undefined;
-  return new Promise<SecureSocket>((resolve, reject) => {
-    let sock: SecureSocket | undefined;
+  return new Promise<tls.TLSSocket>((resolve, reject) => {
+    let sock: tls.TLSSocket | undefined;
     let done = false;
     const timeoutMs = opts.handshakeTimeoutMs ?? TLS_HANDSHAKE_TIMEOUT_MS;
     const timer = setTimeout(() => {
@@ -152,7 +139,7 @@ function handshake(inner: Channel, side: ChannelSide, creds: TlsCreds, opts: Tls
     const onAbort = (): void => finish(new TlsChannelError('TLS handshake cancelled', 'ABORT_ERR'));
     const onError = (e: Error): void => finish(new TlsChannelError(describeHandshakeError(e, creds, hostname), (e as NodeJS.ErrnoException).code, { cause: e }));
     const onClose = (): void => finish(new TlsChannelError(describeHandshakeError(new Error('socket disconnected'), creds, hostname), 'ECONNRESET'));
-    const onSecure = (s: SecureSocket): void => {
+    const onSecure = (s: tls.TLSSocket): void => {
       sock = s;
       // Node's server lets a failed client verification through when rejectUnauthorized is off: check it here, with QEMU's text
       if (side === 'incoming' && creds.qomType === 'tls-creds-x509' && creds.verifyPeer && !s.authorized) {
@@ -181,30 +168,12 @@ function handshake(inner: Channel, side: ChannelSide, creds: TlsCreds, opts: Tls
     if (opts.signal?.aborted) return onAbort();
     opts.signal?.addEventListener('abort', onAbort, { once: true });
     raw.once('close', onClose);
-    // SNI is for names only (RFC 6066); an IP address is still checked below
-    const servername = hostname !== undefined && hostname !== '' && isIP(hostname) === 0 ? hostname : undefined;
-    if (offload !== undefined) {
-      let s: WorkerTlsSocket;
-      try {
-        s = new WorkerTlsSocket(offload, {
-          side,
-          options,
-          ...(creds.psk !== undefined ? { psk: creds.psk } : {}),
-          ...(side === 'outgoing' && servername !== undefined ? { servername } : {}),
-          ...(side === 'outgoing' && x509Client && creds.verifyPeer ? { checkHostname: hostname ?? '' } : {}),
-        });
-      } catch (e) {
-        return onError(e as Error);
-      }
-      sock = s;
-      s.on('error', onError);
-      s.once('close', onClose);
-      s.once('secure', () => onSecure(s));
-    } else if (side === 'outgoing') {
+    if (side === 'outgoing') {
       const s = tls.connect({
-        ...(options as tls.ConnectionOptions),
+        ...creds.clientOptions(),
         socket: raw,
-        ...(servername !== undefined ? { servername } : {}),
+        // SNI is for names only (RFC 6066); an IP address is still checked below
+        ...(hostname !== undefined && hostname !== '' && isIP(hostname) === 0 ? { servername: hostname } : {}),
         checkServerIdentity: (_host, cert) => (x509Client && creds.verifyPeer ? tls.checkServerIdentity(hostname ?? '', cert) : undefined),
       });
       sock = s;
@@ -214,7 +183,7 @@ function handshake(inner: Channel, side: ChannelSide, creds: TlsCreds, opts: Tls
     } else {
       // a one-connection tls.Server: only its connection path checks the
       // client's certificate and sets authorized (a bare server TLSSocket does not)
-      const server = tls.createServer(options as tls.TlsOptions);
+      const server = tls.createServer(creds.serverOptions());
       server.once('tlsClientError', (e: Error, s: tls.TLSSocket) => {
         sock = s;
         onError(e);

@@ -87,8 +87,7 @@ export class StreamWriter implements ByteSink {
     this.buf = Buffer.allocUnsafeSlow(this.cap);
     this.dv = new DataView(this.buf.buffer, this.buf.byteOffset, this.buf.byteLength);
     this.now = opts.now ?? (() => performance.now());
-    // a stream that copies each write before its callback (tls-offload's) lets the buffers be reused too
-    this.reuse = opts.reuseBuffers ?? (out === null || out instanceof Socket || out instanceof WriteStream || (out as { copiesWrites?: unknown }).copiesWrites === true);
+    this.reuse = opts.reuseBuffers ?? (out === null || out instanceof Socket || out instanceof WriteStream);
     if (this.reuse) this.free.push(Buffer.allocUnsafeSlow(this.cap));
     this.windowStart = this.now();
     this.setMaxBandwidth(opts.maxBandwidth ?? 0);
