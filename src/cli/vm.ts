@@ -13,6 +13,8 @@ import {
   MigrationDestination,
   MigrationOptions,
   MigrationSource,
+  BLOCK_DRIVES_SECTION,
+  BLOCK_SECTION,
   RAM_SECTION,
   SectionRegistry,
   machinePort,
@@ -99,8 +101,10 @@ export async function main(argv: string[]): Promise<number> {
     // -S, or `stop` during an incoming migration, keeps the guest paused after the load
     const incomingRun = { autostart: !a.startPaused };
     const port = machinePort(machine, incomingRun);
-    // the live sections this VM migrates besides its devices (disks register here)
-    const sections = new SectionRegistry([RAM_SECTION]);
+    // the live sections this VM migrates besides its devices: RAM, and with
+    // the `block` capability the drives (QEMU's block section, and Ferry's
+    // list of the drives for a Ferry destination to check first)
+    const sections = new SectionRegistry([RAM_SECTION, BLOCK_SECTION, BLOCK_DRIVES_SECTION]);
     const log = (msg: string) => process.stderr.write(`ferry: ${msg}\n`);
     // QEMU warns too (and then restricts writes to block 0, which Ferry does not)
     for (const d of machine.drives.list) {

@@ -29,7 +29,7 @@
  */
 import { createHash } from 'node:crypto';
 import { stat } from 'node:fs/promises';
-import { BlockError, openImage, type BlockImage, type ImageFormat } from '../block/index.js';
+import { BlockError, openImage, type BlockImage, type BlockStatus, type ImageFormat } from '../block/index.js';
 import { Qcow2Image } from '../block/qcow2.js';
 import { DirtyChunks } from './dirty-chunks.js';
 
@@ -310,6 +310,23 @@ export class Drive {
     return this.image.virtualSize;
   }
 
+  /** The top image's format. */
+  get format(): ImageFormat {
+    return this.image.format;
+  }
+
+  /** Bytes per allocation unit of the top image: the qcow2 cluster size, 512 for raw. */
+  get clusterSize(): number {
+    return this.image.clusterSize;
+  }
+
+  /** Images below the top one (0: no backing file). */
+  get backingDepth(): number {
+    let depth = 0;
+    for (let b = this.image.backing; b !== null; b = b.backing) depth++;
+    return depth;
+  }
+
   /** A guest device uses the drive (if=ide, if=virtio). */
   get attached(): boolean {
     return this.interface !== 'none';
@@ -346,6 +363,14 @@ export class Drive {
     this.dirty.mark(offset, length);
     await this.image.writeZeroes(offset, length);
     if (this.writethrough) await this.image.flush();
+  }
+
+  /**
+   * What the top image holds at `offset` and for how many bytes that stays
+   * so (block migration's incremental mode sends only what it holds).
+   */
+  blockStatus(offset: number, length: number): Promise<BlockStatus> {
+    return this.image.blockStatus(offset, length);
   }
 
   /** Make completed writes durable (nothing with cache=unsafe). */
@@ -393,8 +418,6 @@ export class Drive {
   }
 
   async info(): Promise<DriveInfo> {
-    let depth = 0;
-    for (let b = this.image.backing; b !== null; b = b.backing) depth++;
     const info: DriveInfo = {
       name: this.name,
       interface: this.interface,
@@ -404,7 +427,7 @@ export class Drive {
       format: this.image.format,
       readOnly: this.readOnly,
       cache: this.cache,
-      backingDepth: depth,
+      backingDepth: this.backingDepth,
       ioStatus: this.ioStatus,
       image: await imageInfo(this.image),
     };

@@ -202,6 +202,7 @@ export class IncomingSession {
     };
     machine.incomingStreamStarted();
     await loadStream(reader, handlers, { machineType: machine.machineType });
+    for (const { bound } of this.loaders) await bound.loader.loadComplete?.();
     if (postcopy.listening) {
       // postcopy: no vmdesc; every page must be here now
       postcopy.end();

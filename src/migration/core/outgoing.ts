@@ -265,6 +265,7 @@ export class OutgoingSession {
       compressPool: () => (this.compress ??= new CompressPool({ threads: this.options.get('compress-threads') })),
       onPass: (n) => this.deps.onPass(n),
       throughputMbps: () => this.stats.mbps,
+      qemuCompatible: this.deps.qemuCompatible,
     };
   }
 

@@ -103,12 +103,22 @@ export class MigrationSource extends EventEmitter {
   start(uri: string, flags: MigrateFlags = {}): void {
     if (this.status_.isOneOf(BUSY)) throw new MigrationError("There's a migration process in progress");
     if (this.machine.runState === 'inmigrate') throw new MigrationError('Guest is waiting for an incoming migration');
-    if (flags.blk || flags.inc) {
+    // blk / inc: the `block` capability (and block-incremental) for this
+    // migration only, switched off again when it ends (QEMU 7.2's migrate_prepare)
+    const blockForThisMigration = flags.blk === true || flags.inc === true;
+    if (blockForThisMigration) {
+      if (this.options.capability('x-colo')) throw new MigrationError('No disk migration is required in COLO mode');
       if (this.options.capability('block') || this.options.get('block-incremental')) {
         throw new MigrationError('Command options are incompatible with current migration capabilities');
       }
-      throw new MigrationError('QEMU compiled without old-style (blk/-b, inc/-i) block migration');
+      this.options.setCapabilities([{ capability: 'block', state: true }]);
+      if (flags.inc) this.options.setParameters({ 'block-incremental': true });
     }
+    const dropBlockOptions = (): void => {
+      if (!blockForThisMigration) return;
+      this.options.setCapabilities([{ capability: 'block', state: false }]);
+      this.options.setParameters({ 'block-incremental': false });
+    };
     // statistics zeroed, error cleared: a new session; none|completed|... -> setup (event)
     const session = new OutgoingSession({
       machine: this.machine,
@@ -143,10 +153,11 @@ export class MigrationSource extends EventEmitter {
     } catch (e) {
       // a bad URI fails the migration without error-desc (as QEMU does)
       session.dispose();
+      dropBlockOptions();
       this.status_.to('failed');
       throw new MigrationError(errorMessage(e), { cause: e, phase: 'start' });
     }
-    this.running = session.run(parsed);
+    this.running = session.run(parsed).finally(dropBlockOptions);
   }
 
   /** `migrate_cancel`: always succeeds; acts in setup, active and postcopy-active. */
