@@ -195,8 +195,10 @@ export async function inspectStream(input: Uint8Array | Readable, opts: InspectO
       payload = undefined;
       out.push(sec);
     },
-    command(command, at) {
+    command(command, at, nested) {
       out.push({ type: 'command', command, at });
+      // a package ends at its POSTCOPY_RUN, as the destination's loop does
+      if (nested && command.cmd === 'POSTCOPY_RUN') return 'run';
     },
     package(event) {
       if (event === 'begin') {

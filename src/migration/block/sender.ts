@@ -49,8 +49,6 @@ class DriveState {
   readonly chunks: number;
   /** The next chunk the bulk walk looks at; it has not reached the chunks from here on. */
   bulkNext = 0;
-  /** Bytes the bulk walk has covered, sent or (incremental) skipped: QEMU's completed sectors. */
-  bulkDone = 0;
   /** Chunks written since they were last read (what counts is below bulkNext). */
   dirty: Uint32Array;
   /** Where the next dirty pass over this drive goes on. */
@@ -101,8 +99,8 @@ export class BlockSender {
   private lastProgress = -1;
   private started = false;
   readonly total: number;
-  /** Chunks sent with data, as ZERO_BLOCK records, and bytes of block records put. */
-  readonly counters = { chunks: 0, zeroChunks: 0, bytes: 0 };
+  /** Chunk records sent (with data, and as ZERO_BLOCK), those of the bulk walks, and bytes of block records put. */
+  readonly counters = { chunks: 0, zeroChunks: 0, bulkChunks: 0, bytes: 0 };
 
   constructor(
     drives: readonly DrivePort[],
@@ -160,9 +158,17 @@ export class BlockSender {
     return this.drives.every((s) => s.bulkDoneWalking);
   }
 
+  /**
+   * QEMU's figures: the bytes the bulk walk has covered (sent, or with `inc`
+   * skipped), up to the first of its chunks still being read.
+   */
   progress(): DiskProgress {
     let done = 0;
-    for (const s of this.drives) done += Math.min(s.bulkDone, s.drive.size);
+    for (const s of this.drives) {
+      let covered = Math.min(s.drive.size, s.bulkNext * CHUNK);
+      for (const r of this.queue) if (r.d === s && r.bulk) covered = Math.min(covered, r.chunk * CHUNK);
+      done += covered;
+    }
     return { transferred: done, remaining: this.total - done, total: this.total };
   }
 
@@ -175,7 +181,7 @@ export class BlockSender {
     const t0 = now();
     const b0 = w.bytesWritten;
     for (;;) {
-      await this.fill();
+      await this.fill(w);
       const r = this.queue.shift();
       if (r === undefined) return false;
       await this.put(w, r);
@@ -184,7 +190,7 @@ export class BlockSender {
       if (w.wantsFlush() || w.rateLimitExceeded()) break;
     }
     // the next reads run while the stream is flushed
-    await this.fill();
+    await this.fill(w);
     return true;
   }
 
@@ -192,7 +198,7 @@ export class BlockSender {
   async sendAll(w: StreamWriter): Promise<void> {
     this.sync();
     for (;;) {
-      await this.fill();
+      await this.fill(w);
       const r = this.queue.shift();
       if (r === undefined) break;
       await this.put(w, r);
@@ -202,12 +208,26 @@ export class BlockSender {
     this.lastProgress = 100;
   }
 
-  /** Issue reads until `readAhead` are in flight or nothing is left to read now. */
-  private async fill(): Promise<void> {
+  /**
+   * Issue reads until `readAhead` are in flight or nothing is left to read
+   * now. As QEMU does, a bulk read puts the walk's PROGRESS record (when the
+   * percentage changed) as it is issued, so several may precede their data.
+   */
+  private async fill(w: StreamWriter): Promise<void> {
     while (this.queue.length < this.readAhead) {
       const next = await this.pick();
       if (next === null) return;
-      this.queue.push(this.issue(next.d, next.chunk, next.bulk));
+      const { d, chunk, bulk } = next;
+      if (bulk && this.total > 0) {
+        const pct = Math.floor(((d.base + chunk * CHUNK) * 100) / this.total);
+        if (pct !== this.lastProgress) {
+          const b0 = w.bytesWritten;
+          putProgress(w, pct);
+          this.counters.bytes += w.bytesWritten - b0;
+          this.lastProgress = pct;
+        }
+      }
+      this.queue.push(this.issue(d, chunk, bulk));
     }
   }
 
@@ -216,15 +236,10 @@ export class BlockSender {
     for (const d of this.drives) {
       if (d.bulkDoneWalking) continue;
       if (this.opts.incremental) {
+        // what the walk skips is the destination's backing chain: covered
         const at = await this.nextAllocated(d, d.bulkNext * CHUNK);
-        // what the walk skipped is the destination's backing chain: covered
-        const chunk = Math.floor(at / CHUNK);
-        d.bulkNext = chunk;
-        d.bulkDone = Math.max(d.bulkDone, Math.min(at, chunk * CHUNK));
-        if (d.bulkDoneWalking) {
-          d.bulkDone = d.drive.size;
-          continue;
-        }
+        d.bulkNext = Math.floor(at / CHUNK);
+        if (d.bulkDoneWalking) continue;
       }
       const chunk = d.bulkNext++;
       return { d, chunk, bulk: true };
@@ -275,28 +290,21 @@ export class BlockSender {
     return r;
   }
 
-  /** One chunk record (and the PROGRESS record of the bulk walk before it). */
+  /** One chunk record, once its read is done. */
   private async put(w: StreamWriter, r: ChunkRead): Promise<void> {
     await r.done;
     const { d, chunk, buf } = r;
     const offset = chunk * CHUNK;
     if (r.failed !== undefined) throw new BlockIoError(BLOCK_ERR.readFailed(d.drive.name, offset, r.failed), { cause: r.failed });
     const b0 = w.bytesWritten;
-    if (r.bulk && this.total > 0) {
-      const pct = Math.floor(((d.base + offset) * 100) / this.total);
-      if (pct !== this.lastProgress) {
-        putProgress(w, pct);
-        this.lastProgress = pct;
-      }
-    }
     const zero = this.opts.zeroBlocks && isZeroRange(buf, 0, CHUNK);
     putChunkHeader(w, offset, d.drive.name, zero);
+    if (r.bulk) this.counters.bulkChunks++;
     if (zero) this.counters.zeroChunks++;
     else {
       w.putBytes(buf, 0, CHUNK);
       this.counters.chunks++;
     }
-    if (r.bulk) d.bulkDone = Math.max(d.bulkDone, Math.min(offset + CHUNK, d.drive.size));
     this.counters.bytes += w.bytesWritten - b0;
     if (this.free.length < this.readAhead) this.free.push(buf);
   }
