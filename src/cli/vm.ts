@@ -123,11 +123,12 @@ export async function main(argv: string[]): Promise<number> {
     const source = new MigrationSource(port, options, {
       lookupFd,
       qemuCompatible: a.qemuCompat,
+      sendConfiguration: a.sendConfiguration,
       tls,
       sections,
       log,
     });
-    const destination = new MigrationDestination(port, options, { lookupFd, log, sections, tls });
+    const destination = new MigrationDestination(port, options, { lookupFd, log, sections, tls, configuration: a.sendConfiguration });
     vm = {
       machine,
       options,

@@ -27,8 +27,15 @@ import { BLOCK_ERR, BlockIoError } from './errors.js';
 import { BLOCK, chunkHeaderBytes, putChunkHeader, putProgress } from './format.js';
 
 const CHUNK = BLOCK.CHUNK;
-/** Chunks read ahead of the stream by default (QEMU keeps up to 16 reads in flight). */
+/** Chunks read ahead of the stream by default in the bulk walk (QEMU keeps up to 16 reads in flight). */
 const READ_AHEAD = 8;
+/**
+ * Reads in flight while dirty chunks go: few, and none left over between
+ * calls. A chunk read early may be written again before it is sent, and
+ * every queued read counts as pending, which would keep a small, hot dirty
+ * set from ever fitting the downtime.
+ */
+const DIRTY_READ_AHEAD = 2;
 
 export interface BlockSenderOptions {
   /** `inc` / block-incremental: the bulk walk skips what the top image does not hold. */
@@ -189,8 +196,8 @@ export class BlockSender {
       if (budget.maxBytes !== undefined && w.bytesWritten - b0 >= budget.maxBytes) break;
       if (w.wantsFlush() || w.rateLimitExceeded()) break;
     }
-    // the next reads run while the stream is flushed
-    await this.fill(w);
+    // the next reads of the bulk walk run while the stream is flushed
+    if (!this.bulkCompleted) await this.fill(w);
     return true;
   }
 
@@ -214,7 +221,7 @@ export class BlockSender {
    * percentage changed) as it is issued, so several may precede their data.
    */
   private async fill(w: StreamWriter): Promise<void> {
-    while (this.queue.length < this.readAhead) {
+    while (this.queue.length < (this.bulkCompleted ? Math.min(DIRTY_READ_AHEAD, this.readAhead) : this.readAhead)) {
       const next = await this.pick();
       if (next === null) return;
       const { d, chunk, bulk } = next;

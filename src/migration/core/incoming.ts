@@ -45,6 +45,8 @@ export interface IncomingDeps {
   /** Where the credentials that tls-creds names are found (channel/tls.ts). */
   readonly tls?: TlsDeps;
   trace?(point: DestinationTracePoint): void;
+  /** A configuration record follows the header (QEMU's migration.send-configuration). */
+  readonly configuration: boolean;
   log(msg: string): void;
 }
 
@@ -201,7 +203,7 @@ export class IncomingSession {
       command: (c) => this.command(c, ch, postcopy),
     };
     machine.incomingStreamStarted();
-    await loadStream(reader, handlers, { machineType: machine.machineType });
+    await loadStream(reader, handlers, { machineType: machine.machineType, configuration: this.deps.configuration });
     for (const { bound } of this.loaders) await bound.loader.loadComplete?.();
     if (postcopy.listening) {
       // postcopy: no vmdesc; every page must be here now

@@ -29,6 +29,8 @@ export interface SourceDeps {
   qemuCompatible?: boolean;
   /** Where the credentials that tls-creds names are found (channel/tls.ts). */
   tls?: TlsDeps;
+  /** QEMU's `-global migration.send-configuration`: false leaves the configuration record out (default true). */
+  sendConfiguration?: boolean;
   /** The live sections to migrate (default: RAM only). */
   sections?: SectionRegistry;
   /** Goes around the channel of every migration (channel/wrap.ts). */
@@ -128,6 +130,7 @@ export class MigrationSource extends EventEmitter {
       now: this.now,
       lookupFd: this.deps.lookupFd,
       qemuCompatible: this.deps.qemuCompatible ?? false,
+      sendConfiguration: this.deps.sendConfiguration ?? true,
       wrapChannel: this.deps.wrapChannel,
       tls: this.deps.tls,
       trace: this.deps.trace,
