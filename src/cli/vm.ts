@@ -2,6 +2,7 @@
  * `ferry vm`: one virtual machine process, driven over QMP like
  * qemu-system. See vm-args.ts for the command line.
  */
+import { keepFreedHeap } from '../base/native.js';
 import { parseSize } from '../base/size.js';
 import { handlers } from '../commands/handlers.js';
 import type { Ctx, UserObject, VmServices } from '../commands/context.js';
@@ -45,6 +46,8 @@ function handshakeTimeout(): number | undefined {
 export async function main(argv: string[]): Promise<number> {
   let vm: VmServices;
   let server: QmpServer<Ctx>;
+  // an incoming stream's socket buffers: keep their heap instead of handing it back and faulting it in again
+  keepFreedHeap();
   try {
     const a = parseVmArgs(argv);
     let ramSize = parseSize(a.ramSize);

@@ -358,6 +358,20 @@ export class Drive {
     if (this.writethrough) await this.image.flush();
   }
 
+  /**
+   * Write the buffers back to back from `offset` (one request where the
+   * format has one, else joined and written); marks and flushes like write().
+   */
+  async writev(offset: number, bufs: readonly Uint8Array[]): Promise<void> {
+    let length = 0;
+    for (const b of bufs) length += b.length;
+    this.dirty.mark(offset, length);
+    const img = this.image;
+    if (img.writev) await img.writev(offset, bufs);
+    else await img.write(offset, Buffer.concat(bufs));
+    if (this.writethrough) await img.flush();
+  }
+
   /** Make bytes read as zeros; marks the dirty chunks like write(). */
   async writeZeroes(offset: number, length: number): Promise<void> {
     this.dirty.mark(offset, length);

@@ -19,6 +19,7 @@ export interface MemDriveOptions {
 export type Request =
   | { op: 'read'; offset: number; length: number }
   | { op: 'write'; offset: number; length: number }
+  | { op: 'writev'; offset: number; length: number; parts: number }
   | { op: 'zero'; offset: number; length: number }
   | { op: 'flush' };
 
@@ -63,6 +64,19 @@ export class MemDrive implements DrivePort {
     this.log.push({ op: 'write', offset, length: data.length });
     if (this.failWrites) throw this.failWrites;
     this.bytes.set(data, offset);
+  }
+
+  async writev(offset: number, bufs: readonly Uint8Array[]): Promise<void> {
+    const length = bufs.reduce((a, b) => a + b.length, 0);
+    this.dirty.mark(offset, length);
+    await Promise.resolve();
+    this.log.push({ op: 'writev', offset, length, parts: bufs.length });
+    if (this.failWrites) throw this.failWrites;
+    let at = offset;
+    for (const b of bufs) {
+      this.bytes.set(b, at);
+      at += b.length;
+    }
   }
 
   async writeZeroes(offset: number, length: number): Promise<void> {

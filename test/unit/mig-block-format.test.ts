@@ -59,8 +59,8 @@ test('QEMU 7.2\'s block section: the records, and the loader puts the image on a
     assert.equal(loader.progress, 100);
     const ops = d.log.filter((x) => x.op !== 'read').map((x) => (x.op === 'flush' ? 'flush' : `${x.op} ${x.offset / 65536} ${x.length / 65536}`));
     if (format === 'raw') {
-      // 1 MiB pieces: data as data, the ZERO_BLOCK chunk as zeroes
-      assert.deepEqual(ops, ['write 0 16', 'zero 16 16', 'write 32 16', 'flush']);
+      // 1 MiB pieces, written from the received buffers: data as data, the ZERO_BLOCK chunk as zeroes
+      assert.deepEqual(ops, ['writev 0 16', 'zero 16 16', 'writev 32 16', 'flush']);
     } else {
       // cluster pieces (64 KiB): all-zero clusters become zeroes, as QEMU's block_load does
       assert.deepEqual(ops, ['write 0 1', 'zero 1 15', 'zero 16 16', 'write 32 1', 'zero 33 15', 'flush']);
@@ -216,5 +216,5 @@ test('the loader writes a chunk only up to the drive\'s end, and a later copy of
   }), true);
   assert.ok(dr.bytes.subarray(0, MiB).every((x) => x === 2));
   assert.ok(dr.bytes.subarray(MiB).every((x) => x === 5));
-  assert.deepEqual(dr.log.filter((x) => x.op === 'write').map((x) => (x.op === 'write' ? [x.offset, x.length] : [])), [[MiB, 512], [0, MiB], [0, MiB]]);
+  assert.deepEqual(dr.log.filter((x) => x.op === 'writev').map((x) => (x.op === 'writev' ? [x.offset, x.length] : [])), [[MiB, 512], [0, MiB], [0, MiB]]);
 });

@@ -5,8 +5,9 @@
  *   DEVICE_BLOCK  the device name must be a drive here ("Error unknown block
  *                 device NAME"), writable, and the chunk must start inside
  *                 it; the 1 MiB of data is written up to the drive's end,
- *                 cluster by cluster for qcow2 (1 MiB at a time for raw),
- *                 and what is all zero is written as zeroes (qcow2: zero
+ *                 cluster by cluster for qcow2 (1 MiB at a time for raw:
+ *                 straight from the received buffers, one pwritev), and
+ *                 what is all zero is written as zeroes (qcow2: zero
  *                 clusters), as QEMU does. With ZERO_BLOCK no data follows
  *                 and the chunk is written as zeroes.
  *   PROGRESS      the source's bulk percentage (kept, nothing else).
@@ -146,6 +147,15 @@ export class BlockLoader {
       return;
     }
     if (!r.has(CHUNK)) await r.ensure(CHUNK);
+    if (d.format === 'raw') {
+      // raw: the received bytes go to the file as they lie in the stream's
+      // chunks (one pwritev), without a copy; an all-zero chunk as zeroes
+      const views = takeViews(r, CHUNK, len);
+      this.opts.observer?.chunk(name, offset, flags, this.opts.keepData ? Buffer.concat(views) : null);
+      const zeroes = views.every((v) => isZeroRange(v, 0, v.length));
+      await this.schedule(d, offset, () => (zeroes ? d.writeZeroes(offset, len) : d.writev(offset, views)));
+      return;
+    }
     const buf = await this.buffer();
     r.copyTo(buf, 0, CHUNK);
     this.opts.observer?.chunk(name, offset, flags, this.opts.keepData ? Buffer.from(buf) : null);
@@ -180,6 +190,27 @@ export class BlockLoader {
     this.inflight.length = 0;
     this.free.length = 0;
   }
+}
+
+/**
+ * The next `n` bytes of the stream as views into its received chunks (valid
+ * for good: the reader never reuses a chunk), keeping the first `keep` of
+ * them; the rest are consumed and dropped.
+ */
+function takeViews(r: StreamReader, n: number, keep: number): Buffer[] {
+  const views: Buffer[] = [];
+  let kept = 0;
+  while (n > 0) {
+    const c = r.chunk;
+    const off = r.chunkOffset;
+    const take = Math.min(n, c.length - off);
+    const want = Math.min(take, keep - kept);
+    if (want > 0) views.push(c.subarray(off, off + want));
+    kept += Math.max(0, want);
+    r.consumeInChunk(take);
+    n -= take;
+  }
+  return views;
 }
 
 /**

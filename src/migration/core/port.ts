@@ -26,6 +26,8 @@ export interface DrivePort {
   readonly backingDepth: number;
   read(offset: number, buf: Uint8Array): Promise<void>;
   write(offset: number, data: Uint8Array): Promise<void>;
+  /** The buffers back to back from `offset`, without joining them where the format allows (raw: one pwritev). */
+  writev(offset: number, bufs: readonly Uint8Array[]): Promise<void>;
   /** Make the range read as zeros (qcow2: zero clusters where whole clusters are covered). */
   writeZeroes(offset: number, length: number): Promise<void>;
   /** Whether the top image itself holds the bytes at `offset`, and for how many bytes that stays so. */
