@@ -453,12 +453,15 @@ export class Drive {
    * Close the image and open it again (same format and mode), so that
    * nothing cached of its metadata survives: another process may have
    * written it (shared storage across a migration; QEMU's image
-   * inactivation and activation).
+   * inactivation and activation). No flush first: every write is in the
+   * file already (the drivers keep no dirty metadata), the page cache shows
+   * it to the new handle, and durability is the guest's or the stop's
+   * business; an incoming block migration's gigabyte of fresh writes would
+   * otherwise be synced while the guest waits to start.
    */
   async reopen(): Promise<void> {
     if (this.closed) throw new Error(`drive ${this.name} is closed`);
     const old = this._image;
-    await this.flush();
     await old.close();
     try {
       this._image = await openImage(this.file, { format: old.format, readOnly: this.readOnly, barriers: this.cache !== 'unsafe' });

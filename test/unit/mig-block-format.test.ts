@@ -60,10 +60,10 @@ test('QEMU 7.2\'s block section: the records, and the loader puts the image on a
     const ops = d.log.filter((x) => x.op !== 'read').map((x) => (x.op === 'flush' ? 'flush' : `${x.op} ${x.offset / 65536} ${x.length / 65536}`));
     if (format === 'raw') {
       // 1 MiB pieces, written from the received buffers: data as data, the ZERO_BLOCK chunk as zeroes
-      assert.deepEqual(ops, ['writev 0 16', 'zero 16 16', 'writev 32 16', 'flush']);
+      assert.deepEqual(ops, ['writev 0 16', 'zero 16 16', 'writev 32 16']);
     } else {
       // cluster pieces (64 KiB): all-zero clusters become zeroes, as QEMU's block_load does
-      assert.deepEqual(ops, ['write 0 1', 'zero 1 15', 'zero 16 16', 'write 32 1', 'zero 33 15', 'flush']);
+      assert.deepEqual(ops, ['write 0 1', 'zero 1 15', 'zero 16 16', 'write 32 1', 'zero 33 15']);
     }
   }
 });

@@ -47,5 +47,6 @@ export const BLOCK_ERR = {
   /** The source named a drive the check section listed twice, or a count beyond reason. */
   badDriveList: (why: string) => `Malformed ferry-block-drives section: ${why}`,
   readFailed: (name: string, offset: number, e: unknown) => `Block device '${name}': read at byte ${offset} failed: ${ioReason(e)}`,
+  flushFailed: (name: string, e: unknown) => `Block device '${name}': flush failed: ${ioReason(e)}`,
   writeFailed: (name: string, offset: number, e: unknown) => `Block device '${name}': write at byte ${offset} failed: ${ioReason(e)}`,
 } as const;

@@ -160,6 +160,17 @@ export class BlockSender {
     return chunks * (CHUNK + 16);
   }
 
+  /** Flush every drive this migration copies (a failure is the drive's: BlockIoError). */
+  async flushDrives(): Promise<void> {
+    for (const s of this.drives) {
+      try {
+        await s.drive.flush();
+      } catch (e) {
+        throw new BlockIoError(BLOCK_ERR.flushFailed(s.drive.name, e), { cause: e });
+      }
+    }
+  }
+
   /** Every drive's bulk walk has ended. */
   get bulkCompleted(): boolean {
     return this.drives.every((s) => s.bulkDoneWalking);
