@@ -78,6 +78,8 @@ interface RunRecord {
   chunksDiffering?: number;
   totalTimeMs?: number;
   downtimeMs?: number;
+  /** the destination's downtime (source stop → guest running there; Ferry reports it, QEMU does not) */
+  destDowntimeMs?: number;
   /** stream bytes (mbps × total-time, both engines count the whole stream) */
   streamBytes?: number;
   /** disk bytes / total-time */
@@ -202,6 +204,7 @@ async function throughputRun(s: Setup, image: string, timeoutMs: number): Promis
     }
     const st = await untilIncomingRuns(dst, 60000);
     rec.wallToDestDoneMs = performance.now() - t0;
+    rec.destDowntimeMs = (await dst.execute('query-migrate')).downtime;
     rec.totalTimeMs = info['total-time'];
     rec.downtimeMs = info.downtime;
     rec.streamBytes = Math.round(((info.ram?.mbps ?? 0) * 1e6 * (rec.totalTimeMs ?? 0)) / 1000 / 8);
@@ -233,6 +236,7 @@ interface ConvergeRecord {
   error?: string;
   totalTimeMs?: number;
   downtimeMs?: number;
+  destDowntimeMs?: number;
   streamBytes?: number;
   /** disk workload steps on the source during the migration */
   diskSteps?: number;
@@ -278,6 +282,7 @@ async function convergeRun(rate: string, image: string, timeoutMs: number): Prom
     rec.downtimeMs = info.downtime;
     rec.streamBytes = Math.round(((info.ram?.mbps ?? 0) * 1e6 * (rec.totalTimeMs ?? 0)) / 1000 / 8);
     await untilIncomingRuns(dst, 60000);
+    rec.destDowntimeMs = (await dst.execute('query-migrate')).downtime;
     const [a, b] = await Promise.all([src.execute('x-query-block-digest'), dst.execute('x-query-block-digest')]);
     rec.digestsEqual = a.digest === b.digest;
     return rec;
@@ -333,7 +338,7 @@ async function main(): Promise<void> {
         console.log(
           `  throughput ${s.name} #${i + 1}: ` +
             (r.totalTimeMs !== undefined
-              ? `total ${r.totalTimeMs} ms, downtime ${r.downtimeMs} ms, ${((r.streamBytes ?? 0) / MiB).toFixed(0)} MiB on the wire, ` +
+              ? `total ${r.totalTimeMs} ms, downtime ${r.downtimeMs} ms${r.destDowntimeMs !== undefined ? ` (destination ${r.destDowntimeMs} ms)` : ''}, ${((r.streamBytes ?? 0) / MiB).toFixed(0)} MiB on the wire, ` +
                 `${((r.diskBytesPerSec ?? 0) / MiB).toFixed(0)} MiB/s of disk${r.intact === false ? `, LOST: ${r.error}` : ''}`
               : `FAILED ${r.error}`) +
             ` [free ${r.memory.memFreeMiB} MiB, dirty ${r.memory.dirtyMiB} MiB, load ${r.memory.loadavg[0]}]`,
@@ -384,7 +389,7 @@ async function main(): Promise<void> {
       console.log(
         `  ${name} #${i + 1}: ` +
           (r.converged
-            ? `converged in ${r.totalTimeMs} ms, downtime ${r.downtimeMs} ms, ${((r.streamBytes ?? 0) / MiB).toFixed(0)} MiB sent, digests ${r.digestsEqual ? 'equal' : 'DIFFER'}`
+            ? `converged in ${r.totalTimeMs} ms, downtime ${r.downtimeMs} ms (destination ${r.destDowntimeMs} ms), ${((r.streamBytes ?? 0) / MiB).toFixed(0)} MiB sent, digests ${r.digestsEqual ? 'equal' : 'DIFFER'}`
             : `did not converge: ${r.error}`) +
           `, ${r.diskSteps} disk writes [free ${r.memory.memFreeMiB} MiB, load ${r.memory.loadavg[0]}]`,
       );
@@ -396,6 +401,7 @@ async function main(): Promise<void> {
       converged: `${c.length}/${rs.length}`,
       totalTimeMs: { median: median(c.map((r) => r.totalTimeMs!)), range: range(c.map((r) => r.totalTimeMs!)) },
       downtimeMs: { median: median(c.map((r) => r.downtimeMs!)), range: range(c.map((r) => r.downtimeMs!)) },
+      destDowntimeMs: { median: median(c.map((r) => r.destDowntimeMs!)), range: range(c.map((r) => r.destDowntimeMs!)) },
       streamBytes: median(c.map((r) => r.streamBytes!)),
       runs: rs,
     };
