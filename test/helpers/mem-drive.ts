@@ -34,6 +34,8 @@ export class MemDrive implements DrivePort {
   /** Make the next write (or zero write) fail with this error. */
   failWrites: Error | null = null;
   failReads: Error | null = null;
+  /** Writes take this long (ms) before they land. */
+  writeDelayMs = 0;
   private readonly allocated: Array<[number, number]> | undefined;
 
   constructor(
@@ -70,6 +72,7 @@ export class MemDrive implements DrivePort {
     const length = bufs.reduce((a, b) => a + b.length, 0);
     this.dirty.mark(offset, length);
     await Promise.resolve();
+    if (this.writeDelayMs > 0) await new Promise((r) => setTimeout(r, this.writeDelayMs));
     this.log.push({ op: 'writev', offset, length, parts: bufs.length });
     if (this.failWrites) throw this.failWrites;
     let at = offset;

@@ -202,6 +202,24 @@ test('the loader refuses what QEMU refuses, with its texts, and writes nothing i
   }, "Block device 'd0': write at byte 1048576 failed: No space left on device", 'io');
 });
 
+test('END, and loadComplete() at the end of the stream, return only once every write has landed', async () => {
+  const chunk = (s: BufferSink, i: number) => {
+    putChunkHeader(s, i * MiB, 'd0', false);
+    s.putBytes(Buffer.alloc(MiB, i + 1));
+  };
+  for (const viaEnd of [true, false]) {
+    const dr = new MemDrive('d0', 4 * MiB);
+    dr.writeDelayMs = 30;
+    const loader = new BlockLoader([dr]);
+    await loader.loadSection(payload((s) => {
+      for (let i = 0; i < 4; i++) chunk(s, i);
+      putBlockEos(s);
+    }), viaEnd);
+    if (!viaEnd) await loader.loadComplete();
+    for (let i = 0; i < 4; i++) assert.ok(dr.bytes.subarray(i * MiB, (i + 1) * MiB).every((x) => x === i + 1), `chunk ${i} on the drive`);
+  }
+});
+
 test('the loader writes a chunk only up to the drive\'s end, and a later copy of a chunk lands last', async () => {
   const dr = new MemDrive('d0', MiB + 512);
   const loader = new BlockLoader([dr]);
