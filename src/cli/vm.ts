@@ -7,6 +7,7 @@ import { parseSize } from '../base/size.js';
 import { handlers } from '../commands/handlers.js';
 import type { Ctx, UserObject, VmServices } from '../commands/context.js';
 import { addObject } from '../commands/objects.js';
+import { NbdService } from '../commands/nbd.js';
 import { COMMANDS } from '../generated/qapi-commands.js';
 import { QapiEvents } from '../generated/qapi-events.js';
 import { DiskWorkloadError, DriveError, Machine, parseDiskWorkload, parseFill, parseWorkload, type SerialConfig } from '../machine/index.js';
@@ -115,6 +116,7 @@ export async function main(argv: string[]): Promise<number> {
     }
     machine.on('disk-workload-error', (e: Error) => log(`disk workload stopped: ${e.message}`));
     machine.on('drive-error', (drive: string, e: Error) => log(`drive ${drive}: ${e.message}`));
+    machine.on('replication-error', (drive: string, e: Error) => log(`block replication on drive ${drive}: ${e.message}`));
     // tls-creds names an object: its loaded credentials, or 'other' for an object of another kind
     const tls: TlsDeps = {
       lookup: (id) => {
@@ -137,6 +139,8 @@ export async function main(argv: string[]): Promise<number> {
       options,
       objects,
       fds,
+      nbd: new NbdService(),
+      log,
       source,
       destination,
       incomingMode: a.incoming === undefined ? 'none' : a.incoming === 'defer' ? 'defer' : 'uri',
@@ -180,6 +184,7 @@ export async function main(argv: string[]): Promise<number> {
       try {
         source.cancel();
         destination.close();
+        await vm.nbd.shutdown().catch(() => undefined);
         await server.close();
         await machine.destroy();
       } finally {

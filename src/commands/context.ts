@@ -5,6 +5,7 @@
 import type { Machine } from '../machine/machine.js';
 import type { MigrationDestination, MigrationOptions, MigrationSource } from '../migration/index.js';
 import type { QmpClientConn } from '../qmp/index.js';
+import type { NbdService } from './nbd.js';
 
 export interface UserObject {
   qomType: string;
@@ -22,6 +23,10 @@ export interface VmServices {
   readonly incomingMode: 'none' | 'defer' | 'uri';
   /** Objects created by -object and object-add, by id. */
   readonly objects: Map<string, UserObject>;
+  /** The NBD server (nbd-server-start ...). */
+  readonly nbd: NbdService;
+  /** Logs a line on stderr ("ferry: ..."). */
+  log(msg: string): void;
   /** Descriptors received with getfd, by name. */
   readonly fds: Map<string, number>;
   /** Names of every command in the schema (query-commands). */

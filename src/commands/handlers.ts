@@ -126,6 +126,20 @@ export const handlers: CommandHandlers<Ctx> = {
     return (await generic(() => ctx.vm.machine.blockInfo())).map(blockInfo);
   },
 
+  // ---- NBD server
+  'nbd-server-start'(args, ctx) {
+    return ctx.vm.nbd.start(ctx.vm, args, ctx.vm.log);
+  },
+  'nbd-server-add'(args, ctx) {
+    ctx.vm.nbd.add(ctx.vm, args);
+  },
+  'nbd-server-remove'(args, ctx) {
+    return ctx.vm.nbd.remove(args.name, args.mode);
+  },
+  'nbd-server-stop'(_args, ctx) {
+    return ctx.vm.nbd.stop();
+  },
+
   'x-query-page-faults'(_args, ctx) {
     const { faults, latenciesUs } = ctx.vm.machine.faultStats();
     const s = Float64Array.from(latenciesUs).sort();
@@ -228,16 +242,21 @@ export const handlers: CommandHandlers<Ctx> = {
       }
     });
   },
-  'xen-set-replication'(args) {
+  async 'xen-set-replication'(args, ctx) {
     if (args.enable && args.failover !== undefined) {
       throw new QmpError('GenericError', "Parameter 'failover' is only for stopping replication");
     }
-    throw new QmpError('GenericError', 'Block replication is not supported by this VM (it is not a Xen guest)');
+    const r = ctx.vm.machine.replication;
+    if (args.enable) await generic(() => r.startAll(args.primary ? 'primary' : 'secondary'));
+    // a failover stop reports nothing, as QEMU's (the status query tells)
+    else if (args.failover === true) await r.stopAll(true).catch((e: unknown) => ctx.vm.log(`replication failover: ${(e as Error).message}`));
+    else await generic(() => r.stopAll(false));
   },
-  'query-xen-replication-status'() {
-    return { error: false };
+  'query-xen-replication-status'(_args, ctx) {
+    const desc = ctx.vm.machine.replication.getErrorAll();
+    return desc === null ? { error: false } : { error: true, desc };
   },
-  'xen-colo-do-checkpoint'() {
-    // no replication is running, so there is nothing to checkpoint
+  async 'xen-colo-do-checkpoint'(_args, ctx) {
+    await generic(() => ctx.vm.machine.replication.checkpointAll());
   },
 };

@@ -68,6 +68,18 @@ export interface CommandArgs {
     id: string;
   };
   'query-block': Record<string, never>;
+  'nbd-server-start': {
+    addr: T.SocketAddressLegacy;
+    'tls-creds'?: string;
+    'tls-authz'?: string;
+    'max-connections'?: number;
+  };
+  'nbd-server-add': T.NbdServerAddOptions;
+  'nbd-server-remove': {
+    name: string;
+    mode?: T.BlockExportRemoveMode;
+  };
+  'nbd-server-stop': Record<string, never>;
   'getfd': {
     fdname: string;
   };
@@ -118,6 +130,10 @@ export interface CommandReturns {
   'object-add': void;
   'object-del': void;
   'query-block': T.BlockInfo[];
+  'nbd-server-start': void;
+  'nbd-server-add': void;
+  'nbd-server-remove': void;
+  'nbd-server-stop': void;
   'getfd': void;
   'closefd': void;
   'pmemsave': void;
@@ -406,6 +422,44 @@ export interface CommandHandlers<Ctx> {
    */
   'query-block'(args: CommandArgs['query-block'], ctx: Ctx): T.BlockInfo[] | Promise<T.BlockInfo[]>;
   /**
+   * Start an NBD server listening on the given host and port.  Block
+   * devices can then be exported using `nbd-server-add`.  The NBD server
+   * will present them as named exports; for example, another Ferry or
+   * QEMU instance could refer to them as "nbd:HOST:PORT:exportname=NAME",
+   * qemu-img and qemu-io as "nbd://HOST:PORT/NAME" or
+   * "nbd+unix:///NAME?socket=PATH".
+   *
+   * @returns error if the server is already running.
+   *
+   * @since 1.3
+   */
+  'nbd-server-start'(args: CommandArgs['nbd-server-start'], ctx: Ctx): void | Promise<void>;
+  /**
+   * Export a drive to QEMU's embedded NBD server.
+   *
+   * @returns error if the server is not running, or the export name is
+   * in use.
+   *
+   * @since 1.3
+   */
+  'nbd-server-add'(args: CommandArgs['nbd-server-add'], ctx: Ctx): void | Promise<void>;
+  /**
+   * Remove an NBD export.
+   *
+   * @returns error if the server is not running, the export is not
+   * found, or it is in use in 'safe' mode.
+   *
+   * @since 2.12
+   */
+  'nbd-server-remove'(args: CommandArgs['nbd-server-remove'], ctx: Ctx): void | Promise<void>;
+  /**
+   * Stop QEMU's embedded NBD server, and unregister all devices
+   * previously added via `nbd-server-add`.
+   *
+   * @since 1.3
+   */
+  'nbd-server-stop'(args: CommandArgs['nbd-server-stop'], ctx: Ctx): void | Promise<void>;
+  /**
    * Take the file descriptor that arrived with this request (as ancillary
    * data on a unix socket) and keep it under a name, for later use by
    * commands such as `migrate` with an "fd:NAME" URI.  A descriptor already
@@ -524,6 +578,10 @@ export const COMMANDS: ReadonlyMap<string, CommandDef> = new Map<string, Command
   ['object-add', { name: 'object-add', boxed: true, validate: (a) => V.v_ObjectOptions(a, R.ROOT) }],
   ['object-del', { name: 'object-del', boxed: false, validate: (a) => V.v_q_obj_object_del_arg(a, R.ROOT) }],
   ['query-block', { name: 'query-block', boxed: false, validate: (a) => R.struct(a, R.ROOT, NO_ARGS) }],
+  ['nbd-server-start', { name: 'nbd-server-start', boxed: false, validate: (a) => V.v_q_obj_nbd_server_start_arg(a, R.ROOT) }],
+  ['nbd-server-add', { name: 'nbd-server-add', boxed: true, validate: (a) => V.v_NbdServerAddOptions(a, R.ROOT) }],
+  ['nbd-server-remove', { name: 'nbd-server-remove', boxed: false, validate: (a) => V.v_q_obj_nbd_server_remove_arg(a, R.ROOT) }],
+  ['nbd-server-stop', { name: 'nbd-server-stop', boxed: false, validate: (a) => R.struct(a, R.ROOT, NO_ARGS) }],
   ['getfd', { name: 'getfd', boxed: false, validate: (a) => V.v_q_obj_getfd_arg(a, R.ROOT) }],
   ['closefd', { name: 'closefd', boxed: false, validate: (a) => V.v_q_obj_closefd_arg(a, R.ROOT) }],
   ['pmemsave', { name: 'pmemsave', boxed: false, validate: (a) => V.v_q_obj_pmemsave_arg(a, R.ROOT) }],

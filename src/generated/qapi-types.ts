@@ -1157,6 +1157,140 @@ export interface BlockInfo {
 }
 
 /**
+ * A host and a port to listen on.
+ *
+ * @since 1.3
+ */
+export interface InetSocketAddress {
+  /** host part of the address (a name or an IP address) */
+  host: string;
+  /** port part of the address (a number; 0 picks a free port) */
+  port: string;
+}
+
+/**
+ * A unix socket path.
+ *
+ * @since 1.3
+ */
+export interface UnixSocketAddress {
+  /** filesystem path to use */
+  path: string;
+}
+
+/**
+ * A fat type wrapping 'str', to be embedded in lists.
+ *
+ * @since 1.2
+ */
+export interface String {
+  /** the string */
+  str: string;
+}
+
+/**
+ * Available SocketAddress types (QEMU also has vsock, which Ferry does
+ * not).
+ *
+ * - `inet`: Internet address
+ * - `unix`: Unix domain socket
+ * - `fd`: a listening socket passed with getfd, by name
+ *
+ * @since 2.9
+ */
+export type SocketAddressType =
+  | 'inet'
+  | 'unix'
+  | 'fd';
+/** Every value of {@link SocketAddressType}, in schema order. */
+export const SocketAddressType_VALUES = ['inet', 'unix', 'fd'] as const;
+
+/** @since 1.3 */
+export interface InetSocketAddressWrapper {
+  /** the address */
+  data: InetSocketAddress;
+}
+
+/** @since 1.3 */
+export interface UnixSocketAddressWrapper {
+  /** the address */
+  data: UnixSocketAddress;
+}
+
+/** @since 1.3 */
+export interface StringWrapper {
+  /** the descriptor's name */
+  data: String;
+}
+
+/**
+ * Captures the address of a socket, which could also be a named file
+ * descriptor.
+ *
+ * @since 1.3
+ */
+export type SocketAddressLegacy =
+  | ({
+      /** the transport */
+      type: 'inet';
+    } & InetSocketAddressWrapper)
+  | ({
+      /** the transport */
+      type: 'unix';
+    } & UnixSocketAddressWrapper)
+  | ({
+      /** the transport */
+      type: 'fd';
+    } & StringWrapper);
+
+/**
+ * An NBD block export, named after a drive.
+ *
+ * @since 5.0
+ */
+export interface NbdServerAddOptions {
+  /**
+   * The block backend name of the drive to export (its id, or
+   * ide0-hd0, virtio0, none0 ...).
+   */
+  device: string;
+  /**
+   * Export name.  If unspecified, the `device` parameter is used
+   * as the export name.  (Since 2.12)
+   */
+  name?: string;
+  /**
+   * Free-form description of the export, up to 4096 bytes.
+   * (Since 5.0)
+   */
+  description?: string;
+  /**
+   * Whether clients may write to the export (default false;
+   * a read-only drive is exported read-only whatever this says).
+   */
+  writable?: boolean;
+  /**
+   * Also export a single dirty bitmap reachable from `device`.
+   * Ferry keeps no dirty bitmaps: refused.  (Since 4.0)
+   */
+  bitmap?: string;
+}
+
+/**
+ * Mode for removing a block export.
+ *
+ * - `safe`: Remove export if there are no existing connections, fail otherwise.
+ * - `hard`: Drop all connections immediately and remove export.
+ *
+ * @since 2.12
+ */
+export type BlockExportRemoveMode =
+  | 'safe'
+  | 'hard';
+/** Every value of {@link BlockExportRemoveMode}, in schema order. */
+export const BlockExportRemoveMode_VALUES = ['safe', 'hard'] as const;
+
+/**
  * The digest of one RAM block.
  *
  * @since Ferry 0.1

@@ -21,6 +21,8 @@ import {
   BlockdevDetectZeroesOptions_VALUES,
   Qcow2CompressionType_VALUES,
   ImageInfoSpecificKind_VALUES,
+  SocketAddressType_VALUES,
+  BlockExportRemoveMode_VALUES,
 } from './qapi-types.js';
 
 const F_SchemaInfoBuiltin: readonly R.Field[] = [
@@ -233,6 +235,32 @@ const F_BlockInfo: readonly R.Field[] = [
   ['inserted', true, v_BlockDeviceInfo],
   ['io-status', true, v_BlockDeviceIoStatus],
 ];
+const F_InetSocketAddress: readonly R.Field[] = [
+  ['host', false, R.str],
+  ['port', false, R.str],
+];
+const F_UnixSocketAddress: readonly R.Field[] = [
+  ['path', false, R.str],
+];
+const F_String: readonly R.Field[] = [
+  ['str', false, R.str],
+];
+const F_InetSocketAddressWrapper: readonly R.Field[] = [
+  ['data', false, v_InetSocketAddress],
+];
+const F_UnixSocketAddressWrapper: readonly R.Field[] = [
+  ['data', false, v_UnixSocketAddress],
+];
+const F_StringWrapper: readonly R.Field[] = [
+  ['data', false, v_String],
+];
+const F_NbdServerAddOptions: readonly R.Field[] = [
+  ['device', false, R.str],
+  ['name', true, R.str],
+  ['description', true, R.str],
+  ['writable', true, R.bool],
+  ['bitmap', true, R.str],
+];
 const F_MemoryBlockDigest: readonly R.Field[] = [
   ['name', false, R.str],
   ['size', false, R.int],
@@ -295,6 +323,9 @@ const F_q_obj_SchemaInfo_base: readonly R.Field[] = [
   ['meta-type', false, v_SchemaMetaType],
   ['features', true, (v, p) => R.list(v, p, R.str)],
 ];
+const F_q_obj_SocketAddressLegacy_base: readonly R.Field[] = [
+  ['type', false, v_SocketAddressType],
+];
 const F_q_obj_client_migrate_info_arg: readonly R.Field[] = [
   ['protocol', false, R.str],
   ['hostname', false, R.str],
@@ -328,6 +359,16 @@ const F_q_obj_migrate_set_downtime_arg: readonly R.Field[] = [
 ];
 const F_q_obj_migrate_set_speed_arg: readonly R.Field[] = [
   ['value', false, R.int],
+];
+const F_q_obj_nbd_server_remove_arg: readonly R.Field[] = [
+  ['name', false, R.str],
+  ['mode', true, v_BlockExportRemoveMode],
+];
+const F_q_obj_nbd_server_start_arg: readonly R.Field[] = [
+  ['addr', false, v_SocketAddressLegacy],
+  ['tls-creds', true, R.str],
+  ['tls-authz', true, R.str],
+  ['max-connections', true, R.uint32],
 ];
 const F_q_obj_object_del_arg: readonly R.Field[] = [
   ['id', false, R.str],
@@ -366,6 +407,11 @@ const B_ObjectOptions: Readonly<Record<string, readonly R.Field[]>> = {
 };
 const B_ImageInfoSpecific: Readonly<Record<string, readonly R.Field[]>> = {
   'qcow2': F_ImageInfoSpecificQCow2Wrapper,
+};
+const B_SocketAddressLegacy: Readonly<Record<string, readonly R.Field[]>> = {
+  'inet': F_InetSocketAddressWrapper,
+  'unix': F_UnixSocketAddressWrapper,
+  'fd': F_StringWrapper,
 };
 
 export function v_StrOrNull(v: unknown, p: R.Path): T.StrOrNull {
@@ -533,6 +579,36 @@ export function v_BlockDeviceInfo(v: unknown, p: R.Path): T.BlockDeviceInfo {
 export function v_BlockInfo(v: unknown, p: R.Path): T.BlockInfo {
   return R.struct(v, p, F_BlockInfo) as unknown as T.BlockInfo;
 }
+export function v_InetSocketAddress(v: unknown, p: R.Path): T.InetSocketAddress {
+  return R.struct(v, p, F_InetSocketAddress) as unknown as T.InetSocketAddress;
+}
+export function v_UnixSocketAddress(v: unknown, p: R.Path): T.UnixSocketAddress {
+  return R.struct(v, p, F_UnixSocketAddress) as unknown as T.UnixSocketAddress;
+}
+export function v_String(v: unknown, p: R.Path): T.String {
+  return R.struct(v, p, F_String) as unknown as T.String;
+}
+export function v_SocketAddressType(v: unknown, p: R.Path): T.SocketAddressType {
+  return R.enumValue(v, p, SocketAddressType_VALUES);
+}
+export function v_InetSocketAddressWrapper(v: unknown, p: R.Path): T.InetSocketAddressWrapper {
+  return R.struct(v, p, F_InetSocketAddressWrapper) as unknown as T.InetSocketAddressWrapper;
+}
+export function v_UnixSocketAddressWrapper(v: unknown, p: R.Path): T.UnixSocketAddressWrapper {
+  return R.struct(v, p, F_UnixSocketAddressWrapper) as unknown as T.UnixSocketAddressWrapper;
+}
+export function v_StringWrapper(v: unknown, p: R.Path): T.StringWrapper {
+  return R.struct(v, p, F_StringWrapper) as unknown as T.StringWrapper;
+}
+export function v_SocketAddressLegacy(v: unknown, p: R.Path): T.SocketAddressLegacy {
+  return R.flatUnion(v, p, F_q_obj_SocketAddressLegacy_base, 'type', B_SocketAddressLegacy) as unknown as T.SocketAddressLegacy;
+}
+export function v_NbdServerAddOptions(v: unknown, p: R.Path): T.NbdServerAddOptions {
+  return R.struct(v, p, F_NbdServerAddOptions) as unknown as T.NbdServerAddOptions;
+}
+export function v_BlockExportRemoveMode(v: unknown, p: R.Path): T.BlockExportRemoveMode {
+  return R.enumValue(v, p, BlockExportRemoveMode_VALUES);
+}
 export function v_MemoryBlockDigest(v: unknown, p: R.Path): T.MemoryBlockDigest {
   return R.struct(v, p, F_MemoryBlockDigest) as unknown as T.MemoryBlockDigest;
 }
@@ -572,6 +648,9 @@ export function v_q_obj_SHUTDOWN_arg(v: unknown, p: R.Path): Record<string, unkn
 export function v_q_obj_SchemaInfo_base(v: unknown, p: R.Path): Record<string, unknown> {
   return R.struct(v, p, F_q_obj_SchemaInfo_base);
 }
+export function v_q_obj_SocketAddressLegacy_base(v: unknown, p: R.Path): Record<string, unknown> {
+  return R.struct(v, p, F_q_obj_SocketAddressLegacy_base);
+}
 export function v_q_obj_client_migrate_info_arg(v: unknown, p: R.Path): Record<string, unknown> {
   return R.struct(v, p, F_q_obj_client_migrate_info_arg);
 }
@@ -598,6 +677,12 @@ export function v_q_obj_migrate_set_downtime_arg(v: unknown, p: R.Path): Record<
 }
 export function v_q_obj_migrate_set_speed_arg(v: unknown, p: R.Path): Record<string, unknown> {
   return R.struct(v, p, F_q_obj_migrate_set_speed_arg);
+}
+export function v_q_obj_nbd_server_remove_arg(v: unknown, p: R.Path): Record<string, unknown> {
+  return R.struct(v, p, F_q_obj_nbd_server_remove_arg);
+}
+export function v_q_obj_nbd_server_start_arg(v: unknown, p: R.Path): Record<string, unknown> {
+  return R.struct(v, p, F_q_obj_nbd_server_start_arg);
 }
 export function v_q_obj_object_del_arg(v: unknown, p: R.Path): Record<string, unknown> {
   return R.struct(v, p, F_q_obj_object_del_arg);

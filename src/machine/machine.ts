@@ -44,13 +44,16 @@
  * Events: 'runstate' (new, old), 'heartbeat' (n, line),
  * 'vcpu-error' (index, Error) — after which the run state is internal-error,
  * 'disk-workload-error' (Error) — the disk workload stopped; the guest runs on,
- * 'drive-error' (drive name, Error) — a flush or close failed.
+ * 'drive-error' (drive name, Error) — a flush or close failed,
+ * 'replication-error' (drive name, Error) — block replication failed on a
+ * replicated drive (the guest runs on; query-xen-replication-status says so).
  */
 import { EventEmitter } from 'node:events';
 import { DemandPaging, DEMAND_PAGING_RAM_ERROR } from './demand-paging.js';
 import { DiskWorkloadDevice, GlobalStateDevice, SerialDevice, TimerDevice, VcpuDevice, type DeviceHost } from './device-state.js';
 import { DiskWorkload, resolveDiskWorkload, type DiskWorkloadInfo } from './disk-workload.js';
 import { Drives, type BlockDigest, type DriveInfo } from './drives.js';
+import type { ReplicationSet } from '../replication/index.js';
 import { GuestRam, checkRamSize, type MemoryDigest } from './ram.js';
 import { RunStateMachine } from './run-state.js';
 import { SerialConsole } from './serial-console.js';
@@ -133,7 +136,7 @@ export class Machine extends EventEmitter implements DeviceHost {
   static async create(cfg: MachineConfig): Promise<Machine> {
     const m = new Machine(cfg);
     try {
-      m._drives = await Drives.open(cfg.drives ?? []);
+      m._drives = await Drives.open(cfg.drives ?? [], (drive, e) => m.emit('replication-error', drive, e));
       if (cfg.diskWorkload !== undefined) {
         const w = cfg.diskWorkload;
         m.disk = new DiskWorkload(resolveDiskWorkload(w, m._drives.get(w.drive), m.driveNames()), m._drives.get(w.drive)!, m.diskHost());
@@ -346,6 +349,16 @@ export class Machine extends EventEmitter implements DeviceHost {
 
   private driveNames(): string[] {
     return this._drives.list.map((d) => d.name);
+  }
+
+  /** The replicated drives, driven together (xen-set-replication, xen-colo-do-checkpoint, COLO). */
+  get replication(): ReplicationSet {
+    return this._drives.replication;
+  }
+
+  /** The primary's NBD connection to secondary disk `drive`'s export was lost (replication notes the peer is gone). */
+  replicationPeerLost(drive: string, detail: string): void {
+    this._drives.replicationPeerLost(drive, detail);
   }
 
   /** query-block's facts of every drive. */

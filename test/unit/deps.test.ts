@@ -62,8 +62,19 @@ test('block (disk images) imports only block and base', () => {
   assert.ok(all.some((i) => i.file.startsWith('src/block/') && i.target.startsWith('src/base/')));
 });
 
-test('machine imports only machine, block (the drives\' images) and base', () => {
-  check('src/machine/', (i) => ['src/machine/', 'src/block/', 'src/base/'].some((p) => i.target.startsWith(p)));
+test('nbd (the NBD server and client) imports only nbd, block and base', () => {
+  check('src/nbd/', (i) => ['src/nbd/', 'src/block/', 'src/base/'].some((p) => i.target.startsWith(p)));
+  // and the check is live: the image target uses the block layer's types
+  assert.ok(all.some((i) => i.file.startsWith('src/nbd/') && i.target.startsWith('src/block/')));
+});
+
+test('replication imports only replication, nbd, block and base', () => {
+  check('src/replication/', (i) => ['src/replication/', 'src/nbd/', 'src/block/', 'src/base/'].some((p) => i.target.startsWith(p)));
+  assert.ok(all.some((i) => i.file.startsWith('src/replication/') && i.target.startsWith('src/nbd/')));
+});
+
+test('machine imports only machine, replication (replicated drives), block (the drives\' images) and base', () => {
+  check('src/machine/', (i) => ['src/machine/', 'src/replication/', 'src/block/', 'src/base/'].some((p) => i.target.startsWith(p)));
   // and the check is live: the drives do import the block layer
   assert.ok(all.some((i) => i.file === 'src/machine/drives.ts' && i.target.startsWith('src/block/')));
 });
