@@ -40,6 +40,8 @@ export interface VmArgs {
   diskWorkload?: string;
   /** -global migration.send-configuration=on|off (QEMU's migration object property) */
   sendConfiguration: boolean;
+  /** -metrics tcp:HOST:PORT: serve the migration statistics to Prometheus there (src/metrics/) */
+  metrics?: string;
 }
 
 export class UsageError extends Error {}
@@ -51,6 +53,7 @@ const WITH_ARG = new Map<string, string>([
   ['fill', 'fill'], ['serial', 'serial'], ['display', 'display'], ['accel', 'accel'],
   ['vga', 'vga'], ['monitor', 'monitor'], ['drive', 'drive'], ['disk-workload', 'disk-workload'],
   ['global', 'global'],
+  ['metrics', 'metrics'],
 ]);
 const FLAGS = new Set(['S', 'mem-prealloc', 'nodefaults', 'no-user-config', 'no-shutdown', 'enable-kvm']);
 
@@ -183,6 +186,10 @@ export function parseVmArgs(argv: readonly string[]): VmArgs {
         break;
       case 'global':
         parseGlobal(val, a);
+        break;
+      case 'metrics':
+        if (a.metrics !== undefined) throw new UsageError(`-metrics ${val}: only one metrics endpoint per VM`);
+        a.metrics = val;
         break;
       case 'disk-workload':
         if (a.diskWorkload !== undefined) throw new UsageError(`-disk-workload ${val}: only one disk workload per VM`);

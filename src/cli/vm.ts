@@ -12,7 +12,9 @@ import { COMMANDS } from '../generated/qapi-commands.js';
 import { QapiEvents } from '../generated/qapi-events.js';
 import { DiskWorkloadError, DriveError, Machine, parseDiskWorkload, parseFill, parseWorkload, type SerialConfig } from '../machine/index.js';
 import {
+  ColoService,
   MigrationDestination,
+  MigrationObserver,
   MigrationOptions,
   MigrationSource,
   BLOCK_DRIVES_SECTION,
@@ -23,6 +25,7 @@ import {
   type TlsDeps,
 } from '../migration/index.js';
 import { QmpError } from '../qapi/errors.js';
+import { startMetrics } from '../metrics/prometheus.js';
 import { QmpServer } from '../qmp/index.js';
 import { parseVmArgs, UsageError } from './vm-args.js';
 
@@ -125,6 +128,8 @@ export async function main(argv: string[]): Promise<number> {
       },
       handshakeTimeoutMs: handshakeTimeout(),
     };
+    // COLO: one per VM, shared by its outgoing (primary) and incoming (secondary) migrations
+    const colo = new ColoService();
     const source = new MigrationSource(port, options, {
       lookupFd,
       qemuCompatible: a.qemuCompat,
@@ -132,8 +137,10 @@ export async function main(argv: string[]): Promise<number> {
       tls,
       sections,
       log,
+      colo,
     });
-    const destination = new MigrationDestination(port, options, { lookupFd, log, sections, tls, configuration: a.sendConfiguration });
+    const destination = new MigrationDestination(port, options, { lookupFd, log, sections, tls, colo, configuration: a.sendConfiguration });
+    const observe = new MigrationObserver({ source, destination, options, ram: () => machine.ram, faultStats: () => machine.faultStats() });
     vm = {
       machine,
       options,
@@ -143,6 +150,8 @@ export async function main(argv: string[]): Promise<number> {
       log,
       source,
       destination,
+      observe,
+      colo,
       incomingMode: a.incoming === undefined ? 'none' : a.incoming === 'defer' ? 'defer' : 'uri',
       commandNames: [...COMMANDS.keys()],
       version: FERRY_VERSION,
@@ -155,6 +164,8 @@ export async function main(argv: string[]): Promise<number> {
       requestQuit() {
         if (quitting) return;
         quitting = true;
+        // as QEMU 7.2: the event goes out before quit's reply
+        events.SHUTDOWN({ guest: false, reason: 'host-qmp-quit' });
         setTimeout(() => void shutdown(0), 20);
       },
     };
@@ -167,6 +178,7 @@ export async function main(argv: string[]): Promise<number> {
     });
     const events = new QapiEvents((name, data) => server.broadcast(name, data));
     machine.on('runstate', (now: string, old: string) => {
+      observe.runState(now, old);
       if (old === 'running') events.STOP();
       if (now === 'running') events.RESUME();
     });
@@ -179,10 +191,11 @@ export async function main(argv: string[]): Promise<number> {
     destination.on('status', (status) => {
       if (status === 'setup' || options.capability('events')) events.MIGRATION({ status });
     });
+    colo.on('exit', (mode, reason) => events.COLO_EXIT({ mode, reason }));
 
     const shutdown = async (code: number) => {
       try {
-        source.cancel();
+        source.shutdown();
         destination.close();
         await vm.nbd.shutdown().catch(() => undefined);
         await server.close();
@@ -191,9 +204,15 @@ export async function main(argv: string[]): Promise<number> {
         process.exit(code);
       }
     };
-    process.on('SIGINT', () => void shutdown(0));
-    process.on('SIGTERM', () => void shutdown(0));
-    process.on('SIGHUP', () => void shutdown(0));
+    const onSignal = (): void => {
+      if (quitting) return;
+      quitting = true;
+      events.SHUTDOWN({ guest: false, reason: 'host-signal' });
+      void shutdown(0);
+    };
+    process.on('SIGINT', onSignal);
+    process.on('SIGTERM', onSignal);
+    process.on('SIGHUP', onSignal);
 
     // like QEMU, the incoming listener exists before the monitor answers:
     // a client that got the greeting may connect to it at once
@@ -201,6 +220,10 @@ export async function main(argv: string[]): Promise<number> {
       await destination.start(a.incoming);
     }
     for (const spec of a.qmp) await server.listen(spec);
+    if (a.metrics !== undefined) {
+      const m = await startMetrics(a.metrics, { source, destination, observe, name: a.name, faultStats: () => machine.faultStats() });
+      log(`metrics on ${m.url}`);
+    }
     return -1; // keep running
   } catch (e) {
     const msg = e instanceof QmpError ? e.desc : e instanceof Error ? e.message : String(e);

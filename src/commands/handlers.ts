@@ -13,6 +13,8 @@ import type { Ctx } from './context.js';
 import { generic } from './errors.js';
 import { addObject, deleteObject } from './objects.js';
 import { blockDigest, blockInfo, diskWorkloadInfo } from './block.js';
+import { observeHandlers } from './observe.js';
+import { coloHandlers } from './colo.js';
 
 
 function migrationInfo(ctx: Ctx) {
@@ -153,7 +155,8 @@ export const handlers: CommandHandlers<Ctx> = {
   },
   'migrate-set-capabilities'(args, ctx) {
     const { source, options } = ctx.vm;
-    if (source.isActive() || source.status === 'cancelling') {
+    // in colo too, as later QEMU does (7.2 let x-colo go off under a running COLO)
+    if (source.isActive() || source.status === 'cancelling' || source.status === 'colo') {
       throw new QmpError('GenericError', "There's a migration process in progress");
     }
     return generic(() => options.setCapabilities(args.capabilities));
@@ -164,6 +167,7 @@ export const handlers: CommandHandlers<Ctx> = {
   async 'migrate-set-parameters'(args, ctx) {
     await generic(() => ctx.vm.options.setParameters(args));
     ctx.vm.source.applyMaxBandwidth();
+    if (args['x-checkpoint-delay'] !== undefined) ctx.vm.colo.checkpointDelayChanged();
   },
   'query-migrate-parameters'(_args, ctx) {
     return ctx.vm.options.parameters();
@@ -186,9 +190,6 @@ export const handlers: CommandHandlers<Ctx> = {
     }
     // also after the migration ended or when already requested: {} (docs/spec/qmp.md B.9)
     ctx.vm.source.requestPostcopy();
-  },
-  'x-colo-lost-heartbeat'() {
-    throw new QmpError('GenericError', "The feature 'colo' is not enabled");
   },
   migrate_cancel(_args, ctx) {
     ctx.vm.source.cancel();
@@ -216,6 +217,8 @@ export const handlers: CommandHandlers<Ctx> = {
     return ctx.vm.options.xbzrleCacheSize();
   },
   migrate(args, ctx) {
+    // a COLO secondary's guest is the primary's copy, not a guest to migrate
+    if (ctx.vm.destination.status === 'colo') throw new QmpError('GenericError', "There's a migration process in progress");
     return generic(() => ctx.vm.source.start(args.uri, { blk: args.blk, inc: args.inc }));
   },
   async 'migrate-incoming'(args, ctx) {
@@ -225,6 +228,8 @@ export const handlers: CommandHandlers<Ctx> = {
     }
     await generic(() => vm.destination.start(args.uri));
   },
+
+  ...observeHandlers,
 
   // ---- Xen and COLO replication
   async 'xen-save-devices-state'(args, ctx) {
@@ -259,4 +264,6 @@ export const handlers: CommandHandlers<Ctx> = {
   async 'xen-colo-do-checkpoint'(_args, ctx) {
     await generic(() => ctx.vm.machine.replication.checkpointAll());
   },
+
+  ...coloHandlers,
 };

@@ -31,6 +31,7 @@ export type MigrationPhase =
   | 'complete'
   | 'postcopy-switch'
   | 'postcopy'
+  | 'colo'
   | 'return-path'
   | 'listen'
   | 'accept'

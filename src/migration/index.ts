@@ -13,3 +13,5 @@ export { BLOCK_SECTION } from './block/section.js';
 export { BLOCK_DRIVES_SECTION } from './block/drives-check.js';
 export { TLS_HANDSHAKE_TIMEOUT_MS, type TlsDeps, type TlsCredsLookup } from './channel/tls.js';
 export { inspectStream, formatInspection, type InspectedRecord, type InspectedSection, type RamRecord } from './inspect.js';
+export { MigrationObserver, DirtyRateError, ForecastError, TraceError, type ObserverDeps } from './observe/index.js';
+export { ColoService, type ColoReplication } from './colo/index.js';

@@ -96,6 +96,19 @@ test('qmp knows no command meaning and no engine', () => {
   check('src/qmp/', (i) => ['src/qmp/', 'src/base/', 'src/qapi/'].some((p) => i.target.startsWith(p)));
 });
 
+test('the typed client (ferry/client) is the generated client over the QMP socket client, nothing else', () => {
+  check('src/client/', (i) => ['src/client/', 'src/qmp/', 'src/generated/qapi-client.ts', 'src/generated/qapi-types.ts'].some((p) => i.target.startsWith(p)));
+});
+
+test('the report knows the generated schema types and client, never the engine or the cli', () => {
+  check('src/report/', (i) => ['src/report/', 'src/generated/'].some((p) => i.target.startsWith(p)) && !i.target.startsWith('src/generated/qapi-commands.ts'));
+  assert.ok(all.some((i) => i.file.startsWith('src/report/') && i.target.startsWith('src/generated/')));
+});
+
+test('metrics read the engine as commands do, never the cli or QMP', () => {
+  check('src/metrics/', (i) => ['src/metrics/', 'src/migration/', 'src/generated/qapi-types.ts'].some((p) => i.target.startsWith(p)));
+});
+
 test('commands never import the cli', () => {
   check('src/commands/', (i) => !i.target.startsWith('src/cli/'));
 });
@@ -128,6 +141,12 @@ test('sections, RAM, block and postcopy use the state machines only as types', (
   for (const d of ['sections/', 'ram/', 'block/', 'postcopy/']) {
     check(M + d, (i) => !i.target.startsWith(M + 'core/') || i.typeOnly);
   }
+});
+
+test('COLO uses the state machines only as types (the load loop reads its checkpoints)', () => {
+  check(M + 'colo/', (i) => !i.target.startsWith(M + 'core/') || i.typeOnly || i.target === M + 'core/load-loop.ts');
+  // and the check is live: COLO does read checkpoints through the load loop
+  assert.ok(all.some((i) => i.file.startsWith(M + 'colo/') && i.target === M + 'core/load-loop.ts'));
 });
 
 test('the state machines and sessions name no section: RAM comes from the registry', () => {

@@ -175,6 +175,14 @@ test('blk and inc as QEMU 7.2: refused while the capability or the parameter is 
     p.src.options.setParameters({ 'block-incremental': true });
     assert.throws(() => p.src.source.start(p.uri, { inc: true }), /^MigrationError: Command options are incompatible with current migration capabilities$/);
     p.src.options.setParameters({ 'block-incremental': false });
+    // QEMU 7.2's migrate_prepare: blk or inc with x-colo on, before any other blk check
+    p.src.options.setCapabilities([{ capability: 'x-colo', state: true }]);
+    for (const flags of [{ blk: true }, { inc: true }]) {
+      assert.throws(() => p.src.source.start(p.uri, flags), /^MigrationError: No disk migration is required in COLO mode$/);
+      assert.equal(p.src.options.capability('block'), false);
+      assert.equal(p.src.options.get('block-incremental'), false);
+    }
+    p.src.options.setCapabilities([{ capability: 'x-colo', state: false }]);
     // a bad URI: the migration fails and blk's capability is off again
     assert.throws(() => p.src.source.start('nosuch:x', { blk: true }));
     assert.equal(p.src.options.capability('block'), false);

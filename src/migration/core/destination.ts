@@ -10,6 +10,7 @@ import { EventEmitter } from 'node:events';
 import type { MigrationInfo, MigrationStatus } from '../../generated/qapi-types.js';
 import { listenIncoming, parseMigrationUri, type ChannelWrapper, type IncomingListener } from '../channel/index.js';
 import type { TlsDeps } from '../channel/tls.js';
+import { ColoService } from '../colo/index.js';
 import { MigrationError, errorMessage } from '../errors.js';
 import { RAM_SECTION } from '../ram/section.js';
 import { SectionRegistry } from '../sections/registry.js';
@@ -32,6 +33,8 @@ export interface DestinationDeps {
   trace?: (point: DestinationTracePoint) => void;
   /** QEMU's `-global migration.send-configuration`: false expects no configuration record (default true). */
   configuration?: boolean;
+  /** The VM's COLO (default: one of its own). */
+  colo?: ColoService;
 }
 
 export declare interface MigrationDestination {
@@ -45,6 +48,7 @@ export class MigrationDestination extends EventEmitter {
   private starting = false;
   private done: Promise<void> = Promise.resolve();
   private readonly sections: SectionRegistry;
+  readonly colo: ColoService;
 
   constructor(
     private readonly machine: MachinePort,
@@ -53,6 +57,7 @@ export class MigrationDestination extends EventEmitter {
   ) {
     super();
     this.sections = deps.sections ?? new SectionRegistry([RAM_SECTION]);
+    this.colo = deps.colo ?? new ColoService();
   }
 
   get status(): MigrationStatus {
@@ -108,6 +113,7 @@ export class MigrationDestination extends EventEmitter {
         trace: this.deps.trace,
         configuration: this.deps.configuration ?? true,
         log,
+        colo: this.colo,
       },
       listener,
     );

@@ -19,13 +19,16 @@ import { TARGET_PAGE_SIZE, type MigratableDevice } from '../../machine/types.js'
 import { endOutput, linger, openOutgoing, type Channel, type ChannelWrapper, type MigrationUri } from '../channel/index.js';
 import { chainWrappers, migrationTls, type TlsDeps } from '../channel/tls.js';
 import { CompressPool } from '../codec/compress-pool.js';
-import { CancelledError, MigrationError, PeerError, inPhase, type MigrationFailure, type MigrationPhase } from '../errors.js';
+import { ColoPrimary, COLO_ERR, type ColoService } from '../colo/index.js';
+import { CancelledError, MigrationError, PeerError, errorMessage, inPhase, type MigrationFailure, type MigrationPhase } from '../errors.js';
+import { DecisionLog, type DecisionWhy } from '../observe/decisions.js';
 import { runPostcopy } from '../postcopy/switch.js';
 import { ReturnPathReader } from '../return-path/reader.js';
 import { MigrationClockDevice, wallClockUs } from '../sections/clock-device.js';
 import { buildVmdesc, writeDeviceSections, type VmdescEntry } from '../sections/device-sections.js';
 import { FIRST_SECTION_ID, type SectionRegistry } from '../sections/registry.js';
 import type { LiveSection, OutgoingSectionContext, Pending } from '../sections/section.js';
+import { StreamReader } from '../stream/reader.js';
 import { StreamWriter, type ByteSink } from '../stream/writer.js';
 import { WIRE } from '../wire/constants.js';
 import {
@@ -53,6 +56,13 @@ const SLICE_MS = 5;
 const QEMU_DEVICES: ReadonlySet<string> = new Set(['timer', 'globalstate']);
 /** How long a failed postcopy source waits for the return path's last words. */
 const RP_SETTLE_MS = 1000;
+/**
+ * How long a migrate_cancel that comes after the last byte waits for the
+ * destination's verdict (SHUT) before it cuts the migration short anyway.
+ */
+export const CANCEL_VERDICT_MS = 2000;
+/** How long a source waits for an exec: command that ended its stdout without a SHUT to exit. */
+const EXIT_STATUS_MS = 1000;
 
 /**
  * Named points of an outgoing migration, reported to `trace` as they are
@@ -90,6 +100,8 @@ export interface OutgoingDeps {
   onPass(count: number): void;
   /** What switchovers cost on this VM (switchover.ts); one per source, shared by its migrations. */
   readonly switchover: SwitchoverBudget;
+  /** The VM's COLO (x-colo: after the precopy the session goes on as a COLO primary, colo/primary.ts). */
+  readonly colo: ColoService;
   log?(msg: string): void;
 }
 
@@ -109,6 +121,10 @@ interface PendingSum {
 export class OutgoingSession {
   readonly stats = new SourceStats();
   readonly abort = new AbortController();
+  /** What the switchover decided and why (x-query-migrate-decisions). */
+  readonly decisions = new DecisionLog();
+  /** The dirty-sync count (MIGRATION_PASS) so far. */
+  pass = 0;
   channel: Channel | null = null;
   writer: StreamWriter | null = null;
   returnPath: ReturnPathReader | null = null;
@@ -121,6 +137,8 @@ export class OutgoingSession {
   inPostcopy = false;
   /** The VM is stopped by us and must be restarted on failure. */
   vmStopped = false;
+  /** x-colo: the COLO primary this migration becomes once its precopy completed. */
+  colo: ColoPrimary | null = null;
   phase: MigrationPhase = 'start';
   private compress: CompressPool | null = null;
   /** Which section goes first in the next slice. */
@@ -128,6 +146,11 @@ export class OutgoingSession {
   /** vmdesc entries of the device sections written by writeDevices(). */
   private vmdesc: VmdescEntry[] = [];
   private disposed = false;
+  /** now() when the vCPUs stopped for the switchover. */
+  private stopTime = 0;
+  /** Every byte is out and the return path's SHUT will say who owns the guest. */
+  private verdictPending = false;
+  private cancelTimer: NodeJS.Timeout | undefined;
 
   constructor(readonly deps: OutgoingDeps) {
     this.stats.begin(deps.now());
@@ -178,6 +201,24 @@ export class OutgoingSession {
     this.channel?.close();
   }
 
+  /**
+   * migrate_cancel after the last byte, while the destination's verdict is
+   * pending: the destination may have loaded everything and be running the
+   * guest already, so resuming ours would leave two running copies (QEMU
+   * resumes it). The cancel waits for the SHUT: 0 completes the migration
+   * (the cancel came too late), anything else fails it and our guest runs on.
+   * Without a verdict within CANCEL_VERDICT_MS, `then` cancels after all.
+   * False when nothing is pending (cancel at once).
+   */
+  deferCancel(then: () => void): boolean {
+    if (!this.verdictPending) return false;
+    this.cancelTimer ??= setTimeout(() => {
+      this.verdictPending = false;
+      then();
+    }, CANCEL_VERDICT_MS);
+    return true;
+  }
+
   /** Throws CancelledError once migrate_cancel was issued. */
   checkCancelled(): void {
     if (this.deps.status.is('cancelling')) throw new CancelledError({ phase: this.phase });
@@ -195,6 +236,7 @@ export class OutgoingSession {
       }
     }
     this.returnPath?.stop();
+    this.colo?.shutdown();
     this.channel?.close();
     void this.compress?.close();
     this.compress = null;
@@ -225,6 +267,11 @@ export class OutgoingSession {
     this.trace('connected');
     this.phase = 'setup';
     if (useReturnPath && !channel.bidirectional) throw new MigrationError('Unable to open return-path for postcopy');
+    if (options.capability('x-colo')) {
+      // COLO's messages come back on the channel's other direction
+      if (!channel.bidirectional) throw new MigrationError(COLO_ERR.noReturnPath());
+      this.colo = new ColoPrimary(this.deps.colo, { qemuCompatible: this.deps.qemuCompatible, now: this.deps.now, log: (m) => this.deps.log?.(m) });
+    }
     const w = new StreamWriter(channel.output, { now: this.deps.now });
     this.writer = w;
     w.setMaxBandwidth(options.get('max-bandwidth'));
@@ -233,7 +280,7 @@ export class OutgoingSession {
     putHeader(w);
     if (this.deps.sendConfiguration) putConfiguration(w, machine.machineType);
     if (useReturnPath) {
-      this.returnPath = new ReturnPathReader(channel, (e) => this.onReturnPathError(e));
+      this.returnPath = new ReturnPathReader(channel, (e) => this.onReturnPathError(e), { stopAtShut: this.colo !== null });
       putCmdOpenReturnPath(w);
       putCmdPing(w, 1);
     }
@@ -265,7 +312,10 @@ export class OutgoingSession {
       now: this.deps.now,
       returnPath: this.returnPath,
       compressPool: () => (this.compress ??= new CompressPool({ threads: this.options.get('compress-threads') })),
-      onPass: (n) => this.deps.onPass(n),
+      onPass: (n) => {
+        this.pass = n;
+        this.deps.onPass(n);
+      },
       throughputMbps: () => this.stats.mbps,
       qemuCompatible: this.deps.qemuCompatible,
     };
@@ -304,11 +354,20 @@ export class OutgoingSession {
       // bytes put but not yet handed to the kernel go after the stop too
       const queued = w.bytesWritten - w.bytesFlushed;
       let p = this.pending(false);
-      if (p.total + queued < threshold || p.total === 0) p = this.pending(true);
+      const exact = p.total + queued < threshold || p.total === 0;
+      if (exact) p = this.pending(true);
       this.stats.remaining = p.total;
-      if (p.total === 0 || p.total + queued < threshold) return 'complete';
+      if (p.total === 0 || p.total + queued < threshold) {
+        this.decide(p, queued, threshold, 'switchover', p.total === 0 ? 'empty' : 'fits');
+        return 'complete';
+      }
       // what must go before the switch fits: postcopy carries the rest
-      if (this.postcopyRequested && this.options.capability('postcopy-ram') && p.precopy + queued <= threshold) return 'postcopy';
+      const postcopy = this.postcopyRequested && this.options.capability('postcopy-ram');
+      if (postcopy && p.precopy + queued <= threshold) {
+        this.decide(p, queued, threshold, 'postcopy', 'postcopy-fits');
+        return 'postcopy';
+      }
+      if (exact) this.decide(p, queued, threshold, 'iterate', postcopy ? 'postcopy-waits' : 'too-much');
 
       this.trace('slice');
       // Sections take turns at going first, so that one that fills the
@@ -334,11 +393,34 @@ export class OutgoingSession {
     }
   }
 
+  /** Record a decision with the figures it was taken on (observe/decisions.ts). */
+  private decide(p: PendingSum, queued: number, threshold: number, decision: 'iterate' | 'switchover' | 'postcopy', why: DecisionWhy): void {
+    const budget = this.deps.switchover;
+    const limit = this.options.get('downtime-limit');
+    const bandwidth = this.stats.lowBandwidth;
+    this.decisions.record({
+      timeMs: this.now() - this.stats.startTime,
+      pass: this.pass,
+      dirtyBytes: p.total,
+      precopyBytes: p.precopy,
+      queuedBytes: queued,
+      bandwidth,
+      plannedBandwidth: budget.plannedBandwidth(bandwidth),
+      expectedDowntimeMs: budget.expectedDowntimeMs(p.total + queued, bandwidth, limit),
+      limitMs: limit,
+      reserveMs: budget.reserveMs(limit),
+      thresholdBytes: threshold,
+      decision,
+      why,
+    });
+  }
+
   /** Stop-and-copy: VM stopped, the rest of every section, devices, EOF, vmdesc. */
   private async complete(): Promise<void> {
     const w = this.writer!;
     const stopWall = wallClockUs();
     const stopTime = this.now();
+    this.stopTime = stopTime;
     const bandwidth = this.stats.lowBandwidth;
     const flushedAtStop = w.bytesFlushed;
     await this.machine.stopForMigration();
@@ -356,10 +438,37 @@ export class OutgoingSession {
     putVmdesc(w, buildVmdesc(this.vmdesc));
     await w.drain();
     this.checkCancelled();
-    this.trace('sent');
     const rp = this.returnPath;
+    // set before the trace point: a cancel there must already wait for the verdict
+    this.verdictPending = rp !== null && !this.colo;
+    this.trace('sent');
+    if (this.colo) {
+      await this.runColo(rp);
+      return;
+    }
     if (rp) {
-      const shut = await rp.waitForShut();
+      const ch = this.channel!;
+      let shut: number;
+      try {
+        // an exec: command sees the end of the stream only at EOF on its
+        // stdin: `cat > FILE` would otherwise wait for more while we wait for
+        // its SHUT (QEMU 7.2 hangs there in `active`). Ended now, a command
+        // that cannot answer exits, its stdout ends, and that fails below.
+        if (ch.endOnLastByte) await endOutput(ch);
+        shut = await rp.waitForShut();
+      } catch (e) {
+        // the command ended without a verdict: its exit status, when it
+        // failed (a full disk), says more than the end of its stdout
+        if (ch.endOnLastByte && !this.deps.status.is('cancelling')) {
+          await linger(ch, EXIT_STATUS_MS, this.abort.signal);
+          if (ch.error !== undefined) throw ch.error;
+          if (ch.released) throw new PeerError(`The command exited without a verdict on the return path (no SHUT): ${errorMessage(e)}`, { cause: e });
+        }
+        throw e;
+      } finally {
+        this.verdictPending = false;
+        clearTimeout(this.cancelTimer);
+      }
       this.checkCancelled();
       if (shut !== 0) throw new PeerError(`Destination reported failure (SHUT ${shut})`);
     } else {
@@ -371,12 +480,47 @@ export class OutgoingSession {
       // forwarder gets to pass the tail on before we close it
       this.trace('lingering');
       await linger(this.channel!, undefined, this.abort.signal);
+      // an exec: forwarder that failed to pass the tail on (`cat > FILE` on
+      // a full disk exits 1): the stream did not arrive, our guest runs on
+      const chErr = this.channel!.error;
+      if (chErr !== undefined && !this.deps.status.is('cancelling')) throw chErr;
     }
     // a cancel that came after the last byte still wins (QEMU: cancelled, the source runs on)
     this.checkCancelled();
     this.stats.downtime = Math.round(end - stopTime);
     this.deps.switchover.record(end - stopTime, w.bytesWritten - flushedAtStop, bandwidth);
     this.finish(end);
+  }
+
+  /** x-colo: instead of completing, the session goes on as the COLO primary until a failover. */
+  private async runColo(rp: ReturnPathReader | null): Promise<void> {
+    const channel = this.channel!;
+    let input: StreamReader;
+    if (rp) {
+      // the destination confirms the load with SHUT 0 before COLO's messages
+      const shut = await rp.waitForShut();
+      this.checkCancelled();
+      if (shut !== 0) throw new PeerError(`Destination reported failure (SHUT ${shut})`);
+      input = rp.takeReader();
+    } else {
+      input = new StreamReader(channel.input);
+    }
+    this.phase = 'colo';
+    const end = this.now();
+    this.stats.downtime = Math.round(end - this.stopTime);
+    await this.colo!.run({
+      machine: this.machine,
+      options: this.options,
+      status: this.deps.status,
+      channel,
+      input,
+      sections: this.sections.map((a) => a.section),
+      resumeGuest: async () => {
+        this.vmStopped = false;
+        await this.machine.resumeAfterMigration();
+      },
+      finish: () => this.stats.finish(this.now(), this.writer!.bytesWritten),
+    });
   }
 
   /** The device sections of the switchover, numbered after the live sections. */
@@ -388,9 +532,10 @@ export class OutgoingSession {
 
   /** Device sections for the switchover (stop time in the ferry-migration section). */
   private devicesToSend(stopWallUs: number): MigratableDevice[] {
-    return this.deps.qemuCompatible
+    const own = this.deps.qemuCompatible
       ? this.machine.devices.filter((d) => QEMU_DEVICES.has(d.idstr))
       : [...this.machine.devices, new MigrationClockDevice(stopWallUs)];
+    return this.colo ? [...own, ...this.colo.streamDevices()] : own;
   }
 
   /** Final statistics, run state postmigrate, status completed. */
@@ -404,6 +549,9 @@ export class OutgoingSession {
   private onReturnPathError(e: MigrationFailure): void {
     e.phase ??= 'return-path';
     this.writer?.setError(e);
+    // after the last byte on an exec: channel, complete() first waits for
+    // the command's exit status (it closes the channel when it is done)
+    if (this.verdictPending && this.channel?.endOnLastByte) return;
     this.channel?.close();
   }
 
