@@ -141,9 +141,12 @@ export class BlockLoader {
       return;
     }
     if (!r.has(CHUNK)) await r.ensure(CHUNK);
-    if (d.format === 'raw') {
+    if (d.format === 'raw' && !r.pooled) {
       // raw: the received bytes go to the file as they lie in the stream's
-      // chunks (one pwritev), without a copy; an all-zero chunk as zeroes
+      // chunks (one pwritev), without a copy; an all-zero chunk as zeroes.
+      // Not with pooled reads: a pool buffer is refilled by a later read
+      // while the write is still queued (reader.ts, getBytes), so the chunk
+      // is copied into one of our buffers below
       const views = takeViews(r, CHUNK, len);
       this.opts.observer?.chunk(name, offset, flags, this.opts.keepData ? Buffer.concat(views) : null);
       const zeroes = views.every((v) => isZeroRange(v, 0, v.length));
