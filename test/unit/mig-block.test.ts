@@ -207,6 +207,8 @@ async function refused(opts: PairOptions, flags: { blk?: boolean; inc?: boolean 
     assert.equal(p.src.machine.runState, 'running');
     assert.equal((await p.src.machine.blockDigest()).digest, before);
     assert.equal(p.src.options.capability('block'), false);
+    // QEMU's query-migrate has `disk` only while block migration is active (populate_disk_info)
+    assert.equal(p.src.source.info().disk, undefined, 'no disk once failed');
     assert.equal(p.dst!.machine.runState, 'inmigrate', 'the destination never runs');
   } finally {
     await p.close();
@@ -255,6 +257,7 @@ test('migrate_cancel during the bulk phase: the source runs on, its dirty logs a
     p.src.source.start(p.uri, { blk: true });
     await p.src.source.whenIdle();
     assert.equal(p.src.source.status, 'cancelled');
+    assert.equal(p.src.source.info().disk, undefined, 'no disk once cancelled');
     assert.equal(p.src.machine.runState, 'running');
     assert.equal(p.src.machine.drives.list[0]!.dirtyTracking, false);
     assert.equal(p.src.options.capability('block'), false);
