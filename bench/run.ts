@@ -8,6 +8,7 @@
  *   npm run bench -- migrate --runs 5   one, with its flags
  *   npm run bench -- loopback hugepage
  *   npm run bench -- postcopy --runs 3
+ *   npm run bench -- block --only throughput
  */
 import { spawnSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
@@ -15,7 +16,7 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const here = dirname(fileURLToPath(import.meta.url));
-const ALL = ['loopback', 'dirty-log', 'codec-ram', 'xbzrle', 'compress', 'hugepage', 'migrate', 'postcopy', 'tls', 'compare', 'forecast', 'replication', 'colo'];
+const ALL = ['loopback', 'dirty-log', 'codec-ram', 'xbzrle', 'compress', 'hugepage', 'migrate', 'postcopy', 'tls', 'compare', 'forecast', 'replication', 'colo', 'block'];
 
 const args = process.argv.slice(2);
 const firstFlag = args.findIndex((a) => a.startsWith('--'));

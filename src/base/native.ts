@@ -172,6 +172,23 @@ export const loadPageRun: (src: Uint8Array, srcOffset: number, srcEnd: number, r
   pages !== null ? pages.loadPages : () => 0;
 
 /**
+ * Keep freed malloc heap in the process instead of trimming it back to the
+ * kernel at every free (native/malloc-tune: glibc's M_TRIM_THRESHOLD and
+ * M_TOP_PAD). An incoming stream arrives in buffers Node allocates per
+ * socket read; with glibc's defaults their memory goes back to the kernel
+ * and is faulted in again at once (docs/benchmarks.md, "Block migration").
+ * Returns whether the tunables were set (false without the addon or glibc).
+ */
+export function keepFreedHeap(trimThreshold = 256 << 20, topPad = 64 << 20): boolean {
+  try {
+    const addon = createRequire(import.meta.url)(resolve(root, 'native/malloc-tune/index.cjs')) as { keepFreedHeap(t: number, p: number): boolean };
+    return addon.keepFreedHeap(trimThreshold, topPad);
+  } catch {
+    return false;
+  }
+}
+
+/**
  * The sender's side of loadPageRun: walks the migration bitmap of one block
  * from `page` to `endPage`, takes at most maxPages set bits (clearing them)
  * and encodes each page as a `CONTINUE|ZERO` record (never written, or all

@@ -4,7 +4,7 @@
  */
 import type { FileHandle } from 'node:fs/promises';
 import { bufferView } from '../base/bytes.js';
-import { checkRange, preadFull, pwriteFull, SerialQueue, ZERO_CHUNK, zeroChunk } from './io.js';
+import { checkRange, preadFull, pwriteFull, pwritevFull, SerialQueue, ZERO_CHUNK, zeroChunk } from './io.js';
 import { BlockError, type BlockImage, type BlockStatus } from './types.js';
 
 export class RawImage implements BlockImage {
@@ -35,6 +35,16 @@ export class RawImage implements BlockImage {
     return this.queue.run(async () => {
       this.checkOpen();
       await pwriteFull(this.fh, data, offset);
+    });
+  }
+
+  async writev(offset: number, bufs: readonly Uint8Array[]): Promise<void> {
+    let length = 0;
+    for (const b of bufs) length += b.length;
+    this.check(offset, length, true);
+    return this.queue.run(async () => {
+      this.checkOpen();
+      await pwritevFull(this.fh, [...bufs], offset);
     });
   }
 

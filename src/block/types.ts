@@ -48,6 +48,12 @@ export interface BlockImage {
   read(offset: number, buf: Uint8Array): Promise<void>;
   /** Write `data` at `offset` (copy-on-write from the backing chain where a cluster is new). */
   write(offset: number, data: Uint8Array): Promise<void>;
+  /**
+   * Write the buffers back to back from `offset`, as one request (one
+   * pwritev), without joining them first. Optional: the formats that have it
+   * (raw) save a copy; callers fall back to write().
+   */
+  writev?(offset: number, bufs: readonly Uint8Array[]): Promise<void>;
   /** Make [offset, offset + length) read as zeros (qcow2 v3: zero clusters where whole clusters are covered). */
   writeZeroes(offset: number, length: number): Promise<void>;
   /** What the top image holds at `offset`, and for how many bytes that stays the same. */

@@ -38,6 +38,8 @@ export interface VmArgs {
   drives: DriveArg[];
   /** -disk-workload, unparsed (the machine checks it against the drives) */
   diskWorkload?: string;
+  /** -global migration.send-configuration=on|off (QEMU's migration object property) */
+  sendConfiguration: boolean;
   /** -metrics tcp:HOST:PORT: serve the migration statistics to Prometheus there (src/metrics/) */
   metrics?: string;
 }
@@ -50,6 +52,7 @@ const WITH_ARG = new Map<string, string>([
   ['object', 'object'], ['machine', 'machine'], ['M', 'machine'], ['workload', 'workload'],
   ['fill', 'fill'], ['serial', 'serial'], ['display', 'display'], ['accel', 'accel'],
   ['vga', 'vga'], ['monitor', 'monitor'], ['drive', 'drive'], ['disk-workload', 'disk-workload'],
+  ['global', 'global'],
   ['metrics', 'metrics'],
 ]);
 const FLAGS = new Set(['S', 'mem-prealloc', 'nodefaults', 'no-user-config', 'no-shutdown', 'enable-kvm']);
@@ -101,6 +104,7 @@ export function parseVmArgs(argv: readonly string[]): VmArgs {
     fill: 'zero',
     serial: 'none',
     drives: [],
+    sendConfiguration: true,
   };
   for (let i = 0; i < argv.length; i++) {
     const raw = argv[i]!;
@@ -180,6 +184,9 @@ export function parseVmArgs(argv: readonly string[]): VmArgs {
           throw new UsageError(`-drive ${val}: ${(e as Error).message}`);
         }
         break;
+      case 'global':
+        parseGlobal(val, a);
+        break;
       case 'metrics':
         if (a.metrics !== undefined) throw new UsageError(`-metrics ${val}: only one metrics endpoint per VM`);
         a.metrics = val;
@@ -194,6 +201,41 @@ export function parseVmArgs(argv: readonly string[]): VmArgs {
     }
   }
   return a;
+}
+
+/**
+ * -global DRIVER.PROP=VALUE (or driver=,property=,value=). Ferry has one:
+ * migration.send-configuration, QEMU's switch for the configuration record
+ * after the stream header (off on both sides lets a `-M pc` QEMU take a
+ * Ferry `-machine none` stream: docs/spec/interop-block.md).
+ */
+function parseGlobal(val: string, a: VmArgs): void {
+  let driver: string | undefined;
+  let prop: string | undefined;
+  let value: string | undefined;
+  const o = parseOptString(val);
+  if (o.driver !== undefined || o.property !== undefined) {
+    ({ driver, property: prop, value } = o);
+  } else {
+    const eq = val.indexOf('=');
+    const dot = val.indexOf('.');
+    if (eq > 0 && dot > 0 && dot < eq) {
+      driver = val.slice(0, dot);
+      prop = val.slice(dot + 1, eq);
+      value = val.slice(eq + 1);
+    }
+  }
+  if (driver === undefined || prop === undefined || value === undefined) {
+    throw new UsageError(`-global ${val}: expected DRIVER.PROPERTY=VALUE`);
+  }
+  if (driver !== 'migration' || prop !== 'send-configuration') {
+    throw new UsageError(`-global ${val}: Ferry has only migration.send-configuration`);
+  }
+  try {
+    a.sendConfiguration = parseBool(value, prop);
+  } catch (e) {
+    throw new UsageError(`-global ${val}: ${(e as Error).message}`);
+  }
 }
 
 /** -drive options QEMU has that Ferry does not carry out. */

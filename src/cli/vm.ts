@@ -2,6 +2,7 @@
  * `ferry vm`: one virtual machine process, driven over QMP like
  * qemu-system. See vm-args.ts for the command line.
  */
+import { keepFreedHeap } from '../base/native.js';
 import { parseSize } from '../base/size.js';
 import { handlers } from '../commands/handlers.js';
 import type { Ctx, UserObject, VmServices } from '../commands/context.js';
@@ -16,6 +17,8 @@ import {
   MigrationObserver,
   MigrationOptions,
   MigrationSource,
+  BLOCK_DRIVES_SECTION,
+  BLOCK_SECTION,
   RAM_SECTION,
   SectionRegistry,
   machinePort,
@@ -47,6 +50,8 @@ function handshakeTimeout(): number | undefined {
 export async function main(argv: string[]): Promise<number> {
   let vm: VmServices;
   let server: QmpServer<Ctx>;
+  // an incoming stream's socket buffers: keep their heap instead of handing it back and faulting it in again
+  keepFreedHeap();
   try {
     const a = parseVmArgs(argv);
     let ramSize = parseSize(a.ramSize);
@@ -103,8 +108,10 @@ export async function main(argv: string[]): Promise<number> {
     // -S, or `stop` during an incoming migration, keeps the guest paused after the load
     const incomingRun = { autostart: !a.startPaused };
     const port = machinePort(machine, incomingRun);
-    // the live sections this VM migrates besides its devices (disks register here)
-    const sections = new SectionRegistry([RAM_SECTION]);
+    // the live sections this VM migrates besides its devices: RAM, and with
+    // the `block` capability the drives (QEMU's block section, and Ferry's
+    // list of the drives for a Ferry destination to check first)
+    const sections = new SectionRegistry([RAM_SECTION, BLOCK_SECTION, BLOCK_DRIVES_SECTION]);
     const log = (msg: string) => process.stderr.write(`ferry: ${msg}\n`);
     // QEMU warns too (and then restricts writes to block 0, which Ferry does not)
     for (const d of machine.drives.list) {
@@ -126,12 +133,13 @@ export async function main(argv: string[]): Promise<number> {
     const source = new MigrationSource(port, options, {
       lookupFd,
       qemuCompatible: a.qemuCompat,
+      sendConfiguration: a.sendConfiguration,
       tls,
       sections,
       log,
       colo,
     });
-    const destination = new MigrationDestination(port, options, { lookupFd, log, sections, tls, colo });
+    const destination = new MigrationDestination(port, options, { lookupFd, log, sections, tls, colo, configuration: a.sendConfiguration });
     const observe = new MigrationObserver({ source, destination, options, ram: () => machine.ram, faultStats: () => machine.faultStats() });
     vm = {
       machine,

@@ -29,7 +29,7 @@
  */
 import { createHash } from 'node:crypto';
 import { stat } from 'node:fs/promises';
-import { BlockError, openImage, type BlockImage, type ImageFormat } from '../block/index.js';
+import { BlockError, openImage, type BlockImage, type BlockStatus, type ImageFormat } from '../block/index.js';
 import { Qcow2Image } from '../block/qcow2.js';
 import { ReplicationPrimary, ReplicationSecondary, ReplicationSet, type FailureSink, type ReplicationConfig, type WriteHook } from '../replication/index.js';
 import { DirtyChunks } from './dirty-chunks.js';
@@ -315,6 +315,23 @@ export class Drive {
     return this.image.virtualSize;
   }
 
+  /** The top image's format. */
+  get format(): ImageFormat {
+    return this.image.format;
+  }
+
+  /** Bytes per allocation unit of the top image: the qcow2 cluster size, 512 for raw. */
+  get clusterSize(): number {
+    return this.image.clusterSize;
+  }
+
+  /** Images below the top one (0: no backing file). */
+  get backingDepth(): number {
+    let depth = 0;
+    for (let b = this.image.backing; b !== null; b = b.backing) depth++;
+    return depth;
+  }
+
   /** A guest device uses the drive (if=ide, if=virtio). */
   get attached(): boolean {
     return this.interface !== 'none';
@@ -347,12 +364,35 @@ export class Drive {
     if (this.writethrough) await this.image.flush();
   }
 
+  /**
+   * Write the buffers back to back from `offset` (one request where the
+   * format has one, else joined and written); marks and flushes like write().
+   */
+  async writev(offset: number, bufs: readonly Uint8Array[]): Promise<void> {
+    let length = 0;
+    for (const b of bufs) length += b.length;
+    this.dirty.mark(offset, length);
+    const img = this.image;
+    const write = (): Promise<void> => (img.writev ? img.writev(offset, bufs) : img.write(offset, Buffer.concat(bufs)));
+    if (this.writeHook !== null) await this.writeHook(offset, length, write);
+    else await write();
+    if (this.writethrough) await img.flush();
+  }
+
   /** Make bytes read as zeros; marks the dirty chunks like write(). */
   async writeZeroes(offset: number, length: number): Promise<void> {
     this.dirty.mark(offset, length);
     if (this.writeHook !== null) await this.writeHook(offset, length, () => this.image.writeZeroes(offset, length));
     else await this.image.writeZeroes(offset, length);
     if (this.writethrough) await this.image.flush();
+  }
+
+  /**
+   * What the top image holds at `offset` and for how many bytes that stays
+   * so (block migration's incremental mode sends only what it holds).
+   */
+  blockStatus(offset: number, length: number): Promise<BlockStatus> {
+    return this.image.blockStatus(offset, length);
   }
 
   /** Make completed writes durable (nothing with cache=unsafe). */
@@ -400,8 +440,6 @@ export class Drive {
   }
 
   async info(): Promise<DriveInfo> {
-    let depth = 0;
-    for (let b = this.image.backing; b !== null; b = b.backing) depth++;
     const info: DriveInfo = {
       name: this.name,
       interface: this.interface,
@@ -411,7 +449,7 @@ export class Drive {
       format: this.image.format,
       readOnly: this.readOnly,
       cache: this.cache,
-      backingDepth: depth,
+      backingDepth: this.backingDepth,
       ioStatus: this.ioStatus,
       image: await imageInfo(this.image),
     };
@@ -423,14 +461,17 @@ export class Drive {
    * Close the image and open it again (same format and mode), so that
    * nothing cached of its metadata survives: another process may have
    * written it (shared storage across a migration; QEMU's image
-   * inactivation and activation).
+   * inactivation and activation). No flush first: every write is in the
+   * file already (the drivers keep no dirty metadata), the page cache shows
+   * it to the new handle, and durability is the guest's or the stop's
+   * business; an incoming block migration's gigabyte of fresh writes would
+   * otherwise be synced while the guest waits to start.
    */
   async reopen(): Promise<void> {
     if (this.closed) throw new Error(`drive ${this.name} is closed`);
     // a replicated drive reopens the files below it and keeps its replication state
     if (this._image instanceof ReplicationPrimary || this._image instanceof ReplicationSecondary) return this._image.reopen();
     const old = this._image;
-    await this.flush();
     await old.close();
     try {
       this._image = await openImage(this.file, { format: old.format, readOnly: this.readOnly, barriers: this.cache !== 'unsafe' });

@@ -7,6 +7,7 @@
  *            stream     the peer sent bytes that are not a valid stream
  *            channel    the transport failed (connect, read, write, a child's exit)
  *            peer       the other side said it failed (return-path SHUT)
+ *            io         a read or write of a local disk failed (block migration)
  *            cancelled  migrate_cancel
  *            internal   none of those: a bug (a TypeError, a RangeError from an
  *                       unchecked read...). Kept with its stack as `cause`.
@@ -19,7 +20,7 @@
  * (kind internal) by `kind` alone.
  */
 
-export type FailureKind = 'usage' | 'stream' | 'channel' | 'peer' | 'cancelled' | 'internal';
+export type FailureKind = 'usage' | 'stream' | 'channel' | 'peer' | 'io' | 'cancelled' | 'internal';
 
 /** Where a failure happened. Source phases first, then the destination's. */
 export type MigrationPhase =

@@ -7,12 +7,17 @@
  * packages are listed where they stand, and the vmdesc trailer is parsed.
  *
  * Device payloads: QEMU's `timer` (24 bytes), `globalstate` (104 bytes) and
- * `COLOState` (1 byte) have fixed sizes; every other FULL section is taken as be32-framed
- * (Ferry's own devices), unless `deviceSizes` says otherwise. A live section
- * other than `ram` needs a loader in `liveLoaders`; without one it is not
- * understood ("Unknown savevm section").
+ * `COLOState` (1 byte) have fixed sizes; every other FULL section is taken as
+ * be32-framed (Ferry's own devices), unless `deviceSizes` says otherwise.
+ * QEMU's `block` section is read by the block loader in inspection mode
+ * (block/loader.ts), Ferry's `ferry-block-drives` list too; any other live
+ * section needs a loader in `liveLoaders`, without one it is not understood
+ * ("Unknown savevm section").
  */
 import type { Readable } from 'node:stream';
+import { BLOCK_DRIVES_IDSTR, readDriveList, type ListedDrive } from './block/drives-check.js';
+import { BLOCK } from './block/format.js';
+import { BlockLoader } from './block/loader.js';
 import { loadStream, type LoadHandlers } from './core/load-loop.js';
 import { RamLoader } from './ram/loader.js';
 import type { SectionKind, SectionLoader } from './sections/section.js';
@@ -32,6 +37,12 @@ export type RamRecord =
   | { kind: 'compress'; flags: number; offset: number; block: string; data: Buffer }
   | { kind: 'eos'; flags: number };
 
+/** A record of QEMU's `block` section (docs/spec/stream-format.md §13). */
+export type BlockRecord =
+  | { kind: 'chunk'; flags: number; device: string; offset: number; zero: boolean; data: Buffer | null }
+  | { kind: 'progress'; flags: number; percent: number }
+  | { kind: 'eos'; flags: number };
+
 export interface InspectedSection {
   type: 'section';
   kind: SectionKind;
@@ -43,6 +54,10 @@ export interface InspectedSection {
   ram?: RamRecord[];
   /** for `ram`: how many page records of each kind it had */
   pages?: { zero: number; page: number; xbzrle: number; compress: number };
+  /** for `block`: its records (chunk data only with keepRecords) */
+  block?: BlockRecord[];
+  /** for `ferry-block-drives` START: the drives the source listed */
+  drives?: ListedDrive[];
   /** for devices: the payload (without a be32 frame) */
   payload?: Buffer;
   /** stream offset of the type byte (in the package, inside one) */
@@ -108,6 +123,28 @@ export async function inspectStream(input: Uint8Array | Readable, opts: InspectO
     },
   });
   const ramLoader: SectionLoader = { load: (rd, _k, v) => ram.loadSection(rd, v) };
+  let blockRecords: BlockRecord[] = [];
+  const blockLoader = new BlockLoader(null, {
+    keepData: keep,
+    observer: {
+      chunk: (device, offset, flags, data) =>
+        blockRecords.push({ kind: 'chunk', flags, device, offset, zero: (flags & BLOCK.FLAG.ZERO_BLOCK) !== 0, data }),
+      progress: (percent, flags) => blockRecords.push({ kind: 'progress', flags, percent }),
+      eos: (flags) => blockRecords.push({ kind: 'eos', flags }),
+    },
+  });
+  let listed: ListedDrive[] | undefined;
+  const liveLoaders: Record<string, SectionLoader> = {
+    [BLOCK.IDSTR]: { load: (rd, k) => blockLoader.loadSection(rd, k === 'end') },
+    [BLOCK_DRIVES_IDSTR]: {
+      async load(rd, k) {
+        if (k !== 'start') return;
+        listed = [];
+        await readDriveList(rd, (d) => listed!.push(d));
+      },
+    },
+    ...opts.liveLoaders,
+  };
   const device = (idstr: string): SectionLoader => ({
     async load(rd) {
       let len = sizes[idstr];
@@ -125,7 +162,7 @@ export async function inspectStream(input: Uint8Array | Readable, opts: InspectO
     section(kind, idstr) {
       if (kind === 'start') {
         if (idstr === F.IDSTR) return { loader: ramLoader, ...anyVersion };
-        const other = opts.liveLoaders?.[idstr];
+        const other = liveLoaders[idstr];
         return other && { loader: other, ...anyVersion };
       }
       return { loader: device(idstr), ...anyVersion };
@@ -145,15 +182,23 @@ export async function inspectStream(input: Uint8Array | Readable, opts: InspectO
         sec.ram = ramRecords;
         sec.pages = { zero: c.zero - seen.zero, page: c.normal - seen.normal, xbzrle: c.xbzrle - seen.xbzrle, compress: c.compressed - seen.compressed };
         Object.assign(seen, { zero: c.zero, normal: c.normal, xbzrle: c.xbzrle, compressed: c.compressed });
+      } else if (h.idstr === BLOCK.IDSTR && h.kind !== 'full') {
+        sec.block = blockRecords;
+      } else if (h.idstr === BLOCK_DRIVES_IDSTR && h.kind !== 'full') {
+        if (listed) sec.drives = listed;
       } else {
         sec.payload = payload ?? EMPTY;
       }
       ramRecords = [];
+      blockRecords = [];
+      listed = undefined;
       payload = undefined;
       out.push(sec);
     },
-    command(command, at) {
+    command(command, at, nested) {
       out.push({ type: 'command', command, at });
+      // a package ends at its POSTCOPY_RUN, as the destination's loop does
+      if (nested && command.cmd === 'POSTCOPY_RUN') return 'run';
     },
     package(event) {
       if (event === 'begin') {
@@ -225,6 +270,22 @@ function ramSummary(sec: InspectedSection): string {
   return (parts.length ? parts.join(', ') : 'no pages') + blocks;
 }
 
+function blockSummary(recs: readonly BlockRecord[]): string {
+  let chunks = 0;
+  let zero = 0;
+  let progress = -1;
+  for (const x of recs) {
+    if (x.kind === 'chunk') {
+      chunks++;
+      if (x.zero) zero++;
+    } else if (x.kind === 'progress') progress = x.percent;
+  }
+  const parts: string[] = [];
+  if (chunks > 0) parts.push(`chunks ${chunks}` + (zero > 0 ? ` (zero ${zero})` : ''));
+  if (progress >= 0) parts.push(`progress ${progress}%`);
+  return parts.length ? parts.join(', ') : 'no chunks';
+}
+
 /**
  * The inspection as text, one line a record, in the spirit of QEMU's
  * scripts/analyze-migration.py: sections with their ids, versions and
@@ -256,6 +317,17 @@ export function formatInspection(records: readonly InspectedRecord[], opts: { re
               else lines.push(`${indent}              ${x.kind} ${x.block} ${hex(x.offset)} ${x.data.length} bytes${cont}`);
             }
           }
+        } else if (rec.block) {
+          lines.push(`${head}: ${blockSummary(rec.block)}`);
+          if (opts.records) {
+            for (const x of rec.block) {
+              if (x.kind === 'chunk') lines.push(`${indent}              ${x.zero ? 'zero chunk' : 'chunk'} ${x.device} ${hex(x.offset)}`);
+              else if (x.kind === 'progress') lines.push(`${indent}              progress ${x.percent}%`);
+              else lines.push(`${indent}              eos`);
+            }
+          }
+        } else if (rec.drives) {
+          lines.push(`${head}: ${rec.drives.map((d) => `${d.name} ${d.size} bytes${d.incremental ? ' (incremental)' : ''}`).join(', ') || 'no drives'}`);
         } else {
           lines.push(`${head}: ${rec.payload?.length ?? 0} bytes`);
         }

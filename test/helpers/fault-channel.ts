@@ -46,3 +46,17 @@ export function faultyInput(fault: Fault): ChannelWrapper {
     return new WrappedChannel(inner, { input: relay, output: inner.output, label: 'fault-injector' });
   };
 }
+
+/** Every byte this side reads goes to `onData` too (the stream a destination received). */
+export function tappedInput(onData: (b: Buffer) => void): ChannelWrapper {
+  return (inner) => {
+    const relay = new Transform({
+      transform(chunk: Buffer, _enc, cb) {
+        onData(chunk);
+        cb(null, chunk);
+      },
+    });
+    inner.input.pipe(relay);
+    return new WrappedChannel(inner, { input: relay, output: inner.output, label: 'tap' });
+  };
+}

@@ -93,6 +93,8 @@ export interface Expect {
   digests?: boolean;
   /** compare this many bytes of guest RAM by pmemsave on both sides (QEMU has no digest) */
   sameRam?: number;
+  /** the drives' digests equal (x-query-block-digest; both ferry) */
+  sameDisks?: boolean;
   /** the MIGRATION event statuses of each side, in order (needs the events capability) */
   events?: { source?: string[]; destination?: string[] };
   /**
@@ -109,6 +111,8 @@ export interface MigrationSpec {
   destination?: DestinationSide | null;
   /** capabilities of the source; compress and postcopy-ram go to the destination too */
   capabilities?: string[];
+  /** more arguments of `migrate` (blk, inc) */
+  migrate?: Record<string, unknown>;
   transport?: Transport;
   /** the directory (default: a new temp dir named with tempPrefix) */
   dir?: string;
@@ -279,7 +283,7 @@ export async function runMigration(spec: MigrationSpec): Promise<Migration> {
     if (Object.keys(params).length) await src.execute('migrate-set-parameters', params);
     await spec.before?.(m);
     m.times.migrate = Date.now();
-    m.migrateReturn = await src.execute('migrate', { uri: ep.uri });
+    m.migrateReturn = await src.execute('migrate', { uri: ep.uri, ...spec.migrate });
     await spec.during?.(m);
 
     const srcWant = e.source === undefined ? 'completed' : e.source;
@@ -313,6 +317,10 @@ export async function runMigration(spec: MigrationSpec): Promise<Migration> {
     const ferryBoth = !s.qemu && !!d && !d.qemu;
     if (e.digests ?? (ferryBoth && srcWant === 'completed' && dstWant === 'completed' && paused)) {
       assert.equal(await m.d.digest(), await src.digest(), 'destination RAM equals the source at switchover');
+    }
+    if (e.sameDisks) {
+      const [a, b] = await Promise.all([m.d.execute<{ digest: string }>('x-query-block-digest'), src.execute<{ digest: string }>('x-query-block-digest')]);
+      assert.deepEqual(a, b, 'the destination\'s drives equal the source\'s at switchover');
     }
     if (e.sameRam) {
       assertSameRam(await pmem(m.d, dir, e.sameRam), await pmem(src, dir, e.sameRam), 'destination RAM (pmemsave) against the source');

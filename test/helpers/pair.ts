@@ -34,6 +34,8 @@ export interface PairSide {
 export interface PairOptions {
   /** Guest of both sides (the destination gets `incoming: true`). */
   guest?: Partial<MachineConfig>;
+  /** What the destination's guest has otherwise (its own drives, say). */
+  destinationGuest?: Partial<MachineConfig>;
   /** Capabilities on both sides. */
   caps?: MigrationCapability[];
   /** Source parameters (default max-bandwidth 0). */
@@ -90,7 +92,8 @@ export class Pair {
 
   /** A machine with its options and the deps both engines take: recorded statuses, traces and log lines. */
   private async side<T extends string>(cfg: Partial<MachineConfig>, which: 'source' | 'destination', onTrace?: (p: T, pair: Pair) => void) {
-    const machine = await Machine.create({ ramSize: 8 << 20, smp: 1, ...this.opts.guest, ...cfg });
+    const own = which === 'destination' ? this.opts.destinationGuest : undefined;
+    const machine = await Machine.create({ ramSize: 8 << 20, smp: 1, ...this.opts.guest, ...own, ...cfg });
     const side: PairSide = { machine, options: this.options(), statuses: [], traces: [], log: [] };
     const deps = {
       lookupFd: () => undefined,

@@ -79,6 +79,12 @@ test('machine imports only machine, replication (replicated drives), block (the 
   assert.ok(all.some((i) => i.file === 'src/machine/drives.ts' && i.target.startsWith('src/block/')));
 });
 
+test('migration reaches the drives through MachinePort: it never imports the image layer (src/block)', () => {
+  check('src/migration/', (i) => !i.target.startsWith('src/block/'));
+  // and the check is live: block migration exists and uses the port
+  assert.ok(all.some((i) => i.file.startsWith('src/migration/block/') && i.target === 'src/migration/core/port.ts'));
+});
+
 test('migration knows nothing of QMP: no qmp, commands, cli; generated types only as types', () => {
   check('src/migration/', (i) => {
     if (i.target.startsWith('src/generated/')) return i.typeOnly && i.target === 'src/generated/qapi-types.ts';
@@ -131,8 +137,8 @@ test('the return path is channel and wire, nothing above', () => {
   check(M + 'return-path/', (i) => inMig('return-path/', 'channel/', 'wire/', 'stream/')(i) || i.target === M + 'errors.ts');
 });
 
-test('sections, RAM and postcopy use the state machines only as types', () => {
-  for (const d of ['sections/', 'ram/', 'postcopy/']) {
+test('sections, RAM, block and postcopy use the state machines only as types', () => {
+  for (const d of ['sections/', 'ram/', 'block/', 'postcopy/']) {
     check(M + d, (i) => !i.target.startsWith(M + 'core/') || i.typeOnly);
   }
 });
@@ -145,7 +151,7 @@ test('COLO uses the state machines only as types (the load loop reads its checkp
 
 test('the state machines and sessions name no section: RAM comes from the registry', () => {
   for (const f of ['core/outgoing.ts', 'core/incoming.ts', 'core/load-loop.ts', 'core/status.ts', 'postcopy/switch.ts']) {
-    check(M + f, (i) => !i.target.startsWith(M + 'ram/'));
+    check(M + f, (i) => !i.target.startsWith(M + 'ram/') && !i.target.startsWith(M + 'block/'));
   }
   // and the check is live: the facades do import RAM (the default registry)
   assert.ok(all.some((i) => i.file === M + 'core/source.ts' && i.target.startsWith(M + 'ram/')));

@@ -9,7 +9,7 @@ import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const root = resolve(dirname(fileURLToPath(import.meta.url)), '../..');
-const addons = ['hugepage', 'pages', 'scm-rights', 'tls-config'];
+const addons = ['hugepage', 'pages', 'scm-rights', 'tls-config', 'malloc-tune'];
 
 function nodeGyp() {
   for (const p of [join(dirname(process.execPath), '../lib/node_modules/npm/node_modules/node-gyp/bin/node-gyp.js'), '/usr/lib/node_modules/npm/node_modules/node-gyp/bin/node-gyp.js']) {

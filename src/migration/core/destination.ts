@@ -31,6 +31,8 @@ export interface DestinationDeps {
   /** Where the credentials that tls-creds names are found (channel/tls.ts). */
   tls?: TlsDeps;
   trace?: (point: DestinationTracePoint) => void;
+  /** QEMU's `-global migration.send-configuration`: false expects no configuration record (default true). */
+  configuration?: boolean;
   /** The VM's COLO (default: one of its own). */
   colo?: ColoService;
 }
@@ -109,6 +111,7 @@ export class MigrationDestination extends EventEmitter {
         wrapChannel: this.deps.wrapChannel,
         tls: this.deps.tls,
         trace: this.deps.trace,
+        configuration: this.deps.configuration ?? true,
         log,
         colo: this.colo,
       },

@@ -46,6 +46,8 @@ export interface IncomingDeps {
   /** Where the credentials that tls-creds names are found (channel/tls.ts). */
   readonly tls?: TlsDeps;
   trace?(point: DestinationTracePoint): void;
+  /** A configuration record follows the header (QEMU's migration.send-configuration). */
+  readonly configuration: boolean;
   log(msg: string): void;
   /** The VM's COLO (a stream that asks for it makes this session a COLO secondary, colo/secondary.ts). */
   readonly colo: ColoService;
@@ -224,7 +226,8 @@ export class IncomingSession {
       },
       command: (c) => this.command(c, ch, postcopy),
     };
-    await loadStream(reader, handlers, { machineType: machine.machineType });
+    await loadStream(reader, handlers, { machineType: machine.machineType, configuration: this.deps.configuration });
+    for (const { bound } of this.loaders) await bound.loader.loadComplete?.();
     if (postcopy.listening) {
       // postcopy: no vmdesc; every page must be here now
       postcopy.end();

@@ -9,6 +9,9 @@ export function machinePort(m: Machine, opts: { autostart: boolean }): MachinePo
     get ram() {
       return m.ram;
     },
+    get drives() {
+      return m.drives.list;
+    },
     get machineType() {
       return m.machineType;
     },

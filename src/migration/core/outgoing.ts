@@ -90,6 +90,8 @@ export interface OutgoingDeps {
   lookupFd(name: string): number | undefined;
   /** Send only QEMU's own device sections (a QEMU 7.2 `-M none` destination). */
   readonly qemuCompatible: boolean;
+  /** Put the configuration record after the header (QEMU's migration.send-configuration). */
+  readonly sendConfiguration: boolean;
   readonly wrapChannel?: ChannelWrapper;
   /** Where the credentials that tls-creds names are found (channel/tls.ts). */
   readonly tls?: TlsDeps;
@@ -276,7 +278,7 @@ export class OutgoingSession {
     this.stats.beginTransfer(this.now(), 0, options.get('downtime-limit'));
 
     putHeader(w);
-    putConfiguration(w, machine.machineType);
+    if (this.deps.sendConfiguration) putConfiguration(w, machine.machineType);
     if (useReturnPath) {
       this.returnPath = new ReturnPathReader(channel, (e) => this.onReturnPathError(e), { stopAtShut: this.colo !== null });
       putCmdOpenReturnPath(w);
@@ -315,6 +317,7 @@ export class OutgoingSession {
         this.deps.onPass(n);
       },
       throughputMbps: () => this.stats.mbps,
+      qemuCompatible: this.deps.qemuCompatible,
     };
   }
 

@@ -5,8 +5,46 @@
 import type { ConsoleTap, RamSnapshot } from '../../machine/index.js';
 import type { MigratableDevice, RamBlock, RunState } from '../../machine/types.js';
 
+/**
+ * One drive as block migration sees it (docs/spec/stream-format.md §13):
+ * the machine's `Drive` has this shape. Reads and writes are the guest's
+ * (a write marks the 1 MiB chunks it touches while tracking is on, and
+ * honours the drive's cache mode); requests of one drive run in issue
+ * order, so a read issued after takeDirtyChunks() sees every write marked
+ * before it.
+ */
+export interface DrivePort {
+  /** The block backend name (`ide0-hd0`, `virtio0`, the id): the device name on the wire. */
+  readonly name: string;
+  /** Guest-visible bytes. */
+  readonly size: number;
+  readonly readOnly: boolean;
+  /** The top image's format. */
+  readonly format: 'raw' | 'qcow2';
+  /** Bytes per allocation unit of the top image (qcow2 cluster size; 512 for raw). */
+  readonly clusterSize: number;
+  /** Images below the top one (0: no backing file). */
+  readonly backingDepth: number;
+  read(offset: number, buf: Uint8Array): Promise<void>;
+  write(offset: number, data: Uint8Array): Promise<void>;
+  /** The buffers back to back from `offset`, without joining them where the format allows (raw: one pwritev). */
+  writev(offset: number, bufs: readonly Uint8Array[]): Promise<void>;
+  /** Make the range read as zeros (qcow2: zero clusters where whole clusters are covered). */
+  writeZeroes(offset: number, length: number): Promise<void>;
+  /** Whether the top image itself holds the bytes at `offset`, and for how many bytes that stays so. */
+  blockStatus(offset: number, length: number): Promise<{ allocated: boolean; length: number }>;
+  flush(): Promise<void>;
+  /** The dirty-chunk log (1 MiB chunks): start clean, stop, take-and-clear, count. */
+  startDirtyTracking(): void;
+  stopDirtyTracking(): void;
+  takeDirtyChunks(): Uint32Array;
+  dirtyChunkCount(): number;
+}
+
 export interface MachinePort {
   readonly ram: readonly RamBlock[];
+  /** The drives, in command-line order (block migration). */
+  readonly drives: readonly DrivePort[];
   /** Machine type name sent in the configuration record, e.g. "none". */
   readonly machineType: string;
   /** Devices in section order. */

@@ -30,6 +30,8 @@ export interface SourceDeps {
   qemuCompatible?: boolean;
   /** Where the credentials that tls-creds names are found (channel/tls.ts). */
   tls?: TlsDeps;
+  /** QEMU's `-global migration.send-configuration`: false leaves the configuration record out (default true). */
+  sendConfiguration?: boolean;
   /** The live sections to migrate (default: RAM only). */
   sections?: SectionRegistry;
   /** Goes around the channel of every migration (channel/wrap.ts). */
@@ -109,12 +111,21 @@ export class MigrationSource extends EventEmitter {
     if (this.status_.isOneOf(BUSY)) throw new MigrationError("There's a migration process in progress");
     if (this.machine.runState === 'inmigrate') throw new MigrationError('Guest is waiting for an incoming migration');
     checkColoMigrate(this.options, this.machine, flags);
-    if (flags.blk || flags.inc) {
+    // blk / inc: the `block` capability (and block-incremental) for this
+    // migration only, switched off again when it ends (QEMU 7.2's migrate_prepare)
+    const blockForThisMigration = flags.blk === true || flags.inc === true;
+    if (blockForThisMigration) {
       if (this.options.capability('block') || this.options.get('block-incremental')) {
         throw new MigrationError('Command options are incompatible with current migration capabilities');
       }
-      throw new MigrationError('QEMU compiled without old-style (blk/-b, inc/-i) block migration');
+      this.options.setCapabilities([{ capability: 'block', state: true }]);
+      if (flags.inc) this.options.setParameters({ 'block-incremental': true });
     }
+    const dropBlockOptions = (): void => {
+      if (!blockForThisMigration) return;
+      this.options.setCapabilities([{ capability: 'block', state: false }]);
+      this.options.setParameters({ 'block-incremental': false });
+    };
     // statistics zeroed, error cleared: a new session; none|completed|... -> setup (event)
     const session = new OutgoingSession({
       machine: this.machine,
@@ -124,6 +135,7 @@ export class MigrationSource extends EventEmitter {
       now: this.now,
       lookupFd: this.deps.lookupFd,
       qemuCompatible: this.deps.qemuCompatible ?? false,
+      sendConfiguration: this.deps.sendConfiguration ?? true,
       wrapChannel: this.deps.wrapChannel,
       tls: this.deps.tls,
       trace: this.deps.trace,
@@ -150,10 +162,11 @@ export class MigrationSource extends EventEmitter {
     } catch (e) {
       // a bad URI fails the migration without error-desc (as QEMU does)
       session.dispose();
+      dropBlockOptions();
       this.status_.to('failed');
       throw new MigrationError(errorMessage(e), { cause: e, phase: 'start' });
     }
-    this.running = session.run(parsed);
+    this.running = session.run(parsed).finally(dropBlockOptions);
   }
 
   /** The VM quits (or a test ends): a migration in flight is cancelled, a COLO primary stops where it is. */

@@ -79,6 +79,8 @@ export interface OutgoingSectionContext {
   onPass(count: number): void;
   /** The stream's throughput over the last window (query-migrate `mbps`). */
   throughputMbps(): number;
+  /** The destination is a QEMU (`x-qemu-compat`): send nothing it does not know. */
+  readonly qemuCompatible: boolean;
 }
 
 /** The source side of a live section for one migration (see the table above). */
@@ -147,6 +149,8 @@ export interface SectionLoader {
   load(r: StreamReader, kind: SectionKind, version: number): void | Promise<void>;
   /** POSTCOPY_LISTEN: the guest may run before the rest of this section's data has come. */
   postcopyListen?(): void;
+  /** The stream loaded up to EOF: finish what still runs (writes behind the stream) before the guest does. */
+  loadComplete?(): Promise<void>;
   /** Exactly once, when the incoming migration ends. */
   cleanup?(): void;
 }
