@@ -22,6 +22,7 @@ import {
 } from '../migration/index.js';
 import { QmpError } from '../qapi/errors.js';
 import { QmpServer } from '../qmp/index.js';
+import { coloDisks } from './colo-disks.js';
 import { parseVmArgs, UsageError } from './vm-args.js';
 
 export const FERRY_VERSION = { qemu: { major: 2, minor: 10, micro: 0 }, package: 'ferry-0.1.0' };
@@ -121,6 +122,8 @@ export async function main(argv: string[]): Promise<number> {
     };
     // COLO: one per VM, shared by its outgoing (primary) and incoming (secondary) migrations
     const colo = new ColoService();
+    // its replicated drives follow its checkpoints and failovers
+    colo.addReplication(coloDisks(machine));
     const source = new MigrationSource(port, options, {
       lookupFd,
       qemuCompatible: a.qemuCompat,
