@@ -108,7 +108,7 @@ export class MigrationSource extends EventEmitter {
   start(uri: string, flags: MigrateFlags = {}): void {
     if (this.status_.isOneOf(BUSY)) throw new MigrationError("There's a migration process in progress");
     if (this.machine.runState === 'inmigrate') throw new MigrationError('Guest is waiting for an incoming migration');
-    checkColoMigrate(this.options, this.machine, flags);
+    checkColoMigrate(this.options, flags, this.colo);
     if (flags.blk || flags.inc) {
       if (this.options.capability('block') || this.options.get('block-incremental')) {
         throw new MigrationError('Command options are incompatible with current migration capabilities');
