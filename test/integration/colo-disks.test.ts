@@ -38,7 +38,7 @@ after(cleanupAll);
 const M = 1 << 20;
 const SIZE = 4 * M;
 /** The workload: a 256 KiB working set rewritten densely, one sector read per step. */
-const WL = { start: 0, wss: 256 * 1024, write: 4096, seed: 11, read: true, rate: 2 * M };
+const WL = { start: 0, wss: 256 * 1024, write: 4096, seed: 11, read: true, rate: 4 * M };
 const sha = (b: Uint8Array) => createHash('sha256').update(b).digest('hex');
 
 function initialDisk(): Buffer {
