@@ -38,6 +38,8 @@ export interface VmArgs {
   drives: DriveArg[];
   /** -disk-workload, unparsed (the machine checks it against the drives) */
   diskWorkload?: string;
+  /** -metrics tcp:HOST:PORT: serve the migration statistics to Prometheus there (src/metrics/) */
+  metrics?: string;
 }
 
 export class UsageError extends Error {}
@@ -48,6 +50,7 @@ const WITH_ARG = new Map<string, string>([
   ['object', 'object'], ['machine', 'machine'], ['M', 'machine'], ['workload', 'workload'],
   ['fill', 'fill'], ['serial', 'serial'], ['display', 'display'], ['accel', 'accel'],
   ['vga', 'vga'], ['monitor', 'monitor'], ['drive', 'drive'], ['disk-workload', 'disk-workload'],
+  ['metrics', 'metrics'],
 ]);
 const FLAGS = new Set(['S', 'mem-prealloc', 'nodefaults', 'no-user-config', 'no-shutdown', 'enable-kvm']);
 
@@ -176,6 +179,10 @@ export function parseVmArgs(argv: readonly string[]): VmArgs {
         } catch (e) {
           throw new UsageError(`-drive ${val}: ${(e as Error).message}`);
         }
+        break;
+      case 'metrics':
+        if (a.metrics !== undefined) throw new UsageError(`-metrics ${val}: only one metrics endpoint per VM`);
+        a.metrics = val;
         break;
       case 'disk-workload':
         if (a.diskWorkload !== undefined) throw new UsageError(`-disk-workload ${val}: only one disk workload per VM`);

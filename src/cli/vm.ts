@@ -13,6 +13,7 @@ import { DiskWorkloadError, DriveError, Machine, parseDiskWorkload, parseFill, p
 import {
   ColoService,
   MigrationDestination,
+  MigrationObserver,
   MigrationOptions,
   MigrationSource,
   RAM_SECTION,
@@ -21,6 +22,7 @@ import {
   type TlsDeps,
 } from '../migration/index.js';
 import { QmpError } from '../qapi/errors.js';
+import { startMetrics } from '../metrics/prometheus.js';
 import { QmpServer } from '../qmp/index.js';
 import { coloDisks } from './colo-disks.js';
 import { parseVmArgs, UsageError } from './vm-args.js';
@@ -133,6 +135,7 @@ export async function main(argv: string[]): Promise<number> {
       colo,
     });
     const destination = new MigrationDestination(port, options, { lookupFd, log, sections, tls, colo });
+    const observe = new MigrationObserver({ source, destination, options, ram: () => machine.ram, faultStats: () => machine.faultStats() });
     vm = {
       machine,
       options,
@@ -142,6 +145,7 @@ export async function main(argv: string[]): Promise<number> {
       log,
       source,
       destination,
+      observe,
       colo,
       incomingMode: a.incoming === undefined ? 'none' : a.incoming === 'defer' ? 'defer' : 'uri',
       commandNames: [...COMMANDS.keys()],
@@ -155,6 +159,8 @@ export async function main(argv: string[]): Promise<number> {
       requestQuit() {
         if (quitting) return;
         quitting = true;
+        // as QEMU 7.2: the event goes out before quit's reply
+        events.SHUTDOWN({ guest: false, reason: 'host-qmp-quit' });
         setTimeout(() => void shutdown(0), 20);
       },
     };
@@ -167,6 +173,7 @@ export async function main(argv: string[]): Promise<number> {
     });
     const events = new QapiEvents((name, data) => server.broadcast(name, data));
     machine.on('runstate', (now: string, old: string) => {
+      observe.runState(now, old);
       if (old === 'running') events.STOP();
       if (now === 'running') events.RESUME();
     });
@@ -192,9 +199,15 @@ export async function main(argv: string[]): Promise<number> {
         process.exit(code);
       }
     };
-    process.on('SIGINT', () => void shutdown(0));
-    process.on('SIGTERM', () => void shutdown(0));
-    process.on('SIGHUP', () => void shutdown(0));
+    const onSignal = (): void => {
+      if (quitting) return;
+      quitting = true;
+      events.SHUTDOWN({ guest: false, reason: 'host-signal' });
+      void shutdown(0);
+    };
+    process.on('SIGINT', onSignal);
+    process.on('SIGTERM', onSignal);
+    process.on('SIGHUP', onSignal);
 
     // like QEMU, the incoming listener exists before the monitor answers:
     // a client that got the greeting may connect to it at once
@@ -202,6 +215,10 @@ export async function main(argv: string[]): Promise<number> {
       await destination.start(a.incoming);
     }
     for (const spec of a.qmp) await server.listen(spec);
+    if (a.metrics !== undefined) {
+      const m = await startMetrics(a.metrics, { source, destination, observe, name: a.name, faultStats: () => machine.faultStats() });
+      log(`metrics on ${m.url}`);
+    }
     return -1; // keep running
   } catch (e) {
     const msg = e instanceof QmpError ? e.desc : e instanceof Error ? e.message : String(e);

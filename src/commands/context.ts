@@ -3,7 +3,7 @@
  * connection that issued the command.
  */
 import type { Machine } from '../machine/machine.js';
-import type { ColoService, MigrationDestination, MigrationOptions, MigrationSource } from '../migration/index.js';
+import type { ColoService, MigrationDestination, MigrationObserver, MigrationOptions, MigrationSource } from '../migration/index.js';
 import type { QmpClientConn } from '../qmp/index.js';
 import type { NbdService } from './nbd.js';
 
@@ -19,6 +19,8 @@ export interface VmServices {
   readonly options: MigrationOptions;
   readonly source: MigrationSource;
   readonly destination: MigrationDestination;
+  /** Dirty rate, forecast, decisions and traces of this VM's migrations. */
+  readonly observe: MigrationObserver;
   /** COLO on this VM (its primary or secondary session, settings, status). */
   readonly colo: ColoService;
   /** How -incoming was given: not at all, `defer`, or a URI. */

@@ -13,6 +13,7 @@ import type { Ctx } from './context.js';
 import { generic } from './errors.js';
 import { addObject, deleteObject } from './objects.js';
 import { blockDigest, blockInfo, diskWorkloadInfo } from './block.js';
+import { observeHandlers } from './observe.js';
 import { coloHandlers } from './colo.js';
 
 
@@ -227,6 +228,8 @@ export const handlers: CommandHandlers<Ctx> = {
     }
     await generic(() => vm.destination.start(args.uri));
   },
+
+  ...observeHandlers,
 
   // ---- Xen and COLO replication
   async 'xen-save-devices-state'(args, ctx) {

@@ -63,6 +63,15 @@ export interface CommandArgs {
   };
   'query-xen-replication-status': Record<string, never>;
   'xen-colo-do-checkpoint': Record<string, never>;
+  'calc-dirty-rate': {
+    'calc-time': number;
+    'calc-time-unit'?: T.TimeUnit;
+    'sample-pages'?: number;
+    mode?: T.DirtyRateMeasureMode;
+  };
+  'query-dirty-rate': {
+    'calc-time-unit'?: T.TimeUnit;
+  };
   'query-colo-status': Record<string, never>;
   'x-colo-set-parameters': {
     compare?: T.ColoCompareMode;
@@ -104,6 +113,15 @@ export interface CommandArgs {
   'x-query-page-faults': Record<string, never>;
   'x-query-block-digest': Record<string, never>;
   'x-query-disk-workload': Record<string, never>;
+  'x-query-migrate-decisions': Record<string, never>;
+  'x-query-migrate-forecast': {
+    bandwidth?: number;
+  };
+  'x-trace-migration': {
+    enable: boolean;
+    interval?: number;
+  };
+  'x-query-migration-trace': Record<string, never>;
 }
 
 /** Result of each command (`void` is answered as `{}`). */
@@ -135,6 +153,8 @@ export interface CommandReturns {
   'xen-set-replication': void;
   'query-xen-replication-status': T.ReplicationStatus;
   'xen-colo-do-checkpoint': void;
+  'calc-dirty-rate': void;
+  'query-dirty-rate': T.DirtyRateInfo;
   'query-colo-status': T.COLOStatus;
   'x-colo-set-parameters': void;
   'x-query-colo-parameters': T.ColoParameters;
@@ -153,6 +173,10 @@ export interface CommandReturns {
   'x-query-page-faults': T.PageFaultInfo;
   'x-query-block-digest': T.BlockDigest;
   'x-query-disk-workload': T.DiskWorkloadInfo[];
+  'x-query-migrate-decisions': T.SwitchoverDecision[];
+  'x-query-migrate-forecast': T.MigrationForecast;
+  'x-trace-migration': void;
+  'x-query-migration-trace': T.MigrationTrace;
 }
 
 /** Names of all commands. */
@@ -407,6 +431,25 @@ export interface CommandHandlers<Ctx> {
    */
   'xen-colo-do-checkpoint'(args: CommandArgs['xen-colo-do-checkpoint'], ctx: Ctx): void | Promise<void>;
   /**
+   * Start measuring the guest's dirty page rate; `query-dirty-rate`
+   * reports the result once the period is over.  Ferry also keeps the
+   * growth of the dirty set over the period, which
+   * `x-query-migrate-forecast` uses.
+   *
+   * @returns nothing
+   *
+   * @since 5.2
+   */
+  'calc-dirty-rate'(args: CommandArgs['calc-dirty-rate'], ctx: Ctx): void | Promise<void>;
+  /**
+   * Report the last dirty page rate measurement.
+   *
+   * @returns `DirtyRateInfo`
+   *
+   * @since 5.2
+   */
+  'query-dirty-rate'(args: CommandArgs['query-dirty-rate'], ctx: Ctx): T.DirtyRateInfo | Promise<T.DirtyRateInfo>;
+  /**
    * Report the COLO state of this machine.  Never fails.
    *
    * @returns `COLOStatus`
@@ -568,6 +611,49 @@ export interface CommandHandlers<Ctx> {
    * @since Ferry 0.1
    */
   'x-query-disk-workload'(args: CommandArgs['x-query-disk-workload'], ctx: Ctx): T.DiskWorkloadInfo[] | Promise<T.DiskWorkloadInfo[]>;
+  /**
+   * Report the switchover decisions of the current or last outgoing
+   * migration, oldest first (at most the last 1000).
+   *
+   * @returns a list of `SwitchoverDecision` (empty before any migration)
+   *
+   * @since Ferry 0.1
+   */
+  'x-query-migrate-decisions'(args: CommandArgs['x-query-migrate-decisions'], ctx: Ctx): T.SwitchoverDecision[] | Promise<T.SwitchoverDecision[]>;
+  /**
+   * Predict an outgoing migration: before it starts, from the last
+   * `calc-dirty-rate` measurement, and while it runs, from what it has
+   * measured so far.
+   *
+   * @returns `MigrationForecast`
+   *
+   * Errors: GenericError when no dirty rate was measured yet, or the
+   * bandwidth is unknown
+   *
+   * @since Ferry 0.1
+   */
+  'x-query-migrate-forecast'(args: CommandArgs['x-query-migrate-forecast'], ctx: Ctx): T.MigrationForecast | Promise<T.MigrationForecast>;
+  /**
+   * Record a trace of the next migrations on this VM (either side), or
+   * stop recording.  A migration that runs when tracing is enabled is
+   * traced from then on.  `x-query-migration-trace` returns the trace;
+   * `ferry report` draws it.
+   *
+   * @returns nothing
+   *
+   * @since Ferry 0.1
+   */
+  'x-trace-migration'(args: CommandArgs['x-trace-migration'], ctx: Ctx): void | Promise<void>;
+  /**
+   * Return the trace of the current or last traced migration.
+   *
+   * @returns `MigrationTrace`
+   *
+   * Errors: GenericError when no migration was traced
+   *
+   * @since Ferry 0.1
+   */
+  'x-query-migration-trace'(args: CommandArgs['x-query-migration-trace'], ctx: Ctx): T.MigrationTrace | Promise<T.MigrationTrace>;
 }
 
 /** How the dispatcher treats one command. */
@@ -612,6 +698,8 @@ export const COMMANDS: ReadonlyMap<string, CommandDef> = new Map<string, Command
   ['xen-set-replication', { name: 'xen-set-replication', boxed: false, validate: (a) => V.v_q_obj_xen_set_replication_arg(a, R.ROOT) }],
   ['query-xen-replication-status', { name: 'query-xen-replication-status', boxed: false, validate: (a) => R.struct(a, R.ROOT, NO_ARGS) }],
   ['xen-colo-do-checkpoint', { name: 'xen-colo-do-checkpoint', boxed: false, validate: (a) => R.struct(a, R.ROOT, NO_ARGS) }],
+  ['calc-dirty-rate', { name: 'calc-dirty-rate', boxed: false, validate: (a) => V.v_q_obj_calc_dirty_rate_arg(a, R.ROOT) }],
+  ['query-dirty-rate', { name: 'query-dirty-rate', boxed: false, validate: (a) => V.v_q_obj_query_dirty_rate_arg(a, R.ROOT) }],
   ['query-colo-status', { name: 'query-colo-status', boxed: false, validate: (a) => R.struct(a, R.ROOT, NO_ARGS) }],
   ['x-colo-set-parameters', { name: 'x-colo-set-parameters', boxed: false, validate: (a) => V.v_q_obj_x_colo_set_parameters_arg(a, R.ROOT) }],
   ['x-query-colo-parameters', { name: 'x-query-colo-parameters', boxed: false, validate: (a) => R.struct(a, R.ROOT, NO_ARGS) }],
@@ -630,4 +718,8 @@ export const COMMANDS: ReadonlyMap<string, CommandDef> = new Map<string, Command
   ['x-query-page-faults', { name: 'x-query-page-faults', boxed: false, validate: (a) => R.struct(a, R.ROOT, NO_ARGS) }],
   ['x-query-block-digest', { name: 'x-query-block-digest', boxed: false, validate: (a) => R.struct(a, R.ROOT, NO_ARGS) }],
   ['x-query-disk-workload', { name: 'x-query-disk-workload', boxed: false, validate: (a) => R.struct(a, R.ROOT, NO_ARGS) }],
+  ['x-query-migrate-decisions', { name: 'x-query-migrate-decisions', boxed: false, validate: (a) => R.struct(a, R.ROOT, NO_ARGS) }],
+  ['x-query-migrate-forecast', { name: 'x-query-migrate-forecast', boxed: false, validate: (a) => V.v_q_obj_x_query_migrate_forecast_arg(a, R.ROOT) }],
+  ['x-trace-migration', { name: 'x-trace-migration', boxed: false, validate: (a) => V.v_q_obj_x_trace_migration_arg(a, R.ROOT) }],
+  ['x-query-migration-trace', { name: 'x-query-migration-trace', boxed: false, validate: (a) => R.struct(a, R.ROOT, NO_ARGS) }],
 ]);

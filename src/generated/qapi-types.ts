@@ -13,6 +13,28 @@ export type StrOrNull =
   | null;
 
 /**
+ * The class of an error a command answers with ("class" in the error
+ * object).  Almost every error is a GenericError; the others exist for
+ * compatibility with older clients.
+ *
+ * - `GenericError`: this is used for errors that don't require a specific error class.  This should be the default case for most errors
+ * - `CommandNotFound`: the requested command has not been found
+ * - `DeviceNotActive`: a device has failed to be become active
+ * - `DeviceNotFound`: the requested device has not been found
+ * - `KVMMissingCap`: the requested operation can't be fulfilled because a required KVM capability is missing
+ *
+ * @since 1.2
+ */
+export type QapiErrorClass =
+  | 'GenericError'
+  | 'CommandNotFound'
+  | 'DeviceNotActive'
+  | 'DeviceNotFound'
+  | 'KVMMissingCap';
+/** Every value of {@link QapiErrorClass}, in schema order. */
+export const QapiErrorClass_VALUES = ['GenericError', 'CommandNotFound', 'DeviceNotActive', 'DeviceNotFound', 'KVMMissingCap'] as const;
+
+/**
  * What kind of entity a `SchemaInfo` describes.
  *
  * - `builtin`: a predefined type such as str or int
@@ -769,6 +791,100 @@ export interface ReplicationStatus {
   error: boolean;
   /** what went wrong, when `error` is true */
   desc?: string;
+}
+
+/**
+ * The dirty page rate of one vCPU.
+ *
+ * @since 6.2
+ */
+export interface DirtyRateVcpu {
+  /** the vCPU's index */
+  id: number;
+  /** its dirty page rate in MiB/s */
+  'dirty-rate': number;
+}
+
+/**
+ * Where a dirty page rate measurement stands.
+ *
+ * - `unstarted`: no measurement was started yet
+ * - `measuring`: a measurement runs
+ * - `measured`: the last measurement finished; its result is available
+ *
+ * @since 5.2
+ */
+export type DirtyRateStatus =
+  | 'unstarted'
+  | 'measuring'
+  | 'measured';
+/** Every value of {@link DirtyRateStatus}, in schema order. */
+export const DirtyRateStatus_VALUES = ['unstarted', 'measuring', 'measured'] as const;
+
+/**
+ * How the dirty page rate is measured.
+ *
+ * - `page-sampling`: hash a random sample of pages at the start and at the end of the period and count the ones that changed (an estimate)
+ * - `dirty-ring`: per-vCPU dirty rings (not available in Ferry)
+ * - `dirty-bitmap`: count the pages the guest's dirty log marked during the period (exact)
+ *
+ * @since 6.2
+ */
+export type DirtyRateMeasureMode =
+  | 'page-sampling'
+  | 'dirty-ring'
+  | 'dirty-bitmap';
+/** Every value of {@link DirtyRateMeasureMode}, in schema order. */
+export const DirtyRateMeasureMode_VALUES = ['page-sampling', 'dirty-ring', 'dirty-bitmap'] as const;
+
+/**
+ * The unit of a time value.
+ *
+ * - `second`: seconds
+ * - `millisecond`: milliseconds
+ *
+ * @since 8.2
+ */
+export type TimeUnit =
+  | 'second'
+  | 'millisecond';
+/** Every value of {@link TimeUnit}, in schema order. */
+export const TimeUnit_VALUES = ['second', 'millisecond'] as const;
+
+/**
+ * The result of the last dirty page rate measurement.
+ *
+ * @since 5.2
+ */
+export interface DirtyRateInfo {
+  /**
+   * the guest's dirty page rate in MiB/s; present only when
+   * `status` is 'measured'
+   */
+  'dirty-rate'?: number;
+  /** where the measurement stands */
+  status: DirtyRateStatus;
+  /**
+   * when the measurement began, in seconds of the host's
+   * monotonic clock
+   */
+  'start-time': number;
+  /** the period measured, rounded down to `calc-time-unit` */
+  'calc-time': number;
+  /** the unit of `calc-time` */
+  'calc-time-unit': TimeUnit;
+  /**
+   * pages sampled per GiB of guest RAM (page-sampling
+   * mode)
+   */
+  'sample-pages': number;
+  /** how the rate was measured */
+  mode: DirtyRateMeasureMode;
+  /**
+   * the rate of each vCPU (dirty-ring mode only, so
+   * never present in Ferry)
+   */
+  'vcpu-dirty-rate'?: DirtyRateVcpu[];
 }
 
 /**
@@ -1578,4 +1694,336 @@ export interface DiskWorkloadInfo {
   done: boolean;
   /** why it stopped early (an I/O error), if it did */
   error?: string;
+}
+
+/**
+ * What the outgoing migration decided at a decision point.
+ *
+ * - `iterate`: go on copying while the guest runs
+ * - `switchover`: stop the guest and send the rest (stop-and-copy)
+ * - `postcopy`: switch to postcopy (migrate-start-postcopy was issued and what must go before the switch fits the budget)
+ *
+ * @since Ferry 0.1
+ */
+export type SwitchoverDecisionKind =
+  | 'iterate'
+  | 'switchover'
+  | 'postcopy';
+/** Every value of {@link SwitchoverDecisionKind}, in schema order. */
+export const SwitchoverDecisionKind_VALUES = ['iterate', 'switchover', 'postcopy'] as const;
+
+/**
+ * One decision of the outgoing migration, taken when it knew the whole
+ * dirty set (after a dirty-log sync, or when nothing was left).
+ *
+ * @since Ferry 0.1
+ */
+export interface SwitchoverDecision {
+  /** milliseconds since `migrate` was issued */
+  time: number;
+  /** the dirty-sync count (MIGRATION_PASS) at the decision */
+  pass: number;
+  /** bytes every live section still had to send */
+  'dirty-bytes': number;
+  /**
+   * the part of `dirty-bytes` that must go before the
+   * destination may run
+   */
+  'precopy-bytes': number;
+  /**
+   * bytes already written but not yet handed to the
+   * channel (they go after a stop too)
+   */
+  'queued-bytes': number;
+  /**
+   * the bandwidth the switchover plans with, in bytes per
+   * second (the lowest of the last two 100 ms windows; 0 before the
+   * first window)
+   */
+  bandwidth: number;
+  /**
+   * the downtime in milliseconds that stopping now
+   * would cost: the bytes at the planned share of `bandwidth`, plus
+   * `reserve`
+   */
+  'expected-downtime': number;
+  /** the downtime-limit parameter in milliseconds */
+  'downtime-limit': number;
+  /**
+   * milliseconds of the limit kept for the cost of the stop
+   * itself (measured on this VM)
+   */
+  reserve: number;
+  /** bytes that may be left when the guest stops */
+  threshold: number;
+  /** what was decided */
+  decision: SwitchoverDecisionKind;
+  /** why, in words */
+  reason: string;
+}
+
+/**
+ * A predicted quantity with its confidence band.
+ *
+ * @since Ferry 0.1
+ */
+export interface ForecastBand {
+  /** the low end of the band */
+  low: number;
+  /** the most likely value */
+  expected: number;
+  /**
+   * the high end of the band; absent when the migration might not
+   * converge at all within the band's assumptions
+   */
+  high?: number;
+}
+
+/**
+ * A way to run the migration that the forecast weighs.
+ *
+ * - `as-set-up`: the capabilities and parameters set now
+ * - `wider-link`: more bandwidth (see `MigrationForecastOption`.bandwidth)
+ * - `auto-converge`: the auto-converge capability (vCPU throttling)
+ * - `xbzrle`: the xbzrle capability (deltas of pages sent again)
+ * - `postcopy`: postcopy-ram, switching after the first pass
+ *
+ * @since Ferry 0.1
+ */
+export type MigrationForecastMethod =
+  | 'as-set-up'
+  | 'wider-link'
+  | 'auto-converge'
+  | 'xbzrle'
+  | 'postcopy';
+/** Every value of {@link MigrationForecastMethod}, in schema order. */
+export const MigrationForecastMethod_VALUES = ['as-set-up', 'wider-link', 'auto-converge', 'xbzrle', 'postcopy'] as const;
+
+/**
+ * What the migration would do one way.
+ *
+ * @since Ferry 0.1
+ */
+export interface MigrationForecastOption {
+  /** the way */
+  method: MigrationForecastMethod;
+  /** whether it completes within the downtime limit */
+  converges: boolean;
+  /** predicted total time in milliseconds, when it converges */
+  'total-time'?: ForecastBand;
+  /** predicted downtime in milliseconds, when it converges */
+  downtime?: ForecastBand;
+  /**
+   * the bandwidth in bytes per second this option assumes
+   * (for `wider-link`: the least that converges)
+   */
+  bandwidth?: number;
+  /** auto-converge: the vCPU throttle it ends at */
+  'throttle-percentage'?: number;
+  /**
+   * xbzrle: the cache size in bytes it assumes (the
+   * xbzrle-cache-size parameter, or what the working set needs)
+   */
+  'cache-size'?: number;
+  /**
+   * xbzrle: encoded bytes per page sent again, as a share
+   * of a page (measured on the sampled pages)
+   */
+  'xbzrle-ratio'?: number;
+  /**
+   * postcopy: milliseconds the guest runs on the
+   * destination while pages still arrive
+   */
+  'postcopy-time'?: number;
+  /** what it costs, in words */
+  cost: string;
+}
+
+/**
+ * The convergence forecast of an outgoing migration.
+ *
+ * @since Ferry 0.1
+ */
+export interface MigrationForecast {
+  /** the migration's status now ('none' before one started) */
+  status: MigrationStatus;
+  /**
+   * the rate in bytes per second at which the guest dirties
+   * pages not yet dirty, over short periods
+   */
+  'dirty-rate': number;
+  /**
+   * the bytes the guest keeps dirtying (the dirty set's
+   * limit over long periods), when the measurement showed one
+   */
+  'working-set'?: number;
+  /**
+   * the share of guest RAM that is zero pages (sent as
+   * small records)
+   */
+  'zero-share': number;
+  /**
+   * where `dirty-rate` comes from: 'calc-dirty-rate'
+   * (the last measurement), 'migration' (the running migration's
+   * dirty-log syncs) or 'both'
+   */
+  'dirty-rate-source': string;
+  /** the bandwidth in bytes per second the forecast assumes */
+  bandwidth: number;
+  /**
+   * where `bandwidth` comes from: 'argument',
+   * 'max-bandwidth', 'measured' (the running migration) or
+   * 'last-migration'
+   */
+  'bandwidth-source': string;
+  /** guest RAM in bytes */
+  'ram-size': number;
+  /** the downtime-limit parameter in milliseconds */
+  'downtime-limit': number;
+  /** whether the migration converges as set up */
+  converges: boolean;
+  /**
+   * predicted total time (as query-migrate's total-time) in
+   * milliseconds, as set up
+   */
+  'total-time'?: ForecastBand;
+  /** predicted downtime in milliseconds, as set up */
+  downtime?: ForecastBand;
+  /** milliseconds since `migrate`, during a migration */
+  elapsed?: number;
+  /**
+   * milliseconds until the migration completes, during a
+   * migration, with its band
+   */
+  eta?: ForecastBand;
+  /** every way weighed, as set up first */
+  options: MigrationForecastOption[];
+  /** the verdict in words */
+  summary: string;
+}
+
+/**
+ * Which end of a migration a trace was recorded on.
+ *
+ * - `source`: the outgoing side
+ * - `destination`: the incoming side
+ *
+ * @since Ferry 0.1
+ */
+export type MigrationTraceSide =
+  | 'source'
+  | 'destination';
+/** Every value of {@link MigrationTraceSide}, in schema order. */
+export const MigrationTraceSide_VALUES = ['source', 'destination'] as const;
+
+/**
+ * The statistics at one instant.
+ *
+ * @since Ferry 0.1
+ */
+export interface MigrationTraceSample {
+  /** milliseconds since the trace began */
+  time: number;
+  /** what query-migrate answered then */
+  info: MigrationInfo;
+  /**
+   * the forecast's expected milliseconds until completion then
+   * (source, while active)
+   */
+  eta?: number;
+}
+
+/**
+ * Something that happened during a traced migration.
+ *
+ * - `status`: the status changed (`MigrationTraceEvent`.status)
+ * - `pass`: a dirty-log sync began a new pass (`MigrationTraceEvent`.pass)
+ * - `throttle`: auto-converge changed the vCPU throttle (`MigrationTraceEvent`.throttle)
+ * - `stop`: the guest stopped (the switchover began)
+ * - `resume`: the guest runs on this side
+ *
+ * @since Ferry 0.1
+ */
+export type MigrationTraceEventKind =
+  | 'status'
+  | 'pass'
+  | 'throttle'
+  | 'stop'
+  | 'resume';
+/** Every value of {@link MigrationTraceEventKind}, in schema order. */
+export const MigrationTraceEventKind_VALUES = ['status', 'pass', 'throttle', 'stop', 'resume'] as const;
+
+/**
+ * One event of a traced migration.
+ *
+ * @since Ferry 0.1
+ */
+export interface MigrationTraceEvent {
+  /** milliseconds since the trace began */
+  time: number;
+  /** what happened */
+  kind: MigrationTraceEventKind;
+  /** the new status (status events) */
+  status?: MigrationStatus;
+  /** the new dirty-sync count (pass events) */
+  pass?: number;
+  /** the new throttle in percent (throttle events) */
+  throttle?: number;
+}
+
+/**
+ * The demand-paging faults resolved in one sampling interval of a
+ * traced postcopy migration (destination).
+ *
+ * @since Ferry 0.1
+ */
+export interface PageFaultWindow {
+  /** milliseconds since the trace began (the interval's end) */
+  time: number;
+  /** faults resolved in the interval */
+  faults: number;
+  /** their median latency in microseconds */
+  'p50-us': number;
+  /** their 99th percentile latency */
+  'p99-us': number;
+  /** their longest latency */
+  'max-us': number;
+}
+
+/**
+ * Everything recorded about one migration on one side.
+ *
+ * @since Ferry 0.1
+ */
+export interface MigrationTrace {
+  /** the side it was recorded on */
+  side: MigrationTraceSide;
+  /** when it began, in milliseconds since the Unix epoch */
+  start: number;
+  /**
+   * milliseconds between samples (grows when a long trace is
+   * thinned out)
+   */
+  interval: number;
+  /** guest RAM in bytes */
+  'ram-size': number;
+  /** the migration capabilities that were set */
+  capabilities: MigrationCapabilityStatus[];
+  /** the migration parameters that were set */
+  parameters: MigrationParameters;
+  /** query-migrate over time */
+  samples: MigrationTraceSample[];
+  /** status changes, passes, throttle steps, stop and resume */
+  events: MigrationTraceEvent[];
+  /** the switchover decisions (source) */
+  decisions: SwitchoverDecision[];
+  /** postcopy fault latency over time (destination) */
+  faults: PageFaultWindow[];
+  /**
+   * the forecast at the start (source, when a dirty rate was
+   * measured before)
+   */
+  forecast?: MigrationForecast;
+  /** false while the migration still runs */
+  complete: boolean;
 }

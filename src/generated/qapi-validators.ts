@@ -4,6 +4,7 @@
 import * as R from '../qapi/runtime.js';
 import type * as T from './qapi-types.js';
 import {
+  QapiErrorClass_VALUES,
   SchemaMetaType_VALUES,
   JSONType_VALUES,
   QMPCapability_VALUES,
@@ -15,6 +16,9 @@ import {
   COLOMessage_VALUES,
   COLOMode_VALUES,
   FailoverStatus_VALUES,
+  DirtyRateStatus_VALUES,
+  DirtyRateMeasureMode_VALUES,
+  TimeUnit_VALUES,
   COLOExitReason_VALUES,
   ColoCompareMode_VALUES,
   ObjectType_VALUES,
@@ -25,6 +29,10 @@ import {
   ImageInfoSpecificKind_VALUES,
   SocketAddressType_VALUES,
   BlockExportRemoveMode_VALUES,
+  SwitchoverDecisionKind_VALUES,
+  MigrationForecastMethod_VALUES,
+  MigrationTraceSide_VALUES,
+  MigrationTraceEventKind_VALUES,
 } from './qapi-types.js';
 
 const F_SchemaInfoBuiltin: readonly R.Field[] = [
@@ -154,6 +162,20 @@ const F_MigrationParameters: readonly R.Field[] = [
 const F_ReplicationStatus: readonly R.Field[] = [
   ['error', false, R.bool],
   ['desc', true, R.str],
+];
+const F_DirtyRateVcpu: readonly R.Field[] = [
+  ['id', false, R.int],
+  ['dirty-rate', false, R.int64],
+];
+const F_DirtyRateInfo: readonly R.Field[] = [
+  ['dirty-rate', true, R.int64],
+  ['status', false, v_DirtyRateStatus],
+  ['start-time', false, R.int64],
+  ['calc-time', false, R.int64],
+  ['calc-time-unit', false, v_TimeUnit],
+  ['sample-pages', false, R.uint64],
+  ['mode', false, v_DirtyRateMeasureMode],
+  ['vcpu-dirty-rate', true, (v, p) => R.list(v, p, v_DirtyRateVcpu)],
 ];
 const F_ColoCheckpointInfo: readonly R.Field[] = [
   ['pause', false, R.number],
@@ -328,6 +350,88 @@ const F_DiskWorkloadInfo: readonly R.Field[] = [
   ['done', false, R.bool],
   ['error', true, R.str],
 ];
+const F_SwitchoverDecision: readonly R.Field[] = [
+  ['time', false, R.int],
+  ['pass', false, R.int],
+  ['dirty-bytes', false, R.int],
+  ['precopy-bytes', false, R.int],
+  ['queued-bytes', false, R.int],
+  ['bandwidth', false, R.int],
+  ['expected-downtime', false, R.int],
+  ['downtime-limit', false, R.int],
+  ['reserve', false, R.int],
+  ['threshold', false, R.int],
+  ['decision', false, v_SwitchoverDecisionKind],
+  ['reason', false, R.str],
+];
+const F_ForecastBand: readonly R.Field[] = [
+  ['low', false, R.number],
+  ['expected', false, R.number],
+  ['high', true, R.number],
+];
+const F_MigrationForecastOption: readonly R.Field[] = [
+  ['method', false, v_MigrationForecastMethod],
+  ['converges', false, R.bool],
+  ['total-time', true, v_ForecastBand],
+  ['downtime', true, v_ForecastBand],
+  ['bandwidth', true, R.int],
+  ['throttle-percentage', true, R.int],
+  ['cache-size', true, R.int],
+  ['xbzrle-ratio', true, R.number],
+  ['postcopy-time', true, R.number],
+  ['cost', false, R.str],
+];
+const F_MigrationForecast: readonly R.Field[] = [
+  ['status', false, v_MigrationStatus],
+  ['dirty-rate', false, R.number],
+  ['working-set', true, R.int],
+  ['zero-share', false, R.number],
+  ['dirty-rate-source', false, R.str],
+  ['bandwidth', false, R.int],
+  ['bandwidth-source', false, R.str],
+  ['ram-size', false, R.int],
+  ['downtime-limit', false, R.int],
+  ['converges', false, R.bool],
+  ['total-time', true, v_ForecastBand],
+  ['downtime', true, v_ForecastBand],
+  ['elapsed', true, R.int],
+  ['eta', true, v_ForecastBand],
+  ['options', false, (v, p) => R.list(v, p, v_MigrationForecastOption)],
+  ['summary', false, R.str],
+];
+const F_MigrationTraceSample: readonly R.Field[] = [
+  ['time', false, R.int],
+  ['info', false, v_MigrationInfo],
+  ['eta', true, R.number],
+];
+const F_MigrationTraceEvent: readonly R.Field[] = [
+  ['time', false, R.int],
+  ['kind', false, v_MigrationTraceEventKind],
+  ['status', true, v_MigrationStatus],
+  ['pass', true, R.int],
+  ['throttle', true, R.int],
+];
+const F_PageFaultWindow: readonly R.Field[] = [
+  ['time', false, R.int],
+  ['faults', false, R.int],
+  ['p50-us', false, R.number],
+  ['p99-us', false, R.number],
+  ['max-us', false, R.number],
+];
+const F_MigrationTrace: readonly R.Field[] = [
+  ['side', false, v_MigrationTraceSide],
+  ['start', false, R.int],
+  ['interval', false, R.int],
+  ['ram-size', false, R.int],
+  ['capabilities', false, (v, p) => R.list(v, p, v_MigrationCapabilityStatus)],
+  ['parameters', false, v_MigrationParameters],
+  ['samples', false, (v, p) => R.list(v, p, v_MigrationTraceSample)],
+  ['events', false, (v, p) => R.list(v, p, v_MigrationTraceEvent)],
+  ['decisions', false, (v, p) => R.list(v, p, v_SwitchoverDecision)],
+  ['faults', false, (v, p) => R.list(v, p, v_PageFaultWindow)],
+  ['forecast', true, v_MigrationForecast],
+  ['complete', false, R.bool],
+];
 const F_q_obj_COLO_EXIT_arg: readonly R.Field[] = [
   ['mode', false, v_COLOMode],
   ['reason', false, v_COLOExitReason],
@@ -356,6 +460,12 @@ const F_q_obj_SchemaInfo_base: readonly R.Field[] = [
 ];
 const F_q_obj_SocketAddressLegacy_base: readonly R.Field[] = [
   ['type', false, v_SocketAddressType],
+];
+const F_q_obj_calc_dirty_rate_arg: readonly R.Field[] = [
+  ['calc-time', false, R.int64],
+  ['calc-time-unit', true, v_TimeUnit],
+  ['sample-pages', true, R.int],
+  ['mode', true, v_DirtyRateMeasureMode],
 ];
 const F_q_obj_client_migrate_info_arg: readonly R.Field[] = [
   ['protocol', false, R.str],
@@ -412,11 +522,21 @@ const F_q_obj_pmemsave_arg: readonly R.Field[] = [
 const F_q_obj_qmp_capabilities_arg: readonly R.Field[] = [
   ['enable', true, (v, p) => R.list(v, p, v_QMPCapability)],
 ];
+const F_q_obj_query_dirty_rate_arg: readonly R.Field[] = [
+  ['calc-time-unit', true, v_TimeUnit],
+];
 const F_q_obj_x_colo_set_parameters_arg: readonly R.Field[] = [
   ['compare', true, v_ColoCompareMode],
   ['compare-timeout', true, R.int],
   ['heartbeat-timeout', true, R.int],
   ['witness', true, v_StrOrNull],
+];
+const F_q_obj_x_query_migrate_forecast_arg: readonly R.Field[] = [
+  ['bandwidth', true, R.int],
+];
+const F_q_obj_x_trace_migration_arg: readonly R.Field[] = [
+  ['enable', false, R.bool],
+  ['interval', true, R.int],
 ];
 const F_q_obj_xen_save_devices_state_arg: readonly R.Field[] = [
   ['filename', false, R.str],
@@ -456,6 +576,9 @@ export function v_StrOrNull(v: unknown, p: R.Path): T.StrOrNull {
     string: R.str,
     null: R.nul,
   }) as unknown as T.StrOrNull;
+}
+export function v_QapiErrorClass(v: unknown, p: R.Path): T.QapiErrorClass {
+  return R.enumValue(v, p, QapiErrorClass_VALUES);
 }
 export function v_SchemaMetaType(v: unknown, p: R.Path): T.SchemaMetaType {
   return R.enumValue(v, p, SchemaMetaType_VALUES);
@@ -558,6 +681,21 @@ export function v_FailoverStatus(v: unknown, p: R.Path): T.FailoverStatus {
 }
 export function v_ReplicationStatus(v: unknown, p: R.Path): T.ReplicationStatus {
   return R.struct(v, p, F_ReplicationStatus) as unknown as T.ReplicationStatus;
+}
+export function v_DirtyRateVcpu(v: unknown, p: R.Path): T.DirtyRateVcpu {
+  return R.struct(v, p, F_DirtyRateVcpu) as unknown as T.DirtyRateVcpu;
+}
+export function v_DirtyRateStatus(v: unknown, p: R.Path): T.DirtyRateStatus {
+  return R.enumValue(v, p, DirtyRateStatus_VALUES);
+}
+export function v_DirtyRateMeasureMode(v: unknown, p: R.Path): T.DirtyRateMeasureMode {
+  return R.enumValue(v, p, DirtyRateMeasureMode_VALUES);
+}
+export function v_TimeUnit(v: unknown, p: R.Path): T.TimeUnit {
+  return R.enumValue(v, p, TimeUnit_VALUES);
+}
+export function v_DirtyRateInfo(v: unknown, p: R.Path): T.DirtyRateInfo {
+  return R.struct(v, p, F_DirtyRateInfo) as unknown as T.DirtyRateInfo;
 }
 export function v_COLOExitReason(v: unknown, p: R.Path): T.COLOExitReason {
   return R.enumValue(v, p, COLOExitReason_VALUES);
@@ -682,6 +820,42 @@ export function v_BlockDigest(v: unknown, p: R.Path): T.BlockDigest {
 export function v_DiskWorkloadInfo(v: unknown, p: R.Path): T.DiskWorkloadInfo {
   return R.struct(v, p, F_DiskWorkloadInfo) as unknown as T.DiskWorkloadInfo;
 }
+export function v_SwitchoverDecisionKind(v: unknown, p: R.Path): T.SwitchoverDecisionKind {
+  return R.enumValue(v, p, SwitchoverDecisionKind_VALUES);
+}
+export function v_SwitchoverDecision(v: unknown, p: R.Path): T.SwitchoverDecision {
+  return R.struct(v, p, F_SwitchoverDecision) as unknown as T.SwitchoverDecision;
+}
+export function v_ForecastBand(v: unknown, p: R.Path): T.ForecastBand {
+  return R.struct(v, p, F_ForecastBand) as unknown as T.ForecastBand;
+}
+export function v_MigrationForecastMethod(v: unknown, p: R.Path): T.MigrationForecastMethod {
+  return R.enumValue(v, p, MigrationForecastMethod_VALUES);
+}
+export function v_MigrationForecastOption(v: unknown, p: R.Path): T.MigrationForecastOption {
+  return R.struct(v, p, F_MigrationForecastOption) as unknown as T.MigrationForecastOption;
+}
+export function v_MigrationForecast(v: unknown, p: R.Path): T.MigrationForecast {
+  return R.struct(v, p, F_MigrationForecast) as unknown as T.MigrationForecast;
+}
+export function v_MigrationTraceSide(v: unknown, p: R.Path): T.MigrationTraceSide {
+  return R.enumValue(v, p, MigrationTraceSide_VALUES);
+}
+export function v_MigrationTraceSample(v: unknown, p: R.Path): T.MigrationTraceSample {
+  return R.struct(v, p, F_MigrationTraceSample) as unknown as T.MigrationTraceSample;
+}
+export function v_MigrationTraceEventKind(v: unknown, p: R.Path): T.MigrationTraceEventKind {
+  return R.enumValue(v, p, MigrationTraceEventKind_VALUES);
+}
+export function v_MigrationTraceEvent(v: unknown, p: R.Path): T.MigrationTraceEvent {
+  return R.struct(v, p, F_MigrationTraceEvent) as unknown as T.MigrationTraceEvent;
+}
+export function v_PageFaultWindow(v: unknown, p: R.Path): T.PageFaultWindow {
+  return R.struct(v, p, F_PageFaultWindow) as unknown as T.PageFaultWindow;
+}
+export function v_MigrationTrace(v: unknown, p: R.Path): T.MigrationTrace {
+  return R.struct(v, p, F_MigrationTrace) as unknown as T.MigrationTrace;
+}
 export function v_q_obj_COLO_EXIT_arg(v: unknown, p: R.Path): Record<string, unknown> {
   return R.struct(v, p, F_q_obj_COLO_EXIT_arg);
 }
@@ -705,6 +879,9 @@ export function v_q_obj_SchemaInfo_base(v: unknown, p: R.Path): Record<string, u
 }
 export function v_q_obj_SocketAddressLegacy_base(v: unknown, p: R.Path): Record<string, unknown> {
   return R.struct(v, p, F_q_obj_SocketAddressLegacy_base);
+}
+export function v_q_obj_calc_dirty_rate_arg(v: unknown, p: R.Path): Record<string, unknown> {
+  return R.struct(v, p, F_q_obj_calc_dirty_rate_arg);
 }
 export function v_q_obj_client_migrate_info_arg(v: unknown, p: R.Path): Record<string, unknown> {
   return R.struct(v, p, F_q_obj_client_migrate_info_arg);
@@ -748,8 +925,17 @@ export function v_q_obj_pmemsave_arg(v: unknown, p: R.Path): Record<string, unkn
 export function v_q_obj_qmp_capabilities_arg(v: unknown, p: R.Path): Record<string, unknown> {
   return R.struct(v, p, F_q_obj_qmp_capabilities_arg);
 }
+export function v_q_obj_query_dirty_rate_arg(v: unknown, p: R.Path): Record<string, unknown> {
+  return R.struct(v, p, F_q_obj_query_dirty_rate_arg);
+}
 export function v_q_obj_x_colo_set_parameters_arg(v: unknown, p: R.Path): Record<string, unknown> {
   return R.struct(v, p, F_q_obj_x_colo_set_parameters_arg);
+}
+export function v_q_obj_x_query_migrate_forecast_arg(v: unknown, p: R.Path): Record<string, unknown> {
+  return R.struct(v, p, F_q_obj_x_query_migrate_forecast_arg);
+}
+export function v_q_obj_x_trace_migration_arg(v: unknown, p: R.Path): Record<string, unknown> {
+  return R.struct(v, p, F_q_obj_x_trace_migration_arg);
 }
 export function v_q_obj_xen_save_devices_state_arg(v: unknown, p: R.Path): Record<string, unknown> {
   return R.struct(v, p, F_q_obj_xen_save_devices_state_arg);

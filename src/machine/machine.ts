@@ -488,9 +488,9 @@ export class Machine extends EventEmitter implements DeviceHost {
     return this.guestRam.pages;
   }
 
-  /** An incoming migration's stream has started: the background prefault stops (ram.ts). */
-  stopBackgroundPrefault(): void {
-    this.guestRam.stopBackgroundPrefault();
+  /** The incoming migration has loaded: the background prefault ends (ram.ts). */
+  endBackgroundPrefault(): void {
+    this.guestRam.endBackgroundPrefault();
   }
 
   /** Block and offset of a guest-physical address. */

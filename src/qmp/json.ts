@@ -62,10 +62,8 @@ const enum S {
   RECOVERY,
   DQ,
   DQ_ESC,
-  DQ_U,
   SQ,
   SQ_ESC,
-  SQ_U,
   NEG,
   ZERO,
   INT,
@@ -87,14 +85,6 @@ function isHex(c: number): boolean {
 function isDigit(c: number): boolean {
   return c >= 0x30 && c <= 0x39;
 }
-/** Escapes accepted after a backslash (both quote styles): b f n r t / \ ' " and u. */
-function isSimpleEscape(c: number): boolean {
-  return (
-    c === 0x62 || c === 0x66 || c === 0x6e || c === 0x72 || c === 0x74 ||
-    c === 0x2f || c === CH_BS || c === CH_SQ || c === CH_DQ
-  );
-}
-
 /**
  * Streaming parser. `feed()` takes bytes as they arrive and returns the values
  * (or errors) completed by them, in order. Memory stays bounded by the limits:
@@ -106,7 +96,6 @@ export class JsonStreamParser {
 
   // lexer
   private state: S = S.START;
-  private uCount = 0;
   private tokParts: Buffer[] = [];
   private tokLen = 0;
   /** start of the current token within the chunk being fed, or -1 */
@@ -174,25 +163,12 @@ export class JsonStreamParser {
           continue;
         }
         case S.DQ_ESC:
-        case S.SQ_ESC: {
-          const dq = this.state === S.DQ_ESC;
-          if (c === 0x75) {
-            this.state = dq ? S.DQ_U : S.SQ_U;
-            this.uCount = 0;
+        case S.SQ_ESC:
+          // as QEMU 7.2's lexer: any printable byte may follow a backslash;
+          // the parser judges the escape (invalid escape, \u's four digits)
+          if (c >= 0x20 && c < 0xfe) {
+            this.state = this.state === S.DQ_ESC ? S.DQ : S.SQ;
             i++;
-          } else if (isSimpleEscape(c)) {
-            this.state = dq ? S.DQ : S.SQ;
-            i++;
-          } else {
-            i = this.lexError(buf, i + 1);
-          }
-          continue;
-        }
-        case S.DQ_U:
-        case S.SQ_U:
-          if (isHex(c)) {
-            i++;
-            if (++this.uCount === 4) this.state = this.state === S.DQ_U ? S.DQ : S.SQ;
           } else {
             i = this.lexError(buf, i + 1);
           }
@@ -408,15 +384,16 @@ function parseTokens(tokens: Token[]): JsonParseResult {
     if (!tok) return fail('premature EOI');
     if (tok.t === T.RCURLY) { pos++; return obj; }
     for (;;) {
+      // as QEMU's parser: the key is a value (else "expecting value") that must be a string
       const key = peek();
       if (!key) return fail('premature EOI');
+      const keyValue = value();
       if (key.t !== T.STRING) return fail('key is not a string in object');
-      pos++;
       const colon = peek();
       if (!colon) return fail('premature EOI');
       if (colon.t !== T.COLON) return fail('missing : in object pair');
       pos++;
-      const k = decodeString(key);
+      const k = keyValue as string;
       const v = value();
       if (k === '__proto__') Object.defineProperty(obj, k, { value: v, enumerable: true, writable: true, configurable: true });
       else obj[k] = v;
@@ -467,10 +444,15 @@ function parseTokens(tokens: Token[]): JsonParseResult {
         case 0x72: s += '\r'; break;
         case 0x74: s += '\t'; break;
         case 0x75: {
-          let cp = parseInt(raw.toString('latin1', i + 2, i + 6), 16);
+          let cp = hex4At(raw, i + 2);
           adv = 6;
+          if (cp < 0) {
+            // QEMU prints the four bytes after \u, the closing quote included
+            const after = Buffer.concat([raw.subarray(i + 2, i + 6), Buffer.from([tok.quote!])]).subarray(0, 4);
+            return fail(`\\u${after.toString('latin1')} is not a valid Unicode character`);
+          }
           if (cp >= 0xd800 && cp <= 0xdbff && raw[i + 6] === CH_BS && raw[i + 7] === 0x75) {
-            const lo = parseInt(raw.toString('latin1', i + 8, i + 12), 16);
+            const lo = hex4At(raw, i + 8);
             if (lo >= 0xdc00 && lo <= 0xdfff) {
               cp = 0x10000 + ((cp & 0x3ff) << 10) + (lo & 0x3ff);
               adv = 12;
@@ -482,7 +464,11 @@ function parseTokens(tokens: Token[]): JsonParseResult {
           s += String.fromCodePoint(cp);
           break;
         }
-        default: s += String.fromCharCode(e); // " ' \ /
+        case CH_DQ: case CH_SQ: case CH_BS: case 0x2f:
+          s += String.fromCharCode(e);
+          break;
+        default:
+          return fail('invalid escape sequence in string');
       }
       i += adv;
       runStart = i;
@@ -499,6 +485,18 @@ function parseTokens(tokens: Token[]): JsonParseResult {
     if (e instanceof ParseError) return { ok: false, error: e.message };
     throw e;
   }
+}
+
+/** The value of four hex digits at raw[at..at+4), or -1. */
+function hex4At(raw: Uint8Array, at: number): number {
+  if (at + 4 > raw.length) return -1;
+  let v = 0;
+  for (let k = at; k < at + 4; k++) {
+    const c = raw[k]!;
+    if (!isHex(c)) return -1;
+    v = v * 16 + (c <= 0x39 ? c - 0x30 : (c | 0x20) - 0x57);
+  }
+  return v;
 }
 
 const strictUtf8 = new TextDecoder('utf-8', { fatal: true });

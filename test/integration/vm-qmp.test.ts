@@ -83,11 +83,21 @@ describe('run state over QMP', () => {
     await vm.quit();
   });
 
-  it('quit exits the process with code 0 (SHUTDOWN-free or not, the reply comes first)', async () => {
+  it('quit sends SHUTDOWN (guest false, host-qmp-quit) before its reply, as QEMU 7.2 does, and exits with 0', async () => {
     const vm = await startVm({ args: ['-m', '16M'] });
     const r = await vm.qmp.execute('quit');
     assert.deepEqual(r, {});
+    // the event was read before the reply that resolved execute()
+    assert.deepEqual(vm.qmp.eventLog.map((e) => [e.event, e.data]), [['SHUTDOWN', { guest: false, reason: 'host-qmp-quit' }]]);
     await vm.exited;
+    assert.equal(vm.exitCode, 0);
+  });
+
+  it('SIGTERM sends SHUTDOWN (guest false, host-signal), as QEMU 7.2 does', async () => {
+    const vm = await startVm({ args: ['-m', '16M'] });
+    vm.kill('SIGTERM');
+    await vm.exited;
+    assert.deepEqual(vm.qmp.eventLog.map((e) => [e.event, e.data]), [['SHUTDOWN', { guest: false, reason: 'host-signal' }]]);
     assert.equal(vm.exitCode, 0);
   });
 });

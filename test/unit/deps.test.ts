@@ -90,6 +90,19 @@ test('qmp knows no command meaning and no engine', () => {
   check('src/qmp/', (i) => ['src/qmp/', 'src/base/', 'src/qapi/'].some((p) => i.target.startsWith(p)));
 });
 
+test('the typed client (ferry/client) is the generated client over the QMP socket client, nothing else', () => {
+  check('src/client/', (i) => ['src/client/', 'src/qmp/', 'src/generated/qapi-client.ts', 'src/generated/qapi-types.ts'].some((p) => i.target.startsWith(p)));
+});
+
+test('the report knows the generated schema types and client, never the engine or the cli', () => {
+  check('src/report/', (i) => ['src/report/', 'src/generated/'].some((p) => i.target.startsWith(p)) && !i.target.startsWith('src/generated/qapi-commands.ts'));
+  assert.ok(all.some((i) => i.file.startsWith('src/report/') && i.target.startsWith('src/generated/')));
+});
+
+test('metrics read the engine as commands do, never the cli or QMP', () => {
+  check('src/metrics/', (i) => ['src/metrics/', 'src/migration/', 'src/generated/qapi-types.ts'].some((p) => i.target.startsWith(p)));
+});
+
 test('commands never import the cli', () => {
   check('src/commands/', (i) => !i.target.startsWith('src/cli/'));
 });

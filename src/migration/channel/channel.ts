@@ -21,6 +21,15 @@ export interface Channel {
    * `output` discards what is written.
    */
   readonly bidirectional: boolean;
+  /**
+   * True when the peer can act on the end of the stream only once our
+   * direction ends: an exec: command (`cat > FILE` finishes, and closes its
+   * stdout, only at EOF on its stdin). A source that waits for the return
+   * path's SHUT ends its output right after its last byte on such a channel,
+   * so that a command that cannot answer ends (EOF before SHUT fails the
+   * migration) instead of leaving both sides waiting for ever.
+   */
+  readonly endOnLastByte: boolean;
   /** True once close() was called or the transport went away. */
   readonly closed: boolean;
   /** True once 'close' was emitted: every underlying resource is released (child exited). */
@@ -59,6 +68,8 @@ export interface StreamChannelInit {
   input: Readable;
   output: Writable;
   bidirectional: boolean;
+  /** See Channel.endOnLastByte (default false). */
+  endOnLastByte?: boolean;
   ioKind: IoKind;
   describe: () => string;
   /** Real resources: the channel is over when all of them emitted 'close'. */
@@ -74,6 +85,7 @@ export class StreamChannel extends EventEmitter implements Channel {
   readonly input: Readable;
   readonly output: Writable;
   readonly bidirectional: boolean;
+  readonly endOnLastByte: boolean;
   #describe: () => string;
   #resources: ReadonlyArray<Readable | Writable>;
   #dummies: ReadonlyArray<Readable | Writable>;
@@ -90,6 +102,7 @@ export class StreamChannel extends EventEmitter implements Channel {
     this.input = init.input;
     this.output = init.output;
     this.bidirectional = init.bidirectional;
+    this.endOnLastByte = init.endOnLastByte ?? false;
     this.#describe = init.describe;
     this.#resources = [...new Set(init.resources)];
     this.#dummies = init.dummies ?? [];

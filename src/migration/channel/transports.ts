@@ -150,6 +150,7 @@ function spawnExec(command: string, side: 'outgoing' | 'incoming', signal?: Abor
         input: stdout,
         output: stdin,
         bidirectional: true,
+        endOnLastByte: true,
         ioKind: 'command',
         resources: [stdin, stdout],
         child,

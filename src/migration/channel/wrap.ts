@@ -64,6 +64,14 @@ export class WrappedChannel extends EventEmitter implements Channel {
     return this.#inner.bidirectional;
   }
 
+  /**
+   * Never: ending a wrapper's output is the wrapper's own message (TLS sends
+   * close_notify, and a peer may then close both directions), not a plain EOF.
+   */
+  get endOnLastByte(): boolean {
+    return false;
+  }
+
   get closed(): boolean {
     return this.#closed || this.#inner.closed;
   }

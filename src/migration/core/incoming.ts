@@ -224,7 +224,6 @@ export class IncomingSession {
       },
       command: (c) => this.command(c, ch, postcopy),
     };
-    machine.incomingStreamStarted();
     await loadStream(reader, handlers, { machineType: machine.machineType });
     if (postcopy.listening) {
       // postcopy: no vmdesc; every page must be here now

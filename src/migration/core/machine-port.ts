@@ -28,8 +28,8 @@ export function machinePort(m: Machine, opts: { autostart: boolean }): MachinePo
       void m.stop('postmigrate');
     },
     setThrottle: (pct) => m.setThrottle(pct),
-    incomingStreamStarted: () => m.stopBackgroundPrefault(),
     async finishIncoming() {
+      m.endBackgroundPrefault();
       const got = m.loadedGlobalState;
       if (got === undefined || got === 'running') {
         await (opts.autostart ? m.start() : m.setRunState('paused'));

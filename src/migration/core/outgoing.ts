@@ -21,6 +21,7 @@ import { chainWrappers, migrationTls, type TlsDeps } from '../channel/tls.js';
 import { CompressPool } from '../codec/compress-pool.js';
 import { ColoPrimary, COLO_ERR, type ColoService } from '../colo/index.js';
 import { CancelledError, MigrationError, PeerError, errorMessage, inPhase, type MigrationFailure, type MigrationPhase } from '../errors.js';
+import { DecisionLog, type DecisionWhy } from '../observe/decisions.js';
 import { runPostcopy } from '../postcopy/switch.js';
 import { ReturnPathReader } from '../return-path/reader.js';
 import { MigrationClockDevice, wallClockUs } from '../sections/clock-device.js';
@@ -55,6 +56,13 @@ const SLICE_MS = 5;
 const QEMU_DEVICES: ReadonlySet<string> = new Set(['timer', 'globalstate']);
 /** How long a failed postcopy source waits for the return path's last words. */
 const RP_SETTLE_MS = 1000;
+/**
+ * How long a migrate_cancel that comes after the last byte waits for the
+ * destination's verdict (SHUT) before it cuts the migration short anyway.
+ */
+export const CANCEL_VERDICT_MS = 2000;
+/** How long a source waits for an exec: command that ended its stdout without a SHUT to exit. */
+const EXIT_STATUS_MS = 1000;
 
 /**
  * Named points of an outgoing migration, reported to `trace` as they are
@@ -111,6 +119,10 @@ interface PendingSum {
 export class OutgoingSession {
   readonly stats = new SourceStats();
   readonly abort = new AbortController();
+  /** What the switchover decided and why (x-query-migrate-decisions). */
+  readonly decisions = new DecisionLog();
+  /** The dirty-sync count (MIGRATION_PASS) so far. */
+  pass = 0;
   channel: Channel | null = null;
   writer: StreamWriter | null = null;
   returnPath: ReturnPathReader | null = null;
@@ -134,6 +146,9 @@ export class OutgoingSession {
   private disposed = false;
   /** now() when the vCPUs stopped for the switchover. */
   private stopTime = 0;
+  /** Every byte is out and the return path's SHUT will say who owns the guest. */
+  private verdictPending = false;
+  private cancelTimer: NodeJS.Timeout | undefined;
 
   constructor(readonly deps: OutgoingDeps) {
     this.stats.begin(deps.now());
@@ -182,6 +197,24 @@ export class OutgoingSession {
     this.abort.abort();
     this.writer?.setError(new CancelledError({ phase: this.phase }));
     this.channel?.close();
+  }
+
+  /**
+   * migrate_cancel after the last byte, while the destination's verdict is
+   * pending: the destination may have loaded everything and be running the
+   * guest already, so resuming ours would leave two running copies (QEMU
+   * resumes it). The cancel waits for the SHUT: 0 completes the migration
+   * (the cancel came too late), anything else fails it and our guest runs on.
+   * Without a verdict within CANCEL_VERDICT_MS, `then` cancels after all.
+   * False when nothing is pending (cancel at once).
+   */
+  deferCancel(then: () => void): boolean {
+    if (!this.verdictPending) return false;
+    this.cancelTimer ??= setTimeout(() => {
+      this.verdictPending = false;
+      then();
+    }, CANCEL_VERDICT_MS);
+    return true;
   }
 
   /** Throws CancelledError once migrate_cancel was issued. */
@@ -281,7 +314,10 @@ export class OutgoingSession {
       now: this.deps.now,
       returnPath: this.returnPath,
       compressPool: () => (this.compress ??= new CompressPool({ threads: this.options.get('compress-threads') })),
-      onPass: (n) => this.deps.onPass(n),
+      onPass: (n) => {
+        this.pass = n;
+        this.deps.onPass(n);
+      },
       throughputMbps: () => this.stats.mbps,
     };
   }
@@ -319,11 +355,20 @@ export class OutgoingSession {
       // bytes put but not yet handed to the kernel go after the stop too
       const queued = w.bytesWritten - w.bytesFlushed;
       let p = this.pending(false);
-      if (p.total + queued < threshold || p.total === 0) p = this.pending(true);
+      const exact = p.total + queued < threshold || p.total === 0;
+      if (exact) p = this.pending(true);
       this.stats.remaining = p.total;
-      if (p.total === 0 || p.total + queued < threshold) return 'complete';
+      if (p.total === 0 || p.total + queued < threshold) {
+        this.decide(p, queued, threshold, 'switchover', p.total === 0 ? 'empty' : 'fits');
+        return 'complete';
+      }
       // what must go before the switch fits: postcopy carries the rest
-      if (this.postcopyRequested && this.options.capability('postcopy-ram') && p.precopy + queued <= threshold) return 'postcopy';
+      const postcopy = this.postcopyRequested && this.options.capability('postcopy-ram');
+      if (postcopy && p.precopy + queued <= threshold) {
+        this.decide(p, queued, threshold, 'postcopy', 'postcopy-fits');
+        return 'postcopy';
+      }
+      if (exact) this.decide(p, queued, threshold, 'iterate', postcopy ? 'postcopy-waits' : 'too-much');
 
       this.trace('slice');
       // Sections take turns at going first, so that one that fills the
@@ -349,6 +394,28 @@ export class OutgoingSession {
     }
   }
 
+  /** Record a decision with the figures it was taken on (observe/decisions.ts). */
+  private decide(p: PendingSum, queued: number, threshold: number, decision: 'iterate' | 'switchover' | 'postcopy', why: DecisionWhy): void {
+    const budget = this.deps.switchover;
+    const limit = this.options.get('downtime-limit');
+    const bandwidth = this.stats.lowBandwidth;
+    this.decisions.record({
+      timeMs: this.now() - this.stats.startTime,
+      pass: this.pass,
+      dirtyBytes: p.total,
+      precopyBytes: p.precopy,
+      queuedBytes: queued,
+      bandwidth,
+      plannedBandwidth: budget.plannedBandwidth(bandwidth),
+      expectedDowntimeMs: budget.expectedDowntimeMs(p.total + queued, bandwidth, limit),
+      limitMs: limit,
+      reserveMs: budget.reserveMs(limit),
+      thresholdBytes: threshold,
+      decision,
+      why,
+    });
+  }
+
   /** Stop-and-copy: VM stopped, the rest of every section, devices, EOF, vmdesc. */
   private async complete(): Promise<void> {
     const w = this.writer!;
@@ -372,14 +439,36 @@ export class OutgoingSession {
     putVmdesc(w, buildVmdesc(this.vmdesc));
     await w.drain();
     this.checkCancelled();
-    this.trace('sent');
     const rp = this.returnPath;
+    this.trace('sent');
     if (this.colo) {
       await this.runColo(rp);
       return;
     }
+    this.verdictPending = rp !== null;
     if (rp) {
-      const shut = await rp.waitForShut();
+      const ch = this.channel!;
+      let shut: number;
+      try {
+        // an exec: command sees the end of the stream only at EOF on its
+        // stdin: `cat > FILE` would otherwise wait for more while we wait for
+        // its SHUT (QEMU 7.2 hangs there in `active`). Ended now, a command
+        // that cannot answer exits, its stdout ends, and that fails below.
+        if (ch.endOnLastByte) await endOutput(ch);
+        shut = await rp.waitForShut();
+      } catch (e) {
+        // the command ended without a verdict: its exit status, when it
+        // failed (a full disk), says more than the end of its stdout
+        if (ch.endOnLastByte && !this.deps.status.is('cancelling')) {
+          await linger(ch, EXIT_STATUS_MS, this.abort.signal);
+          if (ch.error !== undefined) throw ch.error;
+          if (ch.released) throw new PeerError(`The command exited without a verdict on the return path (no SHUT): ${errorMessage(e)}`, { cause: e });
+        }
+        throw e;
+      } finally {
+        this.verdictPending = false;
+        clearTimeout(this.cancelTimer);
+      }
       this.checkCancelled();
       if (shut !== 0) throw new PeerError(`Destination reported failure (SHUT ${shut})`);
     } else {
@@ -391,6 +480,10 @@ export class OutgoingSession {
       // forwarder gets to pass the tail on before we close it
       this.trace('lingering');
       await linger(this.channel!, undefined, this.abort.signal);
+      // an exec: forwarder that failed to pass the tail on (`cat > FILE` on
+      // a full disk exits 1): the stream did not arrive, our guest runs on
+      const chErr = this.channel!.error;
+      if (chErr !== undefined && !this.deps.status.is('cancelling')) throw chErr;
     }
     // a cancel that came after the last byte still wins (QEMU: cancelled, the source runs on)
     this.checkCancelled();
@@ -456,6 +549,9 @@ export class OutgoingSession {
   private onReturnPathError(e: MigrationFailure): void {
     e.phase ??= 'return-path';
     this.writer?.setError(e);
+    // after the last byte on an exec: channel, complete() first waits for
+    // the command's exit status (it closes the channel when it is done)
+    if (this.verdictPending && this.channel?.endOnLastByte) return;
     this.channel?.close();
   }
 

@@ -28,15 +28,10 @@ export interface MachinePort {
    */
   setThrottle(pct: number): void;
   /**
-   * Destination, the incoming stream is about to be read: background work
-   * that would compete with the loader for the CPU and the page tables (the
-   * prefault of RAM) stops.
-   */
-  incomingStreamStarted(): void;
-  /**
    * Destination, after a complete load: enter the run state the stream's
    * globalstate asked for (running unless started with -S, or the received
-   * state). Resolves once the vCPUs run (or the state is set).
+   * state). Resolves once the vCPUs run (or the state is set). Background
+   * work for the incoming migration (the prefault of RAM) ends.
    */
   finishIncoming(): Promise<void>;
   /**

@@ -165,6 +165,8 @@ export class MigrationSource extends EventEmitter {
   /** `migrate_cancel`: always succeeds; acts in setup, active and postcopy-active (not in colo, as in 2.10). */
   cancel(): void {
     if (!this.isActive()) return;
+    // after the last byte the destination's verdict decides who owns the guest
+    if (this.session?.deferCancel(() => this.cancel())) return;
     this.status_.to('cancelling');
     this.session?.cancel();
   }

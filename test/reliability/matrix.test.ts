@@ -1,0 +1,590 @@
+/**
+ * The fault matrix: every phase of a migration (guest.ts PHASES) crossed
+ * with every fault (FAULTS below), each cell a real migration of the same
+ * guest that must end in a known state:
+ *
+ *   - the source runs on with its memory intact: after the workload's steps
+ *     its digest equals the reference (a machine that never migrated), and
+ *     the destination never ran;
+ *   - or the destination took the guest over (it completed, runs, and its
+ *     memory reaches the reference);
+ *   - or, after the postcopy switch, the guest is lost in the documented way
+ *     (the source stays stopped in postmigrate, the destination stops in
+ *     internal-error: Ferry has no postcopy recovery);
+ *   - a flipped payload byte that the stream format cannot see is recorded
+ *     as such, with how much of the guest differs (the 2.10 stream has no
+ *     checksum; TLS would refuse it);
+ * and, in every cell, a new migration of the guest's owner afterwards
+ * completes with the reference memory, and no descriptor, listener, socket
+ * or child process is left over.
+ *
+ * Both engines run in this process (the pair of test/helpers/pair.ts, with
+ * a fault relay on the stream); a side that is killed with SIGKILL runs in
+ * a child process (side-child.ts) instead. The results table is written to
+ * docs/reliability.md. Block migration and COLO add their rows to PHASES
+ * once they exist (LATER lists them meanwhile).
+ */
+import { after, before, describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn, execFileSync, type ChildProcess } from 'node:child_process';
+import { closeSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeSync } from 'node:fs';
+import * as net from 'node:net';
+import { tmpdir } from 'node:os';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { Machine } from '../../src/machine/index.js';
+import {
+  ColoService,
+  MigrationDestination,
+  MigrationObserver,
+  MigrationOptions,
+  MigrationSource,
+  RAM_SECTION,
+  SectionRegistry,
+  machinePort,
+} from '../../src/migration/index.js';
+import type { SourceTracePoint } from '../../src/migration/core/outgoing.js';
+import { QmpServer } from '../../src/qmp/index.js';
+import { COMMANDS } from '../../src/generated/qapi-commands.js';
+import { handlers } from '../../src/commands/handlers.js';
+import type { Ctx, VmServices } from '../../src/commands/context.js';
+import { NbdService } from '../../src/commands/nbd.js';
+import { shq } from '../helpers/vm.js';
+import { FaultRelay } from './fault-relay.js';
+import { GUEST, PHASES, SOURCE_PARAMS, holdFrom, referenceDigest, workloadDone, type PhaseDef } from './guest.js';
+import { leaked, snapshot, type Resources } from './leaks.js';
+import { writeSection } from './report.js';
+
+const here = dirname(fileURLToPath(import.meta.url));
+const CHILD = join(here, 'side-child.js');
+const ROOT = process.getuid?.() === 0;
+
+type FaultName = 'kill-source' | 'kill-destination' | 'cancel' | 'cut' | 'truncate' | 'flip' | 'qmp-gone' | 'disk-full' | 'disk-full-rp';
+
+const diskFull = (f: FaultName): boolean => f === 'disk-full' || f === 'disk-full-rp';
+
+interface FaultDef {
+  name: FaultName;
+  what: string;
+  /** Why this fault cannot hit this phase, or null. */
+  notApplicable?(phase: PhaseDef): string | null;
+}
+
+let tmpfsWorks: string | null = null; // null: works; else the reason it does not
+
+const FAULTS: FaultDef[] = [
+  { name: 'kill-source', what: 'the source process gets SIGKILL (it runs in a child, frozen at the phase)' },
+  { name: 'kill-destination', what: 'the destination process gets SIGKILL' },
+  { name: 'cancel', what: '`migrate_cancel`' },
+  { name: 'cut', what: 'the connection is cut (both sockets of the relay destroyed)' },
+  { name: 'truncate', what: "the stream ends at a random byte of the phase's bytes (the destination reads EOF there)" },
+  { name: 'flip', what: "one random byte of the phase's bytes is inverted on its way" },
+  { name: 'qmp-gone', what: 'a QMP client sends query-migrate and migrate-set-parameters and closes its socket before the replies' },
+  {
+    name: 'disk-full',
+    what: 'migrating to `exec:cat > FILE` on a small tmpfs that fills up, without the return path (the file is the destination: loaded from it when the source completed)',
+    notApplicable: (p) =>
+      p.postcopy
+        ? 'postcopy needs a return path, which `exec:cat > FILE` cannot carry'
+        : tmpfsWorks,
+  },
+  {
+    name: 'disk-full-rp',
+    what: 'the same with the return path on: no SHUT can come from a file, so the source ends the command\'s input after its last byte and fails when the command exits (its exit status when the disk was full)',
+    notApplicable: (p) =>
+      p.postcopy
+        ? 'postcopy into a file: no destination could run the guest after the switch'
+        : tmpfsWorks,
+  },
+];
+
+/** Rows that do not exist yet: they join PHASES when their feature lands. */
+const LATER = [
+  { name: 'block bulk phase', why: 'block migration (issue 10) is not merged yet' },
+  { name: 'COLO checkpoint', why: 'COLO (issue 12) is not merged yet' },
+];
+
+type Outcome =
+  | 'source runs on'
+  | 'destination took over'
+  | 'guest died with the source'
+  | 'guest lost after the switch'
+  | 'flip not seen by the format';
+
+interface Result {
+  phase: string;
+  fault: FaultName;
+  outcome?: Outcome;
+  detail?: string;
+  na?: string;
+  error?: string;
+}
+
+const results: Result[] = [];
+let REF = '';
+
+/** A small xorshift for the fault offsets, seeded per cell. */
+function rng(seed: number): () => number {
+  let x = seed * 2654435761 || 1;
+  return () => {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    return (x >>> 0) / 2 ** 32;
+  };
+}
+
+function killNow(child: ChildProcess): void {
+  // synchronously: SIGKILL, then wait until the process is gone (a zombie, its sockets closed)
+  child.kill('SIGKILL');
+  const sleeper = new Int32Array(new SharedArrayBuffer(4));
+  const t0 = Date.now();
+  for (;;) {
+    let state = 'gone';
+    try {
+      const stat = readFileSync(`/proc/${child.pid}/stat`, 'latin1');
+      state = stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
+    } catch {
+      // reaped already
+    }
+    if (state === 'gone' || state === 'Z' || Date.now() - t0 > 3000) return;
+    Atomics.wait(sleeper, 0, 0, 2);
+  }
+}
+
+interface Child {
+  child: ChildProcess;
+  /** resolves with the next line the child prints (lines are queued) */
+  nextLine(): Promise<string>;
+  exited: Promise<void>;
+  stderr: string[];
+}
+
+async function startChild(args: object): Promise<Child> {
+  const child = spawn(process.execPath, [CHILD, JSON.stringify(args)], { stdio: ['ignore', 'pipe', 'pipe'] });
+  const stderr: string[] = [];
+  child.stderr!.on('data', (d: Buffer) => stderr.push(d.toString()));
+  const exited = new Promise<void>((r) => child.once('exit', () => r()));
+  const queued: string[] = [];
+  const waiting: ((l: string) => void)[] = [];
+  let partial = '';
+  child.stdout!.on('data', (d: Buffer) => {
+    const parts = (partial + d.toString()).split('\n');
+    partial = parts.pop()!;
+    for (const l of parts) {
+      const w = waiting.shift();
+      if (w) w(l);
+      else queued.push(l);
+    }
+  });
+  const nextLine = (): Promise<string> => (queued.length ? Promise.resolve(queued.shift()!) : new Promise((r) => waiting.push(r)));
+  const first = await withTimeout(nextLine(), 20000, `the child starting: ${stderr.join('')}`);
+  assert.equal(first, '{"ready":true}', `child: ${stderr.join('')}`);
+  return { child, nextLine, exited, stderr };
+}
+
+function newOptions(caps: string[], params?: Record<string, number>): MigrationOptions {
+  const o = new MigrationOptions();
+  if (caps.length) o.setCapabilities(caps.map((c) => ({ capability: c as never, state: true })));
+  if (params) o.setParameters(params);
+  return o;
+}
+
+const sections = (): SectionRegistry => new SectionRegistry([RAM_SECTION]);
+
+interface DstSide {
+  machine: Machine;
+  destination: MigrationDestination;
+  ran: boolean;
+}
+
+async function newDestination(uri: string, caps: string[]): Promise<DstSide> {
+  const machine = await Machine.create({ ...GUEST, incoming: true, fill: undefined });
+  const side: DstSide = { machine, destination: null!, ran: false };
+  machine.on('runstate', (now: string) => {
+    if (now === 'running') side.ran = true;
+  });
+  side.destination = new MigrationDestination(machinePort(machine, { autostart: true }), newOptions(caps), {
+    lookupFd: () => undefined,
+    sections: sections(),
+    log: () => undefined,
+  });
+  await side.destination.start(uri);
+  return side;
+}
+
+function withTimeout<T>(p: Promise<T>, ms: number, what: string | (() => string)): Promise<T> {
+  let t: NodeJS.Timeout;
+  const text = (): string => (typeof what === 'string' ? what : what());
+  return Promise.race([p, new Promise<T>((_, rej) => (t = setTimeout(() => rej(new Error(`timed out: ${text()}`)), ms)))]).finally(() => clearTimeout(t));
+}
+
+/** The owner of the guest migrates it once more, to a fresh destination: it must complete with the reference memory. */
+async function migrateAgain(owner: Machine, dir: string): Promise<void> {
+  const uri = `unix:${join(dir, 'again.sock')}`;
+  const dst = await newDestination(uri, []);
+  const source = new MigrationSource(machinePort(owner, { autostart: true }), newOptions([], { 'max-bandwidth': 0 }), {
+    lookupFd: () => undefined,
+    sections: sections(),
+    log: () => undefined,
+  });
+  try {
+    source.start(uri);
+    await withTimeout(source.whenIdle(), 20000, 'the migration afterwards');
+    await withTimeout(dst.destination.whenDone(), 20000, 'its destination');
+    assert.equal(source.status, 'completed', `the migration afterwards: ${JSON.stringify(source.info())}`);
+    assert.equal(dst.destination.status, 'completed');
+    await workloadDone(dst.machine);
+    assert.equal((await dst.machine.digest()).digest, REF, 'the migration afterwards delivered the reference memory');
+  } finally {
+    await dst.machine.destroy();
+  }
+}
+
+/** Fill the filesystem at `dir` up to its last byte. */
+function fillUp(dir: string): void {
+  const fd = openSync(join(dir, 'filler'), 'w');
+  const chunk = Buffer.alloc(1 << 20, 0xaa);
+  try {
+    for (;;) writeSync(fd, chunk);
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== 'ENOSPC') throw e;
+    // the last partial block
+    try {
+      for (;;) writeSync(fd, chunk, 0, 1);
+    } catch {
+      // full
+    }
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/** A QMP monitor over the in-process source (the handlers of `ferry vm`). */
+async function monitor(dir: string, machine: Machine, options: MigrationOptions, source: MigrationSource): Promise<{ server: QmpServer<Ctx>; path: string }> {
+  const destination = new MigrationDestination(machinePort(machine, { autostart: true }), options, { lookupFd: () => undefined, sections: sections() });
+  const vm: VmServices = {
+    machine,
+    options,
+    source,
+    destination,
+    observe: new MigrationObserver({ source, destination, options, ram: () => machine.ram, faultStats: () => machine.faultStats() }),
+    colo: new ColoService(),
+    nbd: new NbdService(),
+    log: () => undefined,
+    incomingMode: 'none',
+    objects: new Map(),
+    fds: new Map(),
+    commandNames: [...COMMANDS.keys()],
+    version: { qemu: { major: 2, minor: 10, micro: 0 }, package: 'ferry-test' },
+    autostart: true,
+    requestQuit: () => undefined,
+  };
+  const server = new QmpServer<Ctx>({ commands: COMMANDS, handlers, makeContext: (conn) => ({ vm, conn }), version: vm.version });
+  const path = join(dir, 'qmp.sock');
+  await server.listen(`unix:${path},server=on,wait=off`);
+  return { server, path };
+}
+
+/** A negotiated raw QMP connection. */
+async function rawClient(path: string): Promise<net.Socket> {
+  const s = net.connect(path);
+  let buf = '';
+  await new Promise<void>((resolve, reject) => {
+    s.on('error', reject);
+    s.on('data', (d: Buffer) => {
+      buf += d.toString();
+      if (buf.includes('"QMP"') && !buf.includes('"return"') && buf.endsWith('\n') && !buf.includes('sent')) {
+        buf += 'sent';
+        s.write('{"execute":"qmp_capabilities"}\n');
+      }
+      if (buf.includes('"return"')) resolve();
+    });
+  });
+  s.removeAllListeners('data');
+  s.removeAllListeners('error');
+  s.on('error', () => undefined);
+  return s;
+}
+
+/** What the process holds between cells (taken once, before the first). */
+let baseline: Resources;
+
+async function runCell(phase: PhaseDef, fault: FaultDef, seed: number): Promise<Result> {
+  const res: Result = { phase: phase.name, fault: fault.name };
+  const dir = mkdtempSync(join(tmpdir(), 'ferry-matrix-'));
+  // `disk-full` runs without the return path, `disk-full-rp` with it
+  const caps = (phase.caps as string[]).filter((c) => fault.name !== 'disk-full' || c !== 'return-path');
+  const rand = rng(seed);
+  const dstSock = join(dir, 'dst.sock');
+  const relaySock = join(dir, 'relay.sock');
+  let relay: FaultRelay | null = null;
+  let dst: DstSide | null = null;
+  let dstChild: Awaited<ReturnType<typeof startChild>> | null = null;
+  let srcChild: Awaited<ReturnType<typeof startChild>> | null = null;
+  let src: { machine: Machine; source: MigrationSource; options: MigrationOptions } | null = null;
+  let qmp: { server: QmpServer<Ctx>; path: string } | null = null;
+  let qmpClient: net.Socket | null = null;
+  let mnt: string | null = null;
+  const paramsAfter = { 'downtime-limit': 2 };
+  try {
+    // the destination: in a child when it is the one killed
+    let uri = `unix:${relaySock}`;
+    if (!diskFull(fault.name)) {
+      if (fault.name === 'kill-destination') dstChild = await startChild({ role: 'destination', uri: `unix:${dstSock}`, caps });
+      else dst = await newDestination(`unix:${dstSock}`, caps);
+      relay = await FaultRelay.listen(relaySock, dstSock);
+    } else {
+      mnt = join(dir, 'mnt');
+      mkdirSync(mnt);
+      execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=64m', 'tmpfs', mnt]);
+      uri = `exec:cat > ${shq(join(mnt, 'state'))}`;
+    }
+
+    if (fault.name === 'kill-source') {
+      const sc = await startChild({ role: 'source', uri, caps, phase: phase.name });
+      srcChild = sc;
+      const hit = await withTimeout(
+        sc.nextLine(),
+        30000,
+        () => `the source child reaching ${phase.name} (destination ${dst!.destination.status}, ${dst!.machine.runState}; child: ${sc.stderr.join('')})`,
+      );
+      assert.match(hit, /"hit"/, srcChild.stderr.join(''));
+      srcChild.child.kill('SIGKILL');
+      await srcChild.exited;
+    } else {
+      const machine = await Machine.create({ ...GUEST });
+      const options = newOptions(caps, phase.params ?? SOURCE_PARAMS);
+      let fired = false;
+      let holding = false;
+      let applied = false;
+      let holdStart = 0;
+      let askedPostcopy = false;
+      const source: MigrationSource = new MigrationSource(machinePort(machine, { autostart: true }), options, {
+        lookupFd: () => undefined,
+        sections: sections(),
+        log: () => undefined,
+        trace: (pt: SourceTracePoint) => {
+          const info = source.info();
+          // bytes put into the stream so far: they reach the relay in this order
+          const written = source.current?.writer?.bytesWritten ?? 0;
+          if (phase.postcopy && pt === 'slice' && !askedPostcopy) {
+            askedPostcopy = true;
+            source.requestPostcopy();
+          }
+          if (fault.name === 'truncate' || fault.name === 'flip') {
+            if (!holding && holdFrom(phase, pt, info)) {
+              holding = true;
+              holdStart = written;
+              relay!.hold(holdStart);
+              return;
+            }
+            if (holding && !applied && (phase.until(pt, info) || pt === 'disposed')) {
+              applied = true;
+              const at = holdStart + Math.floor(rand() * Math.max(1, written - holdStart));
+              res.detail = `byte ${at} of [${holdStart}, ${written})`;
+              if (fault.name === 'truncate') relay!.truncate(at);
+              else relay!.flip(at);
+              relay!.release();
+            }
+            return;
+          }
+          if (fired || !phase.at(pt, info)) return;
+          fired = true;
+          switch (fault.name) {
+            case 'kill-destination':
+              killNow(dstChild!.child);
+              break;
+            case 'cancel':
+              source.cancel();
+              break;
+            case 'cut':
+              relay!.cut();
+              break;
+            case 'qmp-gone':
+              qmpClient!.write(
+                `{"execute":"query-migrate"}\n{"execute":"migrate-set-parameters","arguments":${JSON.stringify(paramsAfter)}}\n`,
+                () => qmpClient!.destroy(),
+              );
+              break;
+            case 'disk-full':
+            case 'disk-full-rp':
+              fillUp(mnt!);
+              break;
+          }
+        },
+      });
+      src = { machine, source, options };
+      if (fault.name === 'qmp-gone') {
+        qmp = await monitor(dir, machine, options, source);
+        qmpClient = await rawClient(qmp.path);
+      }
+      source.start(uri);
+      await withTimeout(source.whenIdle(), 30000, 'the source to end');
+      if (fault.name === 'qmp-gone') {
+        // the command of the client that left still ran, and the monitor serves others
+        assert.equal(options.get('downtime-limit'), paramsAfter['downtime-limit'], 'migrate-set-parameters of the client that left took effect');
+        const other = await rawClient(qmp!.path);
+        other.destroy();
+      }
+    }
+    if (diskFull(fault.name) && src!.source.status === 'completed') {
+      // cat wrote the whole stream before the disk filled up: the file must then load whole
+      dst = await newDestination(`exec:cat ${shq(join(mnt!, 'state'))}`, caps);
+      res.detail = 'the file was whole before the disk filled; loaded from it';
+    }
+    if (dst) await withTimeout(dst.destination.whenDone(), 30000, 'the destination to end');
+
+    // ---- the known state
+    const s = src?.source.status;
+    const d = dst?.destination.status;
+    const srcRuns = src !== null && src.machine.runState === 'running';
+    const desc = `source ${s ?? 'killed'} (${src?.machine.runState ?? '-'}), destination ${d ?? (diskFull(fault.name) ? 'none' : 'killed')} (${dst?.machine.runState ?? '-'})`;
+    let owner: Machine | null = null;
+    if (srcRuns) {
+      assert.ok(s === 'failed' || s === 'cancelled', `a source that runs on has failed or was cancelled: ${desc}`);
+      assert.ok(!dst || (d !== 'completed' && !dst.ran), `the destination never ran a half-loaded guest: ${desc}`);
+      await workloadDone(src!.machine);
+      assert.equal((await src!.machine.digest()).digest, REF, `the source memory is intact: ${desc}`);
+      res.outcome = 'source runs on';
+      owner = src!.machine;
+    } else if (dst && d === 'completed') {
+      assert.ok(!src || src.machine.runState === 'postmigrate', desc);
+      assert.equal(dst.machine.runState, 'running', desc);
+      await workloadDone(dst.machine);
+      const digest = (await dst.machine.digest()).digest;
+      if (digest !== REF) {
+        assert.equal(fault.name, 'flip', `the destination that took over has the reference memory: ${desc}`);
+        res.outcome = 'flip not seen by the format';
+      } else {
+        res.outcome = 'destination took over';
+        owner = dst.machine;
+      }
+    } else if (fault.name === 'kill-source' && !phase.postcopy) {
+      // the guest lived in the killed process; the destination must not run what it got
+      assert.ok(d !== 'completed' && !dst!.ran && dst!.machine.runState === 'inmigrate', `the destination never ran a half-loaded guest: ${desc}`);
+      res.outcome = 'guest died with the source';
+    } else {
+      assert.ok(phase.postcopy, `no side runs the guest, outside postcopy: ${desc}`);
+      assert.ok(!src || src.machine.runState === 'postmigrate', desc);
+      // stopped for good after its LISTEN, or never got that far (a cut before the package arrived)
+      assert.ok(!dst || (dst.machine.runState === 'internal-error' || (dst.machine.runState === 'inmigrate' && !dst.ran)), desc);
+      res.outcome = 'guest lost after the switch';
+    }
+    res.detail = [desc, res.detail].filter(Boolean).join('; ');
+
+    // ---- a new migration afterwards: the owner's, or a fresh guest's
+    if (owner) {
+      await migrateAgain(owner, dir);
+    } else {
+      const fresh = await Machine.create({ ...GUEST });
+      try {
+        await workloadDone(fresh);
+        await migrateAgain(fresh, dir);
+      } finally {
+        await fresh.destroy();
+      }
+    }
+  } finally {
+    if (srcChild && srcChild.child.exitCode === null) srcChild.child.kill('SIGKILL');
+    if (dstChild && dstChild.child.exitCode === null) dstChild.child.kill('SIGKILL');
+    await srcChild?.exited;
+    await dstChild?.exited;
+    src?.source.cancel();
+    await src?.source.whenIdle();
+    dst?.destination.close();
+    await dst?.destination.whenDone();
+    await qmp?.server.close();
+    await src?.machine.destroy();
+    await dst?.machine.destroy();
+    await relay?.close();
+    if (mnt) execFileSync('umount', [mnt]);
+    rmSync(dir, { recursive: true, force: true });
+  }
+  // ---- nothing left over
+  const leak = await leaked(baseline);
+  assert.equal(leak, null, `resources left over: ${leak}`);
+  // the destination's listener is gone
+  await new Promise<void>((resolve, reject) => {
+    const c = net.connect(dstSock);
+    c.on('connect', () => reject(new Error('the destination still listens')));
+    c.on('error', () => resolve());
+  });
+  return res;
+}
+
+function cellText(r: Result | undefined): string {
+  if (!r) return 'not run';
+  if (r.na) return `n/a: ${r.na}`;
+  if (r.error) return `**FAILED**: ${r.error.split('\n')[0]}`;
+  return r.outcome!;
+}
+
+function writeDoc(): void {
+  const cols = FAULTS.map((f) => f.name);
+  const passed = results.filter((r) => r.outcome).length;
+  const failed = results.filter((r) => r.error).length;
+  const na = results.filter((r) => r.na).length;
+  const lines = [
+    `**${passed} cells passed, ${failed} failed, ${na} not applicable** (of ${PHASES.length} phases × ${FAULTS.length} faults), plus ${LATER.length} rows not yet available.`,
+    '',
+    `| phase | ${cols.join(' | ')} |`,
+    `|---|${cols.map(() => '---').join('|')}|`,
+    ...PHASES.map((p) => `| ${p.name} | ${cols.map((c) => cellText(results.find((r) => r.phase === p.name && r.fault === c))).join(' | ')} |`),
+    ...LATER.map((l) => `| ${l.name} | ${cols.map((_, i) => (i === 0 ? `not yet available: ${l.why}` : '–')).join(' | ')} |`),
+    '',
+    'Phases:',
+    '',
+    ...PHASES.map((p) => `- **${p.name}** (${p.caps.join(', ')}): ${p.what}`),
+    '',
+    'Faults:',
+    '',
+    ...FAULTS.map((f) => `- **${f.name}**: ${f.what}`),
+  ];
+  writeSection('matrix', lines.join('\n'));
+}
+
+describe('the fault matrix (docs/reliability.md)', () => {
+  before(async () => {
+    REF = await referenceDigest();
+    baseline = snapshot();
+    if (!ROOT) tmpfsWorks = 'needs root to mount a small tmpfs (run as root, as CI does)';
+    else {
+      const probe = mkdtempSync(join(tmpdir(), 'ferry-tmpfs-'));
+      try {
+        execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', probe], { stdio: 'pipe' });
+        execFileSync('umount', [probe]);
+      } catch (e) {
+        tmpfsWorks = `mounting a tmpfs failed here: ${(e as Error).message.split('\n')[0]}`;
+      } finally {
+        rmSync(probe, { recursive: true, force: true });
+      }
+    }
+  });
+  after(() => {
+    if (results.length === PHASES.length * FAULTS.length) writeDoc();
+  });
+
+  let seed = 1;
+  for (const phase of PHASES) {
+    for (const fault of FAULTS) {
+      const cellSeed = seed++;
+      it(`${phase.name} × ${fault.name}`, async (t) => {
+        const na = fault.notApplicable?.(phase) ?? null;
+        if (na) {
+          results.push({ phase: phase.name, fault: fault.name, na });
+          t.skip(na);
+          return;
+        }
+        try {
+          const r = await runCell(phase, fault, cellSeed);
+          results.push(r);
+          t.diagnostic(`${r.outcome}: ${r.detail ?? ''}`);
+        } catch (e) {
+          results.push({ phase: phase.name, fault: fault.name, error: (e as Error).message });
+          throw e;
+        }
+      });
+    }
+  }
+});

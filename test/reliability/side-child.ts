@@ -1,0 +1,62 @@
+/**
+ * One side of a reliability cell in a process of its own, so that the cell
+ * can SIGKILL it: `node side-child.js JSON`.
+ *
+ *   { role: 'destination', uri, caps }  listens on uri, prints {"ready":true}
+ *   { role: 'source', uri, caps, phase } migrates GUEST to uri; at the trace
+ *        point where PHASES[phase] fires it prints {"hit":POINT} and freezes
+ *        (the event loop blocked, its sockets open) until it is killed
+ *
+ * The same engine objects as `ferry vm`, without QMP.
+ */
+import { Machine } from '../../src/machine/index.js';
+import { MigrationDestination, MigrationOptions, MigrationSource, RAM_SECTION, SectionRegistry, machinePort } from '../../src/migration/index.js';
+import { GUEST, PHASES, SOURCE_PARAMS } from './guest.js';
+
+interface Args {
+  role: 'source' | 'destination';
+  uri: string;
+  caps: string[];
+  phase?: string;
+}
+
+// `node --test dist/test/` loads every file under test/: without arguments this does nothing
+if (process.argv[2] === undefined) process.exit(0);
+const args = JSON.parse(process.argv[2]) as Args;
+const say = (o: unknown): void => void process.stdout.write(JSON.stringify(o) + '\n');
+const options = new MigrationOptions();
+options.setCapabilities(args.caps.map((c) => ({ capability: c as never, state: true })));
+const sections = new SectionRegistry([RAM_SECTION]);
+const log = (m: string): void => void process.stderr.write(`${args.role}: ${m}\n`);
+
+if (args.role === 'destination') {
+  const machine = await Machine.create({ ...GUEST, incoming: true, fill: undefined });
+  const d = new MigrationDestination(machinePort(machine, { autostart: true }), options, { lookupFd: () => undefined, sections, log });
+  await d.start(args.uri);
+  say({ ready: true });
+} else {
+  const machine = await Machine.create({ ...GUEST });
+  const phase = PHASES.find((p) => p.name === args.phase)!;
+  options.setParameters(phase.params ?? SOURCE_PARAMS);
+  let asked = false;
+  const source: MigrationSource = new MigrationSource(machinePort(machine, { autostart: true }), options, {
+    lookupFd: () => undefined,
+    sections,
+    log,
+    trace: (pt) => {
+      const info = source.info();
+      if (phase.postcopy && pt === 'slice' && !asked) {
+        asked = true;
+        source.requestPostcopy();
+      }
+      if (phase.at(pt, info)) {
+        say({ hit: pt });
+        // frozen here, sockets open, until the cell's SIGKILL
+        Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0);
+      }
+    },
+  });
+  source.on('status', (st) => log(`status ${st}${st === 'failed' ? `: ${source.info()['error-desc']}` : ''}`));
+  say({ ready: true });
+  source.start(args.uri);
+}
