@@ -440,12 +440,13 @@ export class OutgoingSession {
     await w.drain();
     this.checkCancelled();
     const rp = this.returnPath;
+    // set before the trace point: a cancel there must already wait for the verdict
+    this.verdictPending = rp !== null && !this.colo;
     this.trace('sent');
     if (this.colo) {
       await this.runColo(rp);
       return;
     }
-    this.verdictPending = rp !== null;
     if (rp) {
       const ch = this.channel!;
       let shut: number;
