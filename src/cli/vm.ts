@@ -27,6 +27,7 @@ import {
 import { QmpError } from '../qapi/errors.js';
 import { startMetrics } from '../metrics/prometheus.js';
 import { QmpServer } from '../qmp/index.js';
+import { coloDisks } from './colo-disks.js';
 import { parseVmArgs, UsageError } from './vm-args.js';
 
 export const FERRY_VERSION = { qemu: { major: 2, minor: 10, micro: 0 }, package: 'ferry-0.1.0' };
@@ -130,6 +131,8 @@ export async function main(argv: string[]): Promise<number> {
     };
     // COLO: one per VM, shared by its outgoing (primary) and incoming (secondary) migrations
     const colo = new ColoService();
+    // its replicated drives follow its checkpoints and failovers
+    colo.addReplication(coloDisks(machine));
     const source = new MigrationSource(port, options, {
       lookupFd,
       qemuCompatible: a.qemuCompat,

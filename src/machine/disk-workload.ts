@@ -314,10 +314,12 @@ export class DiskWorkload {
     if (read !== 0 && read !== 1) throw bad(`read flag ${read} is not 0 or 1`);
     if (!(stepsLimit === -1 || (Number.isSafeInteger(stepsLimit) && stepsLimit >= 0))) throw bad(`step limit ${stepsLimit} out of range`);
     let cfg: ResolvedDiskWorkload;
+    // `drives` may answer with another drive than the one named (Drives.guestDrive): the workload takes its name
+    const drive = drives(name);
     try {
       cfg = resolveDiskWorkload(
-        { drive: name, rate, start, wss, write, seed, read: read === 1, ...(stepsLimit >= 0 ? { steps: stepsLimit } : {}) },
-        drives(name),
+        { drive: drive?.name ?? name, rate, start, wss, write, seed, read: read === 1, ...(stepsLimit >= 0 ? { steps: stepsLimit } : {}) },
+        drive,
         driveNames,
       );
     } catch (e) {
@@ -326,7 +328,7 @@ export class DiskWorkload {
     if (!Number.isSafeInteger(steps) || steps < 0 || (stepsLimit >= 0 && steps > stepsLimit)) throw bad(`steps ${steps} out of range`);
     const st = [u32(s0, 'PRNG state'), u32(s1, 'PRNG state'), u32(s2, 'PRNG state'), u32(s3, 'PRNG state')];
     if (st.every((v) => v === 0)) throw bad('PRNG state is all zero');
-    const w = new DiskWorkload(cfg, drives(name)!, host);
+    const w = new DiskWorkload(cfg, drive!, host);
     w.rng = new Xorshift128(st[0]! | 0, st[1]! | 0, st[2]! | 0, st[3]! | 0);
     w._steps = steps;
     w._sum = u32(sum, 'checksum');

@@ -541,6 +541,20 @@ export class Drives {
     return this.list.find((d) => d.name === name);
   }
 
+  /**
+   * The drive through which the guest writes the disk named `name`: the
+   * drive itself, or, for the secondary disk of a replicated secondary
+   * drive, that replicated drive. A device state that names the primary's
+   * drive (`colo1`) so lands on the secondary's guest device (`childs1`
+   * over `colo1`), as QEMU matches the device and not its drive id.
+   */
+  guestDrive(name: string): Drive | undefined {
+    for (const n of this.replication.list()) {
+      if (n instanceof ReplicationSecondary && n.diskName === name) return this.get(n.driveName);
+    }
+    return this.get(name);
+  }
+
   /** Flush every drive; returns the failures (a failed drive's I/O status records them too). */
   async flushAll(): Promise<DriveFailure[]> {
     const failed: DriveFailure[] = [];

@@ -423,7 +423,8 @@ export class Machine extends EventEmitter implements DeviceHost {
   /** Adopts the source's disk workload (only while the guest is stopped). */
   loadDiskWorkload(data: Uint8Array): void {
     if (this.runState === 'running') throw new Error('ferry-disk-workload: cannot load while the guest runs');
-    this.disk = DiskWorkload.load(data, (n) => this._drives.get(n), this.driveNames(), this.diskHost());
+    // a payload naming a replicated secondary disk writes through its replication drive (Drives.guestDrive)
+    this.disk = DiskWorkload.load(data, (n) => this._drives.guestDrive(n), this.driveNames(), this.diskHost());
   }
 
   private diskHost() {

@@ -16,6 +16,11 @@
  * - The NBD connection is made when replication starts (QEMU attaches the
  *   NBD child at run time, after the secondary is ready) and closed when
  *   it stops.
+ * - holdMirror() (COLO, between a checkpoint's snapshot and the secondary's
+ *   replication checkpoint): guest writes wait until releaseMirror(), so
+ *   that no write made after the snapshot reaches the secondary disk before
+ *   the secondary has emptied its overlays for that checkpoint. QEMU keeps
+ *   its whole guest stopped for that time instead.
  */
 import type { BlockImage, BlockStatus } from '../block/index.js';
 import { NbdClient, describeAddress } from '../nbd/index.js';
@@ -23,12 +28,17 @@ import type { PrimaryConfig } from './config.js';
 import { Gate } from './gate.js';
 import { ReplicationError, mayStart, mayStop, stageError, type FailureSink, type ReplicationMode, type ReplicationNode, type ReplicationStage } from './node.js';
 
+/** Bytes per request of syncSecondary(). */
+const SYNC_CHUNK = 1 << 20;
+
 export class ReplicationPrimary implements BlockImage, ReplicationNode {
   readonly mode = 'primary' as const;
   private _stage: ReplicationStage = 'none';
   private client: NbdClient | null = null;
   private failure: string | null = null;
   private readonly gate = new Gate();
+  /** Set while the mirror is held (holdMirror): resolves at releaseMirror. */
+  private held: { done: Promise<void>; release: () => void } | null = null;
 
   constructor(
     private local: BlockImage,
@@ -80,11 +90,13 @@ export class ReplicationPrimary implements BlockImage, ReplicationNode {
     return this.local.blockStatus(offset, length);
   }
 
-  write(offset: number, data: Uint8Array): Promise<void> {
+  async write(offset: number, data: Uint8Array): Promise<void> {
+    if (this.held !== null) await this.held.done;
     return this.gate.withShared(() => this.both(() => this.local.write(offset, data), (c) => c.write(offset, data), `write of ${data.length} bytes at offset ${offset}`));
   }
 
-  writeZeroes(offset: number, length: number): Promise<void> {
+  async writeZeroes(offset: number, length: number): Promise<void> {
+    if (this.held !== null) await this.held.done;
     return this.gate.withShared(() => this.both(() => this.local.writeZeroes(offset, length), (c) => c.writeZeroes(offset, length), `write-zeroes of ${length} bytes at offset ${offset}`));
   }
 
@@ -143,11 +155,50 @@ export class ReplicationPrimary implements BlockImage, ReplicationNode {
     // the primary keeps nothing per checkpoint (QEMU's filter does nothing either)
   }
 
+  /**
+   * Copy the whole local disk to the secondary's export while replication
+   * runs (QEMU's recipe does it with drive-mirror sync=full before COLO
+   * starts): the secondary disk then equals the local one whatever the
+   * guest wrote before the mirror started. One chunk at a time, each
+   * between guest writes (the gate), so a write never lands under an older
+   * copy of its range.
+   */
+  async syncSecondary(): Promise<void> {
+    const buf = new Uint8Array(SYNC_CHUNK);
+    const size = this.local.virtualSize;
+    for (let o = 0; o < size; o += SYNC_CHUNK) {
+      await this.gate.withExclusive(async () => {
+        const c = this._stage === 'running' && this.failure === null ? this.client : null;
+        if (c === null) throw new ReplicationError(this.failure ?? 'Block replication is not running');
+        const part = buf.subarray(0, Math.min(SYNC_CHUNK, size - o));
+        await this.local.read(o, part);
+        await (part.every((b) => b === 0) ? c.writeZeroes(o, part.length) : c.write(o, part));
+      });
+    }
+    await this.gate.withShared(async () => this.client?.flush());
+  }
+
+  /** Writes wait from now until releaseMirror() (only while replication runs; see the file header). */
+  holdMirror(): void {
+    if (this.held !== null || this._stage !== 'running') return;
+    let release = () => {};
+    const done = new Promise<void>((r) => (release = r));
+    this.held = { done, release };
+  }
+
+  /** Writes held by holdMirror() go on. */
+  releaseMirror(): void {
+    const h = this.held;
+    this.held = null;
+    h?.release();
+  }
+
   getError(): string | null {
     return stageError(this._stage, this.failure !== null);
   }
 
   async stop(failover: boolean): Promise<void> {
+    this.releaseMirror();
     if (!mayStop(this._stage)) return;
     // writes in flight finish (and are mirrored) first
     await this.gate.withExclusive(async () => {

@@ -291,6 +291,23 @@ export class ReplicationSecondary implements BlockImage, ReplicationNode {
     }
   }
 
+  /**
+   * Drop the guest's own writes since the last checkpoint (the active disk
+   * emptied; the hidden disk stays): the drive reads as the last checkpoint
+   * plus nothing but the primary's writes, which a failover commit then
+   * undoes. For a guest put back to its last checkpoint (COLO's failover).
+   */
+  async revertOwnWrites(): Promise<void> {
+    if (this._stage !== 'running') return;
+    await this.gate.withExclusive(async () => {
+      try {
+        this.active = await emptyOverlay(this.active);
+      } finally {
+        linkBacking(this.active, this.hidden.image);
+      }
+    });
+  }
+
   getError(): string | null {
     return stageError(this._stage, this.failure !== null);
   }

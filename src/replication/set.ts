@@ -5,6 +5,8 @@
  * them, and stops at the first error.
  */
 import type { ReplicationMode, ReplicationNode } from './node.js';
+import { ReplicationPrimary } from './primary.js';
+import { ReplicationSecondary } from './secondary.js';
 
 export class ReplicationSet {
   constructor(private readonly nodes: readonly ReplicationNode[]) {}
@@ -40,5 +42,29 @@ export class ReplicationSet {
 
   async stopAll(failover: boolean): Promise<void> {
     for (const n of this.order) await n.stop(failover);
+  }
+
+  /** Every running primary copies its whole disk to its secondary (ReplicationPrimary.syncSecondary). */
+  async syncSecondaryAll(): Promise<void> {
+    for (const n of this.order) if (n instanceof ReplicationPrimary && n.stage === 'running') await n.syncSecondary();
+  }
+
+  /** The primaries' writes wait until releaseMirrorAll() (COLO: see ReplicationPrimary.holdMirror). */
+  holdMirrorAll(): void {
+    for (const n of this.order) if (n instanceof ReplicationPrimary) n.holdMirror();
+  }
+
+  releaseMirrorAll(): void {
+    for (const n of this.order) if (n instanceof ReplicationPrimary) n.releaseMirror();
+  }
+
+  /** The secondaries drop their guest's writes since the last checkpoint (ReplicationSecondary.revertOwnWrites). */
+  async revertOwnWritesAll(): Promise<void> {
+    for (const n of this.order) if (n instanceof ReplicationSecondary) await n.revertOwnWrites();
+  }
+
+  /** The nodes that are not in stage `none`, for messages. */
+  started(): ReplicationNode[] {
+    return this.order.filter((n) => n.stage !== 'none');
   }
 }

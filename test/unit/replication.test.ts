@@ -362,6 +362,52 @@ describe('block replication: failures', { timeout: 60000 }, () => {
   });
 });
 
+describe('block replication: what COLO adds', { timeout: 60000 }, () => {
+  it('syncSecondaryAll copies what the primary wrote before replication started', async () => {
+    const p = await pair();
+    try {
+      await p.P.write(8192, pattern(65536, 5)); // before start: local only
+      assert.notEqual(sha(await content((o, b) => p.S.read(o, b))), sha(await content((o, b) => p.P.read(o, b))));
+      await p.sec.replication.startAll('secondary');
+      await p.pri.replication.startAll('primary');
+      await p.pri.replication.syncSecondaryAll();
+      assert.equal(sha(await content((o, b) => p.S.read(o, b))), sha(await content((o, b) => p.P.read(o, b))));
+    } finally {
+      await p.close();
+    }
+  });
+
+  it('a held mirror keeps writes back until released; a reverted failover leaves the secondary disk at the checkpoint', async () => {
+    const p = await pair();
+    try {
+      await p.sec.replication.startAll('secondary');
+      await p.pri.replication.startAll('primary');
+      await p.P.write(0, pattern(8192, 6));
+      const checkpoint = sha(await content((o, b) => p.P.read(o, b)));
+      p.pri.replication.holdMirrorAll();
+      let done = false;
+      const w = p.P.write(4096, pattern(8192, 7)).then(() => (done = true));
+      await new Promise((r) => setTimeout(r, 50));
+      assert.equal(done, false, 'the write waits while the mirror is held');
+      assert.equal(sha(await content((o, b) => p.S.read(o, b))), checkpoint, 'nothing reached the secondary disk');
+      await p.sec.replication.checkpointAll();
+      p.pri.replication.releaseMirrorAll();
+      await w;
+      assert.notEqual(sha(await content((o, b) => p.S.read(o, b))), checkpoint, 'the held write reached the secondary disk');
+      await p.R.write(1 << 20, pattern(4096, 8)); // the standby's own write
+      // COLO's failover on the secondary: its guest is back at the checkpoint, so is its disk
+      await p.sec.replication.revertOwnWritesAll();
+      await p.sec.replication.stopAll(true);
+      assert.equal(sha(await content((o, b) => p.S.read(o, b))), checkpoint);
+      assert.equal(sha(await content((o, b) => p.R.read(o, b))), checkpoint);
+      assert.equal(p.sec.guestDrive('colo1'), p.R, "the secondary disk's guest device is the replicated drive");
+      assert.equal(p.pri.guestDrive('colo1'), p.P);
+    } finally {
+      await p.close();
+    }
+  });
+});
+
 describe('replicated -drive options', () => {
   const bad: [string, RegExp][] = [
     ['driver=replication,file.file.filename=a', /^Missing the option mode$/],

@@ -170,8 +170,9 @@ export class ColoPrimary extends ColoRuntime {
       }
     }
     if (this.ready && !this.failover.requested && !this.ended) {
-      await ctx.resumeGuest();
+      // QEMU's order: replication starts before the guest runs again
       await this.service.replicate('start', this.mode);
+      await ctx.resumeGuest();
       this.startCompare();
       void this.pump();
       this.lastStart = this.now();
@@ -222,18 +223,25 @@ export class ColoPrimary extends ColoRuntime {
     await this.expect(MSG.CHECKPOINT_REPLY);
     let built: BuiltCheckpoint | null = null;
     const stop0 = this.now();
-    await ctx.machine.checkpointPause(async () => {
-      if (this.failover.requested || this.ended) return;
-      this.compare?.closeEpoch();
-      await this.service.replicate('checkpoint', this.mode);
-      built = await this.cpWriter.build(ctx.machine.machineType, this.ram!, this.checkpointDevices());
-    });
-    const pause = this.now() - stop0;
-    if (built === null) return; // failover requested meanwhile
+    let pause: number;
+    try {
+      await ctx.machine.checkpointPause(async () => {
+        if (this.failover.requested || this.ended) return;
+        this.compare?.closeEpoch();
+        await this.service.replicate('checkpoint', this.mode);
+        built = await this.cpWriter.build(ctx.machine.machineType, this.ram!, this.checkpointDevices());
+      });
+      pause = this.now() - stop0;
+      if (built === null) return; // failover requested meanwhile
+      const cp = built as BuiltCheckpoint;
+      writer.sendCheckpoint(cp.data, cp.size);
+      await this.expect(MSG.VMSTATE_RECEIVED);
+      await this.expect(MSG.VMSTATE_LOADED);
+    } finally {
+      // the secondary has its replication checkpoint (or the transaction is over): held disk writes go on
+      await this.service.replicate('checkpoint-done', this.mode);
+    }
     const cp = built as BuiltCheckpoint;
-    writer.sendCheckpoint(cp.data, cp.size);
-    await this.expect(MSG.VMSTATE_RECEIVED);
-    await this.expect(MSG.VMSTATE_LOADED);
     this.compare?.loaded();
     this.checkpoints++;
     const info: ColoCheckpointInfo = {

@@ -115,8 +115,9 @@ export class ColoSecondary extends ColoRuntime {
       return true;
     });
     try {
-      await machine.enterRunState(this.runState);
+      // QEMU's order: replication starts before the standby runs
       await this.service.replicate('start', this.mode);
+      await machine.enterRunState(this.runState);
       this.writer.send(MSG.CHECKPOINT_READY);
       this.startLiveness();
       await this.loop();

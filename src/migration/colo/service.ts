@@ -10,15 +10,25 @@
  * ends (COLO_EXIT); 'checkpoint' (mode, count, ColoCheckpointInfo) after
  * every complete checkpoint.
  *
- * Replication hooks (for disks under COLO, issue 13: QEMU's block
- * replication, replication_start_all / do_checkpoint_all / stop_all):
- * addReplication() registers a layer that is called, in order, at
- *   start       the session begins (the guest still stopped by the first migration)
+ * Replication hooks (disks under COLO: QEMU's block replication,
+ * replication_start_all / do_checkpoint_all / stop_all; cli/colo-disks.ts
+ * joins the replicated drives): addReplication() registers a layer that is
+ * called, in order, at
+ *   check       `migrate` with x-colo: a reason to refuse it, or null
+ *   setup       the primary: the first migration begins (before its first
+ *               byte; the guest may run)
+ *   start       the session begins, before the guest runs again (the
+ *               guest still stopped by the first migration)
  *   checkpoint  the primary: guest stopped, before its state is saved;
  *               the secondary: the checkpoint applied, guest still stopped
+ *   checkpoint-done  the primary: the checkpoint transaction ended (the
+ *               secondary loaded it, or it failed)
  *   failover    the guest is about to run alone (the secondary: put back
  *               to the last checkpoint)
- * A hook that throws breaks the session like a failed checkpoint.
+ *   abort       the primary: the first migration failed before the
+ *               session began
+ * A hook that throws breaks the session like a failed checkpoint (setup
+ * and start: the migration fails).
  */
 import { EventEmitter } from 'node:events';
 import type { COLOMode, COLOStatus, ColoCheckpointInfo } from '../../generated/qapi-types.js';
@@ -29,10 +39,13 @@ import type { ColoPrimary } from './primary.js';
 import type { ColoMode, ColoRuntime } from './runtime.js';
 import type { ColoSecondary } from './secondary.js';
 
-export type ReplicationEvent = 'start' | 'checkpoint' | 'failover';
+export type ReplicationEvent = 'setup' | 'start' | 'checkpoint' | 'checkpoint-done' | 'failover' | 'abort';
 
 /** A layer that keeps something besides RAM and devices in step (see the file header). */
-export type ColoReplication = Partial<Record<ReplicationEvent, (mode: ColoMode) => void | Promise<void>>>;
+export type ColoReplication = Partial<Record<ReplicationEvent, (mode: ColoMode) => void | Promise<void>>> & {
+  /** Why `migrate` with x-colo cannot go (QEMU-style text), or null. */
+  check?: () => string | null;
+};
 
 export declare interface ColoService {
   on(event: 'exit', listener: (mode: ColoMode, reason: 'request' | 'error') => void): this;
@@ -78,6 +91,15 @@ export class ColoService extends EventEmitter {
 
   async replicate(event: ReplicationEvent, mode: ColoMode): Promise<void> {
     for (const r of this.replication) await r[event]?.(mode);
+  }
+
+  /** The first reason a registered layer gives to refuse `migrate` with x-colo, or null. */
+  refusal(): string | null {
+    for (const r of this.replication) {
+      const why = r.check?.() ?? null;
+      if (why !== null) return why;
+    }
+    return null;
   }
 
   /** x-colo-lost-heartbeat: QEMU's texts outside COLO and for a second request. */

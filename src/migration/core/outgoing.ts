@@ -271,6 +271,10 @@ export class OutgoingSession {
       // COLO's messages come back on the channel's other direction
       if (!channel.bidirectional) throw new MigrationError(COLO_ERR.noReturnPath());
       this.colo = new ColoPrimary(this.deps.colo, { qemuCompatible: this.deps.qemuCompatible, now: this.deps.now, log: (m) => this.deps.log?.(m) });
+      // the replicated drives mirror from here on, so that the first migration's disk writes reach the secondary too
+      await this.deps.colo.replicate('setup', 'primary').catch((e: unknown) => {
+        throw new MigrationError(errorMessage(e), { cause: e });
+      });
     }
     const w = new StreamWriter(channel.output, { now: this.deps.now });
     this.writer = w;
@@ -556,6 +560,10 @@ export class OutgoingSession {
   }
 
   private async fail(e: unknown): Promise<void> {
+    // x-colo: a session that never began stops the mirroring its setup started
+    if (this.colo !== null && !this.colo.started) {
+      await this.deps.colo.replicate('abort', 'primary').catch((x: unknown) => this.deps.log?.(`COLO: stopping block replication failed: ${errorMessage(x)}`));
+    }
     let err = inPhase(e, this.phase);
     // a write that failed on a wrapped channel (TLS): the channel's text names the layer
     const chErr = this.channel?.error;

@@ -110,7 +110,7 @@ export class MigrationSource extends EventEmitter {
   start(uri: string, flags: MigrateFlags = {}): void {
     if (this.status_.isOneOf(BUSY)) throw new MigrationError("There's a migration process in progress");
     if (this.machine.runState === 'inmigrate') throw new MigrationError('Guest is waiting for an incoming migration');
-    checkColoMigrate(this.options, this.machine, flags);
+    checkColoMigrate(this.options, flags, this.colo);
     // blk / inc: the `block` capability (and block-incremental) for this
     // migration only, switched off again when it ends (QEMU 7.2's migrate_prepare)
     const blockForThisMigration = flags.blk === true || flags.inc === true;
