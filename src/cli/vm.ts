@@ -178,6 +178,7 @@ export async function main(argv: string[]): Promise<number> {
       handlers,
       makeContext: (conn) => ({ vm, conn }),
       version: FERRY_VERSION,
+      onDrop: (conn, backlog) => log(`QMP client ${conn.peer} dropped: ${backlog} bytes of output it did not read`),
     });
     const events = new QapiEvents((name, data) => server.broadcast(name, data));
     machine.on('runstate', (now: string, old: string) => {
