@@ -16,6 +16,10 @@
  *                             about SCM_RIGHTS, but the same kind of socket
  *                             call Node does not offer (postcopy uses it to
  *                             keep the migration socket's queue short).
+ *   usertimeout(fd, ms) -> r  setsockopt(TCP_USER_TIMEOUT); returns 0 or -errno
+ *                             (migration sockets: a partition fails the
+ *                             migration in a bounded time, see
+ *                             src/migration/channel/liveness.ts).
  */
 #define NAPI_VERSION 8
 #include <node_api.h>
@@ -23,6 +27,8 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -304,6 +310,22 @@ static napi_value js_sndbuf(napi_env env, napi_callback_info info) {
   return res;
 }
 
+static napi_value js_usertimeout(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2], res;
+  int32_t fd, ms;
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (argc < 2 || napi_get_value_int32(env, argv[0], &fd) != napi_ok ||
+      napi_get_value_int32(env, argv[1], &ms) != napi_ok || ms < 0) {
+    napi_throw_type_error(env, NULL, "ferry_scm.usertimeout(fd, ms)");
+    return NULL;
+  }
+  unsigned int v = (unsigned int)ms;
+  int r = setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &v, sizeof v) < 0 ? -errno : 0;
+  CHECK(napi_create_int32(env, r, &res));
+  return res;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
     { "open", NULL, js_open, NULL, NULL, NULL, napi_enumerable, NULL },
@@ -312,6 +334,7 @@ static napi_value init(napi_env env, napi_value exports) {
     { "close", NULL, js_close, NULL, NULL, NULL, napi_enumerable, NULL },
     { "send", NULL, js_send, NULL, NULL, NULL, napi_enumerable, NULL },
     { "sndbuf", NULL, js_sndbuf, NULL, NULL, NULL, napi_enumerable, NULL },
+    { "usertimeout", NULL, js_usertimeout, NULL, NULL, NULL, napi_enumerable, NULL },
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
   return exports;
