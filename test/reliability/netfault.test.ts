@@ -104,3 +104,54 @@ describe('a partition in the middle of the stream', { skip: NO_NETNS }, () => {
     assert.deepEqual(net.leftovers(), []);
   });
 });
+
+describe('postcopy during a partition', { skip: NO_NETNS }, () => {
+  it('the destination\'s guest stalls; both sides fail within the bound and stay so after the link returns (no postcopy recovery)', async () => {
+    const net = createNetnsPair();
+    try {
+      // the guest reads and writes all of its RAM, so on the destination it soon needs a page the source still has
+      const guest = ['-m', '32M', '-fill', 'text,seed=4', '-workload', 'stress,rate=40M,seed=3,read=on,steps=1000000'];
+      const src = await net.startVm('a', guest);
+      const dst = await net.startVm('b', [...guest, '-incoming', `tcp:${net.addr.b}:${PORT}`]);
+      for (const vm of [src, dst]) {
+        await vm.execute('migrate-set-capabilities', { capabilities: [{ capability: 'postcopy-ram', state: true }] });
+      }
+      await src.execute('migrate-set-parameters', { 'max-bandwidth': 2e6 });
+      await src.execute('migrate', { uri: `tcp:${net.addr.b}:${PORT}` });
+      await sent(src, 256 << 10);
+      await src.execute('migrate-start-postcopy');
+      await waitMigration(src, ['postcopy-active'], 10000);
+      await waitMigration(dst, ['postcopy-active'], 10000);
+      assert.equal(await dst.status(), 'running', 'the guest runs on the destination');
+
+      const t0 = Date.now();
+      net.link('down');
+      // the guest on the destination stalls: it faults on a page that cannot come
+      const steps = async (): Promise<number> => (await dst.execute<{ steps: number }[]>('x-query-workload')).reduce((a, v) => a + v.steps, 0);
+      await new Promise((r) => setTimeout(r, 1500));
+      const stalled = await steps();
+      await new Promise((r) => setTimeout(r, 1000));
+      assert.equal(await steps(), stalled, 'the destination guest made no progress while the source was unreachable');
+
+      const [s, d] = await Promise.all([failedAfter(src, t0), failedAfter(dst, t0)]);
+      assert.equal(s.status, 'failed', JSON.stringify(s.info));
+      assert.equal(d.status, 'failed', JSON.stringify(d.info));
+      assert.ok(s.ms <= DETECTION_BOUND_MS + 2000, `source detected after ${s.ms} ms`);
+      assert.ok(d.ms <= DETECTION_BOUND_MS + 2000, `destination detected after ${d.ms} ms`);
+      console.log(`# postcopy partition detected: source ${s.ms} ms, destination ${d.ms} ms (bound ${DETECTION_BOUND_MS} ms)`);
+
+      // the documented end (docs/reliability.md): no postcopy-paused, no migrate-recover;
+      // the source keeps its stale copy stopped, the destination stops with half a guest
+      net.link('up');
+      await new Promise((r) => setTimeout(r, 1000));
+      assert.equal(await src.status(), 'postmigrate');
+      assert.equal(await dst.status(), 'internal-error');
+      assert.equal((await src.execute<Record<string, any>>('query-migrate')).status, 'failed');
+      assert.equal((await dst.execute<Record<string, any>>('query-migrate')).status, 'failed');
+      assert.equal(await steps(), stalled, 'the half-loaded guest never ran on');
+    } finally {
+      await net.destroy();
+    }
+    assert.deepEqual(net.leftovers(), []);
+  });
+});
