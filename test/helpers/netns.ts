@@ -109,6 +109,47 @@ export class NetnsPair {
     nsExec(this.ns[side], ['ip', 'link', 'set', this.dev[side], state]);
   }
 
+  /**
+   * `tc qdisc replace dev DEV root SPEC...` on side's end of the veth (its
+   * egress). Returns the error text when the kernel or tc lacks the qdisc.
+   */
+  qdisc(side: NsSide, spec: string[]): string | undefined {
+    return nsTry(this.ns[side], ['tc', 'qdisc', 'replace', 'dev', this.dev[side], 'root', ...spec]);
+  }
+
+  /**
+   * Drop `percent` of the packets side sends to the other side, at random:
+   * nft's numgen, or iptables' statistic match. Returns how, or why neither
+   * works here ({ skip }).
+   */
+  dropRandom(side: NsSide, percent: number): { how: string } | { skip: string } {
+    const ns = this.ns[side];
+    const peer = this.addr[side === 'a' ? 'b' : 'a'];
+    const errs: string[] = [];
+    const nft = nsTry(ns, ['nft', 'add', 'table', 'inet', 'ferrynf']);
+    if (nft === undefined) {
+      const e = nsTry(ns, ['nft', 'add', 'chain', 'inet', 'ferrynf', 'out', '{ type filter hook output priority 0 ; }'])
+        ?? nsTry(ns, ['nft', 'add', 'rule', 'inet', 'ferrynf', 'out', 'ip', 'daddr', peer, 'numgen', 'random', 'mod', '100', '<', String(percent), 'counter', 'drop']);
+      if (e === undefined) return { how: `nft numgen random mod 100 < ${percent} drop` };
+      errs.push(`nft: ${e}`);
+    } else errs.push(`nft: ${nft}`);
+    const ipt = nsTry(ns, ['iptables', '-A', 'OUTPUT', '-d', peer, '-m', 'statistic', '--mode', 'random', '--probability', String(percent / 100), '-j', 'DROP']);
+    if (ipt === undefined) return { how: `iptables -m statistic --mode random --probability ${percent / 100} -j DROP` };
+    errs.push(`iptables: ${ipt}`);
+    return { skip: `no random packet drop here (${errs.join('; ')})` };
+  }
+
+  /** Packets dropped so far by dropRandom's rule on side. */
+  dropped(side: NsSide): number {
+    const ns = this.ns[side];
+    const nft = nsTry(ns, ['nft', 'list', 'table', 'inet', 'ferrynf']) === undefined ? nsExec(ns, ['nft', 'list', 'table', 'inet', 'ferrynf']) : '';
+    const m = /counter packets (\d+)/.exec(nft);
+    if (m) return Number(m[1]);
+    const ipt = nsTry(ns, ['iptables', '-L', 'OUTPUT', '-v', '-n', '-x']) === undefined ? nsExec(ns, ['iptables', '-L', 'OUTPUT', '-v', '-n', '-x']) : '';
+    const row = ipt.split('\n').find((l) => /statistic/.test(l));
+    return row ? Number(row.trim().split(/\s+/)[0]) : 0;
+  }
+
   /** Kill the processes, delete the namespaces (which removes the veth). */
   async destroy(): Promise<void> {
     await Promise.all(this.procs.map((p) => p.destroy()));

@@ -9,7 +9,7 @@
  */
 import { after, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { createNetnsPair, netnsUnavailable, type NetnsPair } from '../helpers/netns.js';
+import { createNetnsPair, netnsUnavailable, nsExec, nsTry, type NetnsPair } from '../helpers/netns.js';
 import { cleanupAll, waitMigration } from '../helpers/vm.js';
 import type { QmpProcess } from '../../src/cli/launch.js';
 import { DETECTION_BOUND_MS } from '../../src/migration/channel/liveness.js';
@@ -153,5 +153,71 @@ describe('postcopy during a partition', { skip: NO_NETNS }, () => {
       await net.destroy();
     }
     assert.deepEqual(net.leftovers(), []);
+  });
+});
+
+/** A 16 MiB random guest migrated a -> b at full speed; returns the source's final info. */
+async function migrateUnder(net: NetnsPair): Promise<Record<string, any>> {
+  const src = await net.startVm('a', ['-m', '16M', '-fill', 'random,seed=6', '-workload', 'stress,rate=4M,seed=2,steps=2000']);
+  const dst = await net.startVm('b', ['-m', '16M', '-S', '-incoming', `tcp:${net.addr.b}:${PORT}`]);
+  await src.execute('migrate-set-parameters', { 'max-bandwidth': 0 });
+  await src.execute('migrate', { uri: `tcp:${net.addr.b}:${PORT}` });
+  const info = await waitMigration(src, ['completed', 'failed', 'cancelled'], 60000);
+  assert.equal(info.status, 'completed', JSON.stringify(info));
+  assert.equal((await waitMigration(dst)).status, 'completed');
+  assert.equal(await dst.digest(), await src.digest(), 'identical digests');
+  return info;
+}
+
+describe('a link with a bandwidth cap, loss or latency', { skip: NO_NETNS }, () => {
+  it('a bandwidth cap (tc tbf, or htb): the migration completes at the cap with identical digests', async (t) => {
+    const net = createNetnsPair();
+    try {
+      const MBIT = 64; // 8 MB/s: the 16 MiB guest takes about 2 s
+      const tbf = net.qdisc('a', ['tbf', 'rate', `${MBIT}mbit`, 'burst', '64kb', 'latency', '100ms']);
+      let how = `tbf rate ${MBIT}mbit`;
+      if (tbf !== undefined) {
+        const htb = net.qdisc('a', ['handle', '1:', 'htb', 'default', '10'])
+          ?? nsTry(net.ns.a, ['tc', 'class', 'add', 'dev', net.dev.a, 'parent', '1:', 'classid', '1:10', 'htb', 'rate', `${MBIT}mbit`, 'ceil', `${MBIT}mbit`]);
+        if (htb !== undefined) return void t.skip(`no tbf (${tbf}) and no htb (${htb})`);
+        how = `htb rate ${MBIT}mbit (tbf: ${tbf})`;
+      }
+      const info = await migrateUnder(net);
+      const bytes = info.ram.transferred as number;
+      const floorMs = (bytes * 8) / (MBIT * 1e6) * 1000;
+      console.log(`# ${how}: ${bytes} bytes in ${info['total-time']} ms (${info.ram.mbps.toFixed(1)} mbps; the cap alone needs ${floorMs.toFixed(0)} ms)`);
+      // the cap was in force: the stream could not go faster than the link allows
+      assert.ok(info['total-time'] >= floorMs * 0.9, `total-time ${info['total-time']} ms < ${floorMs} ms at ${MBIT} mbit`);
+    } finally {
+      await net.destroy();
+    }
+  });
+
+  it('random loss (nft numgen, or iptables statistic): the migration completes with identical digests', async (t) => {
+    const net = createNetnsPair();
+    try {
+      const drop = net.dropRandom('a', 3);
+      if ('skip' in drop) return void t.skip(drop.skip);
+      const info = await migrateUnder(net);
+      const lost = net.dropped('a');
+      console.log(`# ${drop.how}: ${lost} packets dropped, ${info['total-time']} ms`);
+      assert.ok(lost > 0, 'packets were dropped');
+    } finally {
+      await net.destroy();
+    }
+  });
+
+  it('latency (tc netem): the migration completes with identical digests', async (t) => {
+    const net = createNetnsPair();
+    try {
+      const err = net.qdisc('a', ['netem', 'delay', '20ms']);
+      if (err !== undefined) return void t.skip(`no tc netem in this kernel (${err}); no other facility here delays packets`);
+      const rtt = nsExec(net.ns.a, ['ping', '-c', '1', '-W', '2', net.addr.b]);
+      assert.match(rtt, /time=(2\d|[3-9]\d)(\.\d+)? ms/, rtt);
+      const info = await migrateUnder(net);
+      console.log(`# netem delay 20ms: ${info['total-time']} ms`);
+    } finally {
+      await net.destroy();
+    }
   });
 });
