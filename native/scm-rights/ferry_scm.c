@@ -295,35 +295,28 @@ static napi_value js_send(napi_env env, napi_callback_info info) {
   return res;
 }
 
-static napi_value js_sndbuf(napi_env env, napi_callback_info info) {
+/* name(fd, value): setsockopt(level, opt) with an int value >= min; returns 0 or -errno. */
+static napi_value set_int_opt(napi_env env, napi_callback_info info, int level, int opt, int32_t min, const char *usage) {
   size_t argc = 2;
   napi_value argv[2], res;
-  int32_t fd, bytes;
+  int32_t fd, value;
   CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
   if (argc < 2 || napi_get_value_int32(env, argv[0], &fd) != napi_ok ||
-      napi_get_value_int32(env, argv[1], &bytes) != napi_ok || bytes <= 0) {
-    napi_throw_type_error(env, NULL, "ferry_scm.sndbuf(fd, bytes)");
+      napi_get_value_int32(env, argv[1], &value) != napi_ok || value < min) {
+    napi_throw_type_error(env, NULL, usage);
     return NULL;
   }
-  int r = setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &bytes, sizeof bytes) < 0 ? -errno : 0;
+  int r = setsockopt(fd, level, opt, &value, sizeof value) < 0 ? -errno : 0;
   CHECK(napi_create_int32(env, r, &res));
   return res;
 }
 
+static napi_value js_sndbuf(napi_env env, napi_callback_info info) {
+  return set_int_opt(env, info, SOL_SOCKET, SO_SNDBUF, 1, "ferry_scm.sndbuf(fd, bytes)");
+}
+
 static napi_value js_usertimeout(napi_env env, napi_callback_info info) {
-  size_t argc = 2;
-  napi_value argv[2], res;
-  int32_t fd, ms;
-  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  if (argc < 2 || napi_get_value_int32(env, argv[0], &fd) != napi_ok ||
-      napi_get_value_int32(env, argv[1], &ms) != napi_ok || ms < 0) {
-    napi_throw_type_error(env, NULL, "ferry_scm.usertimeout(fd, ms)");
-    return NULL;
-  }
-  unsigned int v = (unsigned int)ms;
-  int r = setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &v, sizeof v) < 0 ? -errno : 0;
-  CHECK(napi_create_int32(env, r, &res));
-  return res;
+  return set_int_opt(env, info, IPPROTO_TCP, TCP_USER_TIMEOUT, 0, "ferry_scm.usertimeout(fd, ms)");
 }
 
 static napi_value init(napi_env env, napi_value exports) {
