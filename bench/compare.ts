@@ -6,16 +6,21 @@
  * What decides the result on our hosts is the memory state of the host (a
  * VM whose freed memory goes back to the hypervisor after some seconds), so
  * every run records it and runs in a chosen one:
- *  - warm: runs back to back, the destination started as soon as the
- *    source is up (seconds after the previous run's processes freed theirs);
+ *  - warm: once the source is up, a helper process takes 2 GiB of huge
+ *    pages and frees them (warmHugePages in bench/lib), and the destination
+ *    starts at once: it finds huge pages the hypervisor still backs. (Runs
+ *    back to back were not the same state for both engines: Ferry's source
+ *    took the huge pages the previous run had freed and QEMU's, a 4 KiB
+ *    shmem file, did not, and Ferry's source took longer to come up, so
+ *    QEMU's destination found hot huge pages and Ferry's cold ones.)
  *  - settled: once the source is up, the run waits SETTLE_MS (20 s) before
  *    it starts the destination.
  * The time since the previous run and MemFree are recorded with every run.
  *
  * Set up as users set them up:
- *  - source RAM resident and fresh on both: Ferry `-fill random,seed=1`;
- *    QEMU `memory-backend-file,share=off` over a copy of a 1 GiB random
- *    file made in /dev/shm just before the run (randomRamCopy in bench/lib);
+ *  - source RAM resident and mapped on both, as a running guest's is: Ferry
+ *    `-fill random,seed=1`; QEMU `memory-backend-ram` loaded from the same
+ *    bytes saved as a migration stream (startQemuRandomSource in bench/lib);
  *  - the destination (`-incoming defer`, then `migrate-incoming`, as libvirt
  *    does) in three configurations:
  *      default   both engines' defaults (Ferry prefaults in the background,
@@ -37,8 +42,8 @@ import { cpus, loadavg } from 'node:os';
 import { fileURLToPath } from 'node:url';
 import { measureLoopback } from './loopback.js';
 import {
-  GiB, MiB, cleanupTempDirs, freePort, median, randomFile1G, randomRamCopy, removeRandomRamCopy, sleep, startFerry, startQemu, tempDir,
-  migrateAndMeasure, writeResult, type Measured, type Vm,
+  GiB, MiB, cleanupTempDirs, freePort, median, randomStream1G, sleep, startFerry, startQemu, startQemuRandomSource, tempDir,
+  migrateAndMeasure, warmHugePages, writeResult, type Measured, type Vm,
 } from './lib/common.js';
 
 type Engine = 'ferry' | 'qemu';
@@ -68,15 +73,15 @@ function memFree(): number {
 let lastRunEnded = 0;
 
 /**
- * Puts the host in `state` just before the destination starts. Warm: right
- * after the previous run's processes exited (runs back to back), nothing
- * else. Settled: SETTLE_MS without a large free. A probe that touches and
- * frees memory was tried and dropped: freeing 2 GiB just before made the
- * next first touch dearer (QEMU 7.2's destination went from 0.3 to 1.2-1.5 s
- * of system time per GiB), so it perturbs what it measures.
+ * Puts the host in `state` just before the destination starts. Warm: 2 GiB
+ * of huge pages freed just now (both engines' destinations take huge pages:
+ * QEMU madvises its RAM, Ferry too). Settled: SETTLE_MS without a large
+ * free. (An earlier probe freed 4 KiB pages, which left no hot huge pages
+ * and made the next destination's first touch dearer.)
  */
 async function reachState(state: State): Promise<void> {
   if (state === 'settled') await sleep(SETTLE_MS);
+  else await warmHugePages(2 * GiB);
 }
 
 function qemuRam(config: Config): string[] {
@@ -90,12 +95,11 @@ async function runOnce(engine: Engine, state: State, config: Config): Promise<Ru
   let src: Vm | null = null;
   let dst: Vm | null = null;
   const rec: Run = { engine, state, config, sinceLastRunMs: NaN, memFreeBytes: NaN, ok: false };
-  const shm = engine === 'qemu' ? randomRamCopy() : null;
   try {
     // the source first (its RAM resident), then the destination
     src = engine === 'ferry'
       ? await startFerry(['-m', '1G', '-workload', 'idle', '-fill', 'random,seed=1'], dir, { name: 'src' })
-      : await startQemu(['-machine', 'none,memory-backend=m', '-object', `memory-backend-file,id=m,size=1G,mem-path=${shm!},share=off`, '-S'], dir, { name: 'src' });
+      : await startQemuRandomSource(dir);
     await reachState(state);
     rec.sinceLastRunMs = lastRunEnded ? Math.round(performance.now() - lastRunEnded) : NaN;
     rec.memFreeBytes = memFree();
@@ -112,7 +116,6 @@ async function runOnce(engine: Engine, state: State, config: Config): Promise<Ru
     return rec;
   } finally {
     await Promise.all([src?.quit(), dst?.quit()]);
-    removeRandomRamCopy();
     cleanupTempDirs();
     lastRunEnded = performance.now();
   }
@@ -145,7 +148,7 @@ export async function main(): Promise<void> {
   const runs = Math.max(1, Number(arg('runs') ?? '5'));
   const states = (arg('states') ?? 'warm,settled').split(',') as State[];
   const configs = (arg('configs') ?? 'default,prealloc,paused').split(',') as Config[];
-  randomFile1G();
+  await randomStream1G();
   console.log(`compare: ${runs} run(s) per engine, states ${states.join(',')}, configs ${configs.join(',')}; ${cpus().length} CPUs; load ${loadavg().map((x) => x.toFixed(2)).join(' ')}`);
   const limits = process.argv.includes('--no-limits')
     ? null
@@ -159,7 +162,8 @@ export async function main(): Promise<void> {
           const r = await runOnce(engine, state, config);
           all.push(r);
           console.log(`  ${state} ${config} ${engine} #${i + 1} (${Math.round(r.sinceLastRunMs / 1000)} s after the last run, MemFree ${(r.memFreeBytes / GiB).toFixed(1)} GiB): ` +
-            (r.ok ? `total ${r.totalTimeMs} ms, downtime ${r.downtimeMs} ms, dest done ${Math.round(r.wallToDestDoneMs!)} ms` : `FAILED ${r.error}`));
+            (r.ok ? `total ${r.totalTimeMs} ms, downtime ${r.downtimeMs} ms, dest done ${Math.round(r.wallToDestDoneMs!)} ms, ` +
+              `CPU user/sys src ${r.srcCpu?.userMs}/${r.srcCpu?.sysMs} dst ${r.dstCpu?.userMs}/${r.dstCpu?.sysMs} ms` : `FAILED ${r.error}`));
         }
       }
     }

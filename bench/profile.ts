@@ -4,7 +4,9 @@
  * and the destination, quits both over QMP so the profiles are written, and
  * prints the top self-time functions of each side.
  *
- *   node dist/bench/profile.js [--scenario random|idle] [--top 15] [--keep DIR]
+ *   node dist/bench/profile.js [--scenario random|idle] [--top 15] [--keep DIR] [--prealloc] [--mem 4G (idle)]
+ * (--prealloc: the destination faults its RAM in before it answers, so
+ * that the profile shows the data path rather than first touches)
  * Writes bench/results/profile.json (+ the .cpuprofile files in the cache dir;
  * open them in Chrome DevTools or speedscope).
  */
@@ -63,14 +65,14 @@ mkdirSync(join(profDir, 'src'), { recursive: true });
 mkdirSync(join(profDir, 'dst'), { recursive: true });
 const dir = tempDir();
 const port = await freePort();
-const srcArgs = scenario === 'idle' ? ['-m', '1G', '-workload', 'idle'] : ['-m', '1G', '-workload', 'idle', '-fill', 'random,seed=1'];
+const srcArgs = scenario === 'idle' ? ['-m', arg('mem', '1G'), '-workload', 'idle'] : ['-m', '1G', '-workload', 'idle', '-fill', 'random,seed=1'];
 const prof = (d: string): string[] => ['--cpu-prof', `--cpu-prof-dir=${join(profDir, d)}`];
 let src: Vm | null = null;
 let dst: Vm | null = null;
 let info: any;
 try {
   [dst, src] = await Promise.all([
-    startFerry(['-m', '1G', '-S', '-incoming', `tcp:127.0.0.1:${port}`], dir, { name: 'dst', nodeFlags: prof('dst') }),
+    startFerry(['-m', scenario === 'idle' ? arg('mem', '1G') : '1G', '-S', ...(process.argv.includes('--prealloc') ? ['-mem-prealloc'] : []), '-incoming', `tcp:127.0.0.1:${port}`], dir, { name: 'dst', nodeFlags: prof('dst') }),
     startFerry(srcArgs, dir, { name: 'src', nodeFlags: prof('src') }),
   ]);
   await src.execute('migrate-set-parameters', { 'max-bandwidth': 0, 'downtime-limit': 300 });

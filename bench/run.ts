@@ -15,7 +15,7 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const here = dirname(fileURLToPath(import.meta.url));
-const ALL = ['loopback', 'dirty-log', 'codec-ram', 'xbzrle', 'compress', 'hugepage', 'migrate', 'postcopy', 'tls', 'compare'];
+const ALL = ['loopback', 'dirty-log', 'codec-ram', 'xbzrle', 'compress', 'hugepage', 'migrate', 'postcopy', 'tls', 'compare', 'forecast', 'replication', 'colo'];
 
 const args = process.argv.slice(2);
 const firstFlag = args.findIndex((a) => a.startsWith('--'));

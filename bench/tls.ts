@@ -18,10 +18,11 @@
  *  - downtime-limit 300 ms; max-bandwidth unlimited (0 on Ferry, 100 GB/s on
  *    QEMU, as bench/migrate.ts); QEMU's GnuTLS at its default priority
  *    ("NORMAL"), Ferry's OpenSSL at Node's defaults.
- * The guests: Ferry `-m 1G -fill random,seed=1`; QEMU a memory-backend-file
- * over 1 GiB of /dev/urandom bytes (share=off), -S. The runs follow one
- * another, so the destination's fresh memory is "warm" (freed by the run
- * before); the state is recorded. Writes bench/results/tls.json.
+ * The guests: Ferry `-m 1G -fill random,seed=1`; QEMU memory-backend-ram
+ * loaded with the same bytes from a saved stream, -S (startQemuRandomSource
+ * in bench/lib). The source starts first, then 2 GiB of huge pages are freed
+ * (warmHugePages) and the destination starts and is migrated at once: the
+ * "warm" memory state, the same for both engines. Writes bench/results/tls.json.
  */
 import { execFileSync } from 'node:child_process';
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
@@ -34,8 +35,8 @@ import {
   cleanupTempDirs,
   freePort,
   median,
-  randomRamCopy,
-  removeRandomRamCopy,
+  startQemuRandomSource,
+  warmHugePages,
   startFerry,
   startQemu,
   tempDir,
@@ -93,16 +94,13 @@ async function runOnce(variant: Variant, certs: { server: string; client: string
     if (engine === 'ferry') {
       // --cpu-prof DIR: V8 CPU profiles of both Ferry processes, DIR/<variant>-<side>/
       const prof = (side: string): string[] => (profileDir ? ['--cpu-prof', `--cpu-prof-dir=${join(profileDir, `${variant}-${side}`)}`] : []);
-      [dst, src] = await Promise.all([
-        startFerry(['-m', '1G', '-S', ...creds('server'), '-incoming', 'defer'], dir, { name: 'dst', nodeFlags: prof('dst') }),
-        startFerry(['-m', '1G', '-fill', 'random,seed=1', ...creds('client')], dir, { name: 'src', nodeFlags: prof('src') }),
-      ]);
+      src = await startFerry(['-m', '1G', '-fill', 'random,seed=1', ...creds('client')], dir, { name: 'src', nodeFlags: prof('src') });
+      await warmHugePages(2 * 1024 * MiB);
+      dst = await startFerry(['-m', '1G', '-S', ...creds('server'), '-incoming', 'defer'], dir, { name: 'dst', nodeFlags: prof('dst') });
     } else {
-      const ram = (extra: string): string[] => ['-machine', 'none,memory-backend=m', '-object', `memory-backend-${extra}`, '-S'];
-      [dst, src] = await Promise.all([
-        startQemu([...ram('ram,id=m,size=1G'), ...creds('server'), '-incoming', 'defer'], dir, { name: 'dst' }),
-        startQemu([...ram(`file,id=m,size=1G,mem-path=${randomRamCopy()},share=off`), ...creds('client')], dir, { name: 'src' }),
-      ]);
+      src = await startQemuRandomSource(dir, creds('client'));
+      await warmHugePages(2 * 1024 * MiB);
+      dst = await startQemu(['-machine', 'none,memory-backend=m', '-object', 'memory-backend-ram,id=m,size=1G', '-S', ...creds('server'), '-incoming', 'defer'], dir, { name: 'dst' });
     }
     if (tls) await dst.execute('migrate-set-parameters', { 'tls-creds': 'tls0' });
     await dst.execute('migrate-incoming', { uri });
@@ -118,7 +116,6 @@ async function runOnce(variant: Variant, certs: { server: string; client: string
     return rec;
   } finally {
     await Promise.all([src?.quit(), dst?.quit()]);
-    removeRandomRamCopy();
   }
 }
 
@@ -179,7 +176,7 @@ export async function main(): Promise<void> {
   const p = writeResult('tls', {
     bench: 'tls',
     date: new Date().toISOString(),
-    memoryState: 'warm (runs back to back)',
+    memoryState: 'warm (2 GiB of huge pages freed just before each destination started)',
     settings: { guest: 'random 1 GiB', downtimeLimitMs: 300, uri: 'tcp:127.0.0.1', creds: 'x509, EC P-256, openssl CLI', runs },
     runs: Object.fromEntries(all),
     summary,

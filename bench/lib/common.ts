@@ -8,7 +8,7 @@
  * `pkill qemu-system...`, which would otherwise kill our VMs mid-run.
  */
 import { execFileSync, spawn } from 'node:child_process';
-import { existsSync, mkdirSync, symlinkSync, statSync, writeFileSync, mkdtempSync, rmSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, renameSync, symlinkSync, statSync, writeFileSync, mkdtempSync, rmSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -102,6 +102,48 @@ export interface Measured {
   transferredBytes?: number;
   /** ms from `migrate` until the destination left inmigrate (client-side) */
   wallToDestDoneMs?: number;
+  /** CPU the source and the destination process used over that time (all threads), ms */
+  srcCpu?: CpuTimes;
+  dstCpu?: CpuTimes;
+}
+
+/** User and system CPU time of a process, ms (all its threads; 10 ms resolution). */
+export interface CpuTimes {
+  userMs: number;
+  sysMs: number;
+  /** the main thread's part (the thread whose id is the pid) */
+  mainUserMs?: number;
+  mainSysMs?: number;
+}
+
+function statTimes(path: string): { user: number; sys: number } {
+  const s = readFileSync(path, 'utf8');
+  // fields after the command name (which may hold spaces) start at state (field 3)
+  const f = s.slice(s.lastIndexOf(')') + 2).split(' ');
+  const tick = 1000 / CLK_TCK;
+  return { user: Number(f[11]) * tick, sys: Number(f[12]) * tick };
+}
+
+/** CPU times of process `pid` so far, from /proc/PID/stat (utime, stime); null when it is gone. */
+export function cpuTimes(pid: number | undefined): CpuTimes | null {
+  if (pid === undefined) return null;
+  try {
+    const all = statTimes(`/proc/${pid}/stat`);
+    const main = statTimes(`/proc/${pid}/task/${pid}/stat`);
+    return { userMs: all.user, sysMs: all.sys, mainUserMs: main.user, mainSysMs: main.sys };
+  } catch {
+    return null;
+  }
+}
+
+/** Clock ticks per second of /proc times (USER_HZ, 100 on Linux). */
+const CLK_TCK = 100;
+
+/** b - a, or undefined when either is missing. */
+export function cpuSpent(a: CpuTimes | null, b: CpuTimes | null): CpuTimes | undefined {
+  return a && b
+    ? { userMs: b.userMs - a.userMs, sysMs: b.sysMs - a.sysMs, mainUserMs: (b.mainUserMs ?? NaN) - (a.mainUserMs ?? NaN), mainSysMs: (b.mainSysMs ?? NaN) - (a.mainSysMs ?? NaN) }
+    : undefined;
 }
 
 /**
@@ -109,6 +151,8 @@ export interface Measured {
  * destination runs: the source's figures, or ok false with the reason.
  */
 export async function migrateAndMeasure(src: Vm, dst: Vm, uri: string, timeoutMs: number): Promise<Measured> {
+  const srcCpu0 = cpuTimes(src.proc.pid);
+  const dstCpu0 = cpuTimes(dst.proc.pid);
   const t0 = performance.now();
   await src.execute('migrate', { uri });
   const info = await untilMigrationEnds(src, timeoutMs, 20);
@@ -117,9 +161,13 @@ export async function migrateAndMeasure(src: Vm, dst: Vm, uri: string, timeoutMs
   }
   const st = await untilIncomingRuns(dst, 60000);
   const wallToDestDoneMs = performance.now() - t0;
+  const srcCpu = cpuSpent(srcCpu0, cpuTimes(src.proc.pid));
+  const dstCpu = cpuSpent(dstCpu0, cpuTimes(dst.proc.pid));
   if (!st.ok) return { ok: false, error: `destination ended in ${String(st.reached)}`, wallToDestDoneMs };
   return {
     ok: true,
+    srcCpu,
+    dstCpu,
     totalTimeMs: info['total-time'],
     downtimeMs: info.downtime,
     setupTimeMs: info['setup-time'],
@@ -205,22 +253,83 @@ export function randomFile1G(): string {
   return p;
 }
 
-/** Where randomRamCopy() puts its copy (one per bench process). */
-const RAM_COPY = `/dev/shm/ferry-bench-ram-${process.pid}.bin`;
-
-/**
- * QEMU's incompressible source RAM: the 1 GiB random file copied to
- * /dev/shm just before the run (map it with memory-backend-file,share=off),
- * so that QEMU's source takes 1 GiB of fresh memory as Ferry's
- * `-fill random` does. A file in the page cache takes none, and leaves
- * QEMU's destination the fresh memory that Ferry's source has to take.
- * Remove it after the run with removeRandomRamCopy().
- */
-export function randomRamCopy(): string {
-  execFileSync('cp', [randomFile1G(), RAM_COPY]);
-  return RAM_COPY;
+/** The random guest's RAM as a QEMU 7.2 migration stream, made once (randomStream1G). */
+export function randomStreamPath(): string {
+  return join(CACHE_DIR, 'random-1G.qemu-stream');
 }
 
-export function removeRandomRamCopy(): void {
-  rmSync(RAM_COPY, { force: true });
+/**
+ * The 1 GiB random guest saved as a QEMU 7.2 migration stream in the bench
+ * cache, made once: a QEMU whose RAM maps the random file (share=off) migrates
+ * to `exec:cat > FILE`.
+ */
+export async function randomStream1G(): Promise<string> {
+  const p = randomStreamPath();
+  if (existsSync(p) && statSync(p).size > GiB) return p;
+  const file = randomFile1G();
+  console.log(`creating ${p} (the random guest as a QEMU migration stream, once)`);
+  const dir = tempDir('stream-');
+  const q = await startQemu(['-machine', 'none,memory-backend=m', '-object', `memory-backend-file,id=m,size=1G,mem-path=${file},share=off`, '-S'], dir, { name: 'save' });
+  try {
+    await q.execute('migrate-set-parameters', { 'max-bandwidth': 100e9 });
+    await q.execute('migrate', { uri: `exec:cat > '${p}.tmp'` });
+    const info = await untilMigrationEnds(q, 120000, 50);
+    if (info?.status !== 'completed') throw new Error(`saving the random guest failed: ${JSON.stringify(info)}`);
+  } finally {
+    await q.quit();
+  }
+  renameSync(`${p}.tmp`, p);
+  return p;
+}
+
+/**
+ * QEMU's incompressible source, set up as a running guest's RAM is:
+ * anonymous memory (memory-backend-ram, which QEMU advises for huge pages),
+ * resident and mapped, loaded from the saved stream (`-incoming defer`,
+ * `migrate-incoming exec:cat FILE`). It is paused (-S) afterwards, ready to
+ * migrate, like Ferry's `-fill random` source, whose RAM the fill wrote.
+ * (A memory-backend-file over a copy of the data, used before, left every
+ * page to be faulted in by the source's first read during the migration:
+ * 0.8 s of system time per GiB on QEMU's side that a guest never pays.)
+ */
+export async function startQemuRandomSource(dir: string, extra: string[] = []): Promise<Vm> {
+  const stream = await randomStream1G();
+  const q = await startQemu(['-machine', 'none,memory-backend=m', '-object', 'memory-backend-ram,id=m,size=1G', '-S', '-incoming', 'defer', ...extra], dir, { name: 'src' });
+  try {
+    await q.execute('migrate-incoming', { uri: `exec:cat '${stream}'` });
+    const st = await untilIncomingRuns(q, 120000);
+    if (!st.ok) throw new Error(`QEMU's source did not load the random guest (${String(st.reached)})`);
+    return q;
+  } catch (e) {
+    await q.quit();
+    throw e;
+  }
+}
+
+/**
+ * Frees `bytes` of huge pages just before a destination starts, so that the
+ * host is in the same "warm" state for every engine whatever its source
+ * took. On our hosts (a VM with the balloon's free page reporting, order 9)
+ * a huge page freed in the last ~2 s is still backed by the hypervisor and
+ * costs ~0.1 s/GiB to fault in again; one freed longer ago costs 1.2-1.6
+ * s/GiB (docs/benchmarks.md, "Why the destination's huge pages cost").
+ * A child process takes the memory as guest RAM is taken (a
+ * SharedArrayBuffer advised MADV_HUGEPAGE, faulted in with
+ * MADV_POPULATE_WRITE, or written page by page without the addon) and exits.
+ */
+export function warmHugePages(bytes: number): Promise<void> {
+  const hp = join(REPO_ROOT, 'native', 'hugepage', 'index.cjs');
+  const script = `
+    const hp = require(${JSON.stringify(hp)});
+    for (let left = ${bytes}; left > 0; left -= 1 << 30) {
+      const sab = new SharedArrayBuffer(Math.min(left, 1 << 30));
+      hp.madviseHugepage(sab);
+      if (!hp.madviseAdvice(sab, 'populate_write')) { const u = new Uint8Array(sab); for (let i = 0; i < u.length; i += 4096) u[i] = 1; }
+      globalThis['keep' + left] = sab;
+    }`;
+  return new Promise((res, rej) => {
+    const p = spawn(process.execPath, ['-e', script], { stdio: 'inherit' });
+    p.once('error', rej);
+    p.once('exit', (code) => (code === 0 ? res() : rej(new Error(`warmHugePages: exit ${code}`))));
+  });
 }

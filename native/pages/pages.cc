@@ -1,4 +1,4 @@
-// Page copies and RAM record decoding for the migration data path.
+// Page copies and RAM record encoding and decoding for the migration data path.
 //
 // V8 copies between typed arrays byte by byte whenever one of them lives in
 // a SharedArrayBuffer (guest RAM always does) and the two ends do not share
@@ -20,6 +20,17 @@
 //       another kind, is not complete in src, or whose offset is outside ram;
 //       the caller handles that one. counts (Float64Array(2)) gets the number
 //       of PAGE and ZERO records added to counts[0] and counts[1].
+//   savePages(bitmap, touched, ram, page, endPage, maxPages, out, outOffset,
+//             outEnd, counts) -> the page the walk stopped at
+//       the source's side of loadPages: walks the migration bitmap (Uint32Array,
+//       bit p = page p to send) of one block from `page` up to `endPage`,
+//       takes at most maxPages set bits (clearing them) and encodes a
+//       CONTINUE|ZERO record (header word + fill byte 0) for each page that is
+//       zero — never written (its `touched` bit clear) or all zero bytes — and
+//       a CONTINUE|PAGE record (header word + the 4096 bytes) for the others,
+//       into out[outOffset, outEnd), exactly as the JS sender does. Stops
+//       before a record that does not fit. counts (Float64Array(3)) gets the
+//       PAGE records, ZERO records and bytes written added to counts[0..2].
 #include <node.h>
 #include <v8.h>
 #include <cstdint>
@@ -88,11 +99,14 @@ inline uint32_t Be32(const uint8_t* p) {
   return (uint32_t(p[0]) << 24) | (uint32_t(p[1]) << 16) | (uint32_t(p[2]) << 8) | uint32_t(p[3]);
 }
 
+// 64 bytes at a time, stopping at the first that is not zero (a page of data
+// is told from a zero page by its first bytes).
 bool IsZero(const uint8_t* p) {
   const uint64_t* w = reinterpret_cast<const uint64_t*>(p);
-  uint64_t acc = 0;
-  for (uint32_t i = 0; i < kPageSize / 8; i++) acc |= w[i];
-  return acc == 0;
+  for (uint32_t i = 0; i < kPageSize / 8; i += 8) {
+    if ((w[i] | w[i + 1] | w[i + 2] | w[i + 3] | w[i + 4] | w[i + 5] | w[i + 6] | w[i + 7]) != 0) return false;
+  }
+  return true;
 }
 
 void LoadPages(const FunctionCallbackInfo<Value>& args) {
@@ -142,9 +156,79 @@ void LoadPages(const FunctionCallbackInfo<Value>& args) {
   args.GetReturnValue().Set(static_cast<double>(off - start));
 }
 
+inline void PutBe32(uint8_t* p, uint32_t v) {
+  p[0] = uint8_t(v >> 24);
+  p[1] = uint8_t(v >> 16);
+  p[2] = uint8_t(v >> 8);
+  p[3] = uint8_t(v);
+}
+
+void SavePages(const FunctionCallbackInfo<Value>& args) {
+  Isolate* isolate = args.GetIsolate();
+  Span bitmap, touched, ram, out, counts;
+  size_t page, endPage, maxPages, off, end;
+  if (args.Length() < 10 || !SpanOf(args[0], &bitmap) || !SpanOf(args[1], &touched) || !SpanOf(args[2], &ram) ||
+      !Index(args[3], &page) || !Index(args[4], &endPage) || !Index(args[5], &maxPages) || !SpanOf(args[6], &out) ||
+      !Index(args[7], &off) || !Index(args[8], &end) || !SpanOf(args[9], &counts) || !args[0]->IsUint32Array() ||
+      !args[1]->IsUint32Array() || !args[9]->IsFloat64Array() || counts.len < 24) {
+    return Throw(isolate, "savePages(bitmap, touched, ram, page, endPage, maxPages, out, outOffset, outEnd, counts): bad arguments");
+  }
+  if (end > out.len || off > end) return Throw(isolate, "savePages: range outside the array");
+  const size_t pagesInBitmap = (bitmap.len / 4) * 32;
+  if (endPage > pagesInBitmap || endPage > (touched.len / 4) * 32 || endPage > ram.len / kPageSize) {
+    return Throw(isolate, "savePages: endPage outside the block");
+  }
+  uint32_t* bits = reinterpret_cast<uint32_t*>(bitmap.data);
+  const uint32_t* tbits = reinterpret_cast<const uint32_t*>(touched.data);
+  const size_t start = off;
+  double normal = 0, zero = 0;
+  size_t taken = 0;
+  while (page < endPage && taken < maxPages) {
+    uint32_t word = bits[page >> 5] & (0xffffffffu << (page & 31));
+    if (word == 0) {
+      page = (page | 31) + 1;
+      continue;
+    }
+    const size_t p = (page & ~size_t(31)) | size_t(__builtin_ctz(word));
+    if (p >= endPage) {
+      page = endPage;
+      break;
+    }
+    const uint64_t offset = uint64_t(p) * kPageSize;
+    const uint8_t* src = ram.data + offset;
+    const bool isZero = !((tbits[p >> 5] >> (p & 31)) & 1) || IsZero(src);
+    const size_t need = isZero ? 9 : 8 + kPageSize;
+    if (end - off < need) {
+      page = p;
+      break;
+    }
+    bits[p >> 5] &= ~(1u << (p & 31));
+    uint8_t* h = out.data + off;
+    PutBe32(h, uint32_t(offset >> 32));
+    PutBe32(h + 4, uint32_t(offset) | (isZero ? kZero : kPage) | kContinue);
+    if (isZero) {
+      h[8] = 0;
+      zero++;
+    } else {
+      memcpy(h + 8, src, kPageSize);
+      normal++;
+    }
+    off += need;
+    taken++;
+    page = p + 1;
+  }
+  if (page > endPage) page = endPage;
+  double* c = reinterpret_cast<double*>(counts.data);
+  c[0] += normal;
+  c[1] += zero;
+  c[2] += static_cast<double>(off - start);
+  args.GetReturnValue().Set(static_cast<double>(page));
+}
+
 }  // namespace
 
 NODE_MODULE_INIT(/* exports, module, context */) {
   NODE_SET_METHOD(exports, "copy", Copy);
   NODE_SET_METHOD(exports, "loadPages", LoadPages);
+  NODE_SET_METHOD(exports, "savePages", SavePages);
 }

@@ -20,6 +20,9 @@
  *                             (migration sockets: a partition fails the
  *                             migration in a bounded time, see
  *                             src/migration/channel/liveness.ts).
+ *   dup(fd) -> fd2            fcntl(F_DUPFD_CLOEXEC); returns the new
+ *                             descriptor or -errno (a worker thread then
+ *                             runs the migration socket on its own fd).
  */
 #define NAPI_VERSION 8
 #include <node_api.h>
@@ -319,6 +322,20 @@ static napi_value js_usertimeout(napi_env env, napi_callback_info info) {
   return set_int_opt(env, info, IPPROTO_TCP, TCP_USER_TIMEOUT, 0, "ferry_scm.usertimeout(fd, ms)");
 }
 
+static napi_value js_dup(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1], res;
+  int32_t fd;
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (argc < 1 || napi_get_value_int32(env, argv[0], &fd) != napi_ok || fd < 0) {
+    napi_throw_type_error(env, NULL, "ferry_scm.dup(fd)");
+    return NULL;
+  }
+  int r = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  CHECK(napi_create_int32(env, r < 0 ? -errno : r, &res));
+  return res;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
     { "open", NULL, js_open, NULL, NULL, NULL, napi_enumerable, NULL },
@@ -328,6 +345,7 @@ static napi_value init(napi_env env, napi_value exports) {
     { "send", NULL, js_send, NULL, NULL, NULL, napi_enumerable, NULL },
     { "sndbuf", NULL, js_sndbuf, NULL, NULL, NULL, napi_enumerable, NULL },
     { "usertimeout", NULL, js_usertimeout, NULL, NULL, NULL, napi_enumerable, NULL },
+    { "dup", NULL, js_dup, NULL, NULL, NULL, napi_enumerable, NULL },
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
   return exports;

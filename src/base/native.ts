@@ -135,13 +135,17 @@ export function tlsServerSendsNoTickets(): boolean {
 interface PagesAddon {
   copy(dst: Uint8Array, dstOffset: number, src: Uint8Array, srcOffset: number, length: number): void;
   loadPages(src: Uint8Array, srcOffset: number, srcEnd: number, ram: Uint8Array, touched: Uint32Array, counts: Float64Array): number;
+  savePages(
+    bitmap: Uint32Array, touched: Uint32Array, ram: Uint8Array, page: number, endPage: number, maxPages: number,
+    out: Uint8Array, outOffset: number, outEnd: number, counts: Float64Array,
+  ): number;
 }
 
 function loadPagesAddon(): PagesAddon | null {
   if (process.env.FERRY_NO_NATIVE === '1') return null;
   try {
     const a = createRequire(import.meta.url)(resolve(root, 'native/pages/build/Release/ferry_pages.node')) as Partial<PagesAddon>;
-    return typeof a.copy === 'function' && typeof a.loadPages === 'function' ? (a as PagesAddon) : null;
+    return typeof a.copy === 'function' && typeof a.loadPages === 'function' && typeof a.savePages === 'function' ? (a as PagesAddon) : null;
   } catch {
     return null;
   }
@@ -177,3 +181,18 @@ export const copyBytes: (dst: Uint8Array, dstOffset: number, src: Uint8Array, sr
  */
 export const loadPageRun: (src: Uint8Array, srcOffset: number, srcEnd: number, ram: Uint8Array, touched: Uint32Array, counts: Float64Array) => number =
   pages !== null ? pages.loadPages : () => 0;
+
+/**
+ * The sender's side of loadPageRun: walks the migration bitmap of one block
+ * from `page` to `endPage`, takes at most maxPages set bits (clearing them)
+ * and encodes each page as a `CONTINUE|ZERO` record (never written, or all
+ * zero) or a `CONTINUE|PAGE` record into out[outOffset, outEnd), stopping
+ * before a record that does not fit; adds the PAGE records, ZERO records and
+ * bytes written to counts[0..2]. Returns the page the walk stopped at.
+ * Without native/pages it returns `page` and does nothing: the JS sender
+ * encodes every record itself.
+ */
+export const savePageRun: (
+  bitmap: Uint32Array, touched: Uint32Array, ram: Uint8Array, page: number, endPage: number, maxPages: number,
+  out: Uint8Array, outOffset: number, outEnd: number, counts: Float64Array,
+) => number = pages !== null ? pages.savePages : (_b, _t, _r, page) => page;

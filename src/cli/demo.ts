@@ -6,12 +6,15 @@
  */
 import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
-import cliProgress from 'cli-progress';
-import Table from 'cli-table3';
+import { join, resolve } from 'node:path';
+import type cliProgress from 'cli-progress';
 import { parseSize } from '../base/size.js';
-import { QmpCommandError } from '../qmp/client.js';
+import { isQmpError } from '../generated/qapi-client.js';
+import type { MigrationInfo } from '../generated/qapi-types.js';
+import { collectReport, writeReport } from '../report/collect.js';
+import { fmtBytes } from '../report/format.js';
 import { QmpProcess, ferryVmArgv, freePort } from './launch.js';
+import { resultTable, watchMigration, type Verdict } from './watch.js';
 
 const DEMO_USAGE = `usage: ferry demo [options]
 
@@ -25,6 +28,9 @@ options:
   --downtime-limit MS     allowed downtime at switchover (default 300)
   --uri tcp|unix          migration transport (default unix)
   --no-progress           no progress bar, only occasional plain lines
+  --report PATH           where to write the HTML report (default reports/demo-TIME.html;
+                          its input, the traces, goes beside it as .json)
+  --no-report             no report
   -h, --help              this text
 `;
 
@@ -36,6 +42,8 @@ interface DemoOptions {
   downtimeLimit: number;
   uri: 'tcp' | 'unix';
   progress: boolean;
+  /** the report's path, or null for none */
+  report: string | null;
 }
 
 class DemoUsage extends Error {}
@@ -59,6 +67,7 @@ function parseOptions(argv: string[]): DemoOptions | null {
     downtimeLimit: 300,
     uri: 'unix',
     progress: true,
+    report: join('reports', `demo-${new Date().toISOString().replace(/[:.]/g, '-').slice(0, 19)}.html`),
   };
   for (let i = 0; i < argv.length; i++) {
     let a = argv[i]!;
@@ -117,6 +126,12 @@ function parseOptions(argv: string[]): DemoOptions | null {
       case '--progress':
         o.progress = true;
         break;
+      case '--report':
+        o.report = next();
+        break;
+      case '--no-report':
+        o.report = null;
+        break;
       default:
         throw new DemoUsage(`${a}: unknown option`);
     }
@@ -163,39 +178,6 @@ async function startVm(name: string, dir: string, args: string[]): Promise<Vm> {
   const vm = new Vm(name, dir, args);
   children.add(vm);
   return vm.ready();
-}
-
-/* ----------------------------------------------------------- formatting */
-
-function fmtBytes(n: number | undefined): string {
-  if (n === undefined || !Number.isFinite(n)) return '-';
-  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
-  let i = 0;
-  let v = n;
-  while (v >= 1024 && i < units.length - 1) {
-    v /= 1024;
-    i++;
-  }
-  return `${i === 0 ? v : v.toFixed(v >= 100 ? 0 : v >= 10 ? 1 : 2)} ${units[i]}`;
-}
-
-/** QEMU's mbps is megabits per second (10^6); show megabytes per second. */
-function fmtMBps(mbps: number | undefined): string {
-  if (mbps === undefined || !Number.isFinite(mbps)) return '-';
-  return `${(mbps / 8).toFixed(1)} MB/s`;
-}
-
-function fmtMs(ms: number | undefined): string {
-  return ms === undefined ? '-' : `${ms} ms`;
-}
-
-function percentOf(info: any): number {
-  const ram = info?.ram;
-  if (!ram || !ram.total) return 0;
-  // transferred vs everything to send: moves forward across passes
-  const done = ram.transferred ?? ram.total - ram.remaining;
-  const p = (done / (done + ram.remaining)) * 100;
-  return Math.max(0, Math.min(100, p));
 }
 
 function lastHeartbeat(text: string): number | undefined {
@@ -259,7 +241,7 @@ export async function main(argv: string[]): Promise<number> {
     return await runDemo(opts, dir, (b) => (bar = b));
   } catch (e) {
     bar?.stop();
-    const msg = e instanceof QmpCommandError ? `${e.command ?? 'QMP'}: ${e.message}` : e instanceof Error ? e.message : String(e);
+    const msg = isQmpError(e) ? `${e.command ?? 'QMP'}: ${e.message}` : e instanceof Error ? e.message : String(e);
     process.stderr.write(`ferry demo: ${msg}\n`);
     for (const c of children) if (c.stderr.trim()) process.stderr.write(`[${c.name} stderr]\n${c.stderr.trim()}\n`);
     return 1;
@@ -277,176 +259,123 @@ async function runDemo(o: DemoOptions, dir: string, setBar: (b: cliProgress.Sing
 
   log('starting the source (filling its RAM) and the destination (-S -incoming) ...');
   const tBoot = Date.now();
-  const [src, dst] = await Promise.all([
+  const [srcVm, dstVm] = await Promise.all([
     startVm('source', dir, [...common, '-workload', `stress,rate=${o.rate},seed=1`, '-fill', 'text,seed=1']),
     startVm('destination', dir, [...common, '-workload', `stress,rate=${o.rate},seed=1`, '-S', '-incoming', uri]),
   ]);
-  const srcStatus = (await src.execute<{ status: string }>('query-status')).status;
-  const dstStatus = (await dst.execute<{ status: string }>('query-status')).status;
-  log(`source: ${srcStatus}, destination: ${dstStatus} (both up in ${Date.now() - tBoot} ms)`);
-  // let the guest run and dirty memory for a moment, and print a heartbeat or two
-  await sleep(1500);
+  // the typed client (ferry/client) on both monitors
+  const src = srcVm.api;
+  const dst = dstVm.api;
+  log(`source: ${(await src.queryStatus()).status}, destination: ${(await dst.queryStatus()).status} (both up in ${Date.now() - tBoot} ms)`);
 
-  // capabilities: events, and return-path if this build accepts it
-  const caps = await src.execute<{ capability: string; state: boolean }[]>('query-migrate-capabilities');
-  const known = new Set(caps.map((c) => c.capability));
-  if (known.has('events')) {
-    await src.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] });
+  // let the guest run and dirty memory for a moment, and measure how fast it does (calc-dirty-rate)
+  await src.calcDirtyRate({ 'calc-time': 1500, 'calc-time-unit': 'millisecond', 'sample-pages': 4096 });
+  await sleep(1600);
+  const rate = await src.queryDirtyRate({ 'calc-time-unit': 'millisecond' });
+  log(`dirty rate: ${rate['dirty-rate'] ?? '?'} MiB/s (calc-dirty-rate, ${rate.mode}, ${rate['calc-time']} ms)`);
+
+  // capabilities: events and return-path; every migration of both VMs is traced for the report
+  await src.migrateSetCapabilities({ capabilities: [{ capability: 'events', state: true }, { capability: 'return-path', state: true }] });
+  await src.migrateSetParameters({ 'max-bandwidth': o.maxBandwidth, 'downtime-limit': o.downtimeLimit });
+  if (o.report !== null) {
+    await src.xTraceMigration({ enable: true });
+    await dst.xTraceMigration({ enable: true });
   }
-  let returnPath = false;
-  if (known.has('return-path')) {
-    try {
-      await src.execute('migrate-set-capabilities', { capabilities: [{ capability: 'return-path', state: true }] });
-      returnPath = true;
-    } catch (e) {
-      log(`return-path refused (${e instanceof Error ? e.message : String(e)}); going on without it`);
-    }
-  }
-  await src.execute('migrate-set-parameters', { 'max-bandwidth': o.maxBandwidth, 'downtime-limit': o.downtimeLimit });
-  const enabled = (await src.execute<{ capability: string; state: boolean }[]>('query-migrate-capabilities'))
-    .filter((c) => c.state)
-    .map((c) => c.capability);
+  const enabled = (await src.queryMigrateCapabilities()).filter((c) => c.state).map((c) => c.capability);
   log(`capabilities: ${enabled.join(', ') || 'none'}; max-bandwidth ${o.maxBandwidth === 0 ? 'unlimited' : fmtBytes(o.maxBandwidth) + '/s'}, downtime-limit ${o.downtimeLimit} ms`);
-
-  const srcHbBefore = lastHeartbeat(readText(src.serialPath));
-  const t0 = Date.now();
-  await src.execute('migrate', { uri });
-
-  // progress, every ~200 ms
-  const useBar = o.progress && process.stderr.isTTY === true;
-  let bar: cliProgress.SingleBar | undefined;
-  if (useBar) {
-    bar = new cliProgress.SingleBar(
-      {
-        format: ' {bar} {percentage}% | {speed} | remaining {remaining} | pass {pass} | exp. downtime {edt} | {status}',
-        barsize: 30,
-        hideCursor: true,
-        clearOnComplete: false,
-        stopOnComplete: false,
-        fps: 10,
-      },
-      cliProgress.Presets.shades_classic,
-    );
-    bar.start(100, 0, { speed: '-', remaining: '-', pass: 0, edt: '-', status: 'setup' });
-    setBar(bar);
+  try {
+    const f = await src.xQueryMigrateForecast();
+    log(`forecast: ${f.summary}`);
+  } catch (e) {
+    if (!isQmpError(e)) throw e;
+    log(`forecast: none before the migration (${e.desc.charAt(0).toLowerCase()}${e.desc.slice(1)}); the ETA comes from what the migration measures`);
   }
-  let info: any;
-  let lastLine = 0;
-  const timeoutMs = 10 * 60 * 1000;
-  for (;;) {
-    info = await src.execute('query-migrate');
-    const status: string = info.status;
-    const pct = status === 'completed' ? 100 : percentOf(info);
-    const fields = {
-      speed: fmtMBps(info.ram?.mbps),
-      remaining: fmtBytes(info.ram?.remaining),
-      pass: info.ram?.['dirty-sync-count'] ?? 0,
-      edt: fmtMs(info['expected-downtime']),
-      status,
-    };
-    if (bar) bar.update(Math.floor(pct), fields);
-    else if (Date.now() - lastLine >= 1000 || ['completed', 'failed', 'cancelled'].includes(status)) {
-      lastLine = Date.now();
-      log(
-        `  [${((Date.now() - t0) / 1000).toFixed(1).padStart(5)} s] ${status.padEnd(9)} ${pct.toFixed(0).padStart(3)}%  ` +
-          `${fields.speed}  remaining ${fields.remaining}  pass ${fields.pass}  expected downtime ${fields.edt}`,
-      );
-    }
-    if (status === 'completed' || status === 'failed' || status === 'cancelled') break;
-    if (!src.running) throw new Error(`source exited during migration: ${src.stderr.trim()}`);
-    if (!dst.running) throw new Error(`destination exited during migration: ${dst.stderr.trim()}`);
-    if (Date.now() - t0 > timeoutMs) {
-      await src.execute('migrate_cancel').catch(() => undefined);
-      throw new Error(`migration did not finish within ${timeoutMs / 1000} s (status ${status}); try a lower --rate`);
-    }
-    await sleep(200);
-  }
-  bar?.stop();
-  const wall = Date.now() - t0;
+
+  const srcHbBefore = lastHeartbeat(readText(srcVm.serialPath));
+  await src.migrate({ uri });
+  const { info, wallMs: wall } = await watchMigration(src, {
+    progress: o.progress,
+    log,
+    onBar: setBar,
+    checkAlive: () => {
+      if (!srcVm.running) throw new Error(`source exited during migration: ${srcVm.stderr.trim()}`);
+      if (!dstVm.running) throw new Error(`destination exited during migration: ${dstVm.stderr.trim()}`);
+    },
+  });
+  const returnPath = enabled.includes('return-path') ? 'on' : 'off';
   if (info.status !== 'completed') {
     log(`migration ${info.status}: ${info['error-desc'] ?? '(no error description)'}`);
-    printTable(info, undefined, [], false);
+    log(resultTable(info, undefined, { rows: [['return-path', returnPath]] }));
     return 1;
   }
 
   // destination: loaded and paused (-S)
-  let dinfo: any;
+  let dinfo: MigrationInfo = {};
   const dEnd = Date.now() + 30000;
   for (;;) {
-    dinfo = await dst.execute('query-migrate');
-    if (['completed', 'failed', 'cancelled'].includes(dinfo.status)) break;
+    dinfo = await dst.queryMigrate();
+    if (['completed', 'failed', 'cancelled'].includes(dinfo.status ?? '')) break;
     if (Date.now() > dEnd) break;
     await sleep(50);
   }
-  const srcRun = (await src.execute<{ status: string }>('query-status')).status;
-  const dstRunBefore = (await dst.execute<{ status: string }>('query-status')).status;
-  const srcDigest = (await src.execute<{ digest: string }>('x-query-memory-digest')).digest;
-  const dstDigest = (await dst.execute<{ digest: string }>('x-query-memory-digest')).digest;
+  const srcRun = (await src.queryStatus()).status;
+  const dstRunBefore = (await dst.queryStatus()).status;
+  const srcDigest = (await src.xQueryMemoryDigest()).digest;
+  const dstDigest = (await dst.xQueryMemoryDigest()).digest;
   const digestsEqual = srcDigest === dstDigest;
-  const srcHbLast = lastHeartbeat(readText(src.serialPath));
+  const srcHbLast = lastHeartbeat(readText(srcVm.serialPath));
 
   // run the destination and watch it go on
-  await dst.execute('cont');
+  await dst.cont();
   let dstHb: number[] = [];
   const hbEnd = Date.now() + 5000;
   while (Date.now() < hbEnd) {
-    dstHb = heartbeats(readText(dst.serialPath));
+    dstHb = heartbeats(readText(dstVm.serialPath));
     if (dstHb.length >= 2) break;
     await sleep(100);
   }
-  const dstRunAfter = (await dst.execute<{ status: string }>('query-status')).status;
-  const dstDigestLater = (await dst.execute<{ digest: string }>('x-query-memory-digest')).digest;
+  const dstRunAfter = (await dst.queryStatus()).status;
+  const dstDigestLater = (await dst.xQueryMemoryDigest()).digest;
   const running = dstRunAfter === 'running' && dstDigestLater !== dstDigest;
   const hbContinued =
     srcHbLast !== undefined && dstHb.length > 0 && dstHb[0] === srcHbLast + 1 && dstHb.every((n, i) => n === dstHb[0]! + i);
 
   const short = (d: string): string => d.slice(0, 12);
-  const verdicts: [string, boolean, string][] = [
-    ['memory digests equal', digestsEqual, `source ${short(srcDigest)}  destination ${short(dstDigest)}`],
-    [
-      'heartbeat continued',
-      hbContinued,
-      `source stopped at ${srcHbLast ?? '(none)'}${srcHbBefore !== undefined ? ` (was ${srcHbBefore} at migrate)` : ''}, ` +
+  const verdicts: Verdict[] = [
+    { name: 'memory digests equal', ok: digestsEqual, detail: `source ${short(srcDigest)}  destination ${short(dstDigest)}` },
+    {
+      name: 'heartbeat continued',
+      ok: hbContinued,
+      detail:
+        `source stopped at ${srcHbLast ?? '(none)'}${srcHbBefore !== undefined ? ` (was ${srcHbBefore} at migrate)` : ''}, ` +
         `destination printed ${dstHb.length ? dstHb.slice(0, 4).join(', ') + (dstHb.length > 4 ? ', …' : '') : '(nothing)'}`,
-    ],
-    [
-      'destination running',
-      running,
-      `status ${dstRunAfter} (was ${dstRunBefore} after loading), memory ${dstDigestLater !== dstDigest ? 'changing' : 'NOT changing'} (${short(dstDigestLater)})`,
-    ],
+    },
+    {
+      name: 'destination running',
+      ok: running,
+      detail: `status ${dstRunAfter} (was ${dstRunBefore} after loading), memory ${dstDigestLater !== dstDigest ? 'changing' : 'NOT changing'} (${short(dstDigestLater)})`,
+    },
   ];
   log('');
-  printTable(info, dinfo, verdicts, returnPath, { wall, srcRun, dstStatus: dinfo?.status });
-  const ok = verdicts.every((v) => v[1]);
+  log(resultTable(info, dinfo, { wall, srcRun, rows: [['return-path', returnPath]] }, verdicts));
+  const ok = verdicts.every((v) => v.ok);
+  if (o.report !== null) {
+    const r = await collectReport(src, dst, {
+      title: `ferry demo: ${o.mem} guest dirtying ${o.rate}/s`,
+      setup: `${o.smp} vCPUs, ${uri.split(':')[0]} transport, max-bandwidth ${o.maxBandwidth === 0 ? 'unlimited' : fmtBytes(o.maxBandwidth) + '/s'}, downtime-limit ${o.downtimeLimit} ms`,
+      integrity: {
+        method: 'x-query-memory-digest (source at switchover, destination paused by -S)',
+        source: srcDigest,
+        destination: dstDigest,
+        equal: digestsEqual,
+        checks: verdicts.slice(1),
+      },
+    });
+    const { html } = writeReport(r, resolve(o.report));
+    log('');
+    log(`report: ${html}`);
+  }
   log('');
   log(ok ? 'VERIFIED: the guest moved live and runs on at the destination.' : 'NOT VERIFIED: see the table above.');
   return ok ? 0 : 1;
-}
-
-function printTable(
-  info: any,
-  dinfo: any,
-  verdicts: [string, boolean, string][],
-  returnPath: boolean,
-  extra: { wall?: number; srcRun?: string; dstStatus?: string } = {},
-): void {
-  const ram = info.ram ?? {};
-  const t = new Table({ head: ['', 'result'], style: { head: [], border: [] } });
-  const row = (k: string, v: string): void => void t.push([k, v]);
-  row('status', `${info.status}${extra.srcRun ? ` (source ${extra.srcRun}, destination migration ${extra.dstStatus ?? '?'})` : ''}`);
-  row('total time', `${fmtMs(info['total-time'])}${extra.wall !== undefined ? ` (measured here ${extra.wall} ms)` : ''}`);
-  row(
-    'downtime',
-    `${fmtMs(info.downtime)} (source)` + (dinfo && dinfo.downtime !== undefined ? `, ${fmtMs(dinfo.downtime)} (destination)` : ''),
-  );
-  row('setup time', fmtMs(info['setup-time']));
-  row('transferred', `${fmtBytes(ram.transferred)} of ${fmtBytes(ram.total)} RAM`);
-  row('throughput', `${fmtMBps(ram.mbps)} (${ram.mbps !== undefined ? ram.mbps.toFixed(0) : '-'} mbps)`);
-  row('normal pages', `${ram.normal ?? '-'} (${fmtBytes(ram['normal-bytes'])})`);
-  row('zero pages', String(ram.duplicate ?? '-'));
-  row('passes', String(ram['dirty-sync-count'] ?? '-'));
-  row('return-path', returnPath ? 'on' : 'off');
-  if (info['error-desc']) row('error', String(info['error-desc']));
-  for (const [name, ok, detail] of verdicts) row(name, `${ok ? 'yes' : 'NO'}: ${detail}`);
-  log(t.toString());
 }

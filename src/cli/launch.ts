@@ -10,6 +10,7 @@ import { existsSync } from 'node:fs';
 import * as net from 'node:net';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { QmpConnection } from '../client/index.js';
 import { QmpClient, type QmpExecuteOptions } from '../qmp/client.js';
 
 /** dist/src/cli/main.js: what `ferry` runs. */
@@ -57,6 +58,7 @@ export class QmpProcess {
   exitSignal: NodeJS.Signals | null = null;
   readonly exited: Promise<void>;
   private client: QmpClient | undefined;
+  private typed: QmpConnection | undefined;
 
   constructor(
     bin: string,
@@ -87,6 +89,11 @@ export class QmpProcess {
   get qmp(): QmpClient {
     if (!this.client) throw new Error(`${this.what}: not connected`);
     return this.client;
+  }
+
+  /** The typed client (ferry/client) on the same connection. */
+  get api(): QmpConnection {
+    return (this.typed ??= new QmpConnection(this.qmp));
   }
 
   get running(): boolean {
@@ -125,12 +132,12 @@ export class QmpProcess {
   }
 
   async status(): Promise<string> {
-    return (await this.execute<{ status: string }>('query-status')).status;
+    return (await this.api.queryStatus({ timeoutMs: this.opts.commandTimeoutMs })).status;
   }
 
   /** x-query-memory-digest (Ferry only). */
   async digest(): Promise<string> {
-    return (await this.execute<{ digest: string }>('x-query-memory-digest')).digest;
+    return (await this.api.xQueryMemoryDigest({ timeoutMs: this.opts.commandTimeoutMs })).digest;
   }
 
   /** Another QMP connection to the same process. */

@@ -9,6 +9,8 @@ commands:
   qmp SOCKET [cmd [k=v ...]]  talk to a QMP monitor (one-shot or interactive)
   demo [options]              live-migrate a running 1 GiB VM between two local processes
   inspect [options] FILE      list the sections and records of a migration stream (- reads stdin)
+  migrate SRC DST [options]   migrate between two monitors (Ferry or QEMU), with a progress bar and the result
+  report INPUT.json [-o OUT]  draw a traced migration as one self-contained HTML page
   help                        this text
 
 ferry vm options:
@@ -22,6 +24,7 @@ ferry vm options:
   -workload idle | sweep[,start=SIZE][,end=SIZE] | stress[,rate=BYTES][,wss=SIZE][,write=BYTES][,seed=N][,read=on]
   -fill zero | random[,seed=N] | text[,seed=N]
   -serial none | stdio | file:PATH
+  -metrics tcp:HOST:PORT   serve the migration statistics to Prometheus at http://HOST:PORT/metrics (port 0: any)
   -drive file=PATH[,format=raw|qcow2][,if=ide|virtio|none][,index=N][,id=ID][,readonly=on][,cache=MODE]   (repeatable)
         if=ide (default): ide<bus>-hd<unit>, index 0-3; if=virtio: virtio<N>; if=none: none<N>; id=ID names it instead.
         cache=writeback (default) | none | writethrough | directsync | unsafe: I/O always goes through the host
@@ -44,6 +47,10 @@ async function run(argv: string[]): Promise<number> {
       return (await import('./demo.js')).main(rest);
     case 'inspect':
       return (await import('./inspect.js')).main(rest);
+    case 'migrate':
+      return (await import('./migrate.js')).main(rest);
+    case 'report':
+      return (await import('./report.js')).main(rest);
     case '--version':
     case '-V': {
       const pkg = createRequire(import.meta.url)('../../../package.json') as { version: string };

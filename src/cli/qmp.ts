@@ -9,7 +9,8 @@
  */
 import * as readline from 'node:readline';
 import type { Readable, Writable } from 'node:stream';
-import { QmpClient, QmpCommandError } from '../qmp/client.js';
+import { QmpConnection, isQmpError } from '../client/index.js';
+import type { QmpClient } from '../qmp/client.js';
 import { toQmpJson } from '../qmp/json.js';
 
 export interface QmpCliIo {
@@ -132,28 +133,29 @@ export async function main(argv: string[], io: QmpCliIo = {}): Promise<number> {
     }
   }
 
-  let client: QmpClient;
+  // the typed client (ferry/client); any command name goes through executeRaw
+  let conn: QmpConnection;
   try {
-    client = await QmpClient.connect(target, { negotiate: true });
+    conn = await QmpConnection.connect(target);
   } catch (e) {
-    err(`ferry qmp: ${e instanceof QmpCommandError ? `error: ${e.errorClass}: ${e.desc}` : (e as Error).message}`);
+    err(`ferry qmp: ${isQmpError(e) ? `error: ${e.errorClass}: ${e.desc}` : (e as Error).message}`);
     return 1;
   }
 
   if (command !== undefined) {
     try {
-      const ret = await client.execute(command, oneShotArgs);
+      const ret = await conn.executeRaw(command, oneShotArgs);
       out(pretty(ret));
       return 0;
     } catch (e) {
-      if (e instanceof QmpCommandError) err(`error: ${e.errorClass}: ${e.desc}`);
+      if (isQmpError(e)) err(`error: ${e.errorClass}: ${e.desc}`);
       else err(`ferry qmp: ${(e as Error).message}`);
       return 1;
     } finally {
-      await client.close();
+      await conn.close();
     }
   }
-  return interactive(client, stdin, stdout, out, err);
+  return interactive(conn.raw, stdin, stdout, out, err);
 }
 
 async function interactive(
@@ -211,7 +213,7 @@ async function interactive(
       out(pretty(ret));
     } catch (e) {
       failures++;
-      if (e instanceof QmpCommandError) err(`error: ${e.errorClass}: ${e.desc}`);
+      if (isQmpError(e)) err(`error: ${e.errorClass}: ${e.desc}`);
       else {
         err(`ferry qmp: ${(e as Error).message}`);
         if (client.isClosed) break;

@@ -4,6 +4,7 @@
  * strings where QEMU has them.
  */
 import { CACHE_MODES, DRIVE_INTERFACES, type CacheMode, type DriveConfig, type DriveInterface } from '../machine/index.js';
+import { parseReplicatedDrive } from '../replication/index.js';
 
 /** One -drive: the option text (error messages name it) and what it says. */
 export interface DriveArg {
@@ -37,6 +38,8 @@ export interface VmArgs {
   drives: DriveArg[];
   /** -disk-workload, unparsed (the machine checks it against the drives) */
   diskWorkload?: string;
+  /** -metrics tcp:HOST:PORT: serve the migration statistics to Prometheus there (src/metrics/) */
+  metrics?: string;
 }
 
 export class UsageError extends Error {}
@@ -47,6 +50,7 @@ const WITH_ARG = new Map<string, string>([
   ['object', 'object'], ['machine', 'machine'], ['M', 'machine'], ['workload', 'workload'],
   ['fill', 'fill'], ['serial', 'serial'], ['display', 'display'], ['accel', 'accel'],
   ['vga', 'vga'], ['monitor', 'monitor'], ['drive', 'drive'], ['disk-workload', 'disk-workload'],
+  ['metrics', 'metrics'],
 ]);
 const FLAGS = new Set(['S', 'mem-prealloc', 'nodefaults', 'no-user-config', 'no-shutdown', 'enable-kvm']);
 
@@ -176,6 +180,10 @@ export function parseVmArgs(argv: readonly string[]): VmArgs {
           throw new UsageError(`-drive ${val}: ${(e as Error).message}`);
         }
         break;
+      case 'metrics':
+        if (a.metrics !== undefined) throw new UsageError(`-metrics ${val}: only one metrics endpoint per VM`);
+        a.metrics = val;
+        break;
       case 'disk-workload':
         if (a.diskWorkload !== undefined) throw new UsageError(`-disk-workload ${val}: only one disk workload per VM`);
         a.diskWorkload = val;
@@ -210,11 +218,30 @@ function parseBool(v: string, name: string): boolean {
 
 /**
  * One -drive option string: file=PATH[,format=raw|qcow2][,if=ide|virtio|none][,index=N][,id=ID][,readonly=on][,cache=MODE]
- * (",," is a comma in a value). Throws with QEMU's text where QEMU has one;
+ * (",," is a comma in a value); QEMU's spelling driver=FORMAT,file.filename=PATH
+ * too; and the replicated drives (driver=quorum, driver=replication:
+ * src/replication/config.ts). Throws with QEMU's text where QEMU has one;
  * the slot, the name and the image are the machine's checks (drives.ts).
  */
 export function parseDrive(spec: string): DriveConfig {
   const o = parseOptString(spec);
+  if (o.driver === 'quorum' || o.driver === 'replication') {
+    const r = parseReplicatedDrive(o);
+    if (o['read-only'] !== undefined || o.readonly !== undefined) throw new Error('a replicated drive is written: it cannot be read-only');
+    return placement(o, { file: r.file, ...(r.format !== undefined ? { format: r.format } : {}), replication: r.replication });
+  }
+  if (o.driver !== undefined) {
+    if (o.format !== undefined) throw new Error("Cannot specify both 'driver' and 'format'");
+    o.format = o.driver;
+    delete o.driver;
+  }
+  if (o['file.filename'] !== undefined) {
+    if (o.file !== undefined) throw new Error("Cannot specify both 'file' and 'file.filename'");
+    if (o['file.driver'] !== undefined && o['file.driver'] !== 'file') throw new Error(`Ferry opens image files only (file.driver=file), not '${o['file.driver']}'`);
+    o.file = o['file.filename'];
+    delete o['file.filename'];
+    delete o['file.driver'];
+  }
   for (const k of Object.keys(o)) {
     if (['file', 'format', 'if', 'index', 'id', 'readonly', 'read-only', 'cache'].includes(k)) continue;
     if (QEMU_DRIVE_OPTIONS.has(k) || k.startsWith('throttling.') || k.startsWith('file.')) {
@@ -231,6 +258,16 @@ export function parseDrive(spec: string): DriveConfig {
     else if (QEMU_FORMATS.has(o.format)) throw new Error(`Ferry opens raw and qcow2 images only, not '${o.format}'`);
     else throw new Error(`Unknown driver '${o.format}'`);
   }
+  if (o.readonly !== undefined && o['read-only'] !== undefined) {
+    throw new Error("'read-only' and its alias 'readonly' can't be used at the same time");
+  }
+  const ro = o['read-only'] ?? o.readonly;
+  if (ro !== undefined) cfg.readOnly = parseBool(ro, 'read-only');
+  return placement(o, cfg);
+}
+
+/** The options every drive has: if, index, id, cache. */
+function placement(o: Record<string, string>, cfg: DriveConfig): DriveConfig {
   if (o.if !== undefined) {
     if ((DRIVE_INTERFACES as readonly string[]).includes(o.if)) cfg.interface = o.if as DriveInterface;
     else if (QEMU_INTERFACES.has(o.if)) throw new Error(`machine type does not support if=${o.if} (Ferry has if=ide, if=virtio and if=none)`);
@@ -243,11 +280,6 @@ export function parseDrive(spec: string): DriveConfig {
     cfg.index = n;
   }
   if (o.id !== undefined) cfg.id = o.id;
-  if (o.readonly !== undefined && o['read-only'] !== undefined) {
-    throw new Error("'read-only' and its alias 'readonly' can't be used at the same time");
-  }
-  const ro = o['read-only'] ?? o.readonly;
-  if (ro !== undefined) cfg.readOnly = parseBool(ro, 'read-only');
   if (o.cache !== undefined) {
     if (!(CACHE_MODES as readonly string[]).includes(o.cache)) throw new Error('invalid cache option');
     cfg.cache = o.cache as CacheMode;

@@ -6,11 +6,14 @@ import { parseSize } from '../base/size.js';
 import { handlers } from '../commands/handlers.js';
 import type { Ctx, UserObject, VmServices } from '../commands/context.js';
 import { addObject } from '../commands/objects.js';
+import { NbdService } from '../commands/nbd.js';
 import { COMMANDS } from '../generated/qapi-commands.js';
 import { QapiEvents } from '../generated/qapi-events.js';
 import { DiskWorkloadError, DriveError, Machine, parseDiskWorkload, parseFill, parseWorkload, type SerialConfig } from '../machine/index.js';
 import {
+  ColoService,
   MigrationDestination,
+  MigrationObserver,
   MigrationOptions,
   MigrationSource,
   RAM_SECTION,
@@ -19,6 +22,7 @@ import {
   type TlsDeps,
 } from '../migration/index.js';
 import { QmpError } from '../qapi/errors.js';
+import { startMetrics } from '../metrics/prometheus.js';
 import { QmpServer } from '../qmp/index.js';
 import { parseVmArgs, UsageError } from './vm-args.js';
 
@@ -108,6 +112,7 @@ export async function main(argv: string[]): Promise<number> {
     }
     machine.on('disk-workload-error', (e: Error) => log(`disk workload stopped: ${e.message}`));
     machine.on('drive-error', (drive: string, e: Error) => log(`drive ${drive}: ${e.message}`));
+    machine.on('replication-error', (drive: string, e: Error) => log(`block replication on drive ${drive}: ${e.message}`));
     // tls-creds names an object: its loaded credentials, or 'other' for an object of another kind
     const tls: TlsDeps = {
       lookup: (id) => {
@@ -116,21 +121,29 @@ export async function main(argv: string[]): Promise<number> {
       },
       handshakeTimeoutMs: handshakeTimeout(),
     };
+    // COLO: one per VM, shared by its outgoing (primary) and incoming (secondary) migrations
+    const colo = new ColoService();
     const source = new MigrationSource(port, options, {
       lookupFd,
       qemuCompatible: a.qemuCompat,
       tls,
       sections,
       log,
+      colo,
     });
-    const destination = new MigrationDestination(port, options, { lookupFd, log, sections, tls });
+    const destination = new MigrationDestination(port, options, { lookupFd, log, sections, tls, colo });
+    const observe = new MigrationObserver({ source, destination, options, ram: () => machine.ram, faultStats: () => machine.faultStats() });
     vm = {
       machine,
       options,
       objects,
       fds,
+      nbd: new NbdService(),
+      log,
       source,
       destination,
+      observe,
+      colo,
       incomingMode: a.incoming === undefined ? 'none' : a.incoming === 'defer' ? 'defer' : 'uri',
       commandNames: [...COMMANDS.keys()],
       version: FERRY_VERSION,
@@ -154,9 +167,11 @@ export async function main(argv: string[]): Promise<number> {
       handlers,
       makeContext: (conn) => ({ vm, conn }),
       version: FERRY_VERSION,
+      onDrop: (conn, backlog) => log(`QMP client ${conn.peer} dropped: ${backlog} bytes of output it did not read`),
     });
     const events = new QapiEvents((name, data) => server.broadcast(name, data));
     machine.on('runstate', (now: string, old: string) => {
+      observe.runState(now, old);
       if (old === 'running') events.STOP();
       if (now === 'running') events.RESUME();
     });
@@ -169,11 +184,13 @@ export async function main(argv: string[]): Promise<number> {
     destination.on('status', (status) => {
       if (status === 'setup' || options.capability('events')) events.MIGRATION({ status });
     });
+    colo.on('exit', (mode, reason) => events.COLO_EXIT({ mode, reason }));
 
     const shutdown = async (code: number) => {
       try {
-        source.cancel();
+        source.shutdown();
         destination.close();
+        await vm.nbd.shutdown().catch(() => undefined);
         await server.close();
         await machine.destroy();
       } finally {
@@ -196,6 +213,10 @@ export async function main(argv: string[]): Promise<number> {
       await destination.start(a.incoming);
     }
     for (const spec of a.qmp) await server.listen(spec);
+    if (a.metrics !== undefined) {
+      const m = await startMetrics(a.metrics, { source, destination, observe, name: a.name, faultStats: () => machine.faultStats() });
+      log(`metrics on ${m.url}`);
+    }
     return -1; // keep running
   } catch (e) {
     const msg = e instanceof QmpError ? e.desc : e instanceof Error ? e.message : String(e);

@@ -3,8 +3,9 @@
  * connection that issued the command.
  */
 import type { Machine } from '../machine/machine.js';
-import type { MigrationDestination, MigrationOptions, MigrationSource } from '../migration/index.js';
+import type { ColoService, MigrationDestination, MigrationObserver, MigrationOptions, MigrationSource } from '../migration/index.js';
 import type { QmpClientConn } from '../qmp/index.js';
+import type { NbdService } from './nbd.js';
 
 export interface UserObject {
   qomType: string;
@@ -18,10 +19,18 @@ export interface VmServices {
   readonly options: MigrationOptions;
   readonly source: MigrationSource;
   readonly destination: MigrationDestination;
+  /** Dirty rate, forecast, decisions and traces of this VM's migrations. */
+  readonly observe: MigrationObserver;
+  /** COLO on this VM (its primary or secondary session, settings, status). */
+  readonly colo: ColoService;
   /** How -incoming was given: not at all, `defer`, or a URI. */
   readonly incomingMode: 'none' | 'defer' | 'uri';
   /** Objects created by -object and object-add, by id. */
   readonly objects: Map<string, UserObject>;
+  /** The NBD server (nbd-server-start ...). */
+  readonly nbd: NbdService;
+  /** Logs a line on stderr ("ferry: ..."). */
+  log(msg: string): void;
   /** Descriptors received with getfd, by name. */
   readonly fds: Map<string, number>;
   /** Names of every command in the schema (query-commands). */

@@ -13,6 +13,8 @@ import type { Ctx } from './context.js';
 import { generic } from './errors.js';
 import { addObject, deleteObject } from './objects.js';
 import { blockDigest, blockInfo, diskWorkloadInfo } from './block.js';
+import { observeHandlers } from './observe.js';
+import { coloHandlers } from './colo.js';
 
 
 function migrationInfo(ctx: Ctx) {
@@ -126,6 +128,20 @@ export const handlers: CommandHandlers<Ctx> = {
     return (await generic(() => ctx.vm.machine.blockInfo())).map(blockInfo);
   },
 
+  // ---- NBD server
+  'nbd-server-start'(args, ctx) {
+    return ctx.vm.nbd.start(ctx.vm, args, ctx.vm.log);
+  },
+  'nbd-server-add'(args, ctx) {
+    ctx.vm.nbd.add(ctx.vm, args);
+  },
+  'nbd-server-remove'(args, ctx) {
+    return ctx.vm.nbd.remove(args.name, args.mode);
+  },
+  'nbd-server-stop'(_args, ctx) {
+    return ctx.vm.nbd.stop();
+  },
+
   'x-query-page-faults'(_args, ctx) {
     const { faults, latenciesUs } = ctx.vm.machine.faultStats();
     const s = Float64Array.from(latenciesUs).sort();
@@ -139,7 +155,8 @@ export const handlers: CommandHandlers<Ctx> = {
   },
   'migrate-set-capabilities'(args, ctx) {
     const { source, options } = ctx.vm;
-    if (source.isActive() || source.status === 'cancelling') {
+    // in colo too, as later QEMU does (7.2 let x-colo go off under a running COLO)
+    if (source.isActive() || source.status === 'cancelling' || source.status === 'colo') {
       throw new QmpError('GenericError', "There's a migration process in progress");
     }
     return generic(() => options.setCapabilities(args.capabilities));
@@ -150,6 +167,7 @@ export const handlers: CommandHandlers<Ctx> = {
   async 'migrate-set-parameters'(args, ctx) {
     await generic(() => ctx.vm.options.setParameters(args));
     ctx.vm.source.applyMaxBandwidth();
+    if (args['x-checkpoint-delay'] !== undefined) ctx.vm.colo.checkpointDelayChanged();
   },
   'query-migrate-parameters'(_args, ctx) {
     return ctx.vm.options.parameters();
@@ -172,9 +190,6 @@ export const handlers: CommandHandlers<Ctx> = {
     }
     // also after the migration ended or when already requested: {} (docs/spec/qmp.md B.9)
     ctx.vm.source.requestPostcopy();
-  },
-  'x-colo-lost-heartbeat'() {
-    throw new QmpError('GenericError', "The feature 'colo' is not enabled");
   },
   migrate_cancel(_args, ctx) {
     ctx.vm.source.cancel();
@@ -202,6 +217,8 @@ export const handlers: CommandHandlers<Ctx> = {
     return ctx.vm.options.xbzrleCacheSize();
   },
   migrate(args, ctx) {
+    // a COLO secondary's guest is the primary's copy, not a guest to migrate
+    if (ctx.vm.destination.status === 'colo') throw new QmpError('GenericError', "There's a migration process in progress");
     return generic(() => ctx.vm.source.start(args.uri, { blk: args.blk, inc: args.inc }));
   },
   async 'migrate-incoming'(args, ctx) {
@@ -211,6 +228,8 @@ export const handlers: CommandHandlers<Ctx> = {
     }
     await generic(() => vm.destination.start(args.uri));
   },
+
+  ...observeHandlers,
 
   // ---- Xen and COLO replication
   async 'xen-save-devices-state'(args, ctx) {
@@ -228,16 +247,23 @@ export const handlers: CommandHandlers<Ctx> = {
       }
     });
   },
-  'xen-set-replication'(args) {
+  async 'xen-set-replication'(args, ctx) {
     if (args.enable && args.failover !== undefined) {
       throw new QmpError('GenericError', "Parameter 'failover' is only for stopping replication");
     }
-    throw new QmpError('GenericError', 'Block replication is not supported by this VM (it is not a Xen guest)');
+    const r = ctx.vm.machine.replication;
+    if (args.enable) await generic(() => r.startAll(args.primary ? 'primary' : 'secondary'));
+    // a failover stop reports nothing, as QEMU's (the status query tells)
+    else if (args.failover === true) await r.stopAll(true).catch((e: unknown) => ctx.vm.log(`replication failover: ${(e as Error).message}`));
+    else await generic(() => r.stopAll(false));
   },
-  'query-xen-replication-status'() {
-    return { error: false };
+  'query-xen-replication-status'(_args, ctx) {
+    const desc = ctx.vm.machine.replication.getErrorAll();
+    return desc === null ? { error: false } : { error: true, desc };
   },
-  'xen-colo-do-checkpoint'() {
-    // no replication is running, so there is nothing to checkpoint
+  async 'xen-colo-do-checkpoint'(_args, ctx) {
+    await generic(() => ctx.vm.machine.replication.checkpointAll());
   },
+
+  ...coloHandlers,
 };

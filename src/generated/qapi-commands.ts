@@ -63,11 +63,40 @@ export interface CommandArgs {
   };
   'query-xen-replication-status': Record<string, never>;
   'xen-colo-do-checkpoint': Record<string, never>;
+  'calc-dirty-rate': {
+    'calc-time': number;
+    'calc-time-unit'?: T.TimeUnit;
+    'sample-pages'?: number;
+    mode?: T.DirtyRateMeasureMode;
+  };
+  'query-dirty-rate': {
+    'calc-time-unit'?: T.TimeUnit;
+  };
+  'query-colo-status': Record<string, never>;
+  'x-colo-set-parameters': {
+    compare?: T.ColoCompareMode;
+    'compare-timeout'?: number;
+    'heartbeat-timeout'?: number;
+    witness?: T.StrOrNull;
+  };
+  'x-query-colo-parameters': Record<string, never>;
   'object-add': T.ObjectOptions;
   'object-del': {
     id: string;
   };
   'query-block': Record<string, never>;
+  'nbd-server-start': {
+    addr: T.SocketAddressLegacy;
+    'tls-creds'?: string;
+    'tls-authz'?: string;
+    'max-connections'?: number;
+  };
+  'nbd-server-add': T.NbdServerAddOptions;
+  'nbd-server-remove': {
+    name: string;
+    mode?: T.BlockExportRemoveMode;
+  };
+  'nbd-server-stop': Record<string, never>;
   'getfd': {
     fdname: string;
   };
@@ -84,6 +113,15 @@ export interface CommandArgs {
   'x-query-page-faults': Record<string, never>;
   'x-query-block-digest': Record<string, never>;
   'x-query-disk-workload': Record<string, never>;
+  'x-query-migrate-decisions': Record<string, never>;
+  'x-query-migrate-forecast': {
+    bandwidth?: number;
+  };
+  'x-trace-migration': {
+    enable: boolean;
+    interval?: number;
+  };
+  'x-query-migration-trace': Record<string, never>;
 }
 
 /** Result of each command (`void` is answered as `{}`). */
@@ -115,9 +153,18 @@ export interface CommandReturns {
   'xen-set-replication': void;
   'query-xen-replication-status': T.ReplicationStatus;
   'xen-colo-do-checkpoint': void;
+  'calc-dirty-rate': void;
+  'query-dirty-rate': T.DirtyRateInfo;
+  'query-colo-status': T.COLOStatus;
+  'x-colo-set-parameters': void;
+  'x-query-colo-parameters': T.ColoParameters;
   'object-add': void;
   'object-del': void;
   'query-block': T.BlockInfo[];
+  'nbd-server-start': void;
+  'nbd-server-add': void;
+  'nbd-server-remove': void;
+  'nbd-server-stop': void;
   'getfd': void;
   'closefd': void;
   'pmemsave': void;
@@ -126,6 +173,10 @@ export interface CommandReturns {
   'x-query-page-faults': T.PageFaultInfo;
   'x-query-block-digest': T.BlockDigest;
   'x-query-disk-workload': T.DiskWorkloadInfo[];
+  'x-query-migrate-decisions': T.SwitchoverDecision[];
+  'x-query-migrate-forecast': T.MigrationForecast;
+  'x-trace-migration': void;
+  'x-query-migration-trace': T.MigrationTrace;
 }
 
 /** Names of all commands. */
@@ -380,6 +431,51 @@ export interface CommandHandlers<Ctx> {
    */
   'xen-colo-do-checkpoint'(args: CommandArgs['xen-colo-do-checkpoint'], ctx: Ctx): void | Promise<void>;
   /**
+   * Start measuring the guest's dirty page rate; `query-dirty-rate`
+   * reports the result once the period is over.  Ferry also keeps the
+   * growth of the dirty set over the period, which
+   * `x-query-migrate-forecast` uses.
+   *
+   * @returns nothing
+   *
+   * @since 5.2
+   */
+  'calc-dirty-rate'(args: CommandArgs['calc-dirty-rate'], ctx: Ctx): void | Promise<void>;
+  /**
+   * Report the last dirty page rate measurement.
+   *
+   * @returns `DirtyRateInfo`
+   *
+   * @since 5.2
+   */
+  'query-dirty-rate'(args: CommandArgs['query-dirty-rate'], ctx: Ctx): T.DirtyRateInfo | Promise<T.DirtyRateInfo>;
+  /**
+   * Report the COLO state of this machine.  Never fails.
+   *
+   * @returns `COLOStatus`
+   *
+   * @since 3.1
+   */
+  'query-colo-status'(args: CommandArgs['query-colo-status'], ctx: Ctx): T.COLOStatus | Promise<T.COLOStatus>;
+  /**
+   * Change Ferry's COLO settings.  Every value is checked first; when one
+   * is refused nothing changes.  They apply at once, also to a COLO session
+   * that runs.
+   *
+   * @returns nothing
+   *
+   * @since Ferry 0.1
+   */
+  'x-colo-set-parameters'(args: CommandArgs['x-colo-set-parameters'], ctx: Ctx): void | Promise<void>;
+  /**
+   * Report Ferry's COLO settings.
+   *
+   * @returns `ColoParameters`
+   *
+   * @since Ferry 0.1
+   */
+  'x-query-colo-parameters'(args: CommandArgs['x-query-colo-parameters'], ctx: Ctx): T.ColoParameters | Promise<T.ColoParameters>;
+  /**
    * Create a user-creatable object, for example the TLS credentials that
    * the tls-creds migration parameter names.
    *
@@ -405,6 +501,44 @@ export interface CommandHandlers<Ctx> {
    * @since 0.14
    */
   'query-block'(args: CommandArgs['query-block'], ctx: Ctx): T.BlockInfo[] | Promise<T.BlockInfo[]>;
+  /**
+   * Start an NBD server listening on the given host and port.  Block
+   * devices can then be exported using `nbd-server-add`.  The NBD server
+   * will present them as named exports; for example, another Ferry or
+   * QEMU instance could refer to them as "nbd:HOST:PORT:exportname=NAME",
+   * qemu-img and qemu-io as "nbd://HOST:PORT/NAME" or
+   * "nbd+unix:///NAME?socket=PATH".
+   *
+   * @returns error if the server is already running.
+   *
+   * @since 1.3
+   */
+  'nbd-server-start'(args: CommandArgs['nbd-server-start'], ctx: Ctx): void | Promise<void>;
+  /**
+   * Export a drive to QEMU's embedded NBD server.
+   *
+   * @returns error if the server is not running, or the export name is
+   * in use.
+   *
+   * @since 1.3
+   */
+  'nbd-server-add'(args: CommandArgs['nbd-server-add'], ctx: Ctx): void | Promise<void>;
+  /**
+   * Remove an NBD export.
+   *
+   * @returns error if the server is not running, the export is not
+   * found, or it is in use in 'safe' mode.
+   *
+   * @since 2.12
+   */
+  'nbd-server-remove'(args: CommandArgs['nbd-server-remove'], ctx: Ctx): void | Promise<void>;
+  /**
+   * Stop QEMU's embedded NBD server, and unregister all devices
+   * previously added via `nbd-server-add`.
+   *
+   * @since 1.3
+   */
+  'nbd-server-stop'(args: CommandArgs['nbd-server-stop'], ctx: Ctx): void | Promise<void>;
   /**
    * Take the file descriptor that arrived with this request (as ancillary
    * data on a unix socket) and keep it under a name, for later use by
@@ -477,6 +611,49 @@ export interface CommandHandlers<Ctx> {
    * @since Ferry 0.1
    */
   'x-query-disk-workload'(args: CommandArgs['x-query-disk-workload'], ctx: Ctx): T.DiskWorkloadInfo[] | Promise<T.DiskWorkloadInfo[]>;
+  /**
+   * Report the switchover decisions of the current or last outgoing
+   * migration, oldest first (at most the last 1000).
+   *
+   * @returns a list of `SwitchoverDecision` (empty before any migration)
+   *
+   * @since Ferry 0.1
+   */
+  'x-query-migrate-decisions'(args: CommandArgs['x-query-migrate-decisions'], ctx: Ctx): T.SwitchoverDecision[] | Promise<T.SwitchoverDecision[]>;
+  /**
+   * Predict an outgoing migration: before it starts, from the last
+   * `calc-dirty-rate` measurement, and while it runs, from what it has
+   * measured so far.
+   *
+   * @returns `MigrationForecast`
+   *
+   * Errors: GenericError when no dirty rate was measured yet, or the
+   * bandwidth is unknown
+   *
+   * @since Ferry 0.1
+   */
+  'x-query-migrate-forecast'(args: CommandArgs['x-query-migrate-forecast'], ctx: Ctx): T.MigrationForecast | Promise<T.MigrationForecast>;
+  /**
+   * Record a trace of the next migrations on this VM (either side), or
+   * stop recording.  A migration that runs when tracing is enabled is
+   * traced from then on.  `x-query-migration-trace` returns the trace;
+   * `ferry report` draws it.
+   *
+   * @returns nothing
+   *
+   * @since Ferry 0.1
+   */
+  'x-trace-migration'(args: CommandArgs['x-trace-migration'], ctx: Ctx): void | Promise<void>;
+  /**
+   * Return the trace of the current or last traced migration.
+   *
+   * @returns `MigrationTrace`
+   *
+   * Errors: GenericError when no migration was traced
+   *
+   * @since Ferry 0.1
+   */
+  'x-query-migration-trace'(args: CommandArgs['x-query-migration-trace'], ctx: Ctx): T.MigrationTrace | Promise<T.MigrationTrace>;
 }
 
 /** How the dispatcher treats one command. */
@@ -521,9 +698,18 @@ export const COMMANDS: ReadonlyMap<string, CommandDef> = new Map<string, Command
   ['xen-set-replication', { name: 'xen-set-replication', boxed: false, validate: (a) => V.v_q_obj_xen_set_replication_arg(a, R.ROOT) }],
   ['query-xen-replication-status', { name: 'query-xen-replication-status', boxed: false, validate: (a) => R.struct(a, R.ROOT, NO_ARGS) }],
   ['xen-colo-do-checkpoint', { name: 'xen-colo-do-checkpoint', boxed: false, validate: (a) => R.struct(a, R.ROOT, NO_ARGS) }],
+  ['calc-dirty-rate', { name: 'calc-dirty-rate', boxed: false, validate: (a) => V.v_q_obj_calc_dirty_rate_arg(a, R.ROOT) }],
+  ['query-dirty-rate', { name: 'query-dirty-rate', boxed: false, validate: (a) => V.v_q_obj_query_dirty_rate_arg(a, R.ROOT) }],
+  ['query-colo-status', { name: 'query-colo-status', boxed: false, validate: (a) => R.struct(a, R.ROOT, NO_ARGS) }],
+  ['x-colo-set-parameters', { name: 'x-colo-set-parameters', boxed: false, validate: (a) => V.v_q_obj_x_colo_set_parameters_arg(a, R.ROOT) }],
+  ['x-query-colo-parameters', { name: 'x-query-colo-parameters', boxed: false, validate: (a) => R.struct(a, R.ROOT, NO_ARGS) }],
   ['object-add', { name: 'object-add', boxed: true, validate: (a) => V.v_ObjectOptions(a, R.ROOT) }],
   ['object-del', { name: 'object-del', boxed: false, validate: (a) => V.v_q_obj_object_del_arg(a, R.ROOT) }],
   ['query-block', { name: 'query-block', boxed: false, validate: (a) => R.struct(a, R.ROOT, NO_ARGS) }],
+  ['nbd-server-start', { name: 'nbd-server-start', boxed: false, validate: (a) => V.v_q_obj_nbd_server_start_arg(a, R.ROOT) }],
+  ['nbd-server-add', { name: 'nbd-server-add', boxed: true, validate: (a) => V.v_NbdServerAddOptions(a, R.ROOT) }],
+  ['nbd-server-remove', { name: 'nbd-server-remove', boxed: false, validate: (a) => V.v_q_obj_nbd_server_remove_arg(a, R.ROOT) }],
+  ['nbd-server-stop', { name: 'nbd-server-stop', boxed: false, validate: (a) => R.struct(a, R.ROOT, NO_ARGS) }],
   ['getfd', { name: 'getfd', boxed: false, validate: (a) => V.v_q_obj_getfd_arg(a, R.ROOT) }],
   ['closefd', { name: 'closefd', boxed: false, validate: (a) => V.v_q_obj_closefd_arg(a, R.ROOT) }],
   ['pmemsave', { name: 'pmemsave', boxed: false, validate: (a) => V.v_q_obj_pmemsave_arg(a, R.ROOT) }],
@@ -532,4 +718,8 @@ export const COMMANDS: ReadonlyMap<string, CommandDef> = new Map<string, Command
   ['x-query-page-faults', { name: 'x-query-page-faults', boxed: false, validate: (a) => R.struct(a, R.ROOT, NO_ARGS) }],
   ['x-query-block-digest', { name: 'x-query-block-digest', boxed: false, validate: (a) => R.struct(a, R.ROOT, NO_ARGS) }],
   ['x-query-disk-workload', { name: 'x-query-disk-workload', boxed: false, validate: (a) => R.struct(a, R.ROOT, NO_ARGS) }],
+  ['x-query-migrate-decisions', { name: 'x-query-migrate-decisions', boxed: false, validate: (a) => R.struct(a, R.ROOT, NO_ARGS) }],
+  ['x-query-migrate-forecast', { name: 'x-query-migrate-forecast', boxed: false, validate: (a) => V.v_q_obj_x_query_migrate_forecast_arg(a, R.ROOT) }],
+  ['x-trace-migration', { name: 'x-trace-migration', boxed: false, validate: (a) => V.v_q_obj_x_trace_migration_arg(a, R.ROOT) }],
+  ['x-query-migration-trace', { name: 'x-query-migration-trace', boxed: false, validate: (a) => R.struct(a, R.ROOT, NO_ARGS) }],
 ]);

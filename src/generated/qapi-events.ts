@@ -17,13 +17,17 @@ export interface EventData {
   'MIGRATION_PASS': {
     pass: number;
   };
+  'COLO_EXIT': {
+    mode: T.COLOMode;
+    reason: T.COLOExitReason;
+  };
 }
 
 /** Names of all events. */
 export type EventName = keyof EventData;
 
 /** Every event name, in schema order. */
-export const EVENT_NAMES: readonly EventName[] = ['STOP', 'RESUME', 'SHUTDOWN', 'MIGRATION', 'MIGRATION_PASS'];
+export const EVENT_NAMES: readonly EventName[] = ['STOP', 'RESUME', 'SHUTDOWN', 'MIGRATION', 'MIGRATION_PASS', 'COLO_EXIT'];
 
 /**
  * Typed front end of an event sink: each method passes its event name and
@@ -77,5 +81,16 @@ export class QapiEvents {
    */
   MIGRATION_PASS(data: EventData['MIGRATION_PASS']): void {
     this.emit('MIGRATION_PASS', { ...(data as unknown as Record<string, unknown>) });
+  }
+
+  /**
+   * Emitted when the checkpoint loop of a COLO machine ends: the peer or
+   * the link failed (reason "error"), or a failover was asked for while
+   * all was well (reason "request").  Emitted once per COLO session.
+   *
+   * @since 3.1
+   */
+  COLO_EXIT(data: EventData['COLO_EXIT']): void {
+    this.emit('COLO_EXIT', { ...(data as unknown as Record<string, unknown>) });
   }
 }

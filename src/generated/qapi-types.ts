@@ -13,6 +13,28 @@ export type StrOrNull =
   | null;
 
 /**
+ * The class of an error a command answers with ("class" in the error
+ * object).  Almost every error is a GenericError; the others exist for
+ * compatibility with older clients.
+ *
+ * - `GenericError`: this is used for errors that don't require a specific error class.  This should be the default case for most errors
+ * - `CommandNotFound`: the requested command has not been found
+ * - `DeviceNotActive`: a device has failed to be become active
+ * - `DeviceNotFound`: the requested device has not been found
+ * - `KVMMissingCap`: the requested operation can't be fulfilled because a required KVM capability is missing
+ *
+ * @since 1.2
+ */
+export type QapiErrorClass =
+  | 'GenericError'
+  | 'CommandNotFound'
+  | 'DeviceNotActive'
+  | 'DeviceNotFound'
+  | 'KVMMissingCap';
+/** Every value of {@link QapiErrorClass}, in schema order. */
+export const QapiErrorClass_VALUES = ['GenericError', 'CommandNotFound', 'DeviceNotActive', 'DeviceNotFound', 'KVMMissingCap'] as const;
+
+/**
  * What kind of entity a `SchemaInfo` describes.
  *
  * - `builtin`: a predefined type such as str or int
@@ -772,6 +794,248 @@ export interface ReplicationStatus {
 }
 
 /**
+ * The dirty page rate of one vCPU.
+ *
+ * @since 6.2
+ */
+export interface DirtyRateVcpu {
+  /** the vCPU's index */
+  id: number;
+  /** its dirty page rate in MiB/s */
+  'dirty-rate': number;
+}
+
+/**
+ * Where a dirty page rate measurement stands.
+ *
+ * - `unstarted`: no measurement was started yet
+ * - `measuring`: a measurement runs
+ * - `measured`: the last measurement finished; its result is available
+ *
+ * @since 5.2
+ */
+export type DirtyRateStatus =
+  | 'unstarted'
+  | 'measuring'
+  | 'measured';
+/** Every value of {@link DirtyRateStatus}, in schema order. */
+export const DirtyRateStatus_VALUES = ['unstarted', 'measuring', 'measured'] as const;
+
+/**
+ * How the dirty page rate is measured.
+ *
+ * - `page-sampling`: hash a random sample of pages at the start and at the end of the period and count the ones that changed (an estimate)
+ * - `dirty-ring`: per-vCPU dirty rings (not available in Ferry)
+ * - `dirty-bitmap`: count the pages the guest's dirty log marked during the period (exact)
+ *
+ * @since 6.2
+ */
+export type DirtyRateMeasureMode =
+  | 'page-sampling'
+  | 'dirty-ring'
+  | 'dirty-bitmap';
+/** Every value of {@link DirtyRateMeasureMode}, in schema order. */
+export const DirtyRateMeasureMode_VALUES = ['page-sampling', 'dirty-ring', 'dirty-bitmap'] as const;
+
+/**
+ * The unit of a time value.
+ *
+ * - `second`: seconds
+ * - `millisecond`: milliseconds
+ *
+ * @since 8.2
+ */
+export type TimeUnit =
+  | 'second'
+  | 'millisecond';
+/** Every value of {@link TimeUnit}, in schema order. */
+export const TimeUnit_VALUES = ['second', 'millisecond'] as const;
+
+/**
+ * The result of the last dirty page rate measurement.
+ *
+ * @since 5.2
+ */
+export interface DirtyRateInfo {
+  /**
+   * the guest's dirty page rate in MiB/s; present only when
+   * `status` is 'measured'
+   */
+  'dirty-rate'?: number;
+  /** where the measurement stands */
+  status: DirtyRateStatus;
+  /**
+   * when the measurement began, in seconds of the host's
+   * monotonic clock
+   */
+  'start-time': number;
+  /** the period measured, rounded down to `calc-time-unit` */
+  'calc-time': number;
+  /** the unit of `calc-time` */
+  'calc-time-unit': TimeUnit;
+  /**
+   * pages sampled per GiB of guest RAM (page-sampling
+   * mode)
+   */
+  'sample-pages': number;
+  /** how the rate was measured */
+  mode: DirtyRateMeasureMode;
+  /**
+   * the rate of each vCPU (dirty-ring mode only, so
+   * never present in Ferry)
+   */
+  'vcpu-dirty-rate'?: DirtyRateVcpu[];
+}
+
+/**
+ * Why COLO ended, or is ending.
+ *
+ * - `none`: COLO has not ended (or never ran)
+ * - `request`: a failover was asked for (`x-colo-lost-heartbeat`)
+ * - `error`: the peer or the link failed (COLO_EXIT); in `query-colo-status`, a failover that is not done while this machine is no longer in COLO; in Ferry also a failover started by the heartbeat timeout
+ * - `processing`: a failover is being carried out
+ *
+ * @since 3.1 (processing: 4.0)
+ */
+export type COLOExitReason =
+  | 'none'
+  | 'request'
+  | 'error'
+  | 'processing';
+/** Every value of {@link COLOExitReason}, in schema order. */
+export const COLOExitReason_VALUES = ['none', 'request', 'error', 'processing'] as const;
+
+/**
+ * What one COLO checkpoint cost (Ferry).
+ *
+ * @since Ferry 0.1
+ */
+export interface ColoCheckpointInfo {
+  /**
+   * milliseconds the primary's guest was stopped for it (from the
+   * request to stop the vCPUs until they ran again); on a secondary,
+   * milliseconds its guest was stopped (from the primary's request to
+   * the checkpoint being applied)
+   */
+  pause: number;
+  /** bytes of the checkpoint stream (the vmstate-size value) */
+  size: number;
+  /**
+   * RAM pages it carried; on a secondary, also counted: the
+   * pages its own guest had written since the checkpoint before, put
+   * back (`reset-pages`)
+   */
+  'dirty-pages': number;
+  /**
+   * on a secondary, pages its own guest had written that were
+   * put back to the primary's contents; 0 on a primary
+   */
+  'reset-pages': number;
+  /**
+   * milliseconds from the checkpoint request to the secondary's
+   * vmstate-loaded
+   */
+  duration: number;
+  /**
+   * what started it: "delay" (x-checkpoint-delay ran out),
+   * "parameter" (x-checkpoint-delay was changed), "compare" (the
+   * consoles differed, or a line waited too long for its twin); empty
+   * on a secondary
+   */
+  trigger: string;
+}
+
+/**
+ * The COLO state of this machine.
+ *
+ * @since 3.1 (last-mode: 4.0; the x- members: Ferry 0.1)
+ */
+export interface COLOStatus {
+  /**
+   * the role this machine plays in COLO now ("unknown" when it is
+   * in none: the 2.10 `COLOMode` has no "none", which QEMU 3.1 and later
+   * report instead)
+   */
+  mode: COLOMode;
+  /**
+   * the role it had in its last COLO session ("unknown" when it
+   * never had one)
+   */
+  'last-mode': COLOMode;
+  /**
+   * why COLO ended (derived from the failover status, as QEMU
+   * does: "none" while no failover was asked for, "request" once one is
+   * done, "processing" while one runs)
+   */
+  reason: COLOExitReason;
+  /** the failover state of the current or last session */
+  'x-failover-status': FailoverStatus;
+  /**
+   * checkpoints completed in the current or last session
+   * (the initial migration is not counted)
+   */
+  'x-checkpoints': number;
+  /** what the last completed checkpoint cost */
+  'x-last-checkpoint'?: ColoCheckpointInfo;
+  /** checkpoints the console comparison asked for */
+  'x-compare-checkpoints': number;
+  /**
+   * primary console lines held back now, waiting for the
+   * secondary's twin or for a checkpoint (compare "full")
+   */
+  'x-console-held': number;
+  /** what broke the session, when something did */
+  'x-error'?: string;
+}
+
+/**
+ * What the primary does with the two guests' serial consoles (Ferry's
+ * counterpart of QEMU's colo-compare, which compares network packets).
+ *
+ * - `off`: nothing: checkpoints come every `x-checkpoint-delay` only (2.10's periodic mode)
+ * - `trigger`: compare the lines the two guests print since the last checkpoint, in order, and take a checkpoint at once when they differ or when a line waits longer than `compare-timeout` for its twin; the primary's lines are printed as they come
+ * - `full`: as trigger, and the primary's lines are held back until the secondary printed the same line or a checkpoint that covers them is loaded on the secondary (colo-compare's release rule)
+ *
+ * @since Ferry 0.1
+ */
+export type ColoCompareMode =
+  | 'off'
+  | 'trigger'
+  | 'full';
+/** Every value of {@link ColoCompareMode}, in schema order. */
+export const ColoCompareMode_VALUES = ['off', 'trigger', 'full'] as const;
+
+/**
+ * Ferry's COLO settings of this machine.
+ *
+ * @since Ferry 0.1
+ */
+export interface ColoParameters {
+  /** console comparison, on the primary (default off) */
+  compare: ColoCompareMode;
+  /**
+   * milliseconds a console line may wait for its twin
+   * before a checkpoint is taken (default 3000, QEMU's colo-compare
+   * compare_timeout)
+   */
+  'compare-timeout': number;
+  /**
+   * milliseconds without a sign of life from the peer
+   * after which this machine fails over by itself; 0 (the default)
+   * never, as in 2.10 (wait for `x-colo-lost-heartbeat`).  A secondary
+   * fails over by itself only when both machines have a `witness`
+   */
+  'heartbeat-timeout': number;
+  /**
+   * a directory both machines reach (shared storage): before
+   * either fails over, it claims the pair there with an exclusive
+   * create, and the one that does not get the claim does not run the
+   * guest.  Empty: none
+   */
+  witness: string;
+}
+
+/**
  * The kinds of object `object-add` can create in Ferry.
  *
  * - `memory-backend-ram`: anonymous RAM usable as guest memory
@@ -1157,6 +1421,140 @@ export interface BlockInfo {
 }
 
 /**
+ * A host and a port to listen on.
+ *
+ * @since 1.3
+ */
+export interface InetSocketAddress {
+  /** host part of the address (a name or an IP address) */
+  host: string;
+  /** port part of the address (a number; 0 picks a free port) */
+  port: string;
+}
+
+/**
+ * A unix socket path.
+ *
+ * @since 1.3
+ */
+export interface UnixSocketAddress {
+  /** filesystem path to use */
+  path: string;
+}
+
+/**
+ * A fat type wrapping 'str', to be embedded in lists.
+ *
+ * @since 1.2
+ */
+export interface String {
+  /** the string */
+  str: string;
+}
+
+/**
+ * Available SocketAddress types (QEMU also has vsock, which Ferry does
+ * not).
+ *
+ * - `inet`: Internet address
+ * - `unix`: Unix domain socket
+ * - `fd`: a listening socket passed with getfd, by name
+ *
+ * @since 2.9
+ */
+export type SocketAddressType =
+  | 'inet'
+  | 'unix'
+  | 'fd';
+/** Every value of {@link SocketAddressType}, in schema order. */
+export const SocketAddressType_VALUES = ['inet', 'unix', 'fd'] as const;
+
+/** @since 1.3 */
+export interface InetSocketAddressWrapper {
+  /** the address */
+  data: InetSocketAddress;
+}
+
+/** @since 1.3 */
+export interface UnixSocketAddressWrapper {
+  /** the address */
+  data: UnixSocketAddress;
+}
+
+/** @since 1.3 */
+export interface StringWrapper {
+  /** the descriptor's name */
+  data: String;
+}
+
+/**
+ * Captures the address of a socket, which could also be a named file
+ * descriptor.
+ *
+ * @since 1.3
+ */
+export type SocketAddressLegacy =
+  | ({
+      /** the transport */
+      type: 'inet';
+    } & InetSocketAddressWrapper)
+  | ({
+      /** the transport */
+      type: 'unix';
+    } & UnixSocketAddressWrapper)
+  | ({
+      /** the transport */
+      type: 'fd';
+    } & StringWrapper);
+
+/**
+ * An NBD block export, named after a drive.
+ *
+ * @since 5.0
+ */
+export interface NbdServerAddOptions {
+  /**
+   * The block backend name of the drive to export (its id, or
+   * ide0-hd0, virtio0, none0 ...).
+   */
+  device: string;
+  /**
+   * Export name.  If unspecified, the `device` parameter is used
+   * as the export name.  (Since 2.12)
+   */
+  name?: string;
+  /**
+   * Free-form description of the export, up to 4096 bytes.
+   * (Since 5.0)
+   */
+  description?: string;
+  /**
+   * Whether clients may write to the export (default false;
+   * a read-only drive is exported read-only whatever this says).
+   */
+  writable?: boolean;
+  /**
+   * Also export a single dirty bitmap reachable from `device`.
+   * Ferry keeps no dirty bitmaps: refused.  (Since 4.0)
+   */
+  bitmap?: string;
+}
+
+/**
+ * Mode for removing a block export.
+ *
+ * - `safe`: Remove export if there are no existing connections, fail otherwise.
+ * - `hard`: Drop all connections immediately and remove export.
+ *
+ * @since 2.12
+ */
+export type BlockExportRemoveMode =
+  | 'safe'
+  | 'hard';
+/** Every value of {@link BlockExportRemoveMode}, in schema order. */
+export const BlockExportRemoveMode_VALUES = ['safe', 'hard'] as const;
+
+/**
  * The digest of one RAM block.
  *
  * @since Ferry 0.1
@@ -1296,4 +1694,336 @@ export interface DiskWorkloadInfo {
   done: boolean;
   /** why it stopped early (an I/O error), if it did */
   error?: string;
+}
+
+/**
+ * What the outgoing migration decided at a decision point.
+ *
+ * - `iterate`: go on copying while the guest runs
+ * - `switchover`: stop the guest and send the rest (stop-and-copy)
+ * - `postcopy`: switch to postcopy (migrate-start-postcopy was issued and what must go before the switch fits the budget)
+ *
+ * @since Ferry 0.1
+ */
+export type SwitchoverDecisionKind =
+  | 'iterate'
+  | 'switchover'
+  | 'postcopy';
+/** Every value of {@link SwitchoverDecisionKind}, in schema order. */
+export const SwitchoverDecisionKind_VALUES = ['iterate', 'switchover', 'postcopy'] as const;
+
+/**
+ * One decision of the outgoing migration, taken when it knew the whole
+ * dirty set (after a dirty-log sync, or when nothing was left).
+ *
+ * @since Ferry 0.1
+ */
+export interface SwitchoverDecision {
+  /** milliseconds since `migrate` was issued */
+  time: number;
+  /** the dirty-sync count (MIGRATION_PASS) at the decision */
+  pass: number;
+  /** bytes every live section still had to send */
+  'dirty-bytes': number;
+  /**
+   * the part of `dirty-bytes` that must go before the
+   * destination may run
+   */
+  'precopy-bytes': number;
+  /**
+   * bytes already written but not yet handed to the
+   * channel (they go after a stop too)
+   */
+  'queued-bytes': number;
+  /**
+   * the bandwidth the switchover plans with, in bytes per
+   * second (the lowest of the last two 100 ms windows; 0 before the
+   * first window)
+   */
+  bandwidth: number;
+  /**
+   * the downtime in milliseconds that stopping now
+   * would cost: the bytes at the planned share of `bandwidth`, plus
+   * `reserve`
+   */
+  'expected-downtime': number;
+  /** the downtime-limit parameter in milliseconds */
+  'downtime-limit': number;
+  /**
+   * milliseconds of the limit kept for the cost of the stop
+   * itself (measured on this VM)
+   */
+  reserve: number;
+  /** bytes that may be left when the guest stops */
+  threshold: number;
+  /** what was decided */
+  decision: SwitchoverDecisionKind;
+  /** why, in words */
+  reason: string;
+}
+
+/**
+ * A predicted quantity with its confidence band.
+ *
+ * @since Ferry 0.1
+ */
+export interface ForecastBand {
+  /** the low end of the band */
+  low: number;
+  /** the most likely value */
+  expected: number;
+  /**
+   * the high end of the band; absent when the migration might not
+   * converge at all within the band's assumptions
+   */
+  high?: number;
+}
+
+/**
+ * A way to run the migration that the forecast weighs.
+ *
+ * - `as-set-up`: the capabilities and parameters set now
+ * - `wider-link`: more bandwidth (see `MigrationForecastOption`.bandwidth)
+ * - `auto-converge`: the auto-converge capability (vCPU throttling)
+ * - `xbzrle`: the xbzrle capability (deltas of pages sent again)
+ * - `postcopy`: postcopy-ram, switching after the first pass
+ *
+ * @since Ferry 0.1
+ */
+export type MigrationForecastMethod =
+  | 'as-set-up'
+  | 'wider-link'
+  | 'auto-converge'
+  | 'xbzrle'
+  | 'postcopy';
+/** Every value of {@link MigrationForecastMethod}, in schema order. */
+export const MigrationForecastMethod_VALUES = ['as-set-up', 'wider-link', 'auto-converge', 'xbzrle', 'postcopy'] as const;
+
+/**
+ * What the migration would do one way.
+ *
+ * @since Ferry 0.1
+ */
+export interface MigrationForecastOption {
+  /** the way */
+  method: MigrationForecastMethod;
+  /** whether it completes within the downtime limit */
+  converges: boolean;
+  /** predicted total time in milliseconds, when it converges */
+  'total-time'?: ForecastBand;
+  /** predicted downtime in milliseconds, when it converges */
+  downtime?: ForecastBand;
+  /**
+   * the bandwidth in bytes per second this option assumes
+   * (for `wider-link`: the least that converges)
+   */
+  bandwidth?: number;
+  /** auto-converge: the vCPU throttle it ends at */
+  'throttle-percentage'?: number;
+  /**
+   * xbzrle: the cache size in bytes it assumes (the
+   * xbzrle-cache-size parameter, or what the working set needs)
+   */
+  'cache-size'?: number;
+  /**
+   * xbzrle: encoded bytes per page sent again, as a share
+   * of a page (measured on the sampled pages)
+   */
+  'xbzrle-ratio'?: number;
+  /**
+   * postcopy: milliseconds the guest runs on the
+   * destination while pages still arrive
+   */
+  'postcopy-time'?: number;
+  /** what it costs, in words */
+  cost: string;
+}
+
+/**
+ * The convergence forecast of an outgoing migration.
+ *
+ * @since Ferry 0.1
+ */
+export interface MigrationForecast {
+  /** the migration's status now ('none' before one started) */
+  status: MigrationStatus;
+  /**
+   * the rate in bytes per second at which the guest dirties
+   * pages not yet dirty, over short periods
+   */
+  'dirty-rate': number;
+  /**
+   * the bytes the guest keeps dirtying (the dirty set's
+   * limit over long periods), when the measurement showed one
+   */
+  'working-set'?: number;
+  /**
+   * the share of guest RAM that is zero pages (sent as
+   * small records)
+   */
+  'zero-share': number;
+  /**
+   * where `dirty-rate` comes from: 'calc-dirty-rate'
+   * (the last measurement), 'migration' (the running migration's
+   * dirty-log syncs) or 'both'
+   */
+  'dirty-rate-source': string;
+  /** the bandwidth in bytes per second the forecast assumes */
+  bandwidth: number;
+  /**
+   * where `bandwidth` comes from: 'argument',
+   * 'max-bandwidth', 'measured' (the running migration) or
+   * 'last-migration'
+   */
+  'bandwidth-source': string;
+  /** guest RAM in bytes */
+  'ram-size': number;
+  /** the downtime-limit parameter in milliseconds */
+  'downtime-limit': number;
+  /** whether the migration converges as set up */
+  converges: boolean;
+  /**
+   * predicted total time (as query-migrate's total-time) in
+   * milliseconds, as set up
+   */
+  'total-time'?: ForecastBand;
+  /** predicted downtime in milliseconds, as set up */
+  downtime?: ForecastBand;
+  /** milliseconds since `migrate`, during a migration */
+  elapsed?: number;
+  /**
+   * milliseconds until the migration completes, during a
+   * migration, with its band
+   */
+  eta?: ForecastBand;
+  /** every way weighed, as set up first */
+  options: MigrationForecastOption[];
+  /** the verdict in words */
+  summary: string;
+}
+
+/**
+ * Which end of a migration a trace was recorded on.
+ *
+ * - `source`: the outgoing side
+ * - `destination`: the incoming side
+ *
+ * @since Ferry 0.1
+ */
+export type MigrationTraceSide =
+  | 'source'
+  | 'destination';
+/** Every value of {@link MigrationTraceSide}, in schema order. */
+export const MigrationTraceSide_VALUES = ['source', 'destination'] as const;
+
+/**
+ * The statistics at one instant.
+ *
+ * @since Ferry 0.1
+ */
+export interface MigrationTraceSample {
+  /** milliseconds since the trace began */
+  time: number;
+  /** what query-migrate answered then */
+  info: MigrationInfo;
+  /**
+   * the forecast's expected milliseconds until completion then
+   * (source, while active)
+   */
+  eta?: number;
+}
+
+/**
+ * Something that happened during a traced migration.
+ *
+ * - `status`: the status changed (`MigrationTraceEvent`.status)
+ * - `pass`: a dirty-log sync began a new pass (`MigrationTraceEvent`.pass)
+ * - `throttle`: auto-converge changed the vCPU throttle (`MigrationTraceEvent`.throttle)
+ * - `stop`: the guest stopped (the switchover began)
+ * - `resume`: the guest runs on this side
+ *
+ * @since Ferry 0.1
+ */
+export type MigrationTraceEventKind =
+  | 'status'
+  | 'pass'
+  | 'throttle'
+  | 'stop'
+  | 'resume';
+/** Every value of {@link MigrationTraceEventKind}, in schema order. */
+export const MigrationTraceEventKind_VALUES = ['status', 'pass', 'throttle', 'stop', 'resume'] as const;
+
+/**
+ * One event of a traced migration.
+ *
+ * @since Ferry 0.1
+ */
+export interface MigrationTraceEvent {
+  /** milliseconds since the trace began */
+  time: number;
+  /** what happened */
+  kind: MigrationTraceEventKind;
+  /** the new status (status events) */
+  status?: MigrationStatus;
+  /** the new dirty-sync count (pass events) */
+  pass?: number;
+  /** the new throttle in percent (throttle events) */
+  throttle?: number;
+}
+
+/**
+ * The demand-paging faults resolved in one sampling interval of a
+ * traced postcopy migration (destination).
+ *
+ * @since Ferry 0.1
+ */
+export interface PageFaultWindow {
+  /** milliseconds since the trace began (the interval's end) */
+  time: number;
+  /** faults resolved in the interval */
+  faults: number;
+  /** their median latency in microseconds */
+  'p50-us': number;
+  /** their 99th percentile latency */
+  'p99-us': number;
+  /** their longest latency */
+  'max-us': number;
+}
+
+/**
+ * Everything recorded about one migration on one side.
+ *
+ * @since Ferry 0.1
+ */
+export interface MigrationTrace {
+  /** the side it was recorded on */
+  side: MigrationTraceSide;
+  /** when it began, in milliseconds since the Unix epoch */
+  start: number;
+  /**
+   * milliseconds between samples (grows when a long trace is
+   * thinned out)
+   */
+  interval: number;
+  /** guest RAM in bytes */
+  'ram-size': number;
+  /** the migration capabilities that were set */
+  capabilities: MigrationCapabilityStatus[];
+  /** the migration parameters that were set */
+  parameters: MigrationParameters;
+  /** query-migrate over time */
+  samples: MigrationTraceSample[];
+  /** status changes, passes, throttle steps, stop and resume */
+  events: MigrationTraceEvent[];
+  /** the switchover decisions (source) */
+  decisions: SwitchoverDecision[];
+  /** postcopy fault latency over time (destination) */
+  faults: PageFaultWindow[];
+  /**
+   * the forecast at the start (source, when a dirty rate was
+   * measured before)
+   */
+  forecast?: MigrationForecast;
+  /** false while the migration still runs */
+  complete: boolean;
 }

@@ -4,6 +4,7 @@
 import * as R from '../qapi/runtime.js';
 import type * as T from './qapi-types.js';
 import {
+  QapiErrorClass_VALUES,
   SchemaMetaType_VALUES,
   JSONType_VALUES,
   QMPCapability_VALUES,
@@ -15,12 +16,23 @@ import {
   COLOMessage_VALUES,
   COLOMode_VALUES,
   FailoverStatus_VALUES,
+  DirtyRateStatus_VALUES,
+  DirtyRateMeasureMode_VALUES,
+  TimeUnit_VALUES,
+  COLOExitReason_VALUES,
+  ColoCompareMode_VALUES,
   ObjectType_VALUES,
   QCryptoTLSCredsEndpoint_VALUES,
   BlockDeviceIoStatus_VALUES,
   BlockdevDetectZeroesOptions_VALUES,
   Qcow2CompressionType_VALUES,
   ImageInfoSpecificKind_VALUES,
+  SocketAddressType_VALUES,
+  BlockExportRemoveMode_VALUES,
+  SwitchoverDecisionKind_VALUES,
+  MigrationForecastMethod_VALUES,
+  MigrationTraceSide_VALUES,
+  MigrationTraceEventKind_VALUES,
 } from './qapi-types.js';
 
 const F_SchemaInfoBuiltin: readonly R.Field[] = [
@@ -151,6 +163,45 @@ const F_ReplicationStatus: readonly R.Field[] = [
   ['error', false, R.bool],
   ['desc', true, R.str],
 ];
+const F_DirtyRateVcpu: readonly R.Field[] = [
+  ['id', false, R.int],
+  ['dirty-rate', false, R.int64],
+];
+const F_DirtyRateInfo: readonly R.Field[] = [
+  ['dirty-rate', true, R.int64],
+  ['status', false, v_DirtyRateStatus],
+  ['start-time', false, R.int64],
+  ['calc-time', false, R.int64],
+  ['calc-time-unit', false, v_TimeUnit],
+  ['sample-pages', false, R.uint64],
+  ['mode', false, v_DirtyRateMeasureMode],
+  ['vcpu-dirty-rate', true, (v, p) => R.list(v, p, v_DirtyRateVcpu)],
+];
+const F_ColoCheckpointInfo: readonly R.Field[] = [
+  ['pause', false, R.number],
+  ['size', false, R.int],
+  ['dirty-pages', false, R.int],
+  ['reset-pages', false, R.int],
+  ['duration', false, R.number],
+  ['trigger', false, R.str],
+];
+const F_COLOStatus: readonly R.Field[] = [
+  ['mode', false, v_COLOMode],
+  ['last-mode', false, v_COLOMode],
+  ['reason', false, v_COLOExitReason],
+  ['x-failover-status', false, v_FailoverStatus],
+  ['x-checkpoints', false, R.int],
+  ['x-last-checkpoint', true, v_ColoCheckpointInfo],
+  ['x-compare-checkpoints', false, R.int],
+  ['x-console-held', false, R.int],
+  ['x-error', true, R.str],
+];
+const F_ColoParameters: readonly R.Field[] = [
+  ['compare', false, v_ColoCompareMode],
+  ['compare-timeout', false, R.int],
+  ['heartbeat-timeout', false, R.int],
+  ['witness', false, R.str],
+];
 const F_MemoryBackendProperties: readonly R.Field[] = [
   ['size', false, R.size],
   ['share', true, R.bool],
@@ -233,6 +284,32 @@ const F_BlockInfo: readonly R.Field[] = [
   ['inserted', true, v_BlockDeviceInfo],
   ['io-status', true, v_BlockDeviceIoStatus],
 ];
+const F_InetSocketAddress: readonly R.Field[] = [
+  ['host', false, R.str],
+  ['port', false, R.str],
+];
+const F_UnixSocketAddress: readonly R.Field[] = [
+  ['path', false, R.str],
+];
+const F_String: readonly R.Field[] = [
+  ['str', false, R.str],
+];
+const F_InetSocketAddressWrapper: readonly R.Field[] = [
+  ['data', false, v_InetSocketAddress],
+];
+const F_UnixSocketAddressWrapper: readonly R.Field[] = [
+  ['data', false, v_UnixSocketAddress],
+];
+const F_StringWrapper: readonly R.Field[] = [
+  ['data', false, v_String],
+];
+const F_NbdServerAddOptions: readonly R.Field[] = [
+  ['device', false, R.str],
+  ['name', true, R.str],
+  ['description', true, R.str],
+  ['writable', true, R.bool],
+  ['bitmap', true, R.str],
+];
 const F_MemoryBlockDigest: readonly R.Field[] = [
   ['name', false, R.str],
   ['size', false, R.int],
@@ -273,6 +350,92 @@ const F_DiskWorkloadInfo: readonly R.Field[] = [
   ['done', false, R.bool],
   ['error', true, R.str],
 ];
+const F_SwitchoverDecision: readonly R.Field[] = [
+  ['time', false, R.int],
+  ['pass', false, R.int],
+  ['dirty-bytes', false, R.int],
+  ['precopy-bytes', false, R.int],
+  ['queued-bytes', false, R.int],
+  ['bandwidth', false, R.int],
+  ['expected-downtime', false, R.int],
+  ['downtime-limit', false, R.int],
+  ['reserve', false, R.int],
+  ['threshold', false, R.int],
+  ['decision', false, v_SwitchoverDecisionKind],
+  ['reason', false, R.str],
+];
+const F_ForecastBand: readonly R.Field[] = [
+  ['low', false, R.number],
+  ['expected', false, R.number],
+  ['high', true, R.number],
+];
+const F_MigrationForecastOption: readonly R.Field[] = [
+  ['method', false, v_MigrationForecastMethod],
+  ['converges', false, R.bool],
+  ['total-time', true, v_ForecastBand],
+  ['downtime', true, v_ForecastBand],
+  ['bandwidth', true, R.int],
+  ['throttle-percentage', true, R.int],
+  ['cache-size', true, R.int],
+  ['xbzrle-ratio', true, R.number],
+  ['postcopy-time', true, R.number],
+  ['cost', false, R.str],
+];
+const F_MigrationForecast: readonly R.Field[] = [
+  ['status', false, v_MigrationStatus],
+  ['dirty-rate', false, R.number],
+  ['working-set', true, R.int],
+  ['zero-share', false, R.number],
+  ['dirty-rate-source', false, R.str],
+  ['bandwidth', false, R.int],
+  ['bandwidth-source', false, R.str],
+  ['ram-size', false, R.int],
+  ['downtime-limit', false, R.int],
+  ['converges', false, R.bool],
+  ['total-time', true, v_ForecastBand],
+  ['downtime', true, v_ForecastBand],
+  ['elapsed', true, R.int],
+  ['eta', true, v_ForecastBand],
+  ['options', false, (v, p) => R.list(v, p, v_MigrationForecastOption)],
+  ['summary', false, R.str],
+];
+const F_MigrationTraceSample: readonly R.Field[] = [
+  ['time', false, R.int],
+  ['info', false, v_MigrationInfo],
+  ['eta', true, R.number],
+];
+const F_MigrationTraceEvent: readonly R.Field[] = [
+  ['time', false, R.int],
+  ['kind', false, v_MigrationTraceEventKind],
+  ['status', true, v_MigrationStatus],
+  ['pass', true, R.int],
+  ['throttle', true, R.int],
+];
+const F_PageFaultWindow: readonly R.Field[] = [
+  ['time', false, R.int],
+  ['faults', false, R.int],
+  ['p50-us', false, R.number],
+  ['p99-us', false, R.number],
+  ['max-us', false, R.number],
+];
+const F_MigrationTrace: readonly R.Field[] = [
+  ['side', false, v_MigrationTraceSide],
+  ['start', false, R.int],
+  ['interval', false, R.int],
+  ['ram-size', false, R.int],
+  ['capabilities', false, (v, p) => R.list(v, p, v_MigrationCapabilityStatus)],
+  ['parameters', false, v_MigrationParameters],
+  ['samples', false, (v, p) => R.list(v, p, v_MigrationTraceSample)],
+  ['events', false, (v, p) => R.list(v, p, v_MigrationTraceEvent)],
+  ['decisions', false, (v, p) => R.list(v, p, v_SwitchoverDecision)],
+  ['faults', false, (v, p) => R.list(v, p, v_PageFaultWindow)],
+  ['forecast', true, v_MigrationForecast],
+  ['complete', false, R.bool],
+];
+const F_q_obj_COLO_EXIT_arg: readonly R.Field[] = [
+  ['mode', false, v_COLOMode],
+  ['reason', false, v_COLOExitReason],
+];
 const F_q_obj_ImageInfoSpecific_base: readonly R.Field[] = [
   ['type', false, v_ImageInfoSpecificKind],
 ];
@@ -294,6 +457,15 @@ const F_q_obj_SchemaInfo_base: readonly R.Field[] = [
   ['name', false, R.str],
   ['meta-type', false, v_SchemaMetaType],
   ['features', true, (v, p) => R.list(v, p, R.str)],
+];
+const F_q_obj_SocketAddressLegacy_base: readonly R.Field[] = [
+  ['type', false, v_SocketAddressType],
+];
+const F_q_obj_calc_dirty_rate_arg: readonly R.Field[] = [
+  ['calc-time', false, R.int64],
+  ['calc-time-unit', true, v_TimeUnit],
+  ['sample-pages', true, R.int],
+  ['mode', true, v_DirtyRateMeasureMode],
 ];
 const F_q_obj_client_migrate_info_arg: readonly R.Field[] = [
   ['protocol', false, R.str],
@@ -329,6 +501,16 @@ const F_q_obj_migrate_set_downtime_arg: readonly R.Field[] = [
 const F_q_obj_migrate_set_speed_arg: readonly R.Field[] = [
   ['value', false, R.int],
 ];
+const F_q_obj_nbd_server_remove_arg: readonly R.Field[] = [
+  ['name', false, R.str],
+  ['mode', true, v_BlockExportRemoveMode],
+];
+const F_q_obj_nbd_server_start_arg: readonly R.Field[] = [
+  ['addr', false, v_SocketAddressLegacy],
+  ['tls-creds', true, R.str],
+  ['tls-authz', true, R.str],
+  ['max-connections', true, R.uint32],
+];
 const F_q_obj_object_del_arg: readonly R.Field[] = [
   ['id', false, R.str],
 ];
@@ -339,6 +521,22 @@ const F_q_obj_pmemsave_arg: readonly R.Field[] = [
 ];
 const F_q_obj_qmp_capabilities_arg: readonly R.Field[] = [
   ['enable', true, (v, p) => R.list(v, p, v_QMPCapability)],
+];
+const F_q_obj_query_dirty_rate_arg: readonly R.Field[] = [
+  ['calc-time-unit', true, v_TimeUnit],
+];
+const F_q_obj_x_colo_set_parameters_arg: readonly R.Field[] = [
+  ['compare', true, v_ColoCompareMode],
+  ['compare-timeout', true, R.int],
+  ['heartbeat-timeout', true, R.int],
+  ['witness', true, v_StrOrNull],
+];
+const F_q_obj_x_query_migrate_forecast_arg: readonly R.Field[] = [
+  ['bandwidth', true, R.int],
+];
+const F_q_obj_x_trace_migration_arg: readonly R.Field[] = [
+  ['enable', false, R.bool],
+  ['interval', true, R.int],
 ];
 const F_q_obj_xen_save_devices_state_arg: readonly R.Field[] = [
   ['filename', false, R.str],
@@ -367,12 +565,20 @@ const B_ObjectOptions: Readonly<Record<string, readonly R.Field[]>> = {
 const B_ImageInfoSpecific: Readonly<Record<string, readonly R.Field[]>> = {
   'qcow2': F_ImageInfoSpecificQCow2Wrapper,
 };
+const B_SocketAddressLegacy: Readonly<Record<string, readonly R.Field[]>> = {
+  'inet': F_InetSocketAddressWrapper,
+  'unix': F_UnixSocketAddressWrapper,
+  'fd': F_StringWrapper,
+};
 
 export function v_StrOrNull(v: unknown, p: R.Path): T.StrOrNull {
   return R.alternate(v, p, 'StrOrNull', {
     string: R.str,
     null: R.nul,
   }) as unknown as T.StrOrNull;
+}
+export function v_QapiErrorClass(v: unknown, p: R.Path): T.QapiErrorClass {
+  return R.enumValue(v, p, QapiErrorClass_VALUES);
 }
 export function v_SchemaMetaType(v: unknown, p: R.Path): T.SchemaMetaType {
   return R.enumValue(v, p, SchemaMetaType_VALUES);
@@ -476,6 +682,36 @@ export function v_FailoverStatus(v: unknown, p: R.Path): T.FailoverStatus {
 export function v_ReplicationStatus(v: unknown, p: R.Path): T.ReplicationStatus {
   return R.struct(v, p, F_ReplicationStatus) as unknown as T.ReplicationStatus;
 }
+export function v_DirtyRateVcpu(v: unknown, p: R.Path): T.DirtyRateVcpu {
+  return R.struct(v, p, F_DirtyRateVcpu) as unknown as T.DirtyRateVcpu;
+}
+export function v_DirtyRateStatus(v: unknown, p: R.Path): T.DirtyRateStatus {
+  return R.enumValue(v, p, DirtyRateStatus_VALUES);
+}
+export function v_DirtyRateMeasureMode(v: unknown, p: R.Path): T.DirtyRateMeasureMode {
+  return R.enumValue(v, p, DirtyRateMeasureMode_VALUES);
+}
+export function v_TimeUnit(v: unknown, p: R.Path): T.TimeUnit {
+  return R.enumValue(v, p, TimeUnit_VALUES);
+}
+export function v_DirtyRateInfo(v: unknown, p: R.Path): T.DirtyRateInfo {
+  return R.struct(v, p, F_DirtyRateInfo) as unknown as T.DirtyRateInfo;
+}
+export function v_COLOExitReason(v: unknown, p: R.Path): T.COLOExitReason {
+  return R.enumValue(v, p, COLOExitReason_VALUES);
+}
+export function v_ColoCheckpointInfo(v: unknown, p: R.Path): T.ColoCheckpointInfo {
+  return R.struct(v, p, F_ColoCheckpointInfo) as unknown as T.ColoCheckpointInfo;
+}
+export function v_COLOStatus(v: unknown, p: R.Path): T.COLOStatus {
+  return R.struct(v, p, F_COLOStatus) as unknown as T.COLOStatus;
+}
+export function v_ColoCompareMode(v: unknown, p: R.Path): T.ColoCompareMode {
+  return R.enumValue(v, p, ColoCompareMode_VALUES);
+}
+export function v_ColoParameters(v: unknown, p: R.Path): T.ColoParameters {
+  return R.struct(v, p, F_ColoParameters) as unknown as T.ColoParameters;
+}
 export function v_ObjectType(v: unknown, p: R.Path): T.ObjectType {
   return R.enumValue(v, p, ObjectType_VALUES);
 }
@@ -533,6 +769,36 @@ export function v_BlockDeviceInfo(v: unknown, p: R.Path): T.BlockDeviceInfo {
 export function v_BlockInfo(v: unknown, p: R.Path): T.BlockInfo {
   return R.struct(v, p, F_BlockInfo) as unknown as T.BlockInfo;
 }
+export function v_InetSocketAddress(v: unknown, p: R.Path): T.InetSocketAddress {
+  return R.struct(v, p, F_InetSocketAddress) as unknown as T.InetSocketAddress;
+}
+export function v_UnixSocketAddress(v: unknown, p: R.Path): T.UnixSocketAddress {
+  return R.struct(v, p, F_UnixSocketAddress) as unknown as T.UnixSocketAddress;
+}
+export function v_String(v: unknown, p: R.Path): T.String {
+  return R.struct(v, p, F_String) as unknown as T.String;
+}
+export function v_SocketAddressType(v: unknown, p: R.Path): T.SocketAddressType {
+  return R.enumValue(v, p, SocketAddressType_VALUES);
+}
+export function v_InetSocketAddressWrapper(v: unknown, p: R.Path): T.InetSocketAddressWrapper {
+  return R.struct(v, p, F_InetSocketAddressWrapper) as unknown as T.InetSocketAddressWrapper;
+}
+export function v_UnixSocketAddressWrapper(v: unknown, p: R.Path): T.UnixSocketAddressWrapper {
+  return R.struct(v, p, F_UnixSocketAddressWrapper) as unknown as T.UnixSocketAddressWrapper;
+}
+export function v_StringWrapper(v: unknown, p: R.Path): T.StringWrapper {
+  return R.struct(v, p, F_StringWrapper) as unknown as T.StringWrapper;
+}
+export function v_SocketAddressLegacy(v: unknown, p: R.Path): T.SocketAddressLegacy {
+  return R.flatUnion(v, p, F_q_obj_SocketAddressLegacy_base, 'type', B_SocketAddressLegacy) as unknown as T.SocketAddressLegacy;
+}
+export function v_NbdServerAddOptions(v: unknown, p: R.Path): T.NbdServerAddOptions {
+  return R.struct(v, p, F_NbdServerAddOptions) as unknown as T.NbdServerAddOptions;
+}
+export function v_BlockExportRemoveMode(v: unknown, p: R.Path): T.BlockExportRemoveMode {
+  return R.enumValue(v, p, BlockExportRemoveMode_VALUES);
+}
 export function v_MemoryBlockDigest(v: unknown, p: R.Path): T.MemoryBlockDigest {
   return R.struct(v, p, F_MemoryBlockDigest) as unknown as T.MemoryBlockDigest;
 }
@@ -554,6 +820,45 @@ export function v_BlockDigest(v: unknown, p: R.Path): T.BlockDigest {
 export function v_DiskWorkloadInfo(v: unknown, p: R.Path): T.DiskWorkloadInfo {
   return R.struct(v, p, F_DiskWorkloadInfo) as unknown as T.DiskWorkloadInfo;
 }
+export function v_SwitchoverDecisionKind(v: unknown, p: R.Path): T.SwitchoverDecisionKind {
+  return R.enumValue(v, p, SwitchoverDecisionKind_VALUES);
+}
+export function v_SwitchoverDecision(v: unknown, p: R.Path): T.SwitchoverDecision {
+  return R.struct(v, p, F_SwitchoverDecision) as unknown as T.SwitchoverDecision;
+}
+export function v_ForecastBand(v: unknown, p: R.Path): T.ForecastBand {
+  return R.struct(v, p, F_ForecastBand) as unknown as T.ForecastBand;
+}
+export function v_MigrationForecastMethod(v: unknown, p: R.Path): T.MigrationForecastMethod {
+  return R.enumValue(v, p, MigrationForecastMethod_VALUES);
+}
+export function v_MigrationForecastOption(v: unknown, p: R.Path): T.MigrationForecastOption {
+  return R.struct(v, p, F_MigrationForecastOption) as unknown as T.MigrationForecastOption;
+}
+export function v_MigrationForecast(v: unknown, p: R.Path): T.MigrationForecast {
+  return R.struct(v, p, F_MigrationForecast) as unknown as T.MigrationForecast;
+}
+export function v_MigrationTraceSide(v: unknown, p: R.Path): T.MigrationTraceSide {
+  return R.enumValue(v, p, MigrationTraceSide_VALUES);
+}
+export function v_MigrationTraceSample(v: unknown, p: R.Path): T.MigrationTraceSample {
+  return R.struct(v, p, F_MigrationTraceSample) as unknown as T.MigrationTraceSample;
+}
+export function v_MigrationTraceEventKind(v: unknown, p: R.Path): T.MigrationTraceEventKind {
+  return R.enumValue(v, p, MigrationTraceEventKind_VALUES);
+}
+export function v_MigrationTraceEvent(v: unknown, p: R.Path): T.MigrationTraceEvent {
+  return R.struct(v, p, F_MigrationTraceEvent) as unknown as T.MigrationTraceEvent;
+}
+export function v_PageFaultWindow(v: unknown, p: R.Path): T.PageFaultWindow {
+  return R.struct(v, p, F_PageFaultWindow) as unknown as T.PageFaultWindow;
+}
+export function v_MigrationTrace(v: unknown, p: R.Path): T.MigrationTrace {
+  return R.struct(v, p, F_MigrationTrace) as unknown as T.MigrationTrace;
+}
+export function v_q_obj_COLO_EXIT_arg(v: unknown, p: R.Path): Record<string, unknown> {
+  return R.struct(v, p, F_q_obj_COLO_EXIT_arg);
+}
 export function v_q_obj_ImageInfoSpecific_base(v: unknown, p: R.Path): Record<string, unknown> {
   return R.struct(v, p, F_q_obj_ImageInfoSpecific_base);
 }
@@ -571,6 +876,12 @@ export function v_q_obj_SHUTDOWN_arg(v: unknown, p: R.Path): Record<string, unkn
 }
 export function v_q_obj_SchemaInfo_base(v: unknown, p: R.Path): Record<string, unknown> {
   return R.struct(v, p, F_q_obj_SchemaInfo_base);
+}
+export function v_q_obj_SocketAddressLegacy_base(v: unknown, p: R.Path): Record<string, unknown> {
+  return R.struct(v, p, F_q_obj_SocketAddressLegacy_base);
+}
+export function v_q_obj_calc_dirty_rate_arg(v: unknown, p: R.Path): Record<string, unknown> {
+  return R.struct(v, p, F_q_obj_calc_dirty_rate_arg);
 }
 export function v_q_obj_client_migrate_info_arg(v: unknown, p: R.Path): Record<string, unknown> {
   return R.struct(v, p, F_q_obj_client_migrate_info_arg);
@@ -599,6 +910,12 @@ export function v_q_obj_migrate_set_downtime_arg(v: unknown, p: R.Path): Record<
 export function v_q_obj_migrate_set_speed_arg(v: unknown, p: R.Path): Record<string, unknown> {
   return R.struct(v, p, F_q_obj_migrate_set_speed_arg);
 }
+export function v_q_obj_nbd_server_remove_arg(v: unknown, p: R.Path): Record<string, unknown> {
+  return R.struct(v, p, F_q_obj_nbd_server_remove_arg);
+}
+export function v_q_obj_nbd_server_start_arg(v: unknown, p: R.Path): Record<string, unknown> {
+  return R.struct(v, p, F_q_obj_nbd_server_start_arg);
+}
 export function v_q_obj_object_del_arg(v: unknown, p: R.Path): Record<string, unknown> {
   return R.struct(v, p, F_q_obj_object_del_arg);
 }
@@ -607,6 +924,18 @@ export function v_q_obj_pmemsave_arg(v: unknown, p: R.Path): Record<string, unkn
 }
 export function v_q_obj_qmp_capabilities_arg(v: unknown, p: R.Path): Record<string, unknown> {
   return R.struct(v, p, F_q_obj_qmp_capabilities_arg);
+}
+export function v_q_obj_query_dirty_rate_arg(v: unknown, p: R.Path): Record<string, unknown> {
+  return R.struct(v, p, F_q_obj_query_dirty_rate_arg);
+}
+export function v_q_obj_x_colo_set_parameters_arg(v: unknown, p: R.Path): Record<string, unknown> {
+  return R.struct(v, p, F_q_obj_x_colo_set_parameters_arg);
+}
+export function v_q_obj_x_query_migrate_forecast_arg(v: unknown, p: R.Path): Record<string, unknown> {
+  return R.struct(v, p, F_q_obj_x_query_migrate_forecast_arg);
+}
+export function v_q_obj_x_trace_migration_arg(v: unknown, p: R.Path): Record<string, unknown> {
+  return R.struct(v, p, F_q_obj_x_trace_migration_arg);
 }
 export function v_q_obj_xen_save_devices_state_arg(v: unknown, p: R.Path): Record<string, unknown> {
   return R.struct(v, p, F_q_obj_xen_save_devices_state_arg);

@@ -31,6 +31,7 @@ import { createHash } from 'node:crypto';
 import { stat } from 'node:fs/promises';
 import { BlockError, openImage, type BlockImage, type ImageFormat } from '../block/index.js';
 import { Qcow2Image } from '../block/qcow2.js';
+import { ReplicationPrimary, ReplicationSecondary, ReplicationSet, type FailureSink, type ReplicationConfig, type WriteHook } from '../replication/index.js';
 import { DirtyChunks } from './dirty-chunks.js';
 
 export type DriveInterface = 'ide' | 'virtio' | 'none';
@@ -54,6 +55,8 @@ export interface DriveConfig {
   readOnly?: boolean;
   /** Default 'writeback'. */
   cache?: CacheMode;
+  /** A replicated drive (driver=quorum / driver=replication, src/replication/): `file` is its local or active image. */
+  replication?: ReplicationConfig;
 }
 
 /** A drive the machine cannot have; `drive` is the position of its config (the CLI names the option). */
@@ -279,6 +282,8 @@ export class Drive {
   readonly dirty: DirtyChunks;
   /** The I/O status of the guest device (set by a failed guest write). */
   ioStatus: IoStatus = 'ok';
+  /** Sees every write before it happens (block replication's copy-before-write on a secondary disk); null normally. */
+  writeHook: WriteHook | null = null;
   private closed = false;
   private _image: BlockImage;
 
@@ -337,14 +342,16 @@ export class Drive {
    */
   async write(offset: number, data: Uint8Array): Promise<void> {
     this.dirty.mark(offset, data.length);
-    await this.image.write(offset, data);
+    if (this.writeHook !== null) await this.writeHook(offset, data.length, () => this.image.write(offset, data));
+    else await this.image.write(offset, data);
     if (this.writethrough) await this.image.flush();
   }
 
   /** Make bytes read as zeros; marks the dirty chunks like write(). */
   async writeZeroes(offset: number, length: number): Promise<void> {
     this.dirty.mark(offset, length);
-    await this.image.writeZeroes(offset, length);
+    if (this.writeHook !== null) await this.writeHook(offset, length, () => this.image.writeZeroes(offset, length));
+    else await this.image.writeZeroes(offset, length);
     if (this.writethrough) await this.image.flush();
   }
 
@@ -420,6 +427,8 @@ export class Drive {
    */
   async reopen(): Promise<void> {
     if (this.closed) throw new Error(`drive ${this.name} is closed`);
+    // a replicated drive reopens the files below it and keeps its replication state
+    if (this._image instanceof ReplicationPrimary || this._image instanceof ReplicationSecondary) return this._image.reopen();
     const old = this._image;
     await this.flush();
     await old.close();
@@ -454,21 +463,31 @@ export class Drive {
 
 /** Every drive of a machine, in command-line order. */
 export class Drives {
-  private constructor(readonly list: readonly Drive[]) {}
+  /** The replicated drives (QEMU's replication states), in drive order. */
+  readonly replication: ReplicationSet;
+
+  private constructor(readonly list: readonly Drive[]) {
+    this.replication = new ReplicationSet(list.map((d) => d.image).filter((i) => i instanceof ReplicationPrimary || i instanceof ReplicationSecondary));
+  }
 
   static none(): Drives {
     return new Drives([]);
+  }
+
+  /** The primary's NBD connection to the export of secondary disk `name` ended without a goodbye. */
+  replicationPeerLost(name: string, detail: string): void {
+    for (const n of this.replication.list()) if (n instanceof ReplicationSecondary && n.diskName === name) n.peerLost(detail);
   }
 
   /**
    * Place and open the drives (read-write unless readOnly). The first
    * failure closes what was opened and throws a DriveError with QEMU's text.
    */
-  static async open(cfgs: readonly DriveConfig[]): Promise<Drives> {
+  static async open(cfgs: readonly DriveConfig[], onReplicationFailure: FailureSink = () => undefined): Promise<Drives> {
     const slots = planDrives(cfgs);
     const opened: Drive[] = [];
     try {
-      for (let i = 0; i < cfgs.length; i++) opened.push(await openDrive(i, cfgs[i]!, slots[i]!));
+      for (let i = 0; i < cfgs.length; i++) opened.push(await openDrive(i, cfgs[i]!, slots[i]!, opened, onReplicationFailure));
       checkDevices(cfgs, slots);
     } catch (e) {
       await Promise.all(opened.map((d) => d.close().catch(() => undefined)));
@@ -533,7 +552,7 @@ export function isNoSpace(e: unknown): boolean {
   return (e as NodeJS.ErrnoException | null)?.code === 'ENOSPC';
 }
 
-async function openDrive(i: number, cfg: DriveConfig, slot: DriveSlot): Promise<Drive> {
+async function openDrive(i: number, cfg: DriveConfig, slot: DriveSlot, opened: readonly Drive[], onFailure: FailureSink): Promise<Drive> {
   if (cfg.file === '') throw new DriveError(i, 'A block device must be specified for "file"');
   // QEMU's file driver first: the path must name a regular file
   let st;
@@ -554,5 +573,30 @@ async function openDrive(i: number, cfg: DriveConfig, slot: DriveSlot): Promise<
     if (e instanceof BlockError) throw new DriveError(i, openErrorText(cfg.file, e));
     throw e;
   }
+  if (cfg.replication !== undefined) image = await replicated(i, cfg, cfg.replication, slot, image, opened, onFailure);
   return new Drive(slot, cfg, image);
+}
+
+/** The replication layer over a replicated drive's image (src/replication/). */
+async function replicated(i: number, cfg: DriveConfig, r: ReplicationConfig, slot: DriveSlot, image: BlockImage, opened: readonly Drive[], onFailure: FailureSink): Promise<BlockImage> {
+  if (r.mode === 'primary') {
+    const reopenLocal = async (old: BlockImage) => {
+      await old.close();
+      return openImage(cfg.file, { format: old.format, readOnly: old.readOnly, barriers: cfg.cache !== 'unsafe' });
+    };
+    return new ReplicationPrimary(image, r, slot.name, reopenLocal, onFailure);
+  }
+  // the active disk opens as the replication layer's overlay
+  await image.close();
+  const disk = opened.find((d) => d.name === r.secondary);
+  if (disk === undefined) {
+    throw new DriveError(i, `Could not open backing file: Could not open backing file: Cannot find device='${r.secondary}' nor node-name='${r.secondary}'`);
+  }
+  if (disk.readOnly) throw new DriveError(i, `the secondary disk '${r.secondary}' is read-only: the primary's writes go there`);
+  try {
+    return await ReplicationSecondary.open(r, slot.name, disk, (top) => top === slot.name, onFailure);
+  } catch (e) {
+    if (e instanceof BlockError) throw new DriveError(i, openErrorText(cfg.file, e));
+    throw e;
+  }
 }

@@ -1,6 +1,8 @@
 export * from './types.js';
 export { Machine } from './machine.js';
 export { countDirty, clearDirty, type MemoryDigest } from './ram.js';
+export { RamSnapshot } from './ram-snapshot.js';
+export type { ConsoleTap } from './serial-console.js';
 export { DEMAND_PAGING_RAM_ERROR } from './demand-paging.js';
 export type { VcpuWorkloadInfo } from './vcpus.js';
 export { checkSweep, type SweepMismatch } from './sweep-check.js';

@@ -9,6 +9,7 @@
  *   device-state.ts    the migratable devices, in section order
  *   drives.ts          the drives (-drive): images, cache modes, dirty-chunk logs
  *   disk-workload.ts   the guest's disk writes (-disk-workload), on the main thread
+ *   ram-snapshot.ts    a private copy of RAM that pages can be put back from
  * and keeps the rules that tie them together, below. Knows nothing of
  * migration or QMP.
  *
@@ -44,16 +45,20 @@
  * Events: 'runstate' (new, old), 'heartbeat' (n, line),
  * 'vcpu-error' (index, Error) — after which the run state is internal-error,
  * 'disk-workload-error' (Error) — the disk workload stopped; the guest runs on,
- * 'drive-error' (drive name, Error) — a flush or close failed.
+ * 'drive-error' (drive name, Error) — a flush or close failed,
+ * 'replication-error' (drive name, Error) — block replication failed on a
+ * replicated drive (the guest runs on; query-xen-replication-status says so).
  */
 import { EventEmitter } from 'node:events';
 import { DemandPaging, DEMAND_PAGING_RAM_ERROR } from './demand-paging.js';
 import { DiskWorkloadDevice, GlobalStateDevice, SerialDevice, TimerDevice, VcpuDevice, type DeviceHost } from './device-state.js';
 import { DiskWorkload, resolveDiskWorkload, type DiskWorkloadInfo } from './disk-workload.js';
 import { Drives, type BlockDigest, type DriveInfo } from './drives.js';
-import { GuestRam, checkRamSize, type MemoryDigest } from './ram.js';
+import type { ReplicationSet } from '../replication/index.js';
+import { GuestRam, checkRamSize, takeDirty, type MemoryDigest } from './ram.js';
+import { RamSnapshot } from './ram-snapshot.js';
 import { RunStateMachine } from './run-state.js';
-import { SerialConsole } from './serial-console.js';
+import { SerialConsole, type ConsoleTap } from './serial-console.js';
 import { VcpuThreads, checkVcpuCount, type VcpuWorkloadInfo } from './vcpus.js';
 import { VirtualClock } from './virtual-clock.js';
 import type { FillConfig, MachineConfig, MigratableDevice, RamBlock, RunState, WorkloadConfig } from './types.js';
@@ -133,7 +138,7 @@ export class Machine extends EventEmitter implements DeviceHost {
   static async create(cfg: MachineConfig): Promise<Machine> {
     const m = new Machine(cfg);
     try {
-      m._drives = await Drives.open(cfg.drives ?? []);
+      m._drives = await Drives.open(cfg.drives ?? [], (drive, e) => m.emit('replication-error', drive, e));
       if (cfg.diskWorkload !== undefined) {
         const w = cfg.diskWorkload;
         m.disk = new DiskWorkload(resolveDiskWorkload(w, m._drives.get(w.drive), m.driveNames()), m._drives.get(w.drive)!, m.diskHost());
@@ -181,38 +186,69 @@ export class Machine extends EventEmitter implements DeviceHost {
 
   /** cont: resume vCPUs and clock; → running. */
   start(): Promise<void> {
-    return this.serialize(async () => {
-      this.checkAlive();
-      if (this.runState === 'running') return;
-      if (this.runState === 'shutdown') throw new Error('The VM has shut down');
-      this.rs.check('running');
-      await this.freshDrives();
-      await this.vcpus.resume();
-      this.clock.run();
-      this.disk?.resume();
-      this.rs.set('running');
-    });
+    return this.serialize(() => this.doStart());
+  }
+
+  private async doStart(): Promise<void> {
+    this.checkAlive();
+    if (this.runState === 'running') return;
+    if (this.runState === 'shutdown') throw new Error('The VM has shut down');
+    this.rs.check('running');
+    await this.freshDrives();
+    await this.vcpus.resume();
+    this.clock.run();
+    this.disk?.resume();
+    this.rs.set('running');
   }
 
   /** Stop the VM (see the header comment for the rules). */
   stop(newState: RunState = 'paused'): Promise<void> {
-    return this.serialize(async () => {
-      this.checkAlive();
-      if (newState === 'running') throw new Error("stop: new state cannot be 'running'");
-      const old = this.runState;
-      if (old === 'running') {
-        this.rs.check(newState);
-        await this.pauseGuest();
-        if (newState === 'finish-migrate') this.savedRunStateForMigration = old;
-        if (newState === 'postmigrate') this.drivesStale = true;
-        this.rs.set(newState);
-        return;
-      }
-      if (newState === 'paused') return;
+    return this.serialize(() => this.doStop(newState));
+  }
+
+  private async doStop(newState: RunState): Promise<void> {
+    this.checkAlive();
+    if (newState === 'running') throw new Error("stop: new state cannot be 'running'");
+    const old = this.runState;
+    if (old === 'running') {
       this.rs.check(newState);
-      if (newState === 'finish-migrate' && old !== 'finish-migrate') this.savedRunStateForMigration = old;
+      await this.pauseGuest();
+      if (newState === 'finish-migrate') this.savedRunStateForMigration = old;
       if (newState === 'postmigrate') this.drivesStale = true;
       this.rs.set(newState);
+      return;
+    }
+    if (newState === 'paused') return;
+    this.rs.check(newState);
+    if (newState === 'finish-migrate' && old !== 'finish-migrate') this.savedRunStateForMigration = old;
+    if (newState === 'postmigrate') this.drivesStale = true;
+    this.rs.set(newState);
+  }
+
+  /**
+   * Runs `fn` with the guest stopped (QEMU's vm_stop_force_state): a running
+   * guest is stopped into `state` first (vCPUs and disk workload paused,
+   * clock frozen, drives flushed), a stopped one stays as it is. Start,
+   * stop and run state changes asked for meanwhile wait until `fn` is done,
+   * so nothing restarts the guest under it. Afterwards the guest enters the
+   * run state `fn` returned (running: it starts), or the one it had before,
+   * also when `fn` throws. `fn` gets the run state the guest had.
+   */
+  runStopped(state: RunState, fn: (before: RunState) => Promise<RunState | void>): Promise<void> {
+    return this.serialize(async () => {
+      this.checkAlive();
+      const before = this.runState;
+      if (before === 'running') await this.doStop(state);
+      let after: RunState | void = undefined;
+      try {
+        after = await fn(before);
+      } finally {
+        const target = after ?? before;
+        if (!this.destroyed) {
+          if (target === 'running') await this.doStart();
+          else this.rs.set(target);
+        }
+      }
     });
   }
 
@@ -348,6 +384,16 @@ export class Machine extends EventEmitter implements DeviceHost {
     return this._drives.list.map((d) => d.name);
   }
 
+  /** The replicated drives, driven together (xen-set-replication, xen-colo-do-checkpoint, COLO). */
+  get replication(): ReplicationSet {
+    return this._drives.replication;
+  }
+
+  /** The primary's NBD connection to secondary disk `drive`'s export was lost (replication notes the peer is gone). */
+  replicationPeerLost(drive: string, detail: string): void {
+    this._drives.replicationPeerLost(drive, detail);
+  }
+
   /** query-block's facts of every drive. */
   blockInfo(): Promise<DriveInfo[]> {
     this.checkAliveForRam();
@@ -429,6 +475,11 @@ export class Machine extends EventEmitter implements DeviceHost {
     this.serial.write(text);
   }
 
+  /** Every later line the guest prints goes to `tap` first, which may keep it from the output (null: no tap). */
+  setConsoleTap(tap: ConsoleTap | null): void {
+    this.serial.setTap(tap);
+  }
+
   /* ------------------------------------------------------------- RAM */
 
   /** Total RAM pages. */
@@ -436,9 +487,9 @@ export class Machine extends EventEmitter implements DeviceHost {
     return this.guestRam.pages;
   }
 
-  /** An incoming migration's stream has started: the background prefault stops (ram.ts). */
-  stopBackgroundPrefault(): void {
-    this.guestRam.stopBackgroundPrefault();
+  /** The incoming migration has loaded: the background prefault ends (ram.ts). */
+  endBackgroundPrefault(): void {
+    this.guestRam.endBackgroundPrefault();
   }
 
   /** Block and offset of a guest-physical address. */
@@ -456,6 +507,26 @@ export class Machine extends EventEmitter implements DeviceHost {
   async pmemsave(addr: number, size: number, filename: string): Promise<void> {
     this.checkRamReadable();
     return this.guestRam.pmemsave(addr, size, filename);
+  }
+
+  /** A copy of all of guest RAM (consistent while the vCPUs are stopped); see ram-snapshot.ts. */
+  snapshotRam(): RamSnapshot {
+    this.checkRamReadable();
+    return RamSnapshot.take(this.ram);
+  }
+
+  /** Takes and clears the dirty log, ORing it into `into` (one bitmap per block); returns the pages taken. */
+  takeDirtyPages(into: readonly Uint32Array[]): number {
+    let n = 0;
+    this.ram.forEach((b, i) => (n += takeDirty(b, into[i]!)));
+    return n;
+  }
+
+  /** Puts the pages set in `pages` back from `snapshot` (only while the vCPUs are paused); returns how many. */
+  restoreRamPages(snapshot: RamSnapshot, pages: readonly Uint32Array[]): number {
+    this.checkAliveForRam();
+    if (!this.vcpus.paused) throw new Error('RAM pages can be restored only while the vCPUs are paused');
+    return snapshot.restore(this.ram, pages);
   }
 
   /** Reads guest-physical memory (a copy). */

@@ -35,12 +35,22 @@ export function countDirty(block: RamBlock): number {
 
 /** Clears a block's dirty bitmap atomically word by word; returns the number of pages that were dirty. */
 export function clearDirty(block: RamBlock): number {
+  return takeDirty(block, null);
+}
+
+/**
+ * Takes and clears a block's dirty bitmap atomically word by word, ORing the
+ * bits into `touched` and, when given, into `into`; returns the number of
+ * pages that were dirty.
+ */
+export function takeDirty(block: RamBlock, into: Uint32Array | null): number {
   let n = 0;
   const d = block.dirty;
   for (let i = 0; i < d.length; i++) {
     if (d[i] !== 0) {
       const v = Atomics.exchange(d, i, 0);
       block.touched[i] = (block.touched[i]! | v) >>> 0;
+      if (into !== null) into[i] = (into[i]! | v) >>> 0;
       n += popcount32(v);
     }
   }
@@ -75,12 +85,12 @@ function allocateBlock(name: string, size: number): RamBlock {
 /** The range one prefault task covers: small enough to interleave the helper threads. */
 const PREFAULT_CHUNK = 64 * 1024 * 1024;
 
-/** Whether every page of [offset, offset + length) of the block is marked touched (length: whole 32-page words). */
-function allTouched(b: RamBlock, offset: number, length: number): boolean {
+/** Whether any page of [offset, offset + length) of the block is marked touched (length: whole 32-page words). */
+function anyTouched(b: RamBlock, offset: number, length: number): boolean {
   const first = offset / TARGET_PAGE_SIZE / 32;
   const last = Math.ceil((offset + length) / TARGET_PAGE_SIZE / 32);
-  for (let i = first; i < last && i < b.touched.length; i++) if (b.touched[i] !== 0xffffffff) return false;
-  return true;
+  for (let i = first; i < last && i < b.touched.length; i++) if (b.touched[i] !== 0) return true;
+  return false;
 }
 
 export class GuestRam {
@@ -160,32 +170,34 @@ export class GuestRam {
   /**
    * An incoming VM has nothing to do until the stream arrives: fault its RAM
    * in meanwhile, so that the loader writes into present memory instead of
-   * paying the first-touch cost per page (12-22 µs per 4 KiB page of settled
-   * memory on our hosts). One range at a time on one helper thread, in
-   * address order, so that the other core stays with the loader; a range
-   * the loader has already written all of (its `touched` bits) is skipped,
-   * so the prefault keeps ahead of the loader instead of following it.
-   * Errors only mean the loader pays the cost itself.
+   * paying the first-touch cost per page (1.2-1.6 s per GiB of huge pages
+   * the hypervisor has taken back on our hosts, docs/benchmarks.md). One
+   * range at a time on one helper thread, from the top of RAM down, while
+   * the loader writes from the bottom up (the first pass goes in address
+   * order): the two never fault the same pages, the fault work is split
+   * between two threads, and the last pages of the first pass, which go
+   * while the source is stopped, land in memory faulted in already. It stops
+   * at the first range the loader has written a page of (they met), or when
+   * the incoming migration has loaded (endBackgroundPrefault). (Faulting
+   * bottom-up beside the loader made both fault the same huge pages and
+   * doubled the destination's time.) Errors only mean the loader pays the
+   * cost itself.
    */
   prefaultInBackground(): void {
     const run = async (): Promise<void> => {
-      for (const b of this.blocks) {
-        for (let offset = 0; offset < b.size; offset += PREFAULT_CHUNK) {
-          if (this.prefaultStopped) return;
-          if (!allTouched(b, offset, Math.min(PREFAULT_CHUNK, b.size - offset))) await this.prefaultChunk(b, offset);
+      for (let bi = this.blocks.length - 1; bi >= 0; bi--) {
+        const b = this.blocks[bi]!;
+        for (let offset = Math.floor((b.size - 1) / PREFAULT_CHUNK) * PREFAULT_CHUNK; offset >= 0; offset -= PREFAULT_CHUNK) {
+          if (this.prefaultStopped || anyTouched(b, offset, Math.min(PREFAULT_CHUNK, b.size - offset))) return;
+          await this.prefaultChunk(b, offset);
         }
       }
     };
     run().catch(() => undefined);
   }
 
-  /**
-   * The stream has started: the background prefault stops after the range
-   * it is on. Faulting beside the loader doubled the destination's system
-   * time when it was migrated at once (huge-page faults, docs/benchmarks.md);
-   * what is not prefaulted by then the loader faults in as it writes.
-   */
-  stopBackgroundPrefault(): void {
+  /** The incoming migration has loaded: the background prefault stops after the range it is on. */
+  endBackgroundPrefault(): void {
     this.prefaultStopped = true;
   }
 

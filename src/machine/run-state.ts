@@ -36,8 +36,9 @@ export const QAPI_RUN_STATES = [
 /**
  * A QAPI run state. The machine enters prelaunch, running, paused,
  * inmigrate, finish-migrate, postmigrate, shutdown and internal-error by
- * itself; io-error, suspended, watchdog, guest-panicked and colo only when
- * an incoming migration's globalstate says so; debug, save-vm and
+ * itself, colo while a COLO checkpoint stops it (Machine.runStopped); io-error,
+ * suspended, watchdog and guest-panicked only when an incoming migration's
+ * globalstate says so; debug, save-vm and
  * restore-vm never (no allowed move from inmigrate leads there).
  */
 export type RunState = (typeof QAPI_RUN_STATES)[number];
@@ -153,6 +154,13 @@ export const FERRY_TRANSITIONS: readonly FerryTransitions[] = [
     why:
       'a guest put in colo by an incoming globalstate may migrate on (stop(finish-migrate) takes any ' +
       'stopped state)',
+  },
+  {
+    from: ['colo'],
+    to: 'paused',
+    why:
+      'a COLO secondary mirrors its primary: a checkpoint taken while the primary was paused leaves the ' +
+      'secondary paused after it was applied (QEMU starts the secondary whatever the primary does)',
   },
   {
     from: ['postmigrate'],

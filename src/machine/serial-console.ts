@@ -4,6 +4,10 @@
  * file (appended), to stdout, or nowhere. The count and the period travel
  * in the ferry-serial device (device-state.ts), so a migrated guest goes on
  * counting where the source stopped.
+ *
+ * A tap (setTap) sees every line the guest prints before it is written, and
+ * may keep it back (COLO compares the two guests' consoles and releases the
+ * primary's output later through write()).
  */
 import { closeSync, openSync, writeSync } from 'node:fs';
 import type { SerialConfig } from './types.js';
@@ -20,8 +24,12 @@ export interface SerialHost {
   heartbeat(n: number, line: string): void;
 }
 
+/** Sees a line the guest prints; returns true to keep it from the output. */
+export type ConsoleTap = (line: string) => boolean;
+
 export class SerialConsole {
   private count = 0;
+  private tap: ConsoleTap | null = null;
   private periodNs: number;
   private fd: number | null = null;
   private timer: NodeJS.Timeout | null = null;
@@ -58,8 +66,13 @@ export class SerialConsole {
     // one line per tick; a lagging console catches up on the next ticks
     const n = ++this.count;
     const line = `heartbeat ${n} vclock=${(now / 1e9).toFixed(3)}s steps=${this.host.totalSteps()}\n`;
-    this.write(line);
+    if (this.tap === null || !this.tap(line)) this.write(line);
     this.host.heartbeat(n, line);
+  }
+
+  /** Every later guest line goes to `tap` first (null: straight to the output again). */
+  setTap(tap: ConsoleTap | null): void {
+    this.tap = tap;
   }
 
   /** Writes text to the console output. */

@@ -30,6 +30,7 @@ export type MigrationPhase =
   | 'complete'
   | 'postcopy-switch'
   | 'postcopy'
+  | 'colo'
   | 'return-path'
   | 'listen'
   | 'accept'

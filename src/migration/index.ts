@@ -11,3 +11,5 @@ export type { SectionType, LiveSection, SectionLoader } from './sections/section
 export { RAM_SECTION } from './ram/section.js';
 export { TLS_HANDSHAKE_TIMEOUT_MS, type TlsDeps, type TlsCredsLookup } from './channel/tls.js';
 export { inspectStream, formatInspection, type InspectedRecord, type InspectedSection, type RamRecord } from './inspect.js';
+export { MigrationObserver, DirtyRateError, ForecastError, TraceError, type ObserverDeps } from './observe/index.js';
+export { ColoService, type ColoReplication } from './colo/index.js';

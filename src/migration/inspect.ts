@@ -6,8 +6,8 @@
  * reports every record, device sections keep their payload, commands and
  * packages are listed where they stand, and the vmdesc trailer is parsed.
  *
- * Device payloads: QEMU's `timer` (24 bytes) and `globalstate` (104 bytes)
- * have fixed sizes; every other FULL section is taken as be32-framed
+ * Device payloads: QEMU's `timer` (24 bytes), `globalstate` (104 bytes) and
+ * `COLOState` (1 byte) have fixed sizes; every other FULL section is taken as be32-framed
  * (Ferry's own devices), unless `deviceSizes` says otherwise. A live section
  * other than `ram` needs a loader in `liveLoaders`; without one it is not
  * understood ("Unknown savevm section").
@@ -80,7 +80,7 @@ const KIND_NAME: Record<number, 'zero' | 'page' | 'xbzrle' | 'compress'> = {
 export async function inspectStream(input: Uint8Array | Readable, opts: InspectOptions = {}): Promise<{ records: InspectedRecord[]; ram: RamLoader }> {
   const r = input instanceof Uint8Array ? StreamReader.fromBuffer(input) : new StreamReader(input);
   const keep = opts.keepRecords ?? true;
-  const sizes: Record<string, number> = { timer: WIRE.DEVICE.TIMER.SIZE, globalstate: WIRE.DEVICE.GLOBALSTATE.SIZE, ...opts.deviceSizes };
+  const sizes: Record<string, number> = { timer: WIRE.DEVICE.TIMER.SIZE, globalstate: WIRE.DEVICE.GLOBALSTATE.SIZE, COLOState: 1, ...opts.deviceSizes };
   const top: InspectedRecord[] = [{ type: 'header', version: WIRE.VERSION, at: 0 }];
   let out = top;
   const outer: InspectedRecord[][] = [];

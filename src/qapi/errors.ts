@@ -1,10 +1,5 @@
-/** QMP error classes (QEMU 2.10 defines exactly these five). */
-export type QmpErrorClass =
-  | 'GenericError'
-  | 'CommandNotFound'
-  | 'DeviceNotActive'
-  | 'DeviceNotFound'
-  | 'KVMMissingCap';
+/** QMP error classes (QEMU 2.10 defines exactly these five: QapiErrorClass in qapi/common.json). */
+export type QmpErrorClass = import('../generated/qapi-types.js').QapiErrorClass;
 
 /**
  * An error that reaches a QMP client as {"error": {"class", "desc"}}.

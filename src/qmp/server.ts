@@ -34,7 +34,17 @@ export interface QmpServerOptions<Ctx> {
    * addon: 'auto' (default) uses it when it is built, false never does.
    */
   scmRights?: 'auto' | false;
+  /**
+   * Output a client has not read, beyond the reply being written, before
+   * the monitor drops it (default 1 MiB): events for a client that never
+   * reads would otherwise pile up without bound. QEMU 7.2 has no bound.
+   */
+  maxOutputBacklog?: number;
+  /** Told when a client is dropped for its backlog (a log line). */
+  onDrop?: (client: QmpClientConn, backlog: number) => void;
 }
+
+export const DEFAULT_MAX_OUTPUT_BACKLOG = 1 << 20;
 
 /** Where a listener is bound (tcp: the real port, also for port 0). */
 export type QmpListenAddress = QmpAddress;
@@ -55,6 +65,8 @@ export class QmpClientConn {
   /** @internal */ paused = false;
   /** @internal */ pendingEvents: string[] = [];
   /** @internal */ ctx: unknown;
+  /** @internal bytes of the reply being written (not counted as backlog) */
+  replyBytes = 0;
   /** @internal input flow control (socket or native reader) */
   pauseInput: () => void;
   /** @internal */ resumeInput: () => void;
@@ -185,6 +197,8 @@ export class QmpServer<Ctx = QmpClientConn> extends EventEmitter<QmpServerEvents
   private readonly limits: Partial<JsonLimits> | undefined;
   private readonly maxQueued: number;
   private readonly useScm: boolean;
+  private readonly maxBacklog: number;
+  private readonly onDrop: ((client: QmpClientConn, backlog: number) => void) | undefined;
   private readonly listeners_: { server: net.Server; address: QmpListenAddress; unlink?: string }[] = [];
   private readonly clients = new Set<QmpClientConn>();
   private closing = false;
@@ -209,6 +223,8 @@ export class QmpServer<Ctx = QmpClientConn> extends EventEmitter<QmpServerEvents
     this.limits = opts.limits;
     this.maxQueued = Math.max(1, opts.maxQueuedRequests ?? 8);
     this.useScm = opts.scmRights !== false && scmRightsAvailable();
+    this.maxBacklog = opts.maxOutputBacklog ?? DEFAULT_MAX_OUTPUT_BACKLOG;
+    this.onDrop = opts.onDrop;
   }
 
   /** Bound addresses of all listeners. */
@@ -450,16 +466,25 @@ export class QmpServer<Ctx = QmpClientConn> extends EventEmitter<QmpServerEvents
   private rawWrite(conn: QmpClientConn, line: string): void {
     const s = conn.socket;
     if (conn.closed || s.destroyed || !s.writable) return;
+    // what the kernel would not take yet, apart from the reply in flight
+    const backlog = s.writableLength - conn.replyBytes;
+    if (backlog + line.length > this.maxBacklog) {
+      this.onDrop?.(conn, backlog);
+      s.destroy();
+      return;
+    }
     s.write(line);
   }
 
   private writeAndWait(conn: QmpClientConn, line: string): Promise<void> {
     const s = conn.socket;
     if (conn.closed || s.destroyed || !s.writable) return Promise.resolve();
+    conn.replyBytes = Buffer.byteLength(line);
     return new Promise<void>((resolve) => {
       const onClose = () => resolve();
       s.once('close', onClose);
       s.write(line, () => {
+        conn.replyBytes = 0;
         s.off('close', onClose);
         resolve();
       });

@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { runTarget } from './runner.js';
 import { TARGETS } from './targets.js';
 
-const SECONDS = Number(process.env.FERRY_FUZZ_SECONDS ?? 25);
+const SECONDS = Number(process.env.FERRY_FUZZ_SECONDS ?? 10);
 
 describe('fuzzing (Jazzer.js, short runs)', () => {
   for (const t of TARGETS) {

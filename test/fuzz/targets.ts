@@ -14,6 +14,10 @@ import { MigrationFailure } from '../../src/migration/errors.js';
 import { inspectStream } from '../../src/migration/inspect.js';
 import { xbzrleDecode } from '../../src/migration/codec/xbzrle-codec.js';
 import { JsonStreamParser } from '../../src/qmp/json.js';
+import { COMMANDS } from '../../src/generated/qapi-commands.js';
+import { QmpError } from '../../src/qapi/errors.js';
+import { StreamReader } from '../../src/migration/stream/reader.js';
+import { readRpMessage } from '../../src/migration/wire/records.js';
 
 export interface Target {
   name: string;
@@ -48,6 +52,42 @@ export const TARGETS: Target[] = [
             throw new Error(`not a QMP parse error text: ${r.error}`);
           }
         }
+      }
+    },
+  },
+  {
+    // whole command objects: JSON, then the schema's argument validation of the command they name
+    name: 'qmp-commands',
+    instrument: ['src/qmp/json', 'src/generated/qapi-validators', 'src/qapi/'],
+    seeds: 'test/fuzz/corpus/qmp-commands',
+    sync: true,
+    run(data) {
+      const p = new JsonStreamParser({ maxBytes: 1 << 16, maxTokens: 1 << 12, maxDepth: 64 });
+      for (const r of p.feed(data)) {
+        if (!r.ok || typeof r.value !== 'object' || r.value === null || Array.isArray(r.value)) continue;
+        const req = r.value as Record<string, unknown>;
+        const def = typeof req.execute === 'string' ? COMMANDS.get(req.execute) : undefined;
+        const args = req.arguments ?? {};
+        if (!def || typeof args !== 'object' || args === null || Array.isArray(args)) continue;
+        try {
+          def.validate(args as Record<string, unknown>);
+        } catch (e) {
+          if (!(e instanceof QmpError)) throw e;
+        }
+      }
+    },
+  },
+  {
+    name: 'return-path',
+    instrument: ['src/migration/wire/', 'src/migration/stream/'],
+    seeds: 'test/fuzz/corpus/return-path',
+    sync: false,
+    async run(data) {
+      const r = StreamReader.fromBuffer(data);
+      try {
+        while (!r.atEnd) await readRpMessage(r);
+      } catch (e) {
+        rejectedByKind(e, ['stream']);
       }
     },
   },

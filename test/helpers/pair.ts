@@ -142,7 +142,8 @@ export class Pair {
   }
 
   async close(): Promise<void> {
-    this.src?.source.cancel();
+    // cancels a migration in flight, and ends a COLO primary where it is
+    this.src?.source.shutdown();
     await this.src?.source.whenIdle();
     this.dst?.destination.close();
     await this.dst?.destination.whenDone();

@@ -3,11 +3,13 @@
  * src/cli/launch.ts, as the demo and the benchmarks do), talk QMP to them
  * over real unix sockets, and clean up whatever a test leaves behind.
  */
+import { spawn } from 'node:child_process';
 import { mkdtempSync, rmSync, existsSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { FERRY_MAIN, QmpProcess, ferryVmArgv, runToExit, waitFor, type LaunchOptions } from '../../src/cli/launch.js';
+import type { EventData, QmpApi } from '../../src/generated/qapi-client.js';
 
 export { FERRY_MAIN, QmpProcess, runToExit, waitFor };
 
@@ -50,21 +52,38 @@ export async function startVm(opts: VmOptions = {}): Promise<VmHandle> {
   return h.ready();
 }
 
+/** Run `ferry ARGS...` to its end (`signal` after timeoutMs): exit code, stdout and stderr. */
+export function runFerry(args: string[], timeoutMs = 120000, signal: NodeJS.Signals = 'SIGKILL'): Promise<{ code: number | null; out: string; err: string }> {
+  return new Promise((resolve) => {
+    const p = spawn(process.execPath, [FERRY_MAIN, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    let err = '';
+    p.stdout.on('data', (b: Buffer) => (out += b.toString()));
+    p.stderr.on('data', (b: Buffer) => (err += b.toString()));
+    const t = setTimeout(() => p.kill(signal), timeoutMs);
+    p.once('exit', (code) => {
+      clearTimeout(t);
+      resolve({ code, out, err });
+    });
+  });
+}
+
 /** Run `ferry vm` expecting it to fail at startup; returns exit code and stderr. */
 export function runVmExpectingExit(args: string[], timeoutMs = 10000): Promise<{ code: number | null; stderr: string }> {
   return runToExit(process.execPath, [FERRY_MAIN, 'vm', ...args], timeoutMs);
 }
 
-/** Poll query-migrate (of a Ferry or a QEMU) until the status is one of `states`. */
+/** Poll query-migrate (of a Ferry or a QEMU, through the typed client) until the status is one of `states`. */
 export async function waitMigration(
-  vm: { execute<T>(cmd: string): Promise<T> },
+  vm: QmpProcess | QmpApi,
   states: string[] = ['completed', 'failed', 'cancelled'],
   timeoutMs = 60000,
 ): Promise<Record<string, any>> {
+  const api = vm instanceof QmpProcess ? vm.api : vm;
   return waitFor<Record<string, any> | null>(
     async () => {
-      const info = await vm.execute<Record<string, any>>('query-migrate');
-      return states.includes(info.status) ? info : null;
+      const info = await api.queryMigrate();
+      return states.includes(info.status ?? 'none') ? info : null;
     },
     timeoutMs,
     `migration status in ${states.join('|')}`,
@@ -74,7 +93,7 @@ export async function waitMigration(
 
 /** The MIGRATION event statuses a process reported so far, in order. */
 export function migrationEvents(vm: QmpProcess): string[] {
-  return vm.qmp.eventLog.filter((e) => e.event === 'MIGRATION').map((e) => (e.data as { status: string }).status);
+  return vm.qmp.eventLog.filter((e) => e.event === 'MIGRATION').map((e) => (e.data as EventData['MIGRATION']).status);
 }
 
 /** Shell-quote a path for exec: URIs. */

@@ -34,7 +34,9 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Machine } from '../../src/machine/index.js';
 import {
+  ColoService,
   MigrationDestination,
+  MigrationObserver,
   MigrationOptions,
   MigrationSource,
   RAM_SECTION,
@@ -46,6 +48,7 @@ import { QmpServer } from '../../src/qmp/index.js';
 import { COMMANDS } from '../../src/generated/qapi-commands.js';
 import { handlers } from '../../src/commands/handlers.js';
 import type { Ctx, VmServices } from '../../src/commands/context.js';
+import { NbdService } from '../../src/commands/nbd.js';
 import { shq } from '../helpers/vm.js';
 import { FaultRelay } from './fault-relay.js';
 import { GUEST, PHASES, SOURCE_PARAMS, holdFrom, referenceDigest, workloadDone, type PhaseDef } from './guest.js';
@@ -265,6 +268,10 @@ async function monitor(dir: string, machine: Machine, options: MigrationOptions,
     options,
     source,
     destination,
+    observe: new MigrationObserver({ source, destination, options, ram: () => machine.ram, faultStats: () => machine.faultStats() }),
+    colo: new ColoService(),
+    nbd: new NbdService(),
+    log: () => undefined,
     incomingMode: 'none',
     objects: new Map(),
     fds: new Map(),

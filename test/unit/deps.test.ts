@@ -62,8 +62,19 @@ test('block (disk images) imports only block and base', () => {
   assert.ok(all.some((i) => i.file.startsWith('src/block/') && i.target.startsWith('src/base/')));
 });
 
-test('machine imports only machine, block (the drives\' images) and base', () => {
-  check('src/machine/', (i) => ['src/machine/', 'src/block/', 'src/base/'].some((p) => i.target.startsWith(p)));
+test('nbd (the NBD server and client) imports only nbd, block and base', () => {
+  check('src/nbd/', (i) => ['src/nbd/', 'src/block/', 'src/base/'].some((p) => i.target.startsWith(p)));
+  // and the check is live: the image target uses the block layer's types
+  assert.ok(all.some((i) => i.file.startsWith('src/nbd/') && i.target.startsWith('src/block/')));
+});
+
+test('replication imports only replication, nbd, block and base', () => {
+  check('src/replication/', (i) => ['src/replication/', 'src/nbd/', 'src/block/', 'src/base/'].some((p) => i.target.startsWith(p)));
+  assert.ok(all.some((i) => i.file.startsWith('src/replication/') && i.target.startsWith('src/nbd/')));
+});
+
+test('machine imports only machine, replication (replicated drives), block (the drives\' images) and base', () => {
+  check('src/machine/', (i) => ['src/machine/', 'src/replication/', 'src/block/', 'src/base/'].some((p) => i.target.startsWith(p)));
   // and the check is live: the drives do import the block layer
   assert.ok(all.some((i) => i.file === 'src/machine/drives.ts' && i.target.startsWith('src/block/')));
 });
@@ -77,6 +88,19 @@ test('migration knows nothing of QMP: no qmp, commands, cli; generated types onl
 
 test('qmp knows no command meaning and no engine', () => {
   check('src/qmp/', (i) => ['src/qmp/', 'src/base/', 'src/qapi/'].some((p) => i.target.startsWith(p)));
+});
+
+test('the typed client (ferry/client) is the generated client over the QMP socket client, nothing else', () => {
+  check('src/client/', (i) => ['src/client/', 'src/qmp/', 'src/generated/qapi-client.ts', 'src/generated/qapi-types.ts'].some((p) => i.target.startsWith(p)));
+});
+
+test('the report knows the generated schema types and client, never the engine or the cli', () => {
+  check('src/report/', (i) => ['src/report/', 'src/generated/'].some((p) => i.target.startsWith(p)) && !i.target.startsWith('src/generated/qapi-commands.ts'));
+  assert.ok(all.some((i) => i.file.startsWith('src/report/') && i.target.startsWith('src/generated/')));
+});
+
+test('metrics read the engine as commands do, never the cli or QMP', () => {
+  check('src/metrics/', (i) => ['src/metrics/', 'src/migration/', 'src/generated/qapi-types.ts'].some((p) => i.target.startsWith(p)));
 });
 
 test('commands never import the cli', () => {
@@ -111,6 +135,12 @@ test('sections, RAM and postcopy use the state machines only as types', () => {
   for (const d of ['sections/', 'ram/', 'postcopy/']) {
     check(M + d, (i) => !i.target.startsWith(M + 'core/') || i.typeOnly);
   }
+});
+
+test('COLO uses the state machines only as types (the load loop reads its checkpoints)', () => {
+  check(M + 'colo/', (i) => !i.target.startsWith(M + 'core/') || i.typeOnly || i.target === M + 'core/load-loop.ts');
+  // and the check is live: COLO does read checkpoints through the load loop
+  assert.ok(all.some((i) => i.file.startsWith(M + 'colo/') && i.target === M + 'core/load-loop.ts'));
 });
 
 test('the state machines and sessions name no section: RAM comes from the registry', () => {

@@ -80,10 +80,10 @@ describe('prefault', () => {
     assert.ok(grown < 900 * MiB, `RSS grew by ${(grown / MiB).toFixed(0)} MiB before create() returned`);
   });
 
-  it('the background prefault stops after its current range once the stream starts', () => {
+  it('the background prefault stops after its current range once the incoming migration has loaded', () => {
     // once the range it was on is done (64 MiB, well under 0.5 s), RSS stays put
     const grown = machineChild('{ ramSize: 1024 * MiB, smp: 1, incoming: true }',
-      'm.stopBackgroundPrefault(); await sleep(500); const settled = rss(); await sleep(1500); grown = rss() - settled;');
+      'm.endBackgroundPrefault(); await sleep(500); const settled = rss(); await sleep(1500); grown = rss() - settled;');
     assert.ok(grown < 32 * MiB, `RSS grew by ${(grown / MiB).toFixed(0)} MiB in the 1.5 s after the stop`);
   });
 
@@ -91,6 +91,24 @@ describe('prefault', () => {
     const grown = machineChild('{ ramSize: 512 * MiB, smp: 1, incoming: true }',
       'for (let i = 0; i < 100 && grown < 480 * MiB; i++) { await sleep(100); grown = rss() - before; }');
     assert.ok(grown >= 480 * MiB, `RSS grew by ${(grown / MiB).toFixed(0)} MiB in 10 s`);
+  });
+
+  it('the background prefault goes from the top down and stops where it meets what the loader has written', () => {
+    const out = runChild(`
+      import { GuestRam } from ${distUrl('machine/ram.js')};
+      ${CHILD_RSS}
+      const MiB = 2 ** 20;
+      const ram = new GuestRam(512 * MiB, 'pc.ram');
+      // the loader has written one page at 300 MiB: the prefault faults 448-512, 384-448 and 320-384 MiB
+      // (not the range of 256-320 MiB, nor anything below it)
+      ram.blocks[0].touched[(300 * MiB) / 4096 / 32] = 1;
+      const before = rss();
+      ram.prefaultInBackground();
+      await new Promise((r) => setTimeout(r, 2500));
+      console.log(rss() - before);
+      await ram.close();`);
+    const grown = Number(out);
+    assert.ok(grown >= 188 * MiB && grown < 250 * MiB, `RSS grew by ${(grown / MiB).toFixed(0)} MiB, expected about 192`);
   });
 
   it('the background prefault skips the ranges the loader has already written', () => {

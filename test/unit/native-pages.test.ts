@@ -8,11 +8,13 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import fc from 'fast-check';
-import { copyBytes, loadPageRun, nativePages } from '../../src/base/native.js';
+import { copyBytes, loadPageRun, nativePages, savePageRun } from '../../src/base/native.js';
 import { RamLoader } from '../../src/migration/ram/loader.js';
+import { RamSender } from '../../src/migration/ram/sender.js';
 import { StreamReader } from '../../src/migration/stream/reader.js';
+import { StreamWriter } from '../../src/migration/stream/writer.js';
 import { WIRE } from '../../src/migration/wire/constants.js';
-import { makeBlock } from './mig-helpers.js';
+import { Collector, makeBlock } from './mig-helpers.js';
 
 const F = WIRE.RAM;
 const PAGES = 48;
@@ -127,5 +129,93 @@ describe('native/pages', () => {
     const stream = Buffer.concat([h1, Buffer.from([6]), Buffer.from('pc.ram'), Buffer.alloc(4096, 1), h2, Buffer.alloc(4096, 2)]);
     const loader = new RamLoader([block]);
     await assert.rejects(loader.loadSection(StreamReader.fromBuffer(stream)), /Illegal RAM offset 8000/);
+  });
+
+  it('savePageRun encodes CONTINUE ZERO/PAGE records, clears the bits it took, and stops before what does not fit', { skip: noNative && 'FERRY_NO_NATIVE=1' }, () => {
+    const block = makeBlock('pc.ram', 40 * 4096);
+    block.touched.fill(0);
+    block.touched[0] = 0b1110; // pages 1..3 written; page 2 holds zeros
+    block.bytes.fill(0x11, 4096, 8192);
+    block.bytes.fill(0x33, 3 * 4096, 4 * 4096);
+    const bitmap = new Uint32Array(2);
+    bitmap[0] = 0b11111; // pages 0..4
+    bitmap[1] = 1 << 2; // page 34
+    const out = Buffer.alloc(3 * 9 + 2 * 4104 + 100);
+    const counts = new Float64Array(3);
+    const next = savePageRun(bitmap, block.touched, block.bytes, 0, 40, 1000, out, 5, out.length, counts);
+    assert.equal(next, 40);
+    assert.deepEqual([...counts], [2, 4, 4 * 9 + 2 * 4104]);
+    assert.deepEqual([...bitmap], [0, 0]);
+    const expect = Buffer.concat([
+      Buffer.from([0, 0, 0, 0, 0, 0, 0, F.ZERO | F.CONTINUE, 0]),
+      Buffer.from([0, 0, 0, 0, 0, 0, 0x10, F.PAGE | F.CONTINUE]), Buffer.alloc(4096, 0x11),
+      Buffer.from([0, 0, 0, 0, 0, 0, 0x20, F.ZERO | F.CONTINUE, 0]),
+      Buffer.from([0, 0, 0, 0, 0, 0, 0x30, F.PAGE | F.CONTINUE]), Buffer.alloc(4096, 0x33),
+      Buffer.from([0, 0, 0, 0, 0, 0, 0x40, F.ZERO | F.CONTINUE, 0]),
+      Buffer.from([0, 0, 0, 0, 0, 2, 0x20, F.ZERO | F.CONTINUE, 0]),
+    ]);
+    assert.ok(out.subarray(5, 5 + expect.length).equals(expect));
+    // a PAGE that does not fit stays in the bitmap; maxPages and endPage stop the walk
+    bitmap[0] = 0b1010;
+    counts.fill(0);
+    assert.equal(savePageRun(bitmap, block.touched, block.bytes, 0, 40, 1000, out, 0, 4103, counts), 1);
+    assert.deepEqual([...counts], [0, 0, 0]);
+    assert.equal(savePageRun(bitmap, block.touched, block.bytes, 2, 3, 1000, out, 0, out.length, counts), 3);
+    assert.equal(bitmap[0], 0b1010);
+    assert.equal(savePageRun(bitmap, block.touched, block.bytes, 0, 40, 1, out, 0, out.length, counts), 2);
+    assert.equal(bitmap[0], 0b1000);
+    assert.throws(() => savePageRun(bitmap, block.touched, block.bytes, 0, 41, 1, out, 0, out.length, counts), RangeError);
+  });
+
+  it('the sender writes the same bytes with and without the native runs, for any RAM, dirty pages and budget', async () => {
+    const pagesN = 100;
+    await fc.assert(
+      fc.asyncProperty(
+        fc.array(fc.nat(3), { minLength: pagesN, maxLength: pagesN }),
+        fc.array(fc.boolean(), { minLength: pagesN, maxLength: pagesN }),
+        fc.array(fc.record({ maxPages: fc.integer({ min: 1, max: 120 }), maxBytes: fc.integer({ min: 1, max: 300000 }) }), { minLength: 1, maxLength: 6 }),
+        fc.boolean(),
+        async (kinds, dirty, budgets, twoBlocks) => {
+          const send = async (nativeRuns: boolean) => {
+            // per page: 0 never written, 1 written with zeros, 2 and 3 written with data
+            const blocks = twoBlocks ? [makeBlock('pc.ram', 60 * 4096), makeBlock('pc.ram.1', 40 * 4096)] : [makeBlock('pc.ram', pagesN * 4096)];
+            const where = (p: number) => (twoBlocks && p >= 60 ? { b: blocks[1]!, p: p - 60 } : { b: blocks[0]!, p });
+            kinds.forEach((k, i) => {
+              const { b, p } = where(i);
+              if (k === 0) b.touched[p >>> 5]! &= ~(1 << (p & 31));
+              else if (k >= 2) b.bytes.fill(i * 7 + k, p * 4096, p * 4096 + 4096);
+            });
+            const sender = new RamSender(blocks, { nativeRuns, now: () => 0 });
+            // the first pass, then a pass over the dirty pages
+            const out = new Collector();
+            const w = new StreamWriter(out, { bufferSize: 64 * 1024, reuseBuffers: false });
+            const drive = async () => {
+              for (let i = 0, guard = 0; guard < 1000; guard++, i++) {
+                const r = sender.sendPages(w, budgets[i % budgets.length]);
+                await w.flush();
+                if (r.done) break;
+              }
+            };
+            await drive();
+            dirty.forEach((d, i) => {
+              if (!d) return;
+              const { b, p } = where(i);
+              Atomics.or(b.dirty, p >>> 5, 1 << (p & 31));
+            });
+            sender.syncDirtyLog();
+            await drive();
+            await w.drain();
+            return { bytes: out.data, counters: sender.counters, bitmaps: sender.bitmaps.map((m) => [...m]), left: sender.dirtyPages };
+          };
+          const js = await send(false);
+          const fast = await send(true);
+          assert.deepEqual(fast.counters, js.counters);
+          assert.deepEqual(fast.bitmaps, js.bitmaps);
+          assert.equal(fast.left, js.left);
+          assert.ok(fast.bytes.equals(js.bytes), 'streams differ');
+        },
+      ),
+      { numRuns: 100 },
+    );
   });
 });

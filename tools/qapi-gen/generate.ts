@@ -7,6 +7,7 @@ import { genValidators } from './gen-validators.js';
 import { genCommands } from './gen-commands.js';
 import { genEvents } from './gen-events.js';
 import { genIntrospect } from './gen-introspect.js';
+import { genClient } from './gen-client.js';
 import { genDoc } from './gen-doc.js';
 
 export interface GenerateOptions {
@@ -36,6 +37,7 @@ export function generate(schemaFile: string, opts: GenerateOptions = {}): Genera
     ['qapi-commands.ts', genCommands(schema, source)],
     ['qapi-events.ts', genEvents(schema, source)],
     ['qapi-introspect.ts', genIntrospect(schema, source)],
+    ['qapi-client.ts', genClient(schema, source)],
   ]);
   return { schema, files, doc: genDoc(schema, source) };
 }

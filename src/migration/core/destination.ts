@@ -10,6 +10,7 @@ import { EventEmitter } from 'node:events';
 import type { MigrationInfo, MigrationStatus } from '../../generated/qapi-types.js';
 import { listenIncoming, parseMigrationUri, type ChannelWrapper, type IncomingListener } from '../channel/index.js';
 import type { TlsDeps } from '../channel/tls.js';
+import { ColoService } from '../colo/index.js';
 import { MigrationError, errorMessage } from '../errors.js';
 import { RAM_SECTION } from '../ram/section.js';
 import { SectionRegistry } from '../sections/registry.js';
@@ -30,6 +31,8 @@ export interface DestinationDeps {
   /** Where the credentials that tls-creds names are found (channel/tls.ts). */
   tls?: TlsDeps;
   trace?: (point: DestinationTracePoint) => void;
+  /** The VM's COLO (default: one of its own). */
+  colo?: ColoService;
 }
 
 export declare interface MigrationDestination {
@@ -43,6 +46,7 @@ export class MigrationDestination extends EventEmitter {
   private starting = false;
   private done: Promise<void> = Promise.resolve();
   private readonly sections: SectionRegistry;
+  readonly colo: ColoService;
 
   constructor(
     private readonly machine: MachinePort,
@@ -51,6 +55,7 @@ export class MigrationDestination extends EventEmitter {
   ) {
     super();
     this.sections = deps.sections ?? new SectionRegistry([RAM_SECTION]);
+    this.colo = deps.colo ?? new ColoService();
   }
 
   get status(): MigrationStatus {
@@ -105,6 +110,7 @@ export class MigrationDestination extends EventEmitter {
         tls: this.deps.tls,
         trace: this.deps.trace,
         log,
+        colo: this.colo,
       },
       listener,
     );

@@ -14,6 +14,7 @@ import type { MigrationInfo } from '../../generated/qapi-types.js';
 import { acceptIncoming, closeAfterShut, type Channel, type ChannelWrapper, type IncomingListener } from '../channel/index.js';
 import { chainWrappers, migrationTls, type TlsDeps } from '../channel/tls.js';
 import { DecompressPool } from '../codec/compress-pool.js';
+import { ColoRequest, ColoSecondary, type ColoService } from '../colo/index.js';
 import { inPhase, type MigrationFailure, type MigrationPhase } from '../errors.js';
 import { PostcopyIncoming, type PostcopyCommand } from '../postcopy/incoming.js';
 import { ReturnPathWriter } from '../return-path/writer.js';
@@ -46,6 +47,8 @@ export interface IncomingDeps {
   readonly tls?: TlsDeps;
   trace?(point: DestinationTracePoint): void;
   log(msg: string): void;
+  /** The VM's COLO (a stream that asks for it makes this session a COLO secondary, colo/secondary.ts). */
+  readonly colo: ColoService;
 }
 
 export class IncomingSession {
@@ -54,6 +57,11 @@ export class IncomingSession {
   error: MigrationFailure | undefined;
   phase: MigrationPhase = 'accept';
   private readonly clock = new MigrationClockDevice();
+  /** The COLOState / ferry-colo sections, if the stream carries them. */
+  private readonly coloRequest = new ColoRequest();
+  /** The COLO secondary this session became, if the stream asked for COLO. */
+  colo: ColoSecondary | null = null;
+  private reader: StreamReader | null = null;
   private postcopy: PostcopyIncoming | null = null;
   private loaders: Array<{ idstr: string; instanceId: number; bound: BoundLoader }> = [];
   private pool: DecompressPool | null = null;
@@ -104,6 +112,10 @@ export class IncomingSession {
       }
       this.totalTime = Math.round(this.deps.now() - this.startTime);
       this.deps.trace?.('loaded');
+      if (this.coloRequest.requested && !this.postcopy?.listening) {
+        await this.runColo(ch);
+        return;
+      }
       if (!this.postcopy?.listening) {
         this.phase = 'start-guest';
         await this.startGuest();
@@ -131,8 +143,19 @@ export class IncomingSession {
     this.deps.trace?.('disposed');
   }
 
+  /** The stream asked for COLO: this session goes on as the secondary until a failover. */
+  private async runColo(ch: Channel): Promise<void> {
+    this.phase = 'colo';
+    // with a return path the source waits for the load's verdict before COLO's messages
+    if (this.returnPath.isOpen) this.returnPath.shut(0);
+    this.colo = new ColoSecondary(this.deps.colo, this.deps.now, (m) => this.deps.log(m));
+    await this.colo.run({ machine: this.deps.machine, status: this.deps.status, channel: ch, input: this.reader!, request: this.coloRequest });
+    ch.close();
+  }
+
   /** Abort (quit, tests): a pending accept fails, an open channel closes. */
   close(): void {
+    this.colo?.shutdown();
     this.abort.abort();
     this.listener.close();
     this.channel?.close();
@@ -170,13 +193,14 @@ export class IncomingSession {
     // with `compress`, COMPRESS_PAGE records are inflated on decompress-threads workers
     if (options.capability('compress')) this.pool = new DecompressPool({ threads: options.get('decompress-threads') });
     const reader = new StreamReader(ch.input);
+    this.reader = reader;
     const ctx: IncomingSectionContext = { machine, options, decompressPool: this.pool, returnPath: this.returnPath };
     this.loaders = sections.types.map((t) => ({
       idstr: t.idstr,
       instanceId: t.instanceId,
       bound: { loader: t.load(ctx), version: t.version, minVersion: t.minVersion },
     }));
-    const devices = [...machine.devices, this.clock];
+    const devices = [...machine.devices, this.clock, ...this.coloRequest.devices];
     const postcopy = new PostcopyIncoming({
       machine,
       options,
@@ -200,7 +224,6 @@ export class IncomingSession {
       },
       command: (c) => this.command(c, ch, postcopy),
     };
-    machine.incomingStreamStarted();
     await loadStream(reader, handlers, { machineType: machine.machineType });
     if (postcopy.listening) {
       // postcopy: no vmdesc; every page must be here now

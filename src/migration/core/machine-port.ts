@@ -28,8 +28,8 @@ export function machinePort(m: Machine, opts: { autostart: boolean }): MachinePo
       void m.stop('postmigrate');
     },
     setThrottle: (pct) => m.setThrottle(pct),
-    incomingStreamStarted: () => m.stopBackgroundPrefault(),
     async finishIncoming() {
+      m.endBackgroundPrefault();
       const got = m.loadedGlobalState;
       if (got === undefined || got === 'running') {
         await (opts.autostart ? m.start() : m.setRunState('paused'));
@@ -47,5 +47,23 @@ export function machinePort(m: Machine, opts: { autostart: boolean }): MachinePo
     markPresent: (block, page) => m.markPresent(block, page),
     endDemandPaging: () => m.endDemandPaging(),
     abandonIncoming: () => m.stop('internal-error'),
+    checkpointPause: (fn) =>
+      m.runStopped('colo', async (before) => {
+        m.savedRunStateForMigration = before;
+        try {
+          return await fn(before);
+        } finally {
+          m.savedRunStateForMigration = undefined;
+        }
+      }),
+    enterRunState: (s) => m.setRunState(s),
+    get loadedRunState() {
+      return m.loadedGlobalState;
+    },
+    snapshotRam: () => m.snapshotRam(),
+    takeDirtyPages: (into) => m.takeDirtyPages(into),
+    restoreRamPages: (from, pages) => m.restoreRamPages(from, pages),
+    setConsoleTap: (tap) => m.setConsoleTap(tap),
+    writeConsole: (text) => m.writeSerial(text),
   };
 }

@@ -23,7 +23,6 @@ export const CAPABILITIES: readonly MigrationCapability[] = [
  */
 export const UNSUPPORTED_CAPABILITIES: ReadonlyMap<MigrationCapability, string> = new Map<MigrationCapability, string>([
   ['rdma-pin-all', "Capability 'rdma-pin-all' requires RDMA migration, which this build does not support"],
-  ['x-colo', "Capability 'x-colo' is not supported by this build yet"],
   ['block', 'QEMU compiled without old-style (blk/-b, inc/-i) block migration'],
   ['zero-blocks', "Capability 'zero-blocks' requires block migration, which this build does not support yet"],
 ]);

@@ -19,13 +19,16 @@ import { TARGET_PAGE_SIZE, type MigratableDevice } from '../../machine/types.js'
 import { endOutput, linger, openOutgoing, type Channel, type ChannelWrapper, type MigrationUri } from '../channel/index.js';
 import { chainWrappers, migrationTls, type TlsDeps } from '../channel/tls.js';
 import { CompressPool } from '../codec/compress-pool.js';
+import { ColoPrimary, COLO_ERR, type ColoService } from '../colo/index.js';
 import { CancelledError, MigrationError, PeerError, errorMessage, inPhase, type MigrationFailure, type MigrationPhase } from '../errors.js';
+import { DecisionLog, type DecisionWhy } from '../observe/decisions.js';
 import { runPostcopy } from '../postcopy/switch.js';
 import { ReturnPathReader } from '../return-path/reader.js';
 import { MigrationClockDevice, wallClockUs } from '../sections/clock-device.js';
 import { buildVmdesc, writeDeviceSections, type VmdescEntry } from '../sections/device-sections.js';
 import { FIRST_SECTION_ID, type SectionRegistry } from '../sections/registry.js';
 import type { LiveSection, OutgoingSectionContext, Pending } from '../sections/section.js';
+import { StreamReader } from '../stream/reader.js';
 import { StreamWriter, type ByteSink } from '../stream/writer.js';
 import { WIRE } from '../wire/constants.js';
 import {
@@ -95,6 +98,8 @@ export interface OutgoingDeps {
   onPass(count: number): void;
   /** What switchovers cost on this VM (switchover.ts); one per source, shared by its migrations. */
   readonly switchover: SwitchoverBudget;
+  /** The VM's COLO (x-colo: after the precopy the session goes on as a COLO primary, colo/primary.ts). */
+  readonly colo: ColoService;
   log?(msg: string): void;
 }
 
@@ -114,6 +119,10 @@ interface PendingSum {
 export class OutgoingSession {
   readonly stats = new SourceStats();
   readonly abort = new AbortController();
+  /** What the switchover decided and why (x-query-migrate-decisions). */
+  readonly decisions = new DecisionLog();
+  /** The dirty-sync count (MIGRATION_PASS) so far. */
+  pass = 0;
   channel: Channel | null = null;
   writer: StreamWriter | null = null;
   returnPath: ReturnPathReader | null = null;
@@ -126,6 +135,8 @@ export class OutgoingSession {
   inPostcopy = false;
   /** The VM is stopped by us and must be restarted on failure. */
   vmStopped = false;
+  /** x-colo: the COLO primary this migration becomes once its precopy completed. */
+  colo: ColoPrimary | null = null;
   phase: MigrationPhase = 'start';
   private compress: CompressPool | null = null;
   /** Which section goes first in the next slice. */
@@ -133,6 +144,8 @@ export class OutgoingSession {
   /** vmdesc entries of the device sections written by writeDevices(). */
   private vmdesc: VmdescEntry[] = [];
   private disposed = false;
+  /** now() when the vCPUs stopped for the switchover. */
+  private stopTime = 0;
   /** Every byte is out and the return path's SHUT will say who owns the guest. */
   private verdictPending = false;
   private cancelTimer: NodeJS.Timeout | undefined;
@@ -221,6 +234,7 @@ export class OutgoingSession {
       }
     }
     this.returnPath?.stop();
+    this.colo?.shutdown();
     this.channel?.close();
     void this.compress?.close();
     this.compress = null;
@@ -251,6 +265,11 @@ export class OutgoingSession {
     this.trace('connected');
     this.phase = 'setup';
     if (useReturnPath && !channel.bidirectional) throw new MigrationError('Unable to open return-path for postcopy');
+    if (options.capability('x-colo')) {
+      // COLO's messages come back on the channel's other direction
+      if (!channel.bidirectional) throw new MigrationError(COLO_ERR.noReturnPath());
+      this.colo = new ColoPrimary(this.deps.colo, { qemuCompatible: this.deps.qemuCompatible, now: this.deps.now, log: (m) => this.deps.log?.(m) });
+    }
     const w = new StreamWriter(channel.output, { now: this.deps.now });
     this.writer = w;
     w.setMaxBandwidth(options.get('max-bandwidth'));
@@ -259,7 +278,7 @@ export class OutgoingSession {
     putHeader(w);
     putConfiguration(w, machine.machineType);
     if (useReturnPath) {
-      this.returnPath = new ReturnPathReader(channel, (e) => this.onReturnPathError(e));
+      this.returnPath = new ReturnPathReader(channel, (e) => this.onReturnPathError(e), { stopAtShut: this.colo !== null });
       putCmdOpenReturnPath(w);
       putCmdPing(w, 1);
     }
@@ -291,7 +310,10 @@ export class OutgoingSession {
       now: this.deps.now,
       returnPath: this.returnPath,
       compressPool: () => (this.compress ??= new CompressPool({ threads: this.options.get('compress-threads') })),
-      onPass: (n) => this.deps.onPass(n),
+      onPass: (n) => {
+        this.pass = n;
+        this.deps.onPass(n);
+      },
       throughputMbps: () => this.stats.mbps,
     };
   }
@@ -329,11 +351,20 @@ export class OutgoingSession {
       // bytes put but not yet handed to the kernel go after the stop too
       const queued = w.bytesWritten - w.bytesFlushed;
       let p = this.pending(false);
-      if (p.total + queued < threshold || p.total === 0) p = this.pending(true);
+      const exact = p.total + queued < threshold || p.total === 0;
+      if (exact) p = this.pending(true);
       this.stats.remaining = p.total;
-      if (p.total === 0 || p.total + queued < threshold) return 'complete';
+      if (p.total === 0 || p.total + queued < threshold) {
+        this.decide(p, queued, threshold, 'switchover', p.total === 0 ? 'empty' : 'fits');
+        return 'complete';
+      }
       // what must go before the switch fits: postcopy carries the rest
-      if (this.postcopyRequested && this.options.capability('postcopy-ram') && p.precopy + queued <= threshold) return 'postcopy';
+      const postcopy = this.postcopyRequested && this.options.capability('postcopy-ram');
+      if (postcopy && p.precopy + queued <= threshold) {
+        this.decide(p, queued, threshold, 'postcopy', 'postcopy-fits');
+        return 'postcopy';
+      }
+      if (exact) this.decide(p, queued, threshold, 'iterate', postcopy ? 'postcopy-waits' : 'too-much');
 
       this.trace('slice');
       // Sections take turns at going first, so that one that fills the
@@ -359,11 +390,34 @@ export class OutgoingSession {
     }
   }
 
+  /** Record a decision with the figures it was taken on (observe/decisions.ts). */
+  private decide(p: PendingSum, queued: number, threshold: number, decision: 'iterate' | 'switchover' | 'postcopy', why: DecisionWhy): void {
+    const budget = this.deps.switchover;
+    const limit = this.options.get('downtime-limit');
+    const bandwidth = this.stats.lowBandwidth;
+    this.decisions.record({
+      timeMs: this.now() - this.stats.startTime,
+      pass: this.pass,
+      dirtyBytes: p.total,
+      precopyBytes: p.precopy,
+      queuedBytes: queued,
+      bandwidth,
+      plannedBandwidth: budget.plannedBandwidth(bandwidth),
+      expectedDowntimeMs: budget.expectedDowntimeMs(p.total + queued, bandwidth, limit),
+      limitMs: limit,
+      reserveMs: budget.reserveMs(limit),
+      thresholdBytes: threshold,
+      decision,
+      why,
+    });
+  }
+
   /** Stop-and-copy: VM stopped, the rest of every section, devices, EOF, vmdesc. */
   private async complete(): Promise<void> {
     const w = this.writer!;
     const stopWall = wallClockUs();
     const stopTime = this.now();
+    this.stopTime = stopTime;
     const bandwidth = this.stats.lowBandwidth;
     const flushedAtStop = w.bytesFlushed;
     await this.machine.stopForMigration();
@@ -382,8 +436,13 @@ export class OutgoingSession {
     await w.drain();
     this.checkCancelled();
     const rp = this.returnPath;
-    this.verdictPending = rp !== null;
+    // set before the trace point: a cancel there must already wait for the verdict
+    this.verdictPending = rp !== null && !this.colo;
     this.trace('sent');
+    if (this.colo) {
+      await this.runColo(rp);
+      return;
+    }
     if (rp) {
       const ch = this.channel!;
       let shut: number;
@@ -430,6 +489,37 @@ export class OutgoingSession {
     this.finish(end);
   }
 
+  /** x-colo: instead of completing, the session goes on as the COLO primary until a failover. */
+  private async runColo(rp: ReturnPathReader | null): Promise<void> {
+    const channel = this.channel!;
+    let input: StreamReader;
+    if (rp) {
+      // the destination confirms the load with SHUT 0 before COLO's messages
+      const shut = await rp.waitForShut();
+      this.checkCancelled();
+      if (shut !== 0) throw new PeerError(`Destination reported failure (SHUT ${shut})`);
+      input = rp.takeReader();
+    } else {
+      input = new StreamReader(channel.input);
+    }
+    this.phase = 'colo';
+    const end = this.now();
+    this.stats.downtime = Math.round(end - this.stopTime);
+    await this.colo!.run({
+      machine: this.machine,
+      options: this.options,
+      status: this.deps.status,
+      channel,
+      input,
+      sections: this.sections.map((a) => a.section),
+      resumeGuest: async () => {
+        this.vmStopped = false;
+        await this.machine.resumeAfterMigration();
+      },
+      finish: () => this.stats.finish(this.now(), this.writer!.bytesWritten),
+    });
+  }
+
   /** The device sections of the switchover, numbered after the live sections. */
   writeDevices(w: ByteSink, stopWallUs: number): void {
     const first = FIRST_SECTION_ID + this.sections.length;
@@ -439,9 +529,10 @@ export class OutgoingSession {
 
   /** Device sections for the switchover (stop time in the ferry-migration section). */
   private devicesToSend(stopWallUs: number): MigratableDevice[] {
-    return this.deps.qemuCompatible
+    const own = this.deps.qemuCompatible
       ? this.machine.devices.filter((d) => QEMU_DEVICES.has(d.idstr))
       : [...this.machine.devices, new MigrationClockDevice(stopWallUs)];
+    return this.colo ? [...own, ...this.colo.streamDevices()] : own;
   }
 
   /** Final statistics, run state postmigrate, status completed. */

@@ -2,6 +2,7 @@
  * What the migration engine needs from the guest. `Machine` implements it;
  * tests may pass a smaller fake. Nothing here knows about QMP.
  */
+import type { ConsoleTap, RamSnapshot } from '../../machine/index.js';
 import type { MigratableDevice, RamBlock, RunState } from '../../machine/types.js';
 
 export interface MachinePort {
@@ -27,15 +28,10 @@ export interface MachinePort {
    */
   setThrottle(pct: number): void;
   /**
-   * Destination, the incoming stream is about to be read: background work
-   * that would compete with the loader for the CPU and the page tables (the
-   * prefault of RAM) stops.
-   */
-  incomingStreamStarted(): void;
-  /**
    * Destination, after a complete load: enter the run state the stream's
    * globalstate asked for (running unless started with -S, or the received
-   * state). Resolves once the vCPUs run (or the state is set).
+   * state). Resolves once the vCPUs run (or the state is set). Background
+   * work for the incoming migration (the prefault of RAM) ends.
    */
   finishIncoming(): Promise<void>;
   /**
@@ -55,4 +51,26 @@ export interface MachinePort {
    * with pages missing.
    */
   abandonIncoming(): Promise<void>;
+
+  // ---- COLO (migration/colo/)
+  /**
+   * Run `fn` with the guest stopped (run state colo when it ran), other run
+   * state changes waiting; the globalstate saved meanwhile is the state
+   * before. Afterwards the guest enters what `fn` returns, or that state.
+   */
+  checkpointPause(fn: (before: RunState) => Promise<RunState | void>): Promise<void>;
+  /** Enter a run state (running: start the guest). */
+  enterRunState(s: RunState): Promise<void>;
+  /** The run state the last loaded globalstate carried, if any. */
+  readonly loadedRunState: RunState | undefined;
+  /** A copy of guest RAM (the vCPUs stopped). */
+  snapshotRam(): RamSnapshot;
+  /** Takes and clears the dirty log into per-block bitmaps; returns the pages taken. */
+  takeDirtyPages(into: readonly Uint32Array[]): number;
+  /** Puts the pages set in `pages` back from the snapshot (vCPUs stopped); returns how many. */
+  restoreRamPages(from: RamSnapshot, pages: readonly Uint32Array[]): number;
+  /** Lines the guest prints go to `tap` first, which may keep them back (null: no tap). */
+  setConsoleTap(tap: ConsoleTap | null): void;
+  /** Text to the guest's console output. */
+  writeConsole(text: string): void;
 }

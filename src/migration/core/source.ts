@@ -10,6 +10,7 @@ import { EventEmitter } from 'node:events';
 import type { MigrationInfo, MigrationStatus } from '../../generated/qapi-types.js';
 import { parseMigrationUri, resolveFdParam, type ChannelWrapper } from '../channel/index.js';
 import type { TlsDeps } from '../channel/tls.js';
+import { ColoService, checkColoMigrate } from '../colo/index.js';
 import { MigrationError, errorMessage } from '../errors.js';
 import type { RamSaveSection } from '../ram/section.js';
 import { RAM_SECTION } from '../ram/section.js';
@@ -39,6 +40,8 @@ export interface SourceDeps {
   trace?: (point: SourceTracePoint) => void;
   /** Diagnostics (an internal error's stack). */
   log?: (msg: string) => void;
+  /** The VM's COLO (default: one of its own). */
+  colo?: ColoService;
 }
 
 export interface MigrateFlags {
@@ -66,6 +69,7 @@ export class MigrationSource extends EventEmitter {
 
   /** The measured cost of a switchover on this VM, learned over its migrations. */
   readonly switchover = new SwitchoverBudget();
+  readonly colo: ColoService;
 
   constructor(
     private readonly machine: MachinePort,
@@ -75,6 +79,7 @@ export class MigrationSource extends EventEmitter {
     super();
     this.now = deps.now ?? (() => performance.now());
     this.sections = deps.sections ?? new SectionRegistry([RAM_SECTION]);
+    this.colo = deps.colo ?? new ColoService();
   }
 
   get status(): MigrationStatus {
@@ -103,6 +108,7 @@ export class MigrationSource extends EventEmitter {
   start(uri: string, flags: MigrateFlags = {}): void {
     if (this.status_.isOneOf(BUSY)) throw new MigrationError("There's a migration process in progress");
     if (this.machine.runState === 'inmigrate') throw new MigrationError('Guest is waiting for an incoming migration');
+    checkColoMigrate(this.options, this.machine, flags);
     if (flags.blk || flags.inc) {
       if (this.options.capability('block') || this.options.get('block-incremental')) {
         throw new MigrationError('Command options are incompatible with current migration capabilities');
@@ -124,6 +130,7 @@ export class MigrationSource extends EventEmitter {
       onPass: (n) => this.emit('pass', n),
       log: this.deps.log,
       switchover: this.switchover,
+      colo: this.colo,
     });
     this.session = session;
     this.status_.to('setup');
@@ -149,7 +156,13 @@ export class MigrationSource extends EventEmitter {
     this.running = session.run(parsed);
   }
 
-  /** `migrate_cancel`: always succeeds; acts in setup, active and postcopy-active. */
+  /** The VM quits (or a test ends): a migration in flight is cancelled, a COLO primary stops where it is. */
+  shutdown(): void {
+    this.cancel();
+    this.session?.colo?.shutdown();
+  }
+
+  /** `migrate_cancel`: always succeeds; acts in setup, active and postcopy-active (not in colo, as in 2.10). */
   cancel(): void {
     if (!this.isActive()) return;
     // after the last byte the destination's verdict decides who owns the guest

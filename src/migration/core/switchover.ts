@@ -60,6 +60,22 @@ export class SwitchoverBudget {
   }
 
   /**
+   * The downtime (ms) a stop with `bytes` left would cost by this plan:
+   * the transfer at the planned share of `bandwidth` plus the reserve
+   * (Infinity before the bandwidth is known). Below `limitMs` exactly when
+   * `bytes` is below thresholdBytes().
+   */
+  expectedDowntimeMs(bytes: number, bandwidth: number, limitMs: number): number {
+    if (!(bandwidth > 0)) return bytes === 0 ? this.reserveMs(limitMs) : Infinity;
+    return bytes / (bandwidth * BANDWIDTH_SHARE) + this.reserveMs(limitMs);
+  }
+
+  /** The bandwidth (bytes per ms) the final transfer is planned with. */
+  plannedBandwidth(bandwidth: number): number {
+    return bandwidth * BANDWIDTH_SHARE;
+  }
+
+  /**
    * A switchover ended: it took `downtimeMs`, moving `bytes` after the stop,
    * with `bandwidth` (bytes per ms) measured before it. Ignored when the
    * bandwidth is unknown.

@@ -8,7 +8,7 @@
  */
 import { clearBit, lowestBit, newBitmap, popcount32, tailMask, testBit } from '../../base/bitmap.js';
 import { bufferView, isZeroPage } from '../../base/bytes.js';
-import { copyBytes } from '../../base/native.js';
+import { copyBytes, nativePages, savePageRun } from '../../base/native.js';
 import { hi32, lo32 } from '../../base/u64.js';
 import type { RamBlock } from '../../machine/types.js';
 import { TARGET_PAGE_SIZE } from '../../machine/types.js';
@@ -112,10 +112,15 @@ export class RamSender {
   private lastBlock = -1;
   private hook: PageHook | null = null;
   private readonly now: () => number;
+  /** Encode runs of records with native/pages (savePageRun) where the JS loop would do the same. */
+  private readonly runs: boolean;
+  /** PAGE records, ZERO records and bytes of the last native run. */
+  private readonly runCounts = new Float64Array(3);
 
-  constructor(blocks: readonly RamBlock[], opts: { now?: () => number } = {}) {
+  constructor(blocks: readonly RamBlock[], opts: { now?: () => number; nativeRuns?: boolean } = {}) {
     this.blocks = blocks;
     this.now = opts.now ?? (() => performance.now());
+    this.runs = (opts.nativeRuns ?? true) && nativePages;
     this.bitmaps = blocks.map((b) => newBitmap(b.pages, true));
     this.views = blocks.map((b) => bufferView(b.bytes));
     let total = 0;
@@ -215,6 +220,15 @@ export class RamSender {
       // take the page under the cursor
       const b = this.curBlock;
       const p = this.curPage;
+      if (this.runs && this.hook === null && this.lastBlock === b) {
+        // the records the loop below would write (CONTINUE ZERO/PAGE), a run at a time
+        const taken = this.saveRun(w, b, p, maxPages - pages, endBytes);
+        if (taken > 0) {
+          pages += taken;
+          if (this.now() - t0 >= maxMs) break;
+          continue;
+        }
+      }
       clearBit(this.bitmaps[b]!, p);
       this.dirtyPages--;
 
@@ -237,6 +251,32 @@ export class RamSender {
     }
     this.counters.transferred += w.bytesWritten - startBytes;
     return { pages, done: this.dirtyPages === 0 };
+  }
+
+  /**
+   * Encode pages of block b from page p on (at most maxPages, within the
+   * staging buffer, the rate-limit window and endBytes) with native/pages;
+   * returns how many were taken.
+   */
+  private saveRun(w: StreamWriter, b: number, p: number, maxPages: number, endBytes: number): number {
+    const block = this.blocks[b]!;
+    const room = Math.min(w.spaceLeft, endBytes - w.bytesWritten, w.windowRoom());
+    if (room < 9) return 0;
+    const at = w.offset;
+    const c = this.runCounts;
+    c[0] = 0;
+    c[1] = 0;
+    c[2] = 0;
+    const next = savePageRun(this.bitmaps[b]!, block.touched, block.bytes, p, block.pages, Math.min(maxPages, 0x7fffffff), w.buf, at, at + room, c);
+    const taken = c[0]! + c[1]!;
+    if (taken === 0) return 0;
+    w.commit(c[2]!);
+    this.curPage = next;
+    this.dirtyPages -= taken;
+    this.counters.normal += c[0]!;
+    this.counters.normalBytes += c[0]! * TARGET_PAGE_SIZE;
+    this.counters.duplicate += c[1]!;
+    return taken;
   }
 
   /** A ZERO or PAGE record for page p of block b; the block becomes the last block. */

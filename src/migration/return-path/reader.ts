@@ -4,10 +4,11 @@
  * noted, SHUT is the destination's verdict, page requests (postcopy) go to
  * the sink the RAM section installs, which checks and queues them.
  *
- * It runs on after SHUT (COLO keeps talking on the return path): later
- * messages are still read and dispatched, and the end of the input after a
- * SHUT is a normal end. Before a SHUT, a malformed message or the end of the
- * input fails the migration through `onError`.
+ * It runs on after SHUT: later messages are still read and dispatched,
+ * and the end of the input after a SHUT is a normal end. Before a SHUT, a
+ * malformed message or the end of the input fails the migration through
+ * `onError`. With `stopAtShut` (COLO) it reads nothing after the SHUT: the
+ * COLO messages that follow on the same input are COLO's (takeReader()).
  */
 import type { Channel } from '../channel/channel.js';
 import { ChannelError } from '../channel/errors.js';
@@ -38,12 +39,21 @@ export class ReturnPathReader {
   readonly #ended: Promise<void>;
   readonly pongs: number[] = [];
 
+  readonly #stopAtShut: boolean;
+
   constructor(
     ch: Channel,
     private readonly onError: (e: MigrationFailure) => void,
+    opts: { stopAtShut?: boolean } = {},
   ) {
+    this.#stopAtShut = opts.stopAtShut ?? false;
     this.#reader = new StreamReader(ch.input);
     this.#ended = this.#loop();
+  }
+
+  /** The input after the SHUT (stopAtShut), with whatever is already buffered: its next reader's. */
+  takeReader(): StreamReader {
+    return this.#reader;
   }
 
   /** Page requests go here from now on (null: a request fails the migration). */
@@ -112,7 +122,7 @@ export class ReturnPathReader {
   async #loop(): Promise<void> {
     try {
       for (;;) {
-        if (this.#shut !== null && this.#reader.atEnd) return; // the normal end after SHUT
+        if (this.#shut !== null && (this.#stopAtShut || this.#reader.atEnd)) return; // the normal end after SHUT
         this.#dispatch(await readRpMessage(this.#reader));
       }
     } catch (e) {

@@ -7,16 +7,24 @@
  * data is missing. Any length taken from the wire goes through
  * checkLength() before it is trusted; ensure() refuses more than maxEnsure.
  */
+import { Socket } from 'node:net';
 import type { Readable } from 'node:stream';
 import { copyBytes } from '../../base/native.js';
 import { join64 } from '../../base/u64.js';
 import { ERR, MigrationStreamError } from '../wire/errors.js';
+import { pooledSocketReads } from './pooled-reads.js';
 
 export interface StreamReaderOptions {
   /** Largest n ensure() accepts (default 64 MiB). */
   maxEnsure?: number;
   /** Pause the source when this much is buffered (default 8 MiB). */
   highWater?: number;
+  /**
+   * Read a plain socket into reusable buffers (pooled-reads.ts) instead of
+   * a new buffer per read (default true). Views from getBytes() then stay
+   * valid only until the caller next awaits.
+   */
+  pooledReads?: boolean;
 }
 
 const EMPTY = Buffer.alloc(0);
@@ -33,6 +41,8 @@ function toError(e: unknown): Error {
 
 export class StreamReader {
   private chunks: Buffer[] = [];
+  /** Per chunk: how to give its buffer back once it has been read (pooled reads), or undefined. */
+  private releases: Array<(() => void) | undefined> = [];
   private head = 0;
   /** current chunk (chunks[head]) and read offset in it */
   private cur: Buffer = EMPTY;
@@ -46,6 +56,8 @@ export class StreamReader {
   private highWater: number;
   /** Bytes consumed so far. */
   bytesRead = 0;
+  /** Whether the source's reads go into reusable buffers. */
+  readonly pooled: boolean = false;
 
   constructor(
     private readonly src: Readable | null,
@@ -57,6 +69,8 @@ export class StreamReader {
       this.ended = true;
       return;
     }
+    /** Whether reads go into pooled buffers (pooled-reads.ts). */
+    this.pooled = (opts.pooledReads ?? true) && src instanceof Socket && pooledSocketReads(src, (c, release) => this.push(c, release));
     src.on('data', (c: Buffer | string) => this.push(typeof c === 'string' ? Buffer.from(c) : c));
     src.on('end', () => this.finish());
     src.on('close', () => this.finish());
@@ -70,16 +84,23 @@ export class StreamReader {
     return r;
   }
 
-  /** Append bytes (also used by fromBuffer and by tests). */
-  push(c: Buffer): void {
-    if (c.length === 0) return;
+  /**
+   * Append bytes (also used by fromBuffer and by tests). `release`, when
+   * given, is called once every byte of `c` has been read: the buffer
+   * behind it may then be reused.
+   */
+  push(c: Buffer, release?: () => void): void {
+    if (c.length === 0) {
+      release?.();
+      return;
+    }
     if (this.avail === 0) {
-      this.chunks.length = 0;
-      this.head = 0;
+      this.dropAll();
       this.cur = c;
       this.off = 0;
     }
     this.chunks.push(c);
+    this.releases.push(release);
     this.avail += c.length;
     const w = this.waiter;
     if (w && this.avail >= w.n) {
@@ -174,20 +195,33 @@ export class StreamReader {
     throw this.err ?? new MigrationStreamError(ERR.truncated());
   }
 
+  /** Forget every chunk (all read), giving back the pooled ones. */
+  private dropAll(): void {
+    for (let i = this.head; i < this.releases.length; i++) this.releases[i]?.();
+    this.chunks.length = 0;
+    this.releases.length = 0;
+    this.head = 0;
+  }
+
   /** Move to the next chunk once the current one is used up. */
   private next(): void {
     this.chunks[this.head] = EMPTY;
+    const release = this.releases[this.head];
+    if (release !== undefined) {
+      this.releases[this.head] = undefined;
+      release();
+    }
     this.head++;
     if (this.head < this.chunks.length) {
       this.cur = this.chunks[this.head]!;
     } else {
-      this.chunks.length = 0;
-      this.head = 0;
+      this.dropAll();
       this.cur = EMPTY;
     }
     this.off = 0;
     if (this.head > 1024) {
       this.chunks = this.chunks.slice(this.head);
+      this.releases = this.releases.slice(this.head);
       this.head = 0;
     }
     if (this.paused && this.src && this.avail < this.highWater >> 1) {
@@ -202,8 +236,7 @@ export class StreamReader {
     this.bytesRead += n;
     if (this.off === this.cur.length && this.avail > 0) this.next();
     else if (this.avail === 0) {
-      this.chunks.length = 0;
-      this.head = 0;
+      this.dropAll();
       this.cur = EMPTY;
       this.off = 0;
       if (this.paused && this.src) {
@@ -288,7 +321,8 @@ export class StreamReader {
 
   /**
    * n bytes: a zero-copy view when they lie in one received chunk, else a
-   * fresh copy. The view stays valid (chunks are never reused).
+   * fresh copy. With pooled reads the view is valid until the caller next
+   * awaits (the buffer is refilled by a later read); copy what is kept.
    */
   getBytes(n: number): Buffer {
     if (this.avail < n) this.short();

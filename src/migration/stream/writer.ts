@@ -215,6 +215,22 @@ export class StreamWriter implements ByteSink {
   }
 
   /**
+   * Bytes that fit in `this.buf` after `offset` without a spill: an encoder
+   * may fill up to that many there and then commit() what it wrote.
+   */
+  get spaceLeft(): number {
+    return this.cap - this.pos;
+  }
+
+  /** Take n bytes (n <= spaceLeft) written directly into `this.buf` at `offset` as put. */
+  commit(n: number): void {
+    if (this.err !== null) return;
+    if (n > this.cap - this.pos) throw new RangeError(`commit(${n}) exceeds the staging buffer`);
+    this.pos += n;
+    this.bytesWritten += n;
+  }
+
+  /**
    * Reserve n bytes (n <= buffer size) and return their offset in `this.buf`;
    * the caller fills them before the next put. After an error the offset is
    * still valid scratch space but the bytes are never written.
@@ -321,6 +337,13 @@ export class StreamWriter implements ByteSink {
     if (this.budget === 0) return false;
     this.roll(this.now());
     return this.bytesWritten - this.windowStartBytes >= this.budget;
+  }
+
+  /** Bytes that may still be put in this window before the limit (Infinity when unlimited). */
+  windowRoom(): number {
+    if (this.budget === 0) return Infinity;
+    this.roll(this.now());
+    return Math.max(0, this.budget - (this.bytesWritten - this.windowStartBytes));
   }
 
   /** Sleep until the current window ends and start a new one. */
