@@ -16,6 +16,10 @@
  *                             about SCM_RIGHTS, but the same kind of socket
  *                             call Node does not offer (postcopy uses it to
  *                             keep the migration socket's queue short).
+ *   usertimeout(fd, ms) -> r  setsockopt(TCP_USER_TIMEOUT); returns 0 or -errno
+ *                             (migration sockets: a partition fails the
+ *                             migration in a bounded time, see
+ *                             src/migration/channel/liveness.ts).
  *   dup(fd) -> fd2            fcntl(F_DUPFD_CLOEXEC); returns the new
  *                             descriptor or -errno (a worker thread then
  *                             runs the migration socket on its own fd).
@@ -26,6 +30,8 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -292,19 +298,28 @@ static napi_value js_send(napi_env env, napi_callback_info info) {
   return res;
 }
 
-static napi_value js_sndbuf(napi_env env, napi_callback_info info) {
+/* name(fd, value): setsockopt(level, opt) with an int value >= min; returns 0 or -errno. */
+static napi_value set_int_opt(napi_env env, napi_callback_info info, int level, int opt, int32_t min, const char *usage) {
   size_t argc = 2;
   napi_value argv[2], res;
-  int32_t fd, bytes;
+  int32_t fd, value;
   CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
   if (argc < 2 || napi_get_value_int32(env, argv[0], &fd) != napi_ok ||
-      napi_get_value_int32(env, argv[1], &bytes) != napi_ok || bytes <= 0) {
-    napi_throw_type_error(env, NULL, "ferry_scm.sndbuf(fd, bytes)");
+      napi_get_value_int32(env, argv[1], &value) != napi_ok || value < min) {
+    napi_throw_type_error(env, NULL, usage);
     return NULL;
   }
-  int r = setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &bytes, sizeof bytes) < 0 ? -errno : 0;
+  int r = setsockopt(fd, level, opt, &value, sizeof value) < 0 ? -errno : 0;
   CHECK(napi_create_int32(env, r, &res));
   return res;
+}
+
+static napi_value js_sndbuf(napi_env env, napi_callback_info info) {
+  return set_int_opt(env, info, SOL_SOCKET, SO_SNDBUF, 1, "ferry_scm.sndbuf(fd, bytes)");
+}
+
+static napi_value js_usertimeout(napi_env env, napi_callback_info info) {
+  return set_int_opt(env, info, IPPROTO_TCP, TCP_USER_TIMEOUT, 0, "ferry_scm.usertimeout(fd, ms)");
 }
 
 static napi_value js_dup(napi_env env, napi_callback_info info) {
@@ -329,6 +344,7 @@ static napi_value init(napi_env env, napi_value exports) {
     { "close", NULL, js_close, NULL, NULL, NULL, napi_enumerable, NULL },
     { "send", NULL, js_send, NULL, NULL, NULL, napi_enumerable, NULL },
     { "sndbuf", NULL, js_sndbuf, NULL, NULL, NULL, napi_enumerable, NULL },
+    { "usertimeout", NULL, js_usertimeout, NULL, NULL, NULL, napi_enumerable, NULL },
     { "dup", NULL, js_dup, NULL, NULL, NULL, napi_enumerable, NULL },
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);

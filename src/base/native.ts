@@ -66,6 +66,7 @@ export function releaseMemory(view: Uint8Array): boolean {
 
 interface SocketAddon {
   sndbuf(fd: number, bytes: number): number;
+  usertimeout?(fd: number, ms: number): number;
 }
 let sockAddon: SocketAddon | null | undefined;
 
@@ -90,6 +91,16 @@ function loadSocketAddon(): SocketAddon | null {
 export function setSendBuffer(fd: number, bytes: number): boolean {
   const a = loadSocketAddon();
   return a !== null && a.sndbuf(fd, bytes) === 0;
+}
+
+/**
+ * setsockopt(TCP_USER_TIMEOUT): how long sent data may stay unacknowledged
+ * (and keepalive probes unanswered) before the kernel drops the connection
+ * with ETIMEDOUT. Returns false without the addon or on failure.
+ */
+export function setTcpUserTimeout(fd: number, ms: number): boolean {
+  const a = loadSocketAddon();
+  return a !== null && typeof a.usertimeout === 'function' && a.usertimeout(fd, ms) === 0;
 }
 
 interface TlsConfigAddon {

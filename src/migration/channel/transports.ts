@@ -9,6 +9,7 @@ import { resolve as pathResolve } from 'node:path';
 import { ChannelError, errorCode, strerror, sysError } from './errors.js';
 import { StreamChannel, discardWritable, endedReadable, killTree, type Channel } from './channel.js';
 import { formatHostPort, type MigrationUri } from './uri.js';
+import { armLiveness } from './liveness.js';
 
 export interface ConnectOptions {
   /** The descriptor registered with getfd under this name (taken over: the channel closes it). */
@@ -97,7 +98,10 @@ function connectSocket(
     };
     const onConnect = (): void => {
       done();
-      if (!('path' in connectOpts)) sock.setNoDelay(true);
+      if (!('path' in connectOpts)) {
+        sock.setNoDelay(true);
+        armLiveness(sock);
+      }
       resolve(new StreamChannel({
         input: sock, output: sock, bidirectional: true, ioKind: 'socket',
         resources: [sock], describe: () => describe(sock),
@@ -375,7 +379,10 @@ class SocketListener implements IncomingListener {
       sock.destroy();
       return;
     }
-    if (sock.remoteFamily !== undefined) sock.setNoDelay(true);
+    if (sock.remoteFamily !== undefined) {
+      sock.setNoDelay(true);
+      armLiveness(sock);
+    }
     this.#channel = new StreamChannel({
       input: sock, output: sock, bidirectional: true, ioKind: 'socket', resources: [sock],
       describe: () => this.#describeConn(sock),
