@@ -575,12 +575,12 @@ function writeDoc(): void {
   const failed = results.filter((r) => r.error).length;
   const na = results.filter((r) => r.na).length;
   const lines = [
-    `**${passed} cells passed, ${failed} failed, ${na} not applicable** (of ${PHASES.length} phases × ${FAULTS.length} faults), plus ${LATER.length} rows not yet available.`,
+    `**${passed} cells passed, ${failed} failed, ${na} not applicable** (of ${PHASES.length} phases × ${FAULTS.length} faults), plus ${LATER.length} row(s) not in the matrix yet (the last rows, with the reason).`,
     '',
     `| phase | ${cols.join(' | ')} |`,
     `|---|${cols.map(() => '---').join('|')}|`,
     ...PHASES.map((p) => `| ${p.name} | ${cols.map((c) => cellText(results.find((r) => r.phase === p.name && r.fault === c))).join(' | ')} |`),
-    ...LATER.map((l) => `| ${l.name} | ${cols.map((_, i) => (i === 0 ? `not yet available: ${l.why}` : '–')).join(' | ')} |`),
+    ...LATER.map((l) => `| ${l.name} | ${cols.map((_, i) => (i === 0 ? `not a matrix row yet: ${l.why}` : '–')).join(' | ')} |`),
     '',
     'Phases:',
     '',
