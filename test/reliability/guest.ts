@@ -8,7 +8,13 @@
  * migrated or throttled, so one reference digest (a machine that ran the
  * same steps without migrating) checks any side that ran the guest to the end:
  * a source that ran on after a fault, or a destination that took over.
+ *
+ * The block row's guest adds a raw drive of DISK_SIZE (its content fixed by
+ * a seed, see baseImage) and a disk workload of DISK_STEPS steps over all of
+ * it, that runs on while the disk is copied; its drive's digest at the end
+ * is checked against a reference the same way (referenceDiskDigest).
  */
+import { copyFileSync, truncateSync, writeFileSync } from 'node:fs';
 import { Machine, type MachineConfig } from '../../src/machine/index.js';
 import type { SourceTracePoint } from '../../src/migration/core/outgoing.js';
 import type { MigrationInfo } from '../../src/generated/qapi-types.js';
@@ -42,13 +48,47 @@ export const SOURCE_PARAMS = { 'max-bandwidth': 128 << 20, 'downtime-limit': 1 }
  */
 export const POSTCOPY_PARAMS = { 'max-bandwidth': 32 << 20, 'downtime-limit': 150 };
 
+/** The block row's drive: 8 MiB, eight chunks of the bulk walk. */
+export const DISK_SIZE = 8 << 20;
+export const DISK_STEPS = 400;
+
+/** The source's drive and disk workload (2 MiB/s of 4 KiB writes over the whole drive: done after ~0.8 s of guest time). */
+export function blockGuest(image: string): Pick<MachineConfig, 'drives' | 'diskWorkload'> {
+  return {
+    drives: [{ file: image, format: 'raw', interface: 'none', id: 'd0' }],
+    diskWorkload: { drive: 'd0', rate: 2 << 20, write: 4096, seed: 11, steps: DISK_STEPS },
+  };
+}
+
+/** The destination's drive: an empty image of the same size (the workload comes with the migration). */
+export function blockDestination(image: string): Pick<MachineConfig, 'drives' | 'diskWorkload'> {
+  writeFileSync(image, '');
+  truncateSync(image, DISK_SIZE);
+  return { drives: [{ file: image, format: 'raw', interface: 'none', id: 'd0' }], diskWorkload: undefined };
+}
+
+/** Writes the block guest's starting image (its content a function of a seed, no zero chunks). */
+export function baseImage(path: string): void {
+  const b = Buffer.alloc(DISK_SIZE);
+  let x = 0x9e3779b9;
+  for (let i = 0; i < DISK_SIZE; i += 4) {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    b.writeUInt32LE(x >>> 0, i);
+  }
+  writeFileSync(path, b);
+}
+
 /** Where in a migration a fault hits, as seen by the source's trace points. */
 export interface PhaseDef {
   /** The row's name in docs/reliability.md. */
   name: string;
   what: string;
   /** Capabilities of both sides. */
-  caps: ('return-path' | 'postcopy-ram')[];
+  caps: ('return-path' | 'postcopy-ram' | 'block')[];
+  /** The guest has a drive (blockGuest), migrated with the `block` capability. */
+  block?: boolean;
   /** Ask for postcopy at the first iteration slice. */
   postcopy?: boolean;
   /** The source's parameters (SOURCE_PARAMS unless given). */
@@ -63,6 +103,7 @@ export interface PhaseDef {
 }
 
 const sync = (info: MigrationInfo): number => info.ram?.['dirty-sync-count'] ?? 0;
+const disk = (info: MigrationInfo): { total: number; transferred: number; remaining: number } => info.disk ?? { total: 0, transferred: 0, remaining: 0 };
 
 export const PHASES: PhaseDef[] = [
   {
@@ -102,6 +143,14 @@ export const PHASES: PhaseDef[] = [
     at: (p) => p === 'postcopy-slice',
     until: (p) => p === 'postcopy-sent',
   },
+  {
+    name: 'block bulk phase',
+    what: `with an ${DISK_SIZE >> 20} MiB raw drive under a disk workload: the chunk record of the bulk walk that takes it to half the drive (block-bulk trace point); stream faults hit the bytes from there to the walk's last chunk`,
+    caps: ['return-path', 'block'],
+    block: true,
+    at: (p, i) => p === 'block-bulk' && disk(i).transferred * 2 >= disk(i).total,
+    until: (p, i) => (p === 'block-bulk' && disk(i).remaining === 0) || p === 'stopped',
+  },
 ];
 
 /** Stream faults start holding bytes here (completion: at the stop, so the tail can still be hit). */
@@ -110,11 +159,12 @@ export function holdFrom(phase: PhaseDef, point: SourceTracePoint, info: Migrati
   return phase.at(point, info);
 }
 
-/** Resolves once every vCPU did its STEPS (bounded). */
+/** Resolves once every vCPU did its STEPS, and the disk workload (if any) its DISK_STEPS (bounded). */
 export async function workloadDone(m: Machine, ms = 20000): Promise<void> {
   const t0 = Date.now();
-  while (!m.workloadInfo().every((v) => v.steps >= STEPS)) {
-    if (Date.now() - t0 > ms) throw new Error(`the workload did not finish its ${STEPS} steps: ${JSON.stringify(m.workloadInfo())}`);
+  while (!m.workloadInfo().every((v) => v.steps >= STEPS) || !m.diskWorkloadInfo().every((w) => w.steps >= DISK_STEPS)) {
+    if (Date.now() - t0 > ms)
+      throw new Error(`the workload did not finish its ${STEPS} steps (disk: ${DISK_STEPS}): ${JSON.stringify([m.workloadInfo(), m.diskWorkloadInfo()])}`);
     await new Promise((r) => setTimeout(r, 10));
   }
 }
@@ -125,6 +175,18 @@ export async function referenceDigest(): Promise<string> {
   try {
     await workloadDone(m);
     return (await m.digest()).digest;
+  } finally {
+    await m.destroy();
+  }
+}
+
+/** The block guest's drive digest after its disk steps, run without a migration (on a copy of `base`). */
+export async function referenceDiskDigest(base: string, copy: string): Promise<string> {
+  copyFileSync(base, copy);
+  const m = await Machine.create({ ...GUEST, ...blockGuest(copy) });
+  try {
+    await workloadDone(m);
+    return (await m.blockDigest()).digest;
   } finally {
     await m.destroy();
   }

@@ -21,19 +21,28 @@
  * Both engines run in this process (the pair of test/helpers/pair.ts, with
  * a fault relay on the stream); a side that is killed with SIGKILL runs in
  * a child process (side-child.ts) instead. The results table is written to
- * docs/reliability.md. Block migration and COLO add their rows to PHASES
- * once they exist (LATER lists them meanwhile).
+ * docs/reliability.md.
+ *
+ * The block row's guest has a drive under a disk workload (guest.ts
+ * blockGuest): there the disks count as much as the memory. A source that
+ * runs on has the reference drive (its disk workload ran its steps on it,
+ * nothing lost to the failed copy), a destination that took over has it
+ * too, and a destination that did not complete never ran (its half-written
+ * drive never served a guest). The migration afterwards copies the drive
+ * as well. COLO's row is still in LATER (see the reason there).
  */
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, execFileSync, type ChildProcess } from 'node:child_process';
-import { closeSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeSync } from 'node:fs';
+import { closeSync, copyFileSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeSync } from 'node:fs';
 import * as net from 'node:net';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Machine } from '../../src/machine/index.js';
 import {
+  BLOCK_DRIVES_SECTION,
+  BLOCK_SECTION,
   ColoService,
   MigrationDestination,
   MigrationObserver,
@@ -51,7 +60,19 @@ import type { Ctx, VmServices } from '../../src/commands/context.js';
 import { NbdService } from '../../src/commands/nbd.js';
 import { shq } from '../helpers/vm.js';
 import { FaultRelay } from './fault-relay.js';
-import { GUEST, PHASES, SOURCE_PARAMS, holdFrom, referenceDigest, workloadDone, type PhaseDef } from './guest.js';
+import {
+  GUEST,
+  PHASES,
+  SOURCE_PARAMS,
+  baseImage,
+  blockDestination,
+  blockGuest,
+  holdFrom,
+  referenceDigest,
+  referenceDiskDigest,
+  workloadDone,
+  type PhaseDef,
+} from './guest.js';
 import { leaked, snapshot, type Resources } from './leaks.js';
 import { writeSection } from './report.js';
 
@@ -100,8 +121,17 @@ const FAULTS: FaultDef[] = [
 
 /** Rows that do not exist yet: they join PHASES when their feature lands. */
 const LATER = [
-  { name: 'block bulk phase', why: 'block migration (issue 10) is not merged yet' },
-  { name: 'COLO checkpoint', why: 'COLO (issue 12) is not merged yet' },
+  {
+    name: 'COLO checkpoint',
+    why:
+      'COLO is merged, but its faults are covered outside the matrix for now: test/integration/mig-colo.test.ts kills the primary and the secondary ' +
+      '(SIGKILL) at seeded random moments in and between checkpoints, cuts a checkpoint short in transit and sends an unexpected message, ' +
+      'each ending with the survivor running after x-colo-lost-heartbeat (the secondary at the checkpoint before the fault, by digest), ' +
+      'and test/integration/colo-disks.test.ts does the kills with a replicated disk (the secondary fails over to the disk of its checkpoint). ' +
+      'Not a row yet because its cells need what the matrix does not have: trace points inside a checkpoint (the COLO primary, ' +
+      'colo/primary.ts, reports none), the relay on the COLO channel, and the COLO end state (both sides run the guest; ' +
+      'the owner after failover is checked against the last checkpoint, not the steps reference); disk-full under exec: cannot apply (COLO needs a socket with a return path)',
+  },
 ];
 
 type Outcome =
@@ -122,6 +152,10 @@ interface Result {
 
 const results: Result[] = [];
 let REF = '';
+/** The block guest's drive after its disk steps, and the image every block cell starts from. */
+let REF_DISK = '';
+let BASE_DIR = '';
+const baseImagePath = (): string => join(BASE_DIR, 'base.raw');
 
 /** A small xorshift for the fault offsets, seeded per cell. */
 function rng(seed: number): () => number {
@@ -190,7 +224,7 @@ function newOptions(caps: string[], params?: Record<string, number>): MigrationO
   return o;
 }
 
-const sections = (): SectionRegistry => new SectionRegistry([RAM_SECTION]);
+const sections = (): SectionRegistry => new SectionRegistry([RAM_SECTION, BLOCK_SECTION, BLOCK_DRIVES_SECTION]);
 
 interface DstSide {
   machine: Machine;
@@ -198,8 +232,9 @@ interface DstSide {
   ran: boolean;
 }
 
-async function newDestination(uri: string, caps: string[]): Promise<DstSide> {
-  const machine = await Machine.create({ ...GUEST, incoming: true, fill: undefined });
+/** `disk`: the block guest's destination, with an empty drive in that image. */
+async function newDestination(uri: string, caps: string[], disk?: string): Promise<DstSide> {
+  const machine = await Machine.create({ ...GUEST, ...(disk ? blockDestination(disk) : {}), incoming: true, fill: undefined });
   const side: DstSide = { machine, destination: null!, ran: false };
   machine.on('runstate', (now: string) => {
     if (now === 'running') side.ran = true;
@@ -219,11 +254,15 @@ function withTimeout<T>(p: Promise<T>, ms: number, what: string | (() => string)
   return Promise.race([p, new Promise<T>((_, rej) => (t = setTimeout(() => rej(new Error(`timed out: ${text()}`)), ms)))]).finally(() => clearTimeout(t));
 }
 
-/** The owner of the guest migrates it once more, to a fresh destination: it must complete with the reference memory. */
-async function migrateAgain(owner: Machine, dir: string): Promise<void> {
+/**
+ * The owner of the guest migrates it once more, to a fresh destination: it
+ * must complete with the reference memory (and with `block`, its drive).
+ */
+async function migrateAgain(owner: Machine, dir: string, block: boolean): Promise<void> {
   const uri = `unix:${join(dir, 'again.sock')}`;
-  const dst = await newDestination(uri, []);
-  const source = new MigrationSource(machinePort(owner, { autostart: true }), newOptions([], { 'max-bandwidth': 0 }), {
+  const caps = block ? ['block'] : [];
+  const dst = await newDestination(uri, caps, block ? join(dir, 'again.raw') : undefined);
+  const source = new MigrationSource(machinePort(owner, { autostart: true }), newOptions(caps, { 'max-bandwidth': 0 }), {
     lookupFd: () => undefined,
     sections: sections(),
     log: () => undefined,
@@ -236,6 +275,7 @@ async function migrateAgain(owner: Machine, dir: string): Promise<void> {
     assert.equal(dst.destination.status, 'completed');
     await workloadDone(dst.machine);
     assert.equal((await dst.machine.digest()).digest, REF, 'the migration afterwards delivered the reference memory');
+    if (block) assert.equal((await dst.machine.blockDigest()).digest, REF_DISK, 'the migration afterwards delivered the reference drive');
   } finally {
     await dst.machine.destroy();
   }
@@ -327,12 +367,16 @@ async function runCell(phase: PhaseDef, fault: FaultDef, seed: number): Promise<
   let qmpClient: net.Socket | null = null;
   let mnt: string | null = null;
   const paramsAfter = { 'downtime-limit': 2 };
+  // the block row: the source's drive (a copy of the base image) and the destination's (empty)
+  const srcImg = phase.block ? join(dir, 'src.raw') : undefined;
+  const dstImg = phase.block ? join(dir, 'dst.raw') : undefined;
+  if (srcImg) copyFileSync(baseImagePath(), srcImg);
   try {
     // the destination: in a child when it is the one killed
     let uri = `unix:${relaySock}`;
     if (!diskFull(fault.name)) {
-      if (fault.name === 'kill-destination') dstChild = await startChild({ role: 'destination', uri: `unix:${dstSock}`, caps });
-      else dst = await newDestination(`unix:${dstSock}`, caps);
+      if (fault.name === 'kill-destination') dstChild = await startChild({ role: 'destination', uri: `unix:${dstSock}`, caps, disk: dstImg });
+      else dst = await newDestination(`unix:${dstSock}`, caps, dstImg);
       relay = await FaultRelay.listen(relaySock, dstSock);
     } else {
       mnt = join(dir, 'mnt');
@@ -342,7 +386,7 @@ async function runCell(phase: PhaseDef, fault: FaultDef, seed: number): Promise<
     }
 
     if (fault.name === 'kill-source') {
-      const sc = await startChild({ role: 'source', uri, caps, phase: phase.name });
+      const sc = await startChild({ role: 'source', uri, caps, phase: phase.name, disk: srcImg });
       srcChild = sc;
       const hit = await withTimeout(
         sc.nextLine(),
@@ -353,7 +397,7 @@ async function runCell(phase: PhaseDef, fault: FaultDef, seed: number): Promise<
       srcChild.child.kill('SIGKILL');
       await srcChild.exited;
     } else {
-      const machine = await Machine.create({ ...GUEST });
+      const machine = await Machine.create({ ...GUEST, ...(srcImg ? blockGuest(srcImg) : {}) });
       const options = newOptions(caps, phase.params ?? SOURCE_PARAMS);
       let fired = false;
       let holding = false;
@@ -430,7 +474,7 @@ async function runCell(phase: PhaseDef, fault: FaultDef, seed: number): Promise<
     }
     if (diskFull(fault.name) && src!.source.status === 'completed') {
       // cat wrote the whole stream before the disk filled up: the file must then load whole
-      dst = await newDestination(`exec:cat ${shq(join(mnt!, 'state'))}`, caps);
+      dst = await newDestination(`exec:cat ${shq(join(mnt!, 'state'))}`, caps, dstImg);
       res.detail = 'the file was whole before the disk filled; loaded from it';
     }
     if (dst) await withTimeout(dst.destination.whenDone(), 30000, 'the destination to end');
@@ -446,6 +490,7 @@ async function runCell(phase: PhaseDef, fault: FaultDef, seed: number): Promise<
       assert.ok(!dst || (d !== 'completed' && !dst.ran), `the destination never ran a half-loaded guest: ${desc}`);
       await workloadDone(src!.machine);
       assert.equal((await src!.machine.digest()).digest, REF, `the source memory is intact: ${desc}`);
+      if (phase.block) assert.equal((await src!.machine.blockDigest()).digest, REF_DISK, `the source drive is intact: ${desc}`);
       res.outcome = 'source runs on';
       owner = src!.machine;
     } else if (dst && d === 'completed') {
@@ -453,9 +498,11 @@ async function runCell(phase: PhaseDef, fault: FaultDef, seed: number): Promise<
       assert.equal(dst.machine.runState, 'running', desc);
       await workloadDone(dst.machine);
       const digest = (await dst.machine.digest()).digest;
-      if (digest !== REF) {
-        assert.equal(fault.name, 'flip', `the destination that took over has the reference memory: ${desc}`);
+      const diskDigest = phase.block ? (await dst.machine.blockDigest()).digest : REF_DISK;
+      if (digest !== REF || diskDigest !== REF_DISK) {
+        assert.equal(fault.name, 'flip', `the destination that took over has the reference memory and drive: ${desc}`);
         res.outcome = 'flip not seen by the format';
+        res.detail = [res.detail, digest !== REF ? 'memory differs' : 'the drive differs'].filter(Boolean).join('; ');
       } else {
         res.outcome = 'destination took over';
         owner = dst.machine;
@@ -475,12 +522,14 @@ async function runCell(phase: PhaseDef, fault: FaultDef, seed: number): Promise<
 
     // ---- a new migration afterwards: the owner's, or a fresh guest's
     if (owner) {
-      await migrateAgain(owner, dir);
+      await migrateAgain(owner, dir, phase.block === true);
     } else {
-      const fresh = await Machine.create({ ...GUEST });
+      const freshImg = join(dir, 'fresh.raw');
+      if (phase.block) copyFileSync(baseImagePath(), freshImg);
+      const fresh = await Machine.create({ ...GUEST, ...(phase.block ? blockGuest(freshImg) : {}) });
       try {
         await workloadDone(fresh);
-        await migrateAgain(fresh, dir);
+        await migrateAgain(fresh, dir, phase.block === true);
       } finally {
         await fresh.destroy();
       }
@@ -526,12 +575,12 @@ function writeDoc(): void {
   const failed = results.filter((r) => r.error).length;
   const na = results.filter((r) => r.na).length;
   const lines = [
-    `**${passed} cells passed, ${failed} failed, ${na} not applicable** (of ${PHASES.length} phases × ${FAULTS.length} faults), plus ${LATER.length} rows not yet available.`,
+    `**${passed} cells passed, ${failed} failed, ${na} not applicable** (of ${PHASES.length} phases × ${FAULTS.length} faults), plus ${LATER.length} row(s) not in the matrix yet (the last rows, with the reason).`,
     '',
     `| phase | ${cols.join(' | ')} |`,
     `|---|${cols.map(() => '---').join('|')}|`,
     ...PHASES.map((p) => `| ${p.name} | ${cols.map((c) => cellText(results.find((r) => r.phase === p.name && r.fault === c))).join(' | ')} |`),
-    ...LATER.map((l) => `| ${l.name} | ${cols.map((_, i) => (i === 0 ? `not yet available: ${l.why}` : '–')).join(' | ')} |`),
+    ...LATER.map((l) => `| ${l.name} | ${cols.map((_, i) => (i === 0 ? `not a matrix row yet: ${l.why}` : '–')).join(' | ')} |`),
     '',
     'Phases:',
     '',
@@ -546,6 +595,9 @@ function writeDoc(): void {
 
 describe('the fault matrix (docs/reliability.md)', () => {
   before(async () => {
+    BASE_DIR = mkdtempSync(join(tmpdir(), 'ferry-matrix-base-'));
+    baseImage(baseImagePath());
+    REF_DISK = await referenceDiskDigest(baseImagePath(), join(BASE_DIR, 'ref.raw'));
     REF = await referenceDigest();
     baseline = snapshot();
     if (!ROOT) tmpfsWorks = 'needs root to mount a small tmpfs (run as root, as CI does)';
@@ -562,6 +614,7 @@ describe('the fault matrix (docs/reliability.md)', () => {
     }
   });
   after(() => {
+    if (BASE_DIR) rmSync(BASE_DIR, { recursive: true, force: true });
     if (results.length === PHASES.length * FAULTS.length) writeDoc();
   });
 

@@ -3,21 +3,33 @@
  * can SIGKILL it: `node side-child.js JSON`.
  *
  *   { role: 'destination', uri, caps }  listens on uri, prints {"ready":true}
+ *        (with `disk`, the block guest's: its drive is that image, made empty)
  *   { role: 'source', uri, caps, phase } migrates GUEST to uri; at the trace
  *        point where PHASES[phase] fires it prints {"hit":POINT} and freezes
  *        (the event loop blocked, its sockets open) until it is killed
+ *        (with `disk`, the block guest on that image)
  *
  * The same engine objects as `ferry vm`, without QMP.
  */
 import { Machine } from '../../src/machine/index.js';
-import { MigrationDestination, MigrationOptions, MigrationSource, RAM_SECTION, SectionRegistry, machinePort } from '../../src/migration/index.js';
-import { GUEST, PHASES, SOURCE_PARAMS } from './guest.js';
+import {
+  BLOCK_DRIVES_SECTION,
+  BLOCK_SECTION,
+  MigrationDestination,
+  MigrationOptions,
+  MigrationSource,
+  RAM_SECTION,
+  SectionRegistry,
+  machinePort,
+} from '../../src/migration/index.js';
+import { GUEST, PHASES, SOURCE_PARAMS, blockDestination, blockGuest } from './guest.js';
 
 interface Args {
   role: 'source' | 'destination';
   uri: string;
   caps: string[];
   phase?: string;
+  disk?: string;
 }
 
 // `node --test dist/test/` loads every file under test/: without arguments this does nothing
@@ -26,16 +38,16 @@ const args = JSON.parse(process.argv[2]) as Args;
 const say = (o: unknown): void => void process.stdout.write(JSON.stringify(o) + '\n');
 const options = new MigrationOptions();
 options.setCapabilities(args.caps.map((c) => ({ capability: c as never, state: true })));
-const sections = new SectionRegistry([RAM_SECTION]);
+const sections = new SectionRegistry([RAM_SECTION, BLOCK_SECTION, BLOCK_DRIVES_SECTION]);
 const log = (m: string): void => void process.stderr.write(`${args.role}: ${m}\n`);
 
 if (args.role === 'destination') {
-  const machine = await Machine.create({ ...GUEST, incoming: true, fill: undefined });
+  const machine = await Machine.create({ ...GUEST, ...(args.disk ? blockDestination(args.disk) : {}), incoming: true, fill: undefined });
   const d = new MigrationDestination(machinePort(machine, { autostart: true }), options, { lookupFd: () => undefined, sections, log });
   await d.start(args.uri);
   say({ ready: true });
 } else {
-  const machine = await Machine.create({ ...GUEST });
+  const machine = await Machine.create({ ...GUEST, ...(args.disk ? blockGuest(args.disk) : {}) });
   const phase = PHASES.find((p) => p.name === args.phase)!;
   options.setParameters(phase.params ?? SOURCE_PARAMS);
   let asked = false;

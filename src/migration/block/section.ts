@@ -76,6 +76,7 @@ export class BlockSaveSection implements LiveSection {
     this.sender = new BlockSender(ctx.machine.drives, {
       incremental: o.get('block-incremental'),
       zeroBlocks: o.capability('zero-blocks'),
+      onBulkChunk: () => ctx.trace?.('block-bulk'),
     });
   }
 

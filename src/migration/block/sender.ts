@@ -43,6 +43,8 @@ export interface BlockSenderOptions {
   /** `zero-blocks`: all-zero chunks go as a flag. */
   zeroBlocks: boolean;
   readAhead?: number;
+  /** Called after each chunk record of the bulk walk is put (tests aim faults there: the source's `block-bulk` trace point). */
+  onBulkChunk?(): void;
 }
 
 /** What query-migrate's `disk` shows (QEMU's: the bulk walk's progress). */
@@ -325,6 +327,7 @@ export class BlockSender {
     }
     this.counters.bytes += w.bytesWritten - b0;
     if (this.free.length < this.readAhead) this.free.push(buf);
+    if (r.bulk) this.opts.onBulkChunk?.();
   }
 }
 

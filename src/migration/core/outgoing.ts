@@ -72,6 +72,8 @@ export type SourceTracePoint =
   | 'connected'
   | 'setup-sent'
   | 'slice'
+  /** a chunk record of the block bulk walk was put (block/sender.ts) */
+  | 'block-bulk'
   | 'stopped'
   | 'sent'
   | 'lingering'
@@ -322,6 +324,7 @@ export class OutgoingSession {
       },
       throughputMbps: () => this.stats.mbps,
       qemuCompatible: this.deps.qemuCompatible,
+      trace: (p) => this.trace(p),
     };
   }
 

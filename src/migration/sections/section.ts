@@ -41,6 +41,7 @@
 import type { MigrationInfo } from '../../generated/qapi-types.js';
 import type { MachinePort } from '../core/port.js';
 import type { MigrationOptions } from '../core/options.js';
+import type { SourceTracePoint } from '../core/outgoing.js';
 import type { CompressPool, DecompressPool } from '../codec/compress-pool.js';
 import type { ReturnPathReader } from '../return-path/reader.js';
 import type { ReturnPathWriter } from '../return-path/writer.js';
@@ -81,6 +82,8 @@ export interface OutgoingSectionContext {
   throughputMbps(): number;
   /** The destination is a QEMU (`x-qemu-compat`): send nothing it does not know. */
   readonly qemuCompatible: boolean;
+  /** Report a trace point of the session (core/outgoing.ts SourceTracePoint). */
+  trace?(point: SourceTracePoint): void;
 }
 
 /** The source side of a live section for one migration (see the table above). */
