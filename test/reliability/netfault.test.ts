@@ -11,7 +11,7 @@ import { after, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { createNetnsPair, netnsUnavailable, nsExec, nsTry, type NetnsPair } from '../helpers/netns.js';
 import { cleanupAll, waitMigration } from '../helpers/vm.js';
-import type { QmpProcess } from '../../src/cli/launch.js';
+import { waitFor, type QmpProcess } from '../../src/cli/launch.js';
 import { DETECTION_BOUND_MS } from '../../src/migration/channel/liveness.js';
 
 const NO_NETNS = netnsUnavailable();
@@ -122,6 +122,8 @@ describe('postcopy during a partition', { skip: NO_NETNS }, () => {
       await src.execute('migrate-start-postcopy');
       await waitMigration(src, ['postcopy-active'], 10000);
       await waitMigration(dst, ['postcopy-active'], 10000);
+      // the destination is postcopy-active from LISTEN; its guest starts a moment later, at RUN
+      await waitFor(async () => (await dst.status()) === 'running', 10000, 'the destination guest running').catch(() => undefined);
       assert.equal(await dst.status(), 'running', 'the guest runs on the destination');
 
       const t0 = Date.now();
