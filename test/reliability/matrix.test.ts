@@ -29,7 +29,16 @@
  * nothing lost to the failed copy), a destination that took over has it
  * too, and a destination that did not complete never ran (its half-written
  * drive never served a guest). The migration afterwards copies the drive
- * as well. COLO's row is still in LATER (see the reason there).
+ * as well.
+ *
+ * The COLO checkpoint row (runColoCell, colo-cell.ts) hits a checkpoint of
+ * a COLO pair while its bytes are in transit. There the owner of the guest
+ * after the fault is the primary (after its x-colo-lost-heartbeat) or, when
+ * the primary was killed, the secondary (after its own), which must run
+ * from the last complete checkpoint (digest D1), never from part of the
+ * faulted one; both then reach the reference as above.
+ *
+ * Each cell has its own leak baseline, taken right before it starts.
  */
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
