@@ -374,8 +374,8 @@ async function runCell(phase: PhaseDef, fault: FaultDef, seed: number): Promise<
   const relaySock = join(dir, 'relay.sock');
   let relay: FaultRelay | null = null;
   let dst: DstSide | null = null;
-  let dstChild: Awaited<ReturnType<typeof startChild>> | null = null;
-  let srcChild: Awaited<ReturnType<typeof startChild>> | null = null;
+  let dstChild: Child | null = null;
+  let srcChild: Child | null = null;
   let src: { machine: Machine; source: MigrationSource; options: MigrationOptions } | null = null;
   let qmp: { server: QmpServer<Ctx>; path: string } | null = null;
   let qmpClient: net.Socket | null = null;
@@ -460,10 +460,7 @@ async function runCell(phase: PhaseDef, fault: FaultDef, seed: number): Promise<
               relay!.cut();
               break;
             case 'qmp-gone':
-              qmpClient!.write(
-                `{"execute":"query-migrate"}\n{"execute":"migrate-set-parameters","arguments":${JSON.stringify(paramsAfter)}}\n`,
-                () => qmpClient!.destroy(),
-              );
+              leaveMidCommand(qmpClient!, paramsAfter);
               break;
             case 'disk-full':
             case 'disk-full-rp':
@@ -473,10 +470,7 @@ async function runCell(phase: PhaseDef, fault: FaultDef, seed: number): Promise<
         },
       });
       src = { machine, source, options };
-      if (fault.name === 'qmp-gone') {
-        qmp = await monitor(dir, machine, options, source);
-        qmpClient = await rawClient(qmp.path);
-      }
+      ({ qmp, client: qmpClient } = await qmpGoneSetup(fault.name, dir, src));
       source.start(uri);
       await withTimeout(source.whenIdle(), 30000, 'the source to end');
       if (fault.name === 'qmp-gone') {
@@ -549,18 +543,7 @@ async function runCell(phase: PhaseDef, fault: FaultDef, seed: number): Promise<
       }
     }
   } finally {
-    if (srcChild && srcChild.child.exitCode === null) srcChild.child.kill('SIGKILL');
-    if (dstChild && dstChild.child.exitCode === null) dstChild.child.kill('SIGKILL');
-    await srcChild?.exited;
-    await dstChild?.exited;
-    src?.source.cancel();
-    await src?.source.whenIdle();
-    dst?.destination.close();
-    await dst?.destination.whenDone();
-    await qmp?.server.close();
-    await src?.machine.destroy();
-    await dst?.machine.destroy();
-    await relay?.close();
+    await tearDown({ srcChild, dstChild, src, dst, qmp, relay });
     if (mnt) execFileSync('umount', [mnt]);
     rmSync(dir, { recursive: true, force: true });
   }
@@ -682,19 +665,13 @@ async function runColoCell(fault: FaultDef, seed: number): Promise<Result> {
               relay!.cut();
               break;
             case 'qmp-gone':
-              qmpClient!.write(
-                `{"execute":"query-migrate"}\n{"execute":"migrate-set-parameters","arguments":${JSON.stringify(paramsAfter)}}\n`,
-                () => qmpClient!.destroy(),
-              );
+              leaveMidCommand(qmpClient!, paramsAfter);
               break;
           }
         },
       });
       src = { machine, source, options };
-      if (fault.name === 'qmp-gone') {
-        qmp = await monitor(dir, machine, options, source);
-        qmpClient = await rawClient(qmp.path);
-      }
+      ({ qmp, client: qmpClient } = await qmpGoneSetup(fault.name, dir, src));
       source.start(uri);
       d1 = (await aim.prelude(machine, source, async () => void (await dst?.machine.start()))).d1;
       await until(() => aim.sent, 20000, () => `the fault's checkpoint (source ${source.status})`);
@@ -768,22 +745,50 @@ async function runColoCell(fault: FaultDef, seed: number): Promise<Result> {
     // ---- a new migration afterwards, of the owner
     await migrateAgain(owner, dir, false);
   } finally {
-    if (srcChild && srcChild.child.exitCode === null) srcChild.child.kill('SIGKILL');
-    if (dstChild && dstChild.child.exitCode === null) dstChild.child.kill('SIGKILL');
-    await srcChild?.exited;
-    await dstChild?.exited;
-    src?.source.shutdown();
-    await src?.source.whenIdle();
-    dst?.destination.close();
-    await dst?.destination.whenDone();
-    await qmp?.server.close();
-    await src?.machine.destroy();
-    await dst?.machine.destroy();
-    await relay?.close();
+    await tearDown({ srcChild, dstChild, src, dst, qmp, relay });
     rmSync(dir, { recursive: true, force: true });
   }
   await listenerGone(dstSock);
   return res;
+}
+
+/** The qmp-gone cells: a monitor over the source, and the client that will leave (none in other cells). */
+async function qmpGoneSetup(
+  fault: FaultName,
+  dir: string,
+  src: { machine: Machine; source: MigrationSource; options: MigrationOptions },
+): Promise<{ qmp: { server: QmpServer<Ctx>; path: string } | null; client: net.Socket | null }> {
+  if (fault !== 'qmp-gone') return { qmp: null, client: null };
+  const qmp = await monitor(dir, src.machine, src.options, src.source);
+  return { qmp, client: await rawClient(qmp.path) };
+}
+
+/** The qmp-gone fault: query-migrate and migrate-set-parameters, the socket closed before the replies. */
+function leaveMidCommand(client: net.Socket, params: Record<string, number>): void {
+  client.write(`{"execute":"query-migrate"}\n{"execute":"migrate-set-parameters","arguments":${JSON.stringify(params)}}\n`, () => client.destroy());
+}
+
+/** What a cell started, torn down: the children killed and reaped, then the engines, the monitor, the machines, the relay. */
+async function tearDown(c: {
+  srcChild: Child | null;
+  dstChild: Child | null;
+  src: { machine: Machine; source: MigrationSource } | null;
+  dst: DstSide | null;
+  qmp: { server: QmpServer<Ctx> } | null;
+  relay: FaultRelay | null;
+}): Promise<void> {
+  for (const k of [c.srcChild, c.dstChild]) if (k && k.child.exitCode === null) k.child.kill('SIGKILL');
+  await c.srcChild?.exited;
+  await c.dstChild?.exited;
+  // (a COLO primary stops where it is; a migration in flight is cancelled)
+  c.src?.source.shutdown();
+  await c.src?.source.whenIdle();
+  c.dst?.destination.close();
+  await c.dst?.destination.whenDone();
+  await c.qmp?.server.close();
+  await c.src?.machine.destroy();
+  await c.dst?.machine.destroy();
+  await c.relay?.close();
 }
 
 /** The destination's socket no longer accepts connections. */
