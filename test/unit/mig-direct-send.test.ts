@@ -111,7 +111,7 @@ async function overSocket(kind: 'tcp' | 'unix', delayMs: number): Promise<{ n: n
 
 const sha = (b: Buffer): string => createHash('sha256').update(b).digest('hex');
 
-describe('direct sends of RAM pages', { skip: sendPageRun === null ? 'native/pages not built (or FERRY_NO_ZEROCOPY=1)' : false }, () => {
+describe('direct sends of RAM pages', { timeout: 60_000, skip: sendPageRun === null ? 'native/pages not built (or FERRY_NO_ZEROCOPY=1)' : false }, () => {
   for (const kind of ['tcp', 'unix'] as const) {
     it(`${kind}: the same bytes as the staging path, sent from guest RAM`, async () => {
       const want = await reference();
