@@ -185,6 +185,28 @@ inline void PutBe32(uint8_t* p, uint32_t v) {
   p[3] = uint8_t(v);
 }
 
+// The next page to send at or after *page (below endPage): the first set bit
+// of the migration bitmap, and whether that page is zero (never written, its
+// `touched` bit clear, or all zero bytes). False, with *page = endPage, when
+// there is none.
+inline bool NextDirty(const uint32_t* bits, const uint32_t* tbits, const uint8_t* ram, size_t* page, size_t endPage,
+                      size_t* out, bool* zero) {
+  while (*page < endPage) {
+    const uint32_t word = bits[*page >> 5] & (0xffffffffu << (*page & 31));
+    if (word == 0) {
+      *page = (*page | 31) + 1;
+      continue;
+    }
+    const size_t p = (*page & ~size_t(31)) | size_t(__builtin_ctz(word));
+    if (p >= endPage) break;
+    *out = p;
+    *zero = !((tbits[p >> 5] >> (p & 31)) & 1) || IsZero(ram + uint64_t(p) * kPageSize);
+    return true;
+  }
+  *page = endPage;
+  return false;
+}
+
 void SavePages(const FunctionCallbackInfo<Value>& args) {
   Isolate* isolate = args.GetIsolate();
   Span bitmap, touched, ram, out, counts;
@@ -205,20 +227,11 @@ void SavePages(const FunctionCallbackInfo<Value>& args) {
   const size_t start = off;
   double normal = 0, zero = 0;
   size_t taken = 0;
-  while (page < endPage && taken < maxPages) {
-    uint32_t word = bits[page >> 5] & (0xffffffffu << (page & 31));
-    if (word == 0) {
-      page = (page | 31) + 1;
-      continue;
-    }
-    const size_t p = (page & ~size_t(31)) | size_t(__builtin_ctz(word));
-    if (p >= endPage) {
-      page = endPage;
-      break;
-    }
+  size_t p;
+  bool isZero;
+  while (taken < maxPages && NextDirty(bits, tbits, ram.data, &page, endPage, &p, &isZero)) {
     const uint64_t offset = uint64_t(p) * kPageSize;
     const uint8_t* src = ram.data + offset;
-    const bool isZero = !((tbits[p >> 5] >> (p & 31)) & 1) || IsZero(src);
     const size_t need = isZero ? 9 : 8 + kPageSize;
     if (end - off < need) {
       page = p;
@@ -338,20 +351,11 @@ void SendPages(const FunctionCallbackInfo<Value>& args) {
     }
     // what is not sent must fit in stage[stageStart, stageEnd)
     const size_t cap = std::min(kBatchCap, stageEnd - stageStart - prefix);
-    while (page < endPage && taken < maxPages) {
-      uint32_t word = bits[page >> 5] & (0xffffffffu << (page & 31));
-      if (word == 0) {
-        page = (page | 31) + 1;
-        continue;
-      }
-      const size_t p = (page & ~size_t(31)) | size_t(__builtin_ctz(word));
-      if (p >= endPage) {
-        page = endPage;
-        break;
-      }
+    size_t p;
+    bool isZero;
+    while (taken < maxPages && NextDirty(bits, tbits, ram.data, &page, endPage, &p, &isZero)) {
       const uint64_t offset = uint64_t(p) * kPageSize;
       const uint8_t* src = ram.data + offset;
-      const bool isZero = !((tbits[p >> 5] >> (p & 31)) & 1) || IsZero(src);
       const size_t need = isZero ? 9 : 8 + kPageSize;
       if (encoded + need > maxBytes) {
         stop = true;
