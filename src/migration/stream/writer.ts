@@ -73,8 +73,9 @@ export class StreamWriter implements ByteSink {
   private inflight: Promise<void> | null = null;
   /** A writeChunks() is under way (inflight has not settled). */
   private writing = false;
-  /** Plain socket that may take direct writes; its descriptor once known to be a socket. */
+  /** Plain socket that may take direct writes. */
   private readonly directOk: boolean;
+  /** Its descriptor once known to be a socket; -2 once known not to be one; -1 not looked at yet. */
   private directFdCache = -1;
   /** A direct write found the socket full: staged bytes go through out.write() first. */
   private directBlocked = false;
@@ -155,18 +156,19 @@ export class StreamWriter implements ByteSink {
     if (!this.directOk || this.err !== null || this.writing || this.directBlocked || this.queued.length > 0) return -1;
     const s = this.out as Socket;
     if (s.destroyed || s.writableLength > 0) return -1;
-    if (this.directFdCache < 0) {
+    if (this.directFdCache === -1) {
       const fd = (s as unknown as { _handle?: { fd?: number } })._handle?.fd;
       if (typeof fd !== 'number' || fd < 0) return -1;
+      let socket = false;
       try {
-        // exec: gives a pipe, which sendmsg() cannot take
-        if (!fstatSync(fd).isSocket()) return -1;
+        // an fd: migration may hand over a pipe or a FIFO, which sendmsg() cannot take
+        socket = fstatSync(fd).isSocket();
       } catch {
         return -1;
       }
-      this.directFdCache = fd;
+      this.directFdCache = socket ? fd : -2;
     }
-    return this.directFdCache;
+    return this.directFdCache >= 0 ? this.directFdCache : -1;
   }
 
   /** Start of the staged bytes in buf (what a direct write sends first). */
