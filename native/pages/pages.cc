@@ -54,6 +54,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <cerrno>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -278,7 +279,8 @@ struct SendBatch {
   size_t recEnd[kRecCap];
 };
 
-thread_local SendBatch* tlsBatch = nullptr;
+// one per thread (the addon is context-aware), freed when the thread ends
+thread_local std::unique_ptr<SendBatch> tlsBatch;
 
 // Sends iov[0, n) on fd until all is sent or the socket refuses more (full,
 // or an error: the socket's own write path reports it). Returns the bytes
@@ -331,7 +333,7 @@ void SendPages(const FunctionCallbackInfo<Value>& args) {
   if (endPage > pagesInBitmap || endPage > (touched.len / 4) * 32 || endPage > ram.len / kPageSize) {
     return Throw(isolate, "sendPages: endPage outside the block");
   }
-  if (tlsBatch == nullptr) tlsBatch = new SendBatch();
+  if (!tlsBatch) tlsBatch = std::make_unique<SendBatch>();
   SendBatch& B = *tlsBatch;
   const int fd = int(fdv);
   uint32_t* bits = reinterpret_cast<uint32_t*>(bitmap.data);
