@@ -16,7 +16,7 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const here = dirname(fileURLToPath(import.meta.url));
-const ALL = ['loopback', 'dirty-log', 'codec-ram', 'xbzrle', 'compress', 'hugepage', 'migrate', 'postcopy', 'tls', 'compare', 'forecast', 'replication', 'colo', 'block'];
+const ALL = ['loopback', 'dirty-log', 'codec-ram', 'xbzrle', 'compress', 'hugepage', 'migrate', 'postcopy', 'tls', 'compare', 'multifd', 'forecast', 'replication', 'colo', 'block'];
 
 const args = process.argv.slice(2);
 const firstFlag = args.findIndex((a) => a.startsWith('--'));

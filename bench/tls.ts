@@ -3,7 +3,7 @@
  * (x509), on the same 1 GiB random guest, alternated run by run, over
  * tcp:127.0.0.1.
  *
- *   node dist/bench/tls.js [--runs 3] [--no-qemu] [--cpu-prof DIR]
+ *   node dist/bench/tls.js [--runs 3] [--no-qemu] [--cpu-prof DIR] [--qemu-priority GNUTLS-PRIORITY]
  *
  * Set-up, the same for both engines, as QEMU's documentation tells its users:
  *  - certificates made with the openssl CLI (an EC P-256 CA, a server cert
@@ -79,6 +79,11 @@ function makeCerts(dir: string): { server: string; client: string } {
   return { server, client };
 }
 
+const qemuPriority = ((): string | undefined => {
+  const i = process.argv.indexOf('--qemu-priority');
+  return i >= 0 ? process.argv[i + 1] : undefined;
+})();
+
 async function runOnce(variant: Variant, certs: { server: string; client: string }, timeoutMs: number): Promise<Run> {
   const [engine, mode] = variant.split('-') as [Engine, 'plain' | 'tls'];
   const tls = mode === 'tls';
@@ -88,8 +93,10 @@ async function runOnce(variant: Variant, certs: { server: string; client: string
   const rec: Run = { variant, ok: false };
   let src: Vm | null = null;
   let dst: Vm | null = null;
+  // --qemu-priority P: QEMU's tls-creds-x509 `priority` (GnuTLS priority string; default: GnuTLS's own, "NORMAL")
+  const priority = engine === 'qemu' && qemuPriority ? `,priority=${qemuPriority}` : '';
   const creds = (endpoint: 'server' | 'client'): string[] =>
-    tls ? ['-object', `tls-creds-x509,id=tls0,dir=${endpoint === 'server' ? certs.server : certs.client},endpoint=${endpoint}`] : [];
+    tls ? ['-object', `tls-creds-x509,id=tls0,dir=${endpoint === 'server' ? certs.server : certs.client},endpoint=${endpoint}${priority}`] : [];
   try {
     if (engine === 'ferry') {
       // --cpu-prof DIR: V8 CPU profiles of both Ferry processes, DIR/<variant>-<side>/

@@ -139,6 +139,10 @@ interface PagesAddon {
     bitmap: Uint32Array, touched: Uint32Array, ram: Uint8Array, page: number, endPage: number, maxPages: number,
     out: Uint8Array, outOffset: number, outEnd: number, counts: Float64Array,
   ): number;
+  sendPages?(
+    fd: number, bitmap: Uint32Array, touched: Uint32Array, ram: Uint8Array, page: number, endPage: number, maxPages: number,
+    maxBytes: number, stage: Uint8Array, stageStart: number, stagePos: number, stageEnd: number, counts: Float64Array,
+  ): number;
 }
 
 function loadPagesAddon(): PagesAddon | null {
@@ -213,3 +217,24 @@ export const savePageRun: (
   bitmap: Uint32Array, touched: Uint32Array, ram: Uint8Array, page: number, endPage: number, maxPages: number,
   out: Uint8Array, outOffset: number, outEnd: number, counts: Float64Array,
 ) => number = pages !== null ? pages.savePages : (_b, _t, _r, page) => page;
+
+/**
+ * savePageRun without the staging copy: the same records, sent with
+ * sendmsg() on the socket `fd` straight out of guest RAM (page payloads as
+ * iovecs into `ram`), after the bytes already staged in
+ * stage[stageStart, stagePos). Takes at most maxPages pages and maxBytes bytes
+ * of records. When the socket takes less than a batch (full, or failed), the
+ * unit it stopped in (the rest of the staged prefix, or the rest of one
+ * record) is copied to stage from stageStart on, the records after it go
+ * back into the bitmap, and the run stops: the caller hands the staged bytes
+ * to the socket's own write path, which waits for room or reports the error.
+ * Adds the PAGE records, ZERO records and record bytes to counts[0..2], sets
+ * counts[3] to the bytes left staged at stageStart and counts[4] to 1 after a
+ * short send. Returns the page the walk stopped at. null without
+ * native/pages (or with FERRY_NO_ZEROCOPY=1): the sender then encodes into
+ * its staging buffer.
+ */
+export const sendPageRun: ((
+  fd: number, bitmap: Uint32Array, touched: Uint32Array, ram: Uint8Array, page: number, endPage: number, maxPages: number,
+  maxBytes: number, stage: Uint8Array, stageStart: number, stagePos: number, stageEnd: number, counts: Float64Array,
+) => number) | null = pages !== null && typeof pages.sendPages === 'function' && process.env.FERRY_NO_ZEROCOPY !== '1' ? pages.sendPages : null;

@@ -15,8 +15,10 @@
  * test dies before it runs. Faults (tc qdiscs, nft rules) are applied inside
  * the namespaces, so nothing touches the host's own network.
  */
-import { execFileSync, spawnSync } from 'node:child_process';
-import { join } from 'node:path';
+import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { ferryVmArgv, QmpProcess } from '../../src/cli/launch.js';
 import { tempDir, track } from './vm.js';
 
@@ -59,6 +61,8 @@ export class NetnsPair {
   readonly addr: Record<NsSide, string> = { a: '10.77.0.1', b: '10.77.0.2' };
   readonly dir = tempDir('ferry-netns-');
   readonly procs: QmpProcess[] = [];
+  /** Helper processes (the delay line), killed before the namespaces go. */
+  readonly helpers: ChildProcess[] = [];
   #destroyed = false;
 
   constructor() {
@@ -150,6 +154,35 @@ export class NetnsPair {
     return row ? Number(row.trim().split(/\s+/)[0]) : 0;
   }
 
+  /**
+   * A second link between the namespaces that delays every packet by `ms`
+   * each way: TUN devices in both, joined by test/helpers/delayline.py (a
+   * userspace delay line, for kernels without tc netem). Returns the
+   * addresses on that link, or why it cannot be built here ({ skip }).
+   */
+  async delayLine(ms: number): Promise<{ a: string; b: string } | { skip: string }> {
+    if (!existsSync('/dev/net/tun')) return { skip: 'no /dev/net/tun' };
+    if (!run(['python3', '--version']).ok) return { skip: 'no python3 for the delay line' };
+    const short = this.dev.a.slice(2);
+    const dev = { a: `da${short}`, b: `db${short}` };
+    const script = join(dirname(fileURLToPath(import.meta.url)), '../../../test/helpers/delayline.py');
+    const child = spawn('python3', [script, this.ns.a, dev.a, this.ns.b, dev.b, String(ms)], { stdio: ['pipe', 'pipe', 'pipe'] });
+    this.helpers.push(child);
+    let err = '';
+    child.stderr!.on('data', (d: Buffer) => (err += d.toString()));
+    const ready = await new Promise<boolean>((resolve) => {
+      child.stdout!.on('data', (d: Buffer) => d.toString().includes('ready') && resolve(true));
+      child.once('exit', () => resolve(false));
+    });
+    if (!ready) return { skip: `the delay line did not start: ${err.trim() || 'no output'}` };
+    const addr = { a: '10.78.0.1', b: '10.78.0.2' };
+    for (const s of ['a', 'b'] as const) {
+      nsExec(this.ns[s], ['ip', 'addr', 'add', `${addr[s]}/24`, 'dev', dev[s]]);
+      nsExec(this.ns[s], ['ip', 'link', 'set', dev[s], 'mtu', '65000', 'up']);
+    }
+    return addr;
+  }
+
   /** Kill the processes, delete the namespaces (which removes the veth). */
   async destroy(): Promise<void> {
     await Promise.all(this.procs.map((p) => p.destroy()));
@@ -158,6 +191,7 @@ export class NetnsPair {
 
   destroySync(): void {
     for (const p of this.procs) p.kill();
+    for (const h of this.helpers) h.kill('SIGKILL');
     if (this.#destroyed) return;
     this.#destroyed = true;
     alive.delete(this);

@@ -8,7 +8,7 @@
  */
 import { clearBit, lowestBit, newBitmap, popcount32, tailMask, testBit } from '../../base/bitmap.js';
 import { bufferView, isZeroPage } from '../../base/bytes.js';
-import { copyBytes, nativePages, savePageRun } from '../../base/native.js';
+import { copyBytes, nativePages, savePageRun, sendPageRun } from '../../base/native.js';
 import { hi32, lo32 } from '../../base/u64.js';
 import type { RamBlock } from '../../machine/types.js';
 import { TARGET_PAGE_SIZE } from '../../machine/types.js';
@@ -114,8 +114,8 @@ export class RamSender {
   private readonly now: () => number;
   /** Encode runs of records with native/pages (savePageRun) where the JS loop would do the same. */
   private readonly runs: boolean;
-  /** PAGE records, ZERO records and bytes of the last native run. */
-  private readonly runCounts = new Float64Array(3);
+  /** PAGE records, ZERO records, bytes (and, for direct runs, bytes left staged and whether the send was short) of the last native run. */
+  private readonly runCounts = new Float64Array(5);
 
   constructor(blocks: readonly RamBlock[], opts: { now?: () => number; nativeRuns?: boolean } = {}) {
     this.blocks = blocks;
@@ -260,17 +260,30 @@ export class RamSender {
    */
   private saveRun(w: StreamWriter, b: number, p: number, maxPages: number, endBytes: number): number {
     const block = this.blocks[b]!;
+    const c = this.runCounts;
+    c.fill(0);
+    const fd = sendPageRun !== null ? w.directFd() : -1;
+    if (fd >= 0) {
+      // straight from guest RAM to the socket, after what is staged
+      const room = Math.min(endBytes - w.bytesWritten, w.windowRoom(), Number.MAX_SAFE_INTEGER);
+      if (room < 9) return 0;
+      const next = sendPageRun!(fd, this.bitmaps[b]!, block.touched, block.bytes, p, block.pages, Math.min(maxPages, 0x7fffffff), room,
+        w.buf, w.stageStart, w.offset, w.capacity, c);
+      w.afterDirect(c[2]!, c[3]!, c[4] === 1);
+      return this.tookRun(next, c);
+    }
     const room = Math.min(w.spaceLeft, endBytes - w.bytesWritten, w.windowRoom());
     if (room < 9) return 0;
     const at = w.offset;
-    const c = this.runCounts;
-    c[0] = 0;
-    c[1] = 0;
-    c[2] = 0;
     const next = savePageRun(this.bitmaps[b]!, block.touched, block.bytes, p, block.pages, Math.min(maxPages, 0x7fffffff), w.buf, at, at + room, c);
+    if (c[0]! + c[1]! > 0) w.commit(c[2]!);
+    return this.tookRun(next, c);
+  }
+
+  /** Counters and cursor after a native run; returns the pages taken. */
+  private tookRun(next: number, c: Float64Array): number {
     const taken = c[0]! + c[1]!;
     if (taken === 0) return 0;
-    w.commit(c[2]!);
     this.curPage = next;
     this.dirtyPages -= taken;
     this.counters.normal += c[0]!;

@@ -9,8 +9,9 @@
  * qemu_file_rate_limit (budget = max-bandwidth / 10 per window).
  */
 import { hi32, lo32 } from '../../base/u64.js';
-import { WriteStream } from 'node:fs';
+import { fstatSync, WriteStream } from 'node:fs';
 import { Socket } from 'node:net';
+import { TLSSocket } from 'node:tls';
 import type { Writable } from 'node:stream';
 import { ERR, MigrationStreamError } from '../wire/errors.js';
 
@@ -40,6 +41,12 @@ export interface StreamWriterOptions {
   reuseBuffers?: boolean;
   /** Clock in milliseconds (default performance.now). */
   now?: () => number;
+  /**
+   * Let senders write straight to the socket's descriptor (directFd) when
+   * nothing is queued before them. Default true; only plain sockets
+   * (net.Socket over TCP or a unix socket, not TLS) with buffer reuse qualify.
+   */
+  direct?: boolean;
 }
 
 /** Rate-limit window, as in QEMU (BUFFER_DELAY 100 ms). */
@@ -64,14 +71,24 @@ export class StreamWriter implements ByteSink {
   /** Full chunks spilled by a put that did not fit, waiting for flush(). */
   private queued: Buffer[] = [];
   private inflight: Promise<void> | null = null;
+  /** A writeChunks() is under way (inflight has not settled). */
+  private writing = false;
+  /** Plain socket that may take direct writes. */
+  private readonly directOk: boolean;
+  /** Its descriptor once known to be a socket; -2 once known not to be one; -1 not looked at yet. */
+  private directFdCache = -1;
+  /** A direct write found the socket full: staged bytes go through out.write() first. */
+  private directBlocked = false;
   private err: Error | null = null;
   private readonly now: () => number;
   private readonly reuse: boolean;
 
   /** Every byte put so far (staged or written). */
   bytesWritten = 0;
-  /** Bytes whose write callback completed. */
+  /** Bytes whose write callback completed (or that a direct write sent). */
   bytesFlushed = 0;
+  /** Bytes sent by direct writes (afterDirect), a part of bytesFlushed. */
+  bytesDirect = 0;
 
   private maxBw = 0;
   private budget = 0;
@@ -89,6 +106,7 @@ export class StreamWriter implements ByteSink {
     this.now = opts.now ?? (() => performance.now());
     this.reuse = opts.reuseBuffers ?? (out === null || out instanceof Socket || out instanceof WriteStream);
     if (this.reuse) this.free.push(Buffer.allocUnsafeSlow(this.cap));
+    this.directOk = (opts.direct ?? true) && this.reuse && out instanceof Socket && !(out instanceof TLSSocket);
     this.windowStart = this.now();
     this.setMaxBandwidth(opts.maxBandwidth ?? 0);
     if (out) {
@@ -118,9 +136,67 @@ export class StreamWriter implements ByteSink {
     return this.pos;
   }
 
-  /** True when the staging buffer is nearly full and the caller should flush. */
+  /**
+   * True when the staging buffer is nearly full and the caller should flush,
+   * or a direct write found the socket full (flush() then waits for room).
+   */
   wantsFlush(): boolean {
-    return this.pos - this.base >= this.flushAt || this.queued.length > 0;
+    return this.pos - this.base >= this.flushAt || this.queued.length > 0 || this.directBlocked;
+  }
+
+  // ---- direct writes ------------------------------------------------------
+
+  /**
+   * The descriptor of the socket when a sender may write to it directly
+   * now: a plain socket, no error, nothing queued or being written before
+   * the staged bytes (which the sender must send first), and the socket's
+   * own write queue empty. -1 otherwise.
+   */
+  directFd(): number {
+    if (!this.directOk || this.err !== null || this.writing || this.directBlocked || this.queued.length > 0) return -1;
+    const s = this.out as Socket;
+    if (s.destroyed || s.writableLength > 0) return -1;
+    if (this.directFdCache === -1) {
+      const fd = (s as unknown as { _handle?: { fd?: number } })._handle?.fd;
+      if (typeof fd !== 'number' || fd < 0) return -1;
+      let socket = false;
+      try {
+        // an fd: migration may hand over a pipe or a FIFO, which sendmsg() cannot take
+        socket = fstatSync(fd).isSocket();
+      } catch {
+        return -1;
+      }
+      this.directFdCache = socket ? fd : -2;
+    }
+    return this.directFdCache >= 0 ? this.directFdCache : -1;
+  }
+
+  /** Start of the staged bytes in buf (what a direct write sends first). */
+  get stageStart(): number {
+    return this.base;
+  }
+
+  /** Size of the staging buffer. */
+  get capacity(): number {
+    return this.cap;
+  }
+
+  /**
+   * Account for a direct write: `encoded` new bytes were put, and of the
+   * staged bytes plus those, all but `staged` left the process; the
+   * `staged` rest now sits at stageStart. After a short write (the socket
+   * was full, or failed) everything goes through out.write() until that
+   * write completes: it waits for room, or reports the error.
+   */
+  afterDirect(encoded: number, staged: number, short: boolean): void {
+    if (this.err !== null) return;
+    const before = this.pos - this.base;
+    const sent = before + encoded - staged;
+    this.bytesWritten += encoded;
+    this.bytesFlushed += sent;
+    this.bytesDirect += sent;
+    this.pos = this.base + staged;
+    if (short) this.directBlocked = true;
   }
 
   // ---- puts -------------------------------------------------------------
@@ -265,7 +341,11 @@ export class StreamWriter implements ByteSink {
       for (const c of chunks) this.release(c);
       return;
     }
-    this.inflight = this.writeChunks(chunks);
+    this.writing = true;
+    this.inflight = this.writeChunks(chunks).finally(() => {
+      this.writing = false;
+      this.directBlocked = false;
+    });
   }
 
   /** flush() and wait until everything is written. */
