@@ -64,3 +64,7 @@ parentPort!.on('message', (t: HelperTask) => {
     parentPort!.postMessage({ id: t.id, ok: false, error: (e as Error).message } satisfies HelperResult);
   }
 });
+
+// Loaded: the pool may terminate this worker from now on without leaving the
+// module loader's descriptors open (helpers.ts). Id 0 is never a task's.
+parentPort!.postMessage({ id: 0, ok: true } satisfies HelperResult);

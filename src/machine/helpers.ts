@@ -13,7 +13,12 @@ export type HelperRequest = DistributiveOmit<HelperTask, 'id'>;
 interface Slot {
   worker: Worker;
   busy: boolean;
+  /** Settles once the worker has loaded its modules (its first message), or has gone. */
+  loaded: Promise<void>;
 }
+
+/** How long close() lets a worker that is still loading its modules finish before it terminates it. */
+const LOAD_WAIT_MS = 5000;
 
 export class HelperPool {
   private slots: Slot[] = [];
@@ -38,7 +43,12 @@ export class HelperPool {
 
   private spawn(): Slot {
     const worker = new Worker(new URL('./helper-worker.js', import.meta.url));
-    const slot: Slot = { worker, busy: false };
+    let loaded!: () => void;
+    const slot: Slot = { worker, busy: false, loaded: new Promise<void>((r) => (loaded = r)) };
+    // Terminating a worker while the module loader still has its files open
+    // leaves those descriptors open in this process; close() waits for this.
+    worker.once('message', () => loaded());
+    worker.once('exit', () => loaded());
     worker.on('message', (r: HelperResult) => {
       const p = this.pending.get(r.id);
       if (!p) return;
@@ -83,12 +93,17 @@ export class HelperPool {
 
   async close(): Promise<void> {
     this.closed = true;
-    const ws = this.slots.map((s) => s.worker);
+    const slots = this.slots;
     this.slots = [];
     for (const q of this.queue) q.reject(new Error('helper pool closed'));
     this.queue = [];
     for (const p of this.pending.values()) p.reject(new Error('helper pool closed'));
     this.pending.clear();
-    await Promise.all(ws.map((w) => w.terminate()));
+    await Promise.all(slots.map(async (s) => {
+      let timer: NodeJS.Timeout | undefined;
+      await Promise.race([s.loaded, new Promise<void>((r) => (timer = setTimeout(r, LOAD_WAIT_MS)))]);
+      clearTimeout(timer);
+      await s.worker.terminate();
+    }));
   }
 }

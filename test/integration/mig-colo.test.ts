@@ -157,8 +157,7 @@ describe('COLO between processes', () => {
     await assert.rejects(src.execute('migrate-set-capabilities', capabilities(['x-colo'], false)), gen("There's a migration process in progress"));
     await assert.rejects(src.execute('migrate', { uri: 'unix:/nowhere' }), gen("There's a migration process in progress"));
     await assert.rejects(dst.execute('migrate', { uri: 'unix:/nowhere' }), gen("There's a migration process in progress"));
-    assert.deepEqual(await src.execute('migrate_cancel'), {}, 'no effect in colo (2.10)');
-    assert.equal((await src.execute<any>('query-migrate')).status, 'colo');
+    // (migrate_cancel in colo breaks the link, as in QEMU 7.2: test/reliability/matrix.test.ts, COLO checkpoint × cancel)
 
     // the primary leaves COLO and runs alone
     assert.deepEqual(await src.execute('x-colo-lost-heartbeat'), {});

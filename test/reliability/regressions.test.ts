@@ -4,8 +4,9 @@
 import { after, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { readFileSync } from 'node:fs';
+import { readdirSync, readFileSync, readlinkSync } from 'node:fs';
 import { join } from 'node:path';
+import { HelperPool } from '../../src/machine/helpers.js';
 import { inspectStream } from '../../src/migration/inspect.js';
 import { Pair } from '../helpers/pair.js';
 import { shq } from '../helpers/vm.js';
@@ -24,6 +25,27 @@ function bounded<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
 }
 
 describe('reliability findings', () => {
+  it('a helper pool closed while its worker still loads its modules leaves no descriptor open (the matrix saw dist/src/base/native.js and machine/workload.js left open)', async () => {
+    const open = (): string[] => readdirSync('/proc/self/fd').flatMap((f) => {
+      try {
+        const l = readlinkSync(`/proc/self/fd/${f}`);
+        return l.includes('/dist/') ? [l] : [];
+      } catch {
+        return [];
+      }
+    });
+    const before = open();
+    for (let i = 0; i < 20; i++) {
+      const pool = new HelperPool(1);
+      // spawns the worker; close() comes at staggered moments of its start-up
+      pool.run({ op: 'digest', buf: new SharedArrayBuffer(1 << 16), offset: 0, length: 1 << 16 }).catch(() => undefined);
+      await new Promise((r) => setTimeout(r, i * 3));
+      await pool.close();
+    }
+    await new Promise((r) => setTimeout(r, 500));
+    assert.deepEqual(open(), before, 'module files left open by terminated workers');
+  });
+
   it('an exec: forwarder that exits non-zero after the last byte (cat > FILE on a full disk) fails the migration; the source runs on', async () => {
     // the matrix's completion × disk-full: the source said completed while `cat` had failed to write the tail
     const p = await Pair.create({ guest, noDestination: true, uri: () => 'exec:cat > /dev/null; exit 1' });

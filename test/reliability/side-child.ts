@@ -8,6 +8,13 @@
  *        point where PHASES[phase] fires it prints {"hit":POINT} and freezes
  *        (the event loop blocked, its sockets open) until it is killed
  *        (with `disk`, the block guest on that image)
+ *   { role: 'source', uri, caps, phase: COLO_ROW } the COLO primary of
+ *        colo-cell.ts: prints {"d1":DIGEST} once its last checkpoint before
+ *        the fault is complete, {"hold":OFFSET} when the fault's checkpoint
+ *        is built (then waits for a line on stdin, so that the relay holds
+ *        its bytes from OFFSET on), and {"hit":POINT} when its bytes were
+ *        handed to the channel (with `at`, the offset after them), and
+ *        freezes there
  *
  * The same engine objects as `ferry vm`, without QMP.
  */
@@ -22,7 +29,9 @@ import {
   SectionRegistry,
   machinePort,
 } from '../../src/migration/index.js';
+import { readSync } from 'node:fs';
 import { GUEST, PHASES, SOURCE_PARAMS, blockDestination, blockGuest } from './guest.js';
+import { COLO_PARAMS, COLO_ROW, ColoAim, bytesOut } from './colo-cell.js';
 
 interface Args {
   role: 'source' | 'destination';
@@ -46,6 +55,30 @@ if (args.role === 'destination') {
   const d = new MigrationDestination(machinePort(machine, { autostart: true }), options, { lookupFd: () => undefined, sections, log });
   await d.start(args.uri);
   say({ ready: true });
+} else if (args.phase === COLO_ROW) {
+  const machine = await Machine.create({ ...GUEST });
+  await machine.stop();
+  options.setParameters(COLO_PARAMS);
+  const aim = new ColoAim();
+  const source: MigrationSource = new MigrationSource(machinePort(machine, { autostart: true }), options, {
+    lookupFd: () => undefined,
+    sections,
+    log,
+    trace: (pt) => {
+      const at = aim.step(pt);
+      if (at === 'start') {
+        say({ hold: bytesOut(source) });
+        readSync(0, Buffer.alloc(64));
+      } else if (at === 'sent') {
+        say({ hit: pt, at: bytesOut(source) });
+        Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0);
+      }
+    },
+  });
+  say({ ready: true });
+  source.start(args.uri);
+  const { d1 } = await aim.prelude(machine, source);
+  say({ d1 });
 } else {
   const machine = await Machine.create({ ...GUEST, ...(args.disk ? blockGuest(args.disk) : {}) });
   const phase = PHASES.find((p) => p.name === args.phase)!;

@@ -94,10 +94,16 @@ export class ColoPrimary extends ColoRuntime {
   private stoppedFrom: RunState | null = null;
   /** The secondary has sent checkpoint-ready. */
   private ready = false;
+  /** The session's trace points (core/outgoing.ts SourceTracePoint; tests inject faults there). */
+  private readonly trace: (point: 'colo-checkpoint' | 'colo-checkpoint-sent') => void;
 
-  constructor(service: ColoService, opts: { qemuCompatible: boolean; now: () => number; log: (m: string) => void }) {
+  constructor(
+    service: ColoService,
+    opts: { qemuCompatible: boolean; now: () => number; log: (m: string) => void; trace?: (point: 'colo-checkpoint' | 'colo-checkpoint-sent') => void },
+  ) {
     super(service, opts.now, opts.log);
     this.qemuCompatible = opts.qemuCompatible;
+    this.trace = opts.trace ?? (() => undefined);
     this.pairId = opts.qemuCompatible ? null : randomBytes(16);
     this.ferry = new FerryColoDevice(() => {
       const p = this.service.parameters.get();
@@ -234,7 +240,9 @@ export class ColoPrimary extends ColoRuntime {
       pause = this.now() - stop0;
       if (built === null) return; // failover requested meanwhile
       const cp = built as BuiltCheckpoint;
+      this.trace('colo-checkpoint');
       writer.sendCheckpoint(cp.data, cp.size);
+      this.trace('colo-checkpoint-sent');
       await this.expect(MSG.VMSTATE_RECEIVED);
       await this.expect(MSG.VMSTATE_LOADED);
     } finally {
@@ -375,6 +383,21 @@ export class ColoPrimary extends ColoRuntime {
     this.failover.complete();
     this.service.detach(this);
     this.log('COLO: failover completed, the primary runs alone');
+  }
+
+  /** Bytes COLO has put on the link so far (after the first migration's). */
+  get bytesSent(): number {
+    return this.writer?.bytesWritten ?? 0;
+  }
+
+  /**
+   * migrate_cancel in colo (QEMU 7.2): the status stays colo, but the link
+   * is shut down both ways (QEMU shuts the return path's file down, which
+   * in COLO is the migration socket itself): the session breaks as on a
+   * lost link and waits for a failover.
+   */
+  shutdownLink(): void {
+    if (this.inColo) this.ctx!.channel.close();
   }
 
   override shutdown(): void {

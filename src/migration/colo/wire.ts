@@ -194,6 +194,8 @@ function writable(out: NodeJS.WritableStream & { destroyed?: boolean; writableEn
 export class ColoWriter {
   extensions = false;
   error: MigrationFailure | null = null;
+  /** Bytes written so far. */
+  bytesWritten = 0;
   private lastWrite = 0;
 
   constructor(
@@ -208,6 +210,7 @@ export class ColoWriter {
       throw this.error;
     }
     this.lastWrite = this.now();
+    this.bytesWritten += b.length;
     this.out.write(b, (e?: Error | null) => {
       if (e && !this.error) this.error = new ChannelError(COLO_ERR.cantSend(readFailure(e)), 'EIO', { cause: e });
     });

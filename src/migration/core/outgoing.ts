@@ -81,6 +81,10 @@ export type SourceTracePoint =
   | 'package-sent'
   | 'postcopy-slice'
   | 'postcopy-sent'
+  /** x-colo: a checkpoint is built and its bytes go next (vmstate-send, vmstate-size, the stream; colo/primary.ts) */
+  | 'colo-checkpoint'
+  /** x-colo: those bytes were handed to the channel; vmstate-received is awaited */
+  | 'colo-checkpoint-sent'
   | 'disposed';
 
 export interface OutgoingDeps {
@@ -272,7 +276,12 @@ export class OutgoingSession {
     if (options.capability('x-colo')) {
       // COLO's messages come back on the channel's other direction
       if (!channel.bidirectional) throw new MigrationError(COLO_ERR.noReturnPath());
-      this.colo = new ColoPrimary(this.deps.colo, { qemuCompatible: this.deps.qemuCompatible, now: this.deps.now, log: (m) => this.deps.log?.(m) });
+      this.colo = new ColoPrimary(this.deps.colo, {
+        qemuCompatible: this.deps.qemuCompatible,
+        now: this.deps.now,
+        log: (m) => this.deps.log?.(m),
+        trace: (p) => this.trace(p),
+      });
       // the replicated drives mirror from here on, so that the first migration's disk writes reach the secondary too
       await this.deps.colo.replicate('setup', 'primary').catch((e: unknown) => {
         throw new MigrationError(errorMessage(e), { cause: e });

@@ -175,8 +175,18 @@ export class MigrationSource extends EventEmitter {
     this.session?.colo?.shutdown();
   }
 
-  /** `migrate_cancel`: always succeeds; acts in setup, active and postcopy-active (not in colo, as in 2.10). */
+  /**
+   * `migrate_cancel`: always succeeds; acts in setup, active and
+   * postcopy-active. In colo the status stays (QEMU 7.2's
+   * migration_is_running leaves COLO out), but QEMU 7.2 shuts the return
+   * path down first, whatever the status, and in COLO that is the link
+   * itself: the session breaks and waits for a failover.
+   */
   cancel(): void {
+    if (this.status_.is('colo')) {
+      this.session?.colo?.shutdownLink();
+      return;
+    }
     if (!this.isActive()) return;
     // after the last byte the destination's verdict decides who owns the guest
     if (this.session?.deferCancel(() => this.cancel())) return;
