@@ -124,8 +124,11 @@ export class IncomingSession {
       }
       this.returnPath.shut(0);
       status.to('completed');
-      if (this.returnPath.isOpen) closeAfterShut(ch);
-      else setTimeout(() => ch.close(), 0).unref();
+      // With or without a return path, read what the source still sends (a
+      // TLS close_notify) until it closes: closing with those bytes unread
+      // resets the connection, and a source without a return path that reads
+      // that reset before its channel closes fails a migration we completed.
+      closeAfterShut(ch);
     } catch (e) {
       this.fail(e);
       this.channel?.close();
