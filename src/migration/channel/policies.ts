@@ -8,7 +8,8 @@
  *  - linger: give the peer a bounded time to close by itself, so that an
  *    exec: forwarder (socat, `cat > f; sync`) gets to pass the tail of the
  *    stream on before close() signals it.
- *  - closeAfterShut: the destination sent its SHUT. It ends its direction
+ *  - closeAfterShut: the destination is done (it sent its SHUT, or it
+ *    completed without a return path). It ends its direction
  *    and swallows whatever the source still sends until the source closes
  *    (or for a bounded time). Closing at once could make the source's next
  *    write fail (EPIPE) and its socket be destroyed with the SHUT unread, and
