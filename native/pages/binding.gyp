@@ -2,7 +2,7 @@
   "targets": [
     {
       "target_name": "ferry_pages",
-      "sources": ["pages.cc"],
+      "sources": ["pages.cc", "multifd.cc"],
       "cflags_cc": ["-O2", "-Wall", "-Wextra", "-std=c++17"]
     }
   ]

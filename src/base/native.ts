@@ -143,6 +143,14 @@ interface PagesAddon {
     fd: number, bitmap: Uint32Array, touched: Uint32Array, ram: Uint8Array, page: number, endPage: number, maxPages: number,
     maxBytes: number, stage: Uint8Array, stageStart: number, stagePos: number, stageEnd: number, counts: Float64Array,
   ): number;
+  multifdWalk?(
+    bitmap: Uint32Array, touched: Uint32Array, ram: Uint8Array, page: number, endPage: number, maxPages: number,
+    out: Uint8Array, outOffset: number, outEnd: number, zeroRecords: boolean, packet: Uint8Array, counts: Float64Array,
+  ): number;
+  multifdSend?(fd: number, header: Uint8Array, headerLength: number, ram: Uint8Array | null, pages: number, ctl: Int32Array, quitIndex: number): number;
+  multifdRecv?(fd: number, buf: Uint8Array, offset: number, length: number, ctl: Int32Array, quitIndex: number): number;
+  multifdRecvPages?(fd: number, header: Uint8Array, pages: number, ram: Uint8Array, touched: Uint32Array, ctl: Int32Array, quitIndex: number): number;
+  shutdownSocket?(fd: number, how: number): number;
 }
 
 function loadPagesAddon(): PagesAddon | null {
@@ -238,3 +246,40 @@ export const sendPageRun: ((
   fd: number, bitmap: Uint32Array, touched: Uint32Array, ram: Uint8Array, page: number, endPage: number, maxPages: number,
   maxBytes: number, stage: Uint8Array, stageStart: number, stagePos: number, stageEnd: number, counts: Float64Array,
 ) => number) | null = pages !== null && typeof pages.sendPages === 'function' && process.env.FERRY_NO_ZEROCOPY !== '1' ? pages.sendPages : null;
+
+/** The multifd data path of native/pages (multifd.cc; src/migration/multifd/). */
+export interface MultifdNative {
+  /**
+   * Walks one block's migration bitmap from `page`: pages with data go into
+   * the packet (their be64 offsets at 320 + 8 * n, n = counts[0], updated),
+   * zero pages become CONTINUE|ZERO records in out[outOffset, outEnd) when
+   * zeroRecords is true. counts: [0] pages in the packet, [1] ZERO records,
+   * [2] bytes put in out, [3] pages added to the packet. Returns the page it
+   * stopped at.
+   */
+  walk(
+    bitmap: Uint32Array, touched: Uint32Array, ram: Uint8Array, page: number, endPage: number, maxPages: number,
+    out: Uint8Array, outOffset: number, outEnd: number, zeroRecords: boolean, packet: Uint8Array, counts: Float64Array,
+  ): number;
+  /** Blocking: the header, then the pages of `ram` it lists. Bytes sent, or -errno (-ECANCELED once ctl[quitIndex] is set). */
+  send(fd: number, header: Uint8Array, headerLength: number, ram: Uint8Array | null, pages: number, ctl: Int32Array, quitIndex: number): number;
+  /** Blocking: fills buf[offset, offset + length); fewer bytes when the peer closed; -errno. */
+  recv(fd: number, buf: Uint8Array, offset: number, length: number, ctl: Int32Array, quitIndex: number): number;
+  /** Blocking: the pages the header lists, straight into ram, their `touched` bits set. Bytes, or -errno. */
+  recvPages(fd: number, header: Uint8Array, pages: number, ram: Uint8Array, touched: Uint32Array, ctl: Int32Array, quitIndex: number): number;
+  /** shutdown(2) (0 read, 1 write, 2 both): wakes a worker blocked on the socket. 0 or -errno. */
+  shutdown(fd: number, how: number): number;
+}
+
+/** null when native/pages is not built (multifd is then refused) or has no multifd functions. */
+export const multifdNative: MultifdNative | null =
+  pages !== null && typeof pages.multifdWalk === 'function' && typeof pages.multifdSend === 'function' &&
+  typeof pages.multifdRecv === 'function' && typeof pages.multifdRecvPages === 'function' && typeof pages.shutdownSocket === 'function'
+    ? {
+        walk: pages.multifdWalk.bind(pages),
+        send: pages.multifdSend.bind(pages),
+        recv: pages.multifdRecv.bind(pages),
+        recvPages: pages.multifdRecvPages.bind(pages),
+        shutdown: pages.shutdownSocket.bind(pages),
+      }
+    : null;

@@ -462,6 +462,12 @@ export interface MigrationStats {
   'postcopy-requests': number;
   /** the page size, in bytes, that the page counters refer to */
   'page-size': number;
+  /**
+   * bytes sent on the multifd channels (their packet
+   * headers and pages; a part of `transferred`). Present when
+   * the migration uses the `multifd` capability (since 3.0)
+   */
+  'multifd-bytes'?: number;
 }
 
 /**
@@ -582,6 +588,7 @@ export interface MigrationInfo {
  * - `release-ram`: in postcopy, free source memory as soon as it has been sent
  * - `block`: also copy the contents of all block devices
  * - `return-path`: open the destination-to-source channel even without postcopy, so the source learns whether loading succeeded
+ * - `multifd`: send RAM pages on `multifd-channels` extra connections besides the main one (tcp: and unix: only); both sides must have it (since 4.0)
  *
  * @since 1.2
  */
@@ -596,9 +603,10 @@ export type MigrationCapability =
   | 'x-colo'
   | 'release-ram'
   | 'block'
-  | 'return-path';
+  | 'return-path'
+  | 'multifd';
 /** Every value of {@link MigrationCapability}, in schema order. */
-export const MigrationCapability_VALUES = ['xbzrle', 'rdma-pin-all', 'auto-converge', 'zero-blocks', 'compress', 'events', 'postcopy-ram', 'x-colo', 'release-ram', 'block', 'return-path'] as const;
+export const MigrationCapability_VALUES = ['xbzrle', 'rdma-pin-all', 'auto-converge', 'zero-blocks', 'compress', 'events', 'postcopy-ram', 'x-colo', 'release-ram', 'block', 'return-path', 'multifd'] as const;
 
 /**
  * A capability together with whether it is on.
@@ -626,6 +634,7 @@ export interface MigrationCapabilityStatus {
  * - `downtime-limit`: longest acceptable guest stop, in milliseconds, for the final stage
  * - `x-checkpoint-delay`: interval between COLO checkpoints in milliseconds
  * - `block-incremental`: in block migration, copy only the top image layer and expect the destination to have the backing chain already
+ * - `multifd-channels`: connections that carry RAM pages with the `multifd` capability, 1 to 255 (default 2; since 4.0)
  *
  * @since 2.4
  */
@@ -640,9 +649,10 @@ export type MigrationParameter =
   | 'max-bandwidth'
   | 'downtime-limit'
   | 'x-checkpoint-delay'
-  | 'block-incremental';
+  | 'block-incremental'
+  | 'multifd-channels';
 /** Every value of {@link MigrationParameter}, in schema order. */
-export const MigrationParameter_VALUES = ['compress-level', 'compress-threads', 'decompress-threads', 'cpu-throttle-initial', 'cpu-throttle-increment', 'tls-creds', 'tls-hostname', 'max-bandwidth', 'downtime-limit', 'x-checkpoint-delay', 'block-incremental'] as const;
+export const MigrationParameter_VALUES = ['compress-level', 'compress-threads', 'decompress-threads', 'cpu-throttle-initial', 'cpu-throttle-increment', 'tls-creds', 'tls-hostname', 'max-bandwidth', 'downtime-limit', 'x-checkpoint-delay', 'block-incremental', 'multifd-channels'] as const;
 
 /**
  * The arguments of `migrate-set-parameters`: any subset of the
@@ -685,6 +695,8 @@ export interface MigrateSetParameters {
   'x-checkpoint-delay'?: number;
   /** copy only the top image layer in block migration */
   'block-incremental'?: boolean;
+  /** connections for `multifd`, 1 to 255 */
+  'multifd-channels'?: number;
 }
 
 /**
@@ -719,6 +731,8 @@ export interface MigrationParameters {
   'x-checkpoint-delay'?: number;
   /** whether block migration copies only the top layer */
   'block-incremental'?: boolean;
+  /** connections for `multifd` */
+  'multifd-channels'?: number;
 }
 
 /**

@@ -108,6 +108,7 @@ const F_MigrationStats: readonly R.Field[] = [
   ['dirty-sync-count', false, R.int],
   ['postcopy-requests', false, R.int],
   ['page-size', false, R.int],
+  ['multifd-bytes', true, R.int],
 ];
 const F_XBZRLECacheStats: readonly R.Field[] = [
   ['cache-size', false, R.int],
@@ -145,6 +146,7 @@ const F_MigrateSetParameters: readonly R.Field[] = [
   ['downtime-limit', true, R.int],
   ['x-checkpoint-delay', true, R.int],
   ['block-incremental', true, R.bool],
+  ['multifd-channels', true, R.uint8],
 ];
 const F_MigrationParameters: readonly R.Field[] = [
   ['compress-level', true, R.int],
@@ -158,6 +160,7 @@ const F_MigrationParameters: readonly R.Field[] = [
   ['downtime-limit', true, R.int],
   ['x-checkpoint-delay', true, R.int],
   ['block-incremental', true, R.bool],
+  ['multifd-channels', true, R.uint8],
 ];
 const F_ReplicationStatus: readonly R.Field[] = [
   ['error', false, R.bool],

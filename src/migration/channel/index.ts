@@ -3,6 +3,7 @@ export { parseMigrationUri, formatMigrationUri, type MigrationUri, type Migratio
 export type { Channel } from './channel.js';
 export {
   connectOutgoing,
+  connectExtraSocket,
   listenIncoming,
   resolveFdParam,
   type ConnectOptions,

@@ -20,6 +20,11 @@ export interface ConnectOptions {
 
 export interface ListenOptions {
   lookupFd(name: string): number | undefined;
+  /**
+   * tcp:/unix: how many more connections to take after the first one
+   * (multifd channels), asked when the first one arrives. Default 0.
+   */
+  extraConnections?(): number;
 }
 
 export type ListenAddress = { host: string; port: number } | { path: string };
@@ -29,6 +34,13 @@ export interface IncomingListener {
   accept(): Promise<Channel>;
   /** The bound address (real port for tcp:HOST:0); undefined for exec:/fd:. */
   address(): ListenAddress | undefined;
+  /**
+   * The extra connections that followed the first (ListenOptions
+   * extraConnections), as bare sockets that nobody reads (their descriptors
+   * are read directly): resolves once all have arrived, rejects when the
+   * listener closes first. exec:/fd: have none.
+   */
+  acceptExtra?(): Promise<net.Socket[]>;
   /** Stops listening; rejects a pending accept(); closes a connection nobody took. Idempotent. */
   close(): void;
   describe(): string;
@@ -77,7 +89,18 @@ function connectSocket(
   mapError: (err: unknown) => ChannelError,
   describe: (s: net.Socket) => string,
 ): Promise<Channel> {
-  return new Promise<Channel>((resolve, reject) => {
+  return openSocket(connectOpts, signal, mapError).then((sock) => new StreamChannel({
+    input: sock, output: sock, bidirectional: true, ioKind: 'socket',
+    resources: [sock], describe: () => describe(sock),
+  }));
+}
+
+function openSocket(
+  connectOpts: net.NetConnectOpts,
+  signal: AbortSignal | undefined,
+  mapError: (err: unknown) => ChannelError,
+): Promise<net.Socket> {
+  return new Promise<net.Socket>((resolve, reject) => {
     let sock: net.Socket;
     try {
       sock = net.connect(connectOpts);
@@ -102,10 +125,7 @@ function connectSocket(
         sock.setNoDelay(true);
         armLiveness(sock);
       }
-      resolve(new StreamChannel({
-        input: sock, output: sock, bidirectional: true, ioKind: 'socket',
-        resources: [sock], describe: () => describe(sock),
-      }));
+      resolve(sock);
     };
     const onAbort = (): void => {
       done();
@@ -117,6 +137,20 @@ function connectSocket(
     sock.once('connect', onConnect);
     signal?.addEventListener('abort', onAbort, { once: true });
   });
+}
+
+/**
+ * Another connection to a tcp: or unix: destination, as a bare socket
+ * (multifd channels: their workers do the I/O on its descriptor).
+ */
+export function connectExtraSocket(uri: MigrationUri & { kind: 'tcp' | 'unix' }, signal?: AbortSignal): Promise<net.Socket> {
+  if (signal?.aborted) return Promise.reject(abortError());
+  if (uri.kind === 'unix') {
+    return openSocket({ path: uri.path, allowHalfOpen: true }, signal, (err) => sysError(`Failed to connect to '${uri.path}'`, err));
+  }
+  const connectOpts: net.NetConnectOpts = { host: uri.host, port: uri.port, allowHalfOpen: true, noDelay: true };
+  if (uri.family !== undefined) connectOpts.family = uri.family;
+  return openSocket(connectOpts, signal, (err) => sysError(`Failed to connect to '${uri.host}:${uri.port}'`, err));
 }
 
 // ---------------------------------------------------------------- exec
@@ -255,7 +289,7 @@ export async function listenIncoming(uri: MigrationUri, opts: ListenOptions): Pr
       if (host !== undefined) listenOpts.host = host;
       if (uri.family === 6 && uri.host === '') listenOpts.ipv6Only = true;
       const shown = `${uri.host}:${uri.port}`;
-      return SocketListener.listen(listenOpts, (err) =>
+      return SocketListener.listen(listenOpts, opts.extraConnections, (err) =>
         isResolveError(err)
           ? new ChannelError(`address resolution failed for ${shown}: ${strerror(err)}`, errorCode(err), { cause: err })
           : sysError('Failed to bind socket', err),
@@ -264,7 +298,7 @@ export async function listenIncoming(uri: MigrationUri, opts: ListenOptions): Pr
     }
     case 'unix':
       await removeStaleSocket(uri.path);
-      return SocketListener.listen({ path: uri.path, exclusive: true },
+      return SocketListener.listen({ path: uri.path, exclusive: true }, opts.extraConnections,
         (err) => sysError(`Failed to bind socket to ${uri.path}`, err),
         () => `unix:${uri.path}`);
     case 'exec':
@@ -333,9 +367,16 @@ class SocketListener implements IncomingListener {
   #taken = false;
   #closed = false;
   #waiter: { resolve(c: Channel): void; reject(e: Error): void } | undefined;
+  #extraWanted: () => number;
+  /** Extra connections expected (decided when the first one came), and those that came. */
+  #extraCount = 0;
+  #extras: net.Socket[] = [];
+  #extraWaiter: { resolve(s: net.Socket[]): void; reject(e: Error): void } | undefined;
+  #extrasTaken = false;
 
   static listen(
     listenOpts: net.ListenOptions,
+    extraConnections: (() => number) | undefined,
     mapError: (err: unknown) => ChannelError,
     describeConn: (s: net.Socket) => string,
   ): Promise<SocketListener> {
@@ -349,7 +390,7 @@ class SocketListener implements IncomingListener {
       };
       const onListening = (): void => {
         server.off('error', onError);
-        resolve(new SocketListener(server, describeConn));
+        resolve(new SocketListener(server, describeConn, extraConnections ?? (() => 0)));
       };
       server.once('error', onError);
       server.once('listening', onListening);
@@ -363,8 +404,9 @@ class SocketListener implements IncomingListener {
     });
   }
 
-  private constructor(server: net.Server, describeConn: (s: net.Socket) => string) {
+  private constructor(server: net.Server, describeConn: (s: net.Socket) => string, extraWanted: () => number) {
     this.#server = server;
+    this.#extraWanted = extraWanted;
     this.#describeConn = describeConn;
     const a = server.address();
     if (typeof a === 'string') this.#address = { path: a };
@@ -374,6 +416,10 @@ class SocketListener implements IncomingListener {
   }
 
   #onConnection(sock: net.Socket): void {
+    if (!this.#closed && this.#channel !== undefined && this.#extras.length < this.#extraCount) {
+      this.#onExtra(sock);
+      return;
+    }
     if (this.#closed || this.#channel !== undefined) {
       sock.on('error', () => {});
       sock.destroy();
@@ -387,7 +433,8 @@ class SocketListener implements IncomingListener {
       input: sock, output: sock, bidirectional: true, ioKind: 'socket', resources: [sock],
       describe: () => this.#describeConn(sock),
     });
-    this.#server.close(); // one connection only, like QEMU
+    this.#extraCount = this.#extraWanted();
+    if (this.#extraCount === 0) this.#server.close(); // one connection only, like QEMU
     const w = this.#waiter;
     if (w !== undefined) {
       this.#waiter = undefined;
@@ -410,6 +457,42 @@ class SocketListener implements IncomingListener {
     });
   }
 
+  /**
+   * An extra connection: nobody reads it through Node (its descriptor is
+   * read by a worker), so reading stops before the first read (the socket
+   * was created in this same turn of the event loop).
+   */
+  #onExtra(sock: net.Socket): void {
+    const handle = (sock as unknown as { _handle?: { reading: boolean; readStop(): number } })._handle;
+    if (handle !== undefined) {
+      handle.reading = false;
+      handle.readStop();
+    }
+    sock.on('error', () => {});
+    if (sock.remoteFamily !== undefined) sock.setNoDelay(true);
+    this.#extras.push(sock);
+    if (this.#extras.length === this.#extraCount) {
+      this.#server.close();
+      const w = this.#extraWaiter;
+      this.#extraWaiter = undefined;
+      if (w !== undefined) {
+        this.#extrasTaken = true;
+        w.resolve(this.#extras);
+      }
+    }
+  }
+
+  acceptExtra(): Promise<net.Socket[]> {
+    if (this.#extras.length === this.#extraCount && this.#channel !== undefined) {
+      this.#extrasTaken = true;
+      return Promise.resolve(this.#extras);
+    }
+    if (this.#closed) return Promise.reject(new ChannelError('Incoming migration listener closed', 'ABORT_ERR'));
+    return new Promise((resolve, reject) => {
+      this.#extraWaiter = { resolve, reject };
+    });
+  }
+
   address(): ListenAddress | undefined {
     return this.#address;
   }
@@ -429,6 +512,13 @@ class SocketListener implements IncomingListener {
     if (w !== undefined) {
       this.#waiter = undefined;
       w.reject(new ChannelError('Incoming migration listener closed', 'ABORT_ERR'));
+    }
+    // the extra connections nobody took close with the listener
+    if (!this.#extrasTaken) for (const sock of this.#extras) sock.destroy();
+    const x = this.#extraWaiter;
+    if (x !== undefined) {
+      this.#extraWaiter = undefined;
+      x.reject(new ChannelError('Incoming migration listener closed', 'ABORT_ERR'));
     }
   }
 }

@@ -93,7 +93,11 @@ export class MigrationDestination extends EventEmitter {
     this.starting = true;
     let listener: IncomingListener;
     try {
-      listener = await listenIncoming(parsed, { lookupFd: this.deps.lookupFd });
+      listener = await listenIncoming(parsed, {
+        lookupFd: this.deps.lookupFd,
+        // multifd: the channels follow the main connection (the capability as it is when that comes)
+        extraConnections: () => (this.options.capability('multifd') ? this.options.get('multifd-channels') : 0),
+      });
     } catch (e) {
       throw new MigrationError(errorMessage(e), { cause: e, phase: 'listen' });
     } finally {

@@ -16,6 +16,8 @@ import { chainWrappers, migrationTls, type TlsDeps } from '../channel/tls.js';
 import { DecompressPool } from '../codec/compress-pool.js';
 import { ColoRequest, ColoSecondary, type ColoService } from '../colo/index.js';
 import { inPhase, type MigrationFailure, type MigrationPhase } from '../errors.js';
+import { MultifdReceiver } from '../multifd/receiver.js';
+import { checkMultifd, NO_UUID } from '../multifd/setup.js';
 import { PostcopyIncoming, type PostcopyCommand } from '../postcopy/incoming.js';
 import { ReturnPathWriter } from '../return-path/writer.js';
 import { MigrationClockDevice, wallClockUs } from '../sections/clock-device.js';
@@ -65,6 +67,8 @@ export class IncomingSession {
   colo: ColoSecondary | null = null;
   private reader: StreamReader | null = null;
   private postcopy: PostcopyIncoming | null = null;
+  /** The multifd channels (`multifd`), once they all came. */
+  private multifd: MultifdReceiver | null = null;
   private loaders: Array<{ idstr: string; instanceId: number; bound: BoundLoader }> = [];
   private pool: DecompressPool | null = null;
   private startTime = 0;
@@ -92,6 +96,14 @@ export class IncomingSession {
           const wrap = chainWrappers(this.deps.wrapChannel, tls);
           return wrap === undefined ? inner : wrap(inner, side);
         });
+        if (this.deps.options.capability('multifd')) {
+          // QEMU starts loading only once every channel is there
+          this.channel = ch;
+          checkMultifd(this.deps.options, this.listener.acceptExtra !== undefined);
+          const sockets = await this.listener.acceptExtra!();
+          this.multifd = new MultifdReceiver(sockets, this.deps.machine.ram, NO_UUID, () => this.channel?.close());
+          await this.multifd.ready();
+        }
       } finally {
         this.listener.close();
       }
@@ -107,7 +119,8 @@ export class IncomingSession {
         this.returnPath.shut(1);
         // the guest may have run on pages from here: it must not go on with holes
         if (this.postcopy?.listening) await this.deps.machine.abandonIncoming().catch(() => undefined);
-        this.fail(e);
+        // a failed multifd channel closed the main one: its error is the cause
+        this.fail(this.multifd?.error ?? e);
         if (this.returnPath.isOpen) closeAfterShut(ch);
         else ch.close();
         return;
@@ -144,6 +157,7 @@ export class IncomingSession {
     for (const { bound } of this.loaders) bound.loader.cleanup?.();
     void this.pool?.close();
     this.pool = null;
+    void this.multifd?.close();
     this.listener.close();
     this.deps.trace?.('disposed');
   }
@@ -162,6 +176,7 @@ export class IncomingSession {
   close(): void {
     this.colo?.shutdown();
     this.abort.abort();
+    void this.multifd?.close();
     this.listener.close();
     this.channel?.close();
   }
@@ -199,7 +214,7 @@ export class IncomingSession {
     if (options.capability('compress')) this.pool = new DecompressPool({ threads: options.get('decompress-threads') });
     const reader = new StreamReader(ch.input);
     this.reader = reader;
-    const ctx: IncomingSectionContext = { machine, options, decompressPool: this.pool, returnPath: this.returnPath };
+    const ctx: IncomingSectionContext = { machine, options, decompressPool: this.pool, returnPath: this.returnPath, multifd: this.multifd };
     this.loaders = sections.types.map((t) => ({
       idstr: t.idstr,
       instanceId: t.instanceId,

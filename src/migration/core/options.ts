@@ -14,7 +14,7 @@ import { MigrationError } from '../errors.js';
 /** Enum order of MigrationCapability: also the order of query-migrate-capabilities. */
 export const CAPABILITIES: readonly MigrationCapability[] = [
   'xbzrle', 'rdma-pin-all', 'auto-converge', 'zero-blocks', 'compress', 'events',
-  'postcopy-ram', 'x-colo', 'release-ram', 'block', 'return-path',
+  'postcopy-ram', 'x-colo', 'release-ram', 'block', 'return-path', 'multifd',
 ];
 
 /**
@@ -42,6 +42,7 @@ export const DEFAULT_PARAMETERS: Readonly<Parameters> = Object.freeze({
   'downtime-limit': 300,
   'x-checkpoint-delay': 200,
   'block-incremental': false,
+  'multifd-channels': 2,
 });
 
 /** Largest downtime-limit in milliseconds (2000 s). */
@@ -161,6 +162,9 @@ export function checkParameters(p: Parameters): void {
     throw new MigrationError(
       `Parameter 'downtime_limit' expects an integer in the range of 0 to ${MAX_DOWNTIME_LIMIT_MS} milliseconds`,
     );
+  }
+  if (p['multifd-channels'] < 1) {
+    throw new MigrationError("Parameter 'multifd_channels' expects is invalid, it should be in the range of 1 to 255");
   }
   if (p['x-checkpoint-delay'] < 0) {
     throw new MigrationError("Parameter 'x_checkpoint_delay' expects is invalid, it should be positive");

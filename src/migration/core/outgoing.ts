@@ -22,6 +22,8 @@ import { CompressPool } from '../codec/compress-pool.js';
 import { ColoPrimary, COLO_ERR, type ColoService } from '../colo/index.js';
 import { CancelledError, MigrationError, PeerError, errorMessage, inPhase, type MigrationFailure, type MigrationPhase } from '../errors.js';
 import { DecisionLog, type DecisionWhy } from '../observe/decisions.js';
+import type { MultifdSender } from '../multifd/sender.js';
+import { openMultifd } from '../multifd/setup.js';
 import { runPostcopy } from '../postcopy/switch.js';
 import { ReturnPathReader } from '../return-path/reader.js';
 import { MigrationClockDevice, wallClockUs } from '../sections/clock-device.js';
@@ -147,6 +149,8 @@ export class OutgoingSession {
   colo: ColoPrimary | null = null;
   phase: MigrationPhase = 'start';
   private compress: CompressPool | null = null;
+  /** The multifd channels (`multifd`). */
+  multifd: MultifdSender | null = null;
   /** Which section goes first in the next slice. */
   private turn = 0;
   /** vmdesc entries of the device sections written by writeDevices(). */
@@ -244,6 +248,7 @@ export class OutgoingSession {
     this.returnPath?.stop();
     this.colo?.shutdown();
     this.channel?.close();
+    void this.multifd?.close();
     void this.compress?.close();
     this.compress = null;
     this.trace('disposed');
@@ -286,6 +291,14 @@ export class OutgoingSession {
       await this.deps.colo.replicate('setup', 'primary').catch((e: unknown) => {
         throw new MigrationError(errorMessage(e), { cause: e });
       });
+    }
+    if (options.capability('multifd')) {
+      // the channels connect after the main one, as QEMU's do
+      this.multifd = await openMultifd(uri, options, machine.ram, this.abort.signal, (e) => {
+        this.writer?.setError(e);
+        this.channel?.close();
+      });
+      this.checkCancelled();
     }
     const w = new StreamWriter(channel.output, { now: this.deps.now });
     this.writer = w;
@@ -334,6 +347,7 @@ export class OutgoingSession {
       throughputMbps: () => this.stats.mbps,
       qemuCompatible: this.deps.qemuCompatible,
       trace: (p) => this.trace(p),
+      multifd: this.multifd,
     };
   }
 

@@ -61,6 +61,8 @@ export interface RamLoaderOptions {
   observer?: RamRecordObserver;
   /** Inspection: write nothing; take the blocks from the stream's MEM_SIZE record. */
   inspect?: boolean;
+  /** Called at every EOS record before the section ends (`multifd`: the channels' sync). */
+  eos?: () => Promise<void>;
 }
 
 export interface RamLoaderCounters {
@@ -109,6 +111,7 @@ export class RamLoader {
   private readonly scratch = new Uint8Array(TARGET_PAGE_SIZE + 1);
   /** PAGE and ZERO records applied by the last native run (loadPageRun). */
   private readonly runCounts = new Float64Array(2);
+  private readonly eosHook: (() => Promise<void>) | null;
 
   constructor(blocks: readonly RamBlock[], opts: RamLoaderOptions = {}) {
     this.inspect = opts.inspect ?? false;
@@ -118,6 +121,7 @@ export class RamLoader {
     this.compress = opts.compress ?? false;
     this.pool = this.inspect ? null : opts.decompressPool ?? null;
     this.observer = opts.observer ?? null;
+    this.eosHook = this.inspect ? null : opts.eos ?? null;
     this.placer = new PostcopyPlacer(this, opts.placed ?? null);
     const cap = this.pool?.capacity ?? 0;
     this.pendBlock = new Uint32Array(cap);
@@ -211,6 +215,7 @@ export class RamLoader {
 
       if (kind === F.EOS) {
         this.observer?.eos?.(flags);
+        if (this.eosHook !== null) await this.eosHook();
         return;
       }
       if (kind === F.MEM_SIZE) {

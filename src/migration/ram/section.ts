@@ -40,11 +40,14 @@ import { RamLoader } from './loader.js';
 import { RamReleaser } from './release.js';
 import { RamSender, type SendBudget } from './sender.js';
 import { DIRTY_RATE_PERIOD_MS, RamStats } from './stats.js';
+import type { MultifdSender } from '../multifd/sender.js';
 import { XbzrleEncoder } from './xbzrle-encoder.js';
 
 const F = WIRE.RAM;
 /** release-ram: how often the sent pages are handed back during postcopy. */
 const RELEASE_EVERY_MS = 20;
+/** With `multifd`: how long one RAM section feeds the channels (QEMU's ram_save_iterate stops after 50 ms). */
+const MULTIFD_SECTION_MS = 50;
 
 /** The `ram` section type (register it with a SectionRegistry). */
 export const RAM_SECTION: SectionType = {
@@ -66,6 +69,8 @@ export class RamSaveSection implements LiveSection, PageRequestSink {
   readonly xbzrle: XbzrleEncoder | null;
   readonly autoConverge: AutoConverge;
   readonly postcopy: PostcopySection | undefined;
+  /** The multifd channels (`multifd`), or null. */
+  readonly multifd: MultifdSender | null;
   /** now() of the last dirty-log sync (auto-converge's periodic sync). */
   private lastSync = 0;
   /** A sync happened since the last slice (pending(true) need not sync again). */
@@ -84,6 +89,7 @@ export class RamSaveSection implements LiveSection, PageRequestSink {
     this.xbzrle = options.capability('xbzrle') ? new XbzrleEncoder(this.sender, options.xbzrleCacheSize(), ctx.now()) : null;
     if (this.xbzrle) this.sender.setPageHook(this.xbzrle.hook);
     machine.ram.forEach((b, i) => this.byName.set(b.name, i));
+    this.multifd = ctx.multifd ?? null;
     if (options.capability('postcopy-ram')) {
       this.postcopy = new RamPostcopy(this);
       ctx.returnPath?.setPageRequestSink(this);
@@ -91,9 +97,31 @@ export class RamSaveSection implements LiveSection, PageRequestSink {
   }
 
   /** START: the first sync (the bitmap starts all ones), then the block list. */
-  setup(w: StreamWriter): void {
+  async setup(w: StreamWriter): Promise<void> {
     this.sync(false);
-    this.sender.sendSetup(w);
+    this.sender.sendBlockList(w);
+    await this.syncChannels(w);
+    this.sender.sendEos(w);
+  }
+
+  /**
+   * With `multifd`, before every RAM EOS: the packet being filled and a
+   * SYNC packet go out on the channels (multifd/sender.ts).
+   */
+  async syncChannels(w: StreamWriter): Promise<void> {
+    if (this.multifd === null) return;
+    this.countChannels(w, await this.multifd.sync());
+  }
+
+  /** Bytes sent on the multifd channels count in the stream's figures and in `transferred`. */
+  countChannels(w: StreamWriter, bytes: number): void {
+    w.addSentElsewhere(bytes);
+    this.sender.countMultifd(bytes);
+  }
+
+  /** Pages go on the multifd channels (QEMU 7.2: not with `compress`, and not in postcopy). */
+  private get pagesOnChannels(): boolean {
+    return this.multifd !== null && !this.ctx.options.capability('compress');
   }
 
   /** (The object is reused: valid until the next call, as the contract says.) */
@@ -111,23 +139,59 @@ export class RamSaveSection implements LiveSection, PageRequestSink {
   async iterate(w: StreamWriter, budget: IterateBudget): Promise<void> {
     if (this.periodicSyncDue()) this.sync();
     this.synced = false;
-    await this.sendSlice(w, budget);
+    if (this.pagesOnChannels) await this.sendOnChannels(w, MULTIFD_SECTION_MS, false);
+    else await this.sendSlice(w, budget);
+    await this.syncChannels(w);
     this.sender.sendEos(w);
   }
 
   async completePrecopy(w: StreamWriter): Promise<void> {
     this.sync();
     this.xbzrle?.setLastStage();
-    for (;;) {
-      const r = await this.sendSlice(w, { maxMillis: 50 });
-      if (r.done) break;
-      if (w.wantsFlush()) await w.flush();
+    if (this.pagesOnChannels) {
+      await this.sendOnChannels(w, Infinity, true);
+    } else {
+      for (;;) {
+        const r = await this.sendSlice(w, { maxMillis: 50 });
+        if (r.done) break;
+        if (w.wantsFlush()) await w.flush();
+      }
     }
+    await this.syncChannels(w);
+    // the last packets must be out before the migration can complete
+    await this.multifd?.drain();
     this.sender.sendEos(w);
+  }
+
+  /**
+   * Pages with data on the multifd channels, zero pages on the main stream,
+   * for about `ms` (one RAM section, as QEMU's ram_save_iterate), waiting
+   * while no channel has room; everything when `all`.
+   */
+  private async sendOnChannels(w: StreamWriter, ms: number, all: boolean): Promise<void> {
+    const mfd = this.multifd!;
+    const t0 = this.ctx.now();
+    for (;;) {
+      mfd.check();
+      const r = this.sender.sendPagesMultifd(w, mfd, { maxMillis: 5 });
+      if (r.done) return;
+      if (r.blocked) {
+        await mfd.room();
+      } else if (w.wantsFlush()) {
+        if (!all) return;
+        await w.flush();
+      } else if (w.rateLimitExceeded()) {
+        return;
+      } else if (r.pages === 0) {
+        return;
+      }
+      if (this.ctx.now() - t0 >= ms) return;
+    }
   }
 
   addInfo(info: MigrationInfo, completed: boolean): void {
     info.ram = this.stats.info(this.sender, completed, this.ctx.throughputMbps());
+    if (this.multifd !== null) info.ram['multifd-bytes'] = this.multifd.bytes;
     if (this.ctx.options.capability('xbzrle')) {
       info['xbzrle-cache'] = this.xbzrle?.stats() ?? emptyXbzrleStats(this.ctx.options.xbzrleCacheSize());
     }
@@ -253,11 +317,19 @@ class RamPostcopy implements PostcopySection {
     this.ram.serveRequests(w);
     this.ram.sender.sendPages(w, budget);
     this.ram.serveRequests(w);
+    this.syncChannels(w);
     this.ram.sender.sendEos(w);
   }
 
   complete(w: StreamWriter): void {
+    this.syncChannels(w);
     this.ram.sender.sendEos(w);
+  }
+
+  /** In postcopy no page goes on the multifd channels, but every RAM EOS still has its SYNC packets. */
+  private syncChannels(w: StreamWriter): void {
+    const mfd = this.ram.multifd;
+    if (mfd !== null) this.ram.countChannels(w, mfd.syncNow());
   }
 
   done(): void {
@@ -276,10 +348,13 @@ export class RamLoadSection implements SectionLoader {
 
   constructor(ctx: IncomingSectionContext) {
     const pool = ctx.decompressPool;
+    const mfd = ctx.multifd ?? null;
     this.loader = new RamLoader(ctx.machine.ram, {
       compress: ctx.options.capability('compress'),
       decompressPool: pool ?? undefined,
       placed: (b, page) => ctx.machine.markPresent(b, page),
+      // with `multifd`, every RAM EOS waits for the channels' pages of the section
+      eos: mfd === null ? undefined : () => mfd.sync(),
     });
   }
 

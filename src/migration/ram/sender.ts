@@ -8,11 +8,12 @@
  */
 import { clearBit, lowestBit, newBitmap, popcount32, tailMask, testBit } from '../../base/bitmap.js';
 import { bufferView, isZeroPage } from '../../base/bytes.js';
-import { copyBytes, nativePages, savePageRun, sendPageRun } from '../../base/native.js';
+import { copyBytes, multifdNative, nativePages, savePageRun, sendPageRun } from '../../base/native.js';
 import { hi32, lo32 } from '../../base/u64.js';
 import type { RamBlock } from '../../machine/types.js';
 import { TARGET_PAGE_SIZE } from '../../machine/types.js';
 import type { CompressPool } from '../codec/compress-pool.js';
+import type { MultifdSender } from '../multifd/sender.js';
 import type { ByteSink, StreamWriter } from '../stream/writer.js';
 import { WIRE } from '../wire/constants.js';
 
@@ -179,6 +180,12 @@ export class RamSender {
 
   /** The START payload: MEM_SIZE block list, then EOS. */
   sendSetup(w: StreamWriter): void {
+    this.sendBlockList(w);
+    this.sendEos(w);
+  }
+
+  /** The MEM_SIZE block list (the START payload before its EOS). */
+  sendBlockList(w: StreamWriter): void {
     const start = w.bytesWritten;
     this.lastBlock = -1;
     w.put64Parts(hi32(this.totalBytes), (lo32(this.totalBytes) | F.MEM_SIZE) >>> 0);
@@ -186,8 +193,12 @@ export class RamSender {
       w.putCountedString(b.name);
       w.put64(b.size);
     }
-    w.put64Parts(0, F.EOS);
     this.counters.transferred += w.bytesWritten - start;
+  }
+
+  /** Bytes that went out on the multifd channels (they count as transferred, as in QEMU). */
+  countMultifd(bytes: number): void {
+    this.counters.transferred += bytes;
   }
 
   /** End of the RAM payload of a section. */
@@ -308,6 +319,75 @@ export class RamSender {
       this.counters.normalBytes += TARGET_PAGE_SIZE;
     }
     this.lastBlock = b;
+  }
+
+  /**
+   * sendPages with `multifd` (docs/spec/multifd.md): pages with data go into
+   * the channels' packets (`mfd`), zero pages stay ZERO records on the main
+   * stream. The packet bytes are accounted in the writer (rate limit,
+   * throughput) and in `transferred`. Stops like sendPages, and also when
+   * a full packet finds no channel with room (`blocked`: wait with
+   * mfd.room() and call again).
+   */
+  sendPagesMultifd(w: StreamWriter, mfd: MultifdSender, budget: SendBudget = {}): SendResult & { blocked: boolean } {
+    const native = multifdNative!;
+    const maxPages = budget.maxPages ?? Infinity;
+    const maxMs = budget.maxMillis ?? 5;
+    const t0 = this.now();
+    const c = this.runCounts;
+    let pages = 0;
+    let blocked = false;
+    let packetBytes = 0;
+    while (pages < maxPages) {
+      if (w.rateLimitExceeded() || w.wantsFlush()) break;
+      if (!this.seekDirty()) break;
+      const b = this.curBlock;
+      const p = this.curPage;
+      if (mfd.mustDispatch(b)) {
+        const n = mfd.dispatch();
+        if (n < 0) {
+          blocked = true;
+          break;
+        }
+        w.addSentElsewhere(n);
+        packetBytes += n;
+        continue;
+      }
+      const block = this.blocks[b]!;
+      if (this.lastBlock !== b && this.isZero(block, b, p)) {
+        // the first ZERO record of a block names it
+        clearBit(this.bitmaps[b]!, p);
+        this.dirtyPages--;
+        const before = w.bytesWritten;
+        this.putPage(w, b, p, false, true);
+        this.counters.transferred += w.bytesWritten - before;
+        this.curPage = p + 1;
+        pages++;
+        continue;
+      }
+      mfd.fillFor(b);
+      c.fill(0);
+      c[0] = mfd.packetPages;
+      const room = Math.min(w.spaceLeft, w.windowRoom());
+      const at = w.offset;
+      const next = native.walk(this.bitmaps[b]!, block.touched, block.bytes, p, block.pages, Math.min(maxPages - pages, 0x7fffffff),
+        w.buf, at, at + Math.max(0, room), this.lastBlock === b, mfd.packet, c);
+      const zeros = c[1]!;
+      const added = c[3]!;
+      if (c[2]! > 0) w.commit(c[2]!);
+      mfd.packetPages = c[0]!;
+      this.curPage = next;
+      this.dirtyPages -= zeros + added;
+      this.counters.duplicate += zeros;
+      this.counters.normal += added;
+      this.counters.normalBytes += added * TARGET_PAGE_SIZE;
+      this.counters.transferred += c[2]!;
+      pages += zeros + added;
+      if (zeros + added === 0 && !mfd.mustDispatch(b)) break; // a zero page with no room for its record
+      if (this.now() - t0 >= maxMs) break;
+    }
+    this.counters.transferred += packetBytes;
+    return { pages, done: this.dirtyPages === 0 && mfd.packetPages === 0, blocked };
   }
 
   /**

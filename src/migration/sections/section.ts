@@ -43,6 +43,8 @@ import type { MachinePort } from '../core/port.js';
 import type { MigrationOptions } from '../core/options.js';
 import type { SourceTracePoint } from '../core/outgoing.js';
 import type { CompressPool, DecompressPool } from '../codec/compress-pool.js';
+import type { MultifdReceiver } from '../multifd/receiver.js';
+import type { MultifdSender } from '../multifd/sender.js';
 import type { ReturnPathReader } from '../return-path/reader.js';
 import type { ReturnPathWriter } from '../return-path/writer.js';
 import type { StreamReader } from '../stream/reader.js';
@@ -84,6 +86,8 @@ export interface OutgoingSectionContext {
   readonly qemuCompatible: boolean;
   /** Report a trace point of the session (core/outgoing.ts SourceTracePoint). */
   trace?(point: SourceTracePoint): void;
+  /** The multifd channels, when the migration has the `multifd` capability. */
+  readonly multifd?: MultifdSender | null;
 }
 
 /** The source side of a live section for one migration (see the table above). */
@@ -138,6 +142,8 @@ export interface IncomingSectionContext {
   readonly decompressPool: DecompressPool | null;
   /** The return path writer (open once the source asked for it). */
   readonly returnPath: ReturnPathWriter;
+  /** The multifd channels, when the migration has the `multifd` capability. */
+  readonly multifd?: MultifdReceiver | null;
 }
 
 export type SectionKind = 'start' | 'part' | 'end' | 'full';

@@ -199,6 +199,16 @@ export class StreamWriter implements ByteSink {
     if (short) this.directBlocked = true;
   }
 
+  /**
+   * Bytes the migration sent on another channel (multifd): they count in
+   * bytesWritten and bytesFlushed, so in the rate limit and the throughput,
+   * like the bytes of this stream.
+   */
+  addSentElsewhere(n: number): void {
+    this.bytesWritten += n;
+    this.bytesFlushed += n;
+  }
+
   // ---- puts -------------------------------------------------------------
 
   private room(n: number): void {
