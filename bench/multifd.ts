@@ -1,7 +1,8 @@
 /**
  * Does a second channel help on this machine? QEMU 7.2's `multifd` (pages
  * over N extra connections, each with its own send and receive threads)
- * against its single stream, and Ferry's single stream beside them, on the
+ * against its single stream, and Ferry's single stream and multifd (one
+ * worker thread per channel on each side) beside them, on the
  * incompressible 1 GiB guest:
  *
  *   npm run bench -- multifd [--runs 5] [--channels 2,4]
@@ -84,6 +85,7 @@ async function main(): Promise<void> {
     { name: 'qemu, one stream', engine: 'qemu', channels: 0 },
     ...channels.map((n): Config => ({ name: `qemu, multifd ${n} channels`, engine: 'qemu', channels: n })),
     { name: 'ferry, one stream', engine: 'ferry', channels: 0 },
+    ...channels.map((n): Config => ({ name: `ferry, multifd ${n} channels`, engine: 'ferry', channels: n })),
   ];
   console.log(`multifd: ${runs} run(s) per configuration; ${cpus().length} CPUs; load ${loadavg().map((l) => l.toFixed(2)).join(' ')}`);
   const all: Run[] = [];

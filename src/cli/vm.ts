@@ -17,6 +17,7 @@ import {
   MigrationObserver,
   MigrationOptions,
   MigrationSource,
+  MultifdWorkers,
   BLOCK_DRIVES_SECTION,
   BLOCK_SECTION,
   RAM_SECTION,
@@ -131,6 +132,12 @@ export async function main(argv: string[]): Promise<number> {
     };
     // COLO: one per VM, shared by its outgoing (primary) and incoming (secondary) migrations
     const colo = new ColoService();
+    // multifd's channel workers start when the capability is turned on, not when a migration begins
+    const multifdWorkers = new MultifdWorkers();
+    options.onChange(() => {
+      if (options.capability('multifd')) multifdWorkers.warm(options.get('multifd-channels'));
+      else void multifdWorkers.release();
+    });
     // its replicated drives follow its checkpoints and failovers
     colo.addReplication(coloDisks(machine));
     const source = new MigrationSource(port, options, {
@@ -141,8 +148,11 @@ export async function main(argv: string[]): Promise<number> {
       sections,
       log,
       colo,
+      multifdWorkers,
     });
-    const destination = new MigrationDestination(port, options, { lookupFd, log, sections, tls, colo, configuration: a.sendConfiguration });
+    const destination = new MigrationDestination(port, options, {
+      lookupFd, log, sections, tls, colo, configuration: a.sendConfiguration, multifdWorkers,
+    });
     const observe = new MigrationObserver({ source, destination, options, ram: () => machine.ram, faultStats: () => machine.faultStats() });
     vm = {
       machine,

@@ -15,3 +15,4 @@ export { TLS_HANDSHAKE_TIMEOUT_MS, type TlsDeps, type TlsCredsLookup } from './c
 export { inspectStream, formatInspection, type InspectedRecord, type InspectedSection, type RamRecord } from './inspect.js';
 export { MigrationObserver, DirtyRateError, ForecastError, TraceError, type ObserverDeps } from './observe/index.js';
 export { ColoService, type ColoReplication } from './colo/index.js';
+export { MultifdWorkers } from './multifd/workers.js';

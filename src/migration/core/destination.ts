@@ -12,6 +12,7 @@ import { listenIncoming, parseMigrationUri, type ChannelWrapper, type IncomingLi
 import type { TlsDeps } from '../channel/tls.js';
 import { ColoService } from '../colo/index.js';
 import { MigrationError, errorMessage } from '../errors.js';
+import { MultifdWorkers } from '../multifd/workers.js';
 import { RAM_SECTION } from '../ram/section.js';
 import { SectionRegistry } from '../sections/registry.js';
 import { IncomingSession, type DestinationTracePoint } from './incoming.js';
@@ -35,6 +36,8 @@ export interface DestinationDeps {
   configuration?: boolean;
   /** The VM's COLO (default: one of its own). */
   colo?: ColoService;
+  /** The VM's multifd channel workers (default: a pool of its own). */
+  multifdWorkers?: MultifdWorkers;
 }
 
 export declare interface MigrationDestination {
@@ -49,6 +52,7 @@ export class MigrationDestination extends EventEmitter {
   private done: Promise<void> = Promise.resolve();
   private readonly sections: SectionRegistry;
   readonly colo: ColoService;
+  readonly multifdWorkers: MultifdWorkers;
 
   constructor(
     private readonly machine: MachinePort,
@@ -58,6 +62,7 @@ export class MigrationDestination extends EventEmitter {
     super();
     this.sections = deps.sections ?? new SectionRegistry([RAM_SECTION]);
     this.colo = deps.colo ?? new ColoService();
+    this.multifdWorkers = deps.multifdWorkers ?? new MultifdWorkers();
   }
 
   get status(): MigrationStatus {
@@ -118,6 +123,7 @@ export class MigrationDestination extends EventEmitter {
         configuration: this.deps.configuration ?? true,
         log,
         colo: this.colo,
+        multifdWorkers: this.multifdWorkers,
       },
       listener,
     );

@@ -17,6 +17,7 @@ import { DecompressPool } from '../codec/compress-pool.js';
 import { ColoRequest, ColoSecondary, type ColoService } from '../colo/index.js';
 import { inPhase, type MigrationFailure, type MigrationPhase } from '../errors.js';
 import { MultifdReceiver } from '../multifd/receiver.js';
+import type { MultifdWorkers } from '../multifd/workers.js';
 import { checkMultifd, NO_UUID } from '../multifd/setup.js';
 import { PostcopyIncoming, type PostcopyCommand } from '../postcopy/incoming.js';
 import { ReturnPathWriter } from '../return-path/writer.js';
@@ -53,6 +54,8 @@ export interface IncomingDeps {
   log(msg: string): void;
   /** The VM's COLO (a stream that asks for it makes this session a COLO secondary, colo/secondary.ts). */
   readonly colo: ColoService;
+  /** The VM's multifd channel workers. */
+  readonly multifdWorkers: MultifdWorkers;
 }
 
 export class IncomingSession {
@@ -101,7 +104,7 @@ export class IncomingSession {
           this.channel = ch;
           checkMultifd(this.deps.options, this.listener.acceptExtra !== undefined);
           const sockets = await this.listener.acceptExtra!();
-          this.multifd = new MultifdReceiver(sockets, this.deps.machine.ram, NO_UUID, () => this.channel?.close());
+          this.multifd = new MultifdReceiver(sockets, this.deps.machine.ram, NO_UUID, this.deps.multifdWorkers, () => this.channel?.close());
           await this.multifd.ready();
         }
       } finally {

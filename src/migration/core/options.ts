@@ -56,10 +56,20 @@ export class MigrationOptions {
   private caps: Capabilities;
   private params: Parameters;
   private cacheSize = DEFAULT_XBZRLE_CACHE_SIZE;
+  private readonly listeners: Array<() => void> = [];
 
   constructor() {
     this.caps = Object.fromEntries(CAPABILITIES.map((c) => [c, false])) as Capabilities;
     this.params = { ...DEFAULT_PARAMETERS };
+  }
+
+  /** Called after every change of capabilities or parameters that was applied. */
+  onChange(listener: () => void): void {
+    this.listeners.push(listener);
+  }
+
+  private changed(): void {
+    for (const l of this.listeners) l();
   }
 
   capability(c: MigrationCapability): boolean {
@@ -87,6 +97,7 @@ export class MigrationOptions {
       throw new MigrationError('Postcopy is not currently compatible with compression');
     }
     this.caps = next;
+    this.changed();
   }
 
   parameters(): Parameters {
@@ -110,6 +121,7 @@ export class MigrationOptions {
     }
     checkParameters(next);
     this.params = next;
+    this.changed();
   }
 
   xbzrleCacheSize(): number {

@@ -23,7 +23,8 @@ import { ColoPrimary, COLO_ERR, type ColoService } from '../colo/index.js';
 import { CancelledError, MigrationError, PeerError, errorMessage, inPhase, type MigrationFailure, type MigrationPhase } from '../errors.js';
 import { DecisionLog, type DecisionWhy } from '../observe/decisions.js';
 import type { MultifdSender } from '../multifd/sender.js';
-import { openMultifd } from '../multifd/setup.js';
+import { checkMultifd, openMultifd } from '../multifd/setup.js';
+import type { MultifdWorkers } from '../multifd/workers.js';
 import { runPostcopy } from '../postcopy/switch.js';
 import { ReturnPathReader } from '../return-path/reader.js';
 import { MigrationClockDevice, wallClockUs } from '../sections/clock-device.js';
@@ -110,6 +111,8 @@ export interface OutgoingDeps {
   readonly switchover: SwitchoverBudget;
   /** The VM's COLO (x-colo: after the precopy the session goes on as a COLO primary, colo/primary.ts). */
   readonly colo: ColoService;
+  /** The VM's multifd channel workers. */
+  readonly multifdWorkers: MultifdWorkers;
   log?(msg: string): void;
 }
 
@@ -264,6 +267,8 @@ export class OutgoingSession {
     const postcopy = options.capability('postcopy-ram');
     // postcopy-ram implies the return path (docs/spec/qmp.md B.2)
     const useReturnPath = postcopy || options.capability('return-path');
+    // what multifd cannot do is refused before anything connects
+    if (options.capability('multifd')) checkMultifd(options, uri.kind === 'tcp' || uri.kind === 'unix');
     this.phase = 'connect';
     // transport → the test's wrapper (it sees the bytes on the wire) → TLS
     const tls = migrationTls(options.get('tls-creds'), this.deps.tls, 'outgoing', {
@@ -294,7 +299,7 @@ export class OutgoingSession {
     }
     if (options.capability('multifd')) {
       // the channels connect after the main one, as QEMU's do
-      this.multifd = await openMultifd(uri, options, machine.ram, this.abort.signal, (e) => {
+      this.multifd = await openMultifd(uri, options, machine.ram, this.abort.signal, this.deps.multifdWorkers, (e) => {
         this.writer?.setError(e);
         this.channel?.close();
       });

@@ -12,6 +12,7 @@ import { parseMigrationUri, resolveFdParam, type ChannelWrapper } from '../chann
 import type { TlsDeps } from '../channel/tls.js';
 import { ColoService, checkColoMigrate } from '../colo/index.js';
 import { MigrationError, errorMessage } from '../errors.js';
+import { MultifdWorkers } from '../multifd/workers.js';
 import type { RamSaveSection } from '../ram/section.js';
 import { RAM_SECTION } from '../ram/section.js';
 import { SectionRegistry } from '../sections/registry.js';
@@ -44,6 +45,8 @@ export interface SourceDeps {
   log?: (msg: string) => void;
   /** The VM's COLO (default: one of its own). */
   colo?: ColoService;
+  /** The VM's multifd channel workers (default: a pool of its own). */
+  multifdWorkers?: MultifdWorkers;
 }
 
 export interface MigrateFlags {
@@ -72,6 +75,7 @@ export class MigrationSource extends EventEmitter {
   /** The measured cost of a switchover on this VM, learned over its migrations. */
   readonly switchover = new SwitchoverBudget();
   readonly colo: ColoService;
+  readonly multifdWorkers: MultifdWorkers;
 
   constructor(
     private readonly machine: MachinePort,
@@ -82,6 +86,7 @@ export class MigrationSource extends EventEmitter {
     this.now = deps.now ?? (() => performance.now());
     this.sections = deps.sections ?? new SectionRegistry([RAM_SECTION]);
     this.colo = deps.colo ?? new ColoService();
+    this.multifdWorkers = deps.multifdWorkers ?? new MultifdWorkers();
   }
 
   get status(): MigrationStatus {
@@ -143,6 +148,7 @@ export class MigrationSource extends EventEmitter {
       log: this.deps.log,
       switchover: this.switchover,
       colo: this.colo,
+      multifdWorkers: this.multifdWorkers,
     });
     this.session = session;
     this.status_.to('setup');

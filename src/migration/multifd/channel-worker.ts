@@ -12,10 +12,11 @@
  *    waits until the main thread has passed the section's EOS (ctl
  *    RELEASED).
  *
- * It ends when the main thread sets QUIT (and shuts the socket down), or on
- * an error or the peer's end, which it reports with one message.
+ * A run ends when the main thread sets QUIT (and shuts the socket down), or
+ * on an error or the peer's end, which it reports with one message. The
+ * worker then waits for its next run (workers.ts keeps it).
  */
-import { parentPort, workerData } from 'node:worker_threads';
+import { parentPort } from 'node:worker_threads';
 import { multifdNative } from '../../base/native.js';
 import { CTL, type ChannelWorkerData, type WorkerMessage, slotMeta } from './shared.js';
 import {
@@ -32,9 +33,10 @@ import {
   packetOffset,
 } from './wire.js';
 
-const data = workerData as ChannelWorkerData;
-const ctl = new Int32Array(data.ctl);
 const native = multifdNative;
+/** The current run's data and control words (one channel of one migration). */
+let data: ChannelWorkerData;
+let ctl: Int32Array;
 
 function post(m: WorkerMessage): void {
   parentPort!.postMessage(m);
@@ -138,10 +140,13 @@ function runRecv(): void {
   }
 }
 
-if (native === null) {
-  post({ kind: 'error', message: 'multifd needs native/pages, which is not built' });
-} else if (data.role === 'send') {
-  runSend();
-} else {
-  runRecv();
-}
+// Each message is one run: a channel of one migration. The run blocks this
+// thread until it ends; its last message (end, error or eof) says so.
+parentPort!.on('message', (d: ChannelWorkerData) => {
+  data = d;
+  ctl = new Int32Array(d.ctl);
+  if (native === null) post({ kind: 'error', message: 'multifd needs native/pages, which is not built' });
+  else if (d.role === 'send') runSend();
+  else runRecv();
+});
+parentPort!.postMessage({ kind: 'ready' });

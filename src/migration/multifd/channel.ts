@@ -4,12 +4,10 @@
  * they share (shared.ts).
  */
 import type { Socket } from 'node:net';
-import { Worker } from 'node:worker_threads';
 import { multifdNative } from '../../base/native.js';
-import { CTL, SLOT_COUNT, slotMeta, type ChannelWorkerData, type WorkerBlock, type WorkerMessage } from './shared.js';
+import { CTL, CTL_WORDS, SLOT_COUNT, slotMeta, type ChannelWorkerData, type WorkerBlock, type WorkerMessage } from './shared.js';
 import { HEADER_SIZE } from './wire.js';
-
-const WORKER_URL = new URL('./channel-worker.js', import.meta.url);
+import type { ChannelWorker, MultifdWorkers } from './workers.js';
 /** Atomics.waitAsync (Node 20 has it; TypeScript's ES2022 library does not declare it). */
 const waitAsync = (Atomics as unknown as {
   waitAsync(a: Int32Array, index: number, value: number, timeoutMs?: number): { async: boolean; value: Promise<string> | string };
@@ -35,42 +33,43 @@ export interface ChannelEvents {
 export class MultifdChannel {
   readonly ctl: Int32Array;
   private readonly slots: Uint8Array;
-  private readonly worker: Worker;
-  private readonly exited: Promise<void>;
+  private readonly worker: ChannelWorker;
+  /** Settles when the worker's run is over (its last message) or the worker has gone. */
+  private readonly runOver: Promise<void>;
   private closed = false;
-  /** The worker stopped (reported its end or an error). */
+  private closing: Promise<void> | null = null;
+  /** The worker's run ended (it reported its end, an error or the peer's end). */
   stopped = false;
 
   constructor(
     readonly role: 'send' | 'recv',
     readonly socket: Socket,
     readonly id: number,
+    private readonly pool: MultifdWorkers,
+    worker: ChannelWorker,
     opts: { channels: number; blocks: WorkerBlock[]; uuid: Uint8Array; events: ChannelEvents },
   ) {
-    const ctl = new SharedArrayBuffer(CTL.SIZE * 4);
+    const ctl = new SharedArrayBuffer(CTL_WORDS * 4);
     const slots = new SharedArrayBuffer(role === 'send' ? SLOT_COUNT * HEADER_SIZE : 0);
     this.ctl = new Int32Array(ctl);
     this.slots = new Uint8Array(slots);
     const data: ChannelWorkerData = {
       role, fd: socketFd(socket), id, channels: opts.channels, ctl, slots, slotCount: SLOT_COUNT, blocks: opts.blocks, uuid: opts.uuid,
     };
-    this.worker = new Worker(WORKER_URL, { workerData: data });
-    this.worker.unref();
-    this.worker.on('message', (m: WorkerMessage) => {
+    this.worker = worker;
+    let over!: () => void;
+    this.runOver = new Promise<void>((r) => (over = r));
+    worker.start(data, (m: WorkerMessage) => {
       if (m.kind === 'init') {
         opts.events.init?.(m.id);
         return;
       }
       this.stopped = true;
+      over();
       if (this.closed) return;
       if (m.kind === 'error') opts.events.problem(m.message, false);
       else if (m.kind === 'eof') opts.events.problem(`multifd channel ${id}: the peer closed the connection`, true);
     });
-    this.worker.on('error', (e) => {
-      this.stopped = true;
-      if (!this.closed) opts.events.problem(`multifd channel ${id}: ${e.message}`, false);
-    });
-    this.exited = new Promise((resolve) => this.worker.once('exit', () => resolve()));
     socket.on('error', () => {});
   }
 
@@ -85,10 +84,23 @@ export class MultifdChannel {
     return this.inFlight < SLOT_COUNT;
   }
 
+  /** Bytes of the packet in each slot (header and pages). */
+  private readonly slotBytes = new Float64Array(SLOT_COUNT);
+
+  /** Bytes queued and not yet sent. */
+  get bytesInFlight(): number {
+    const tail = Atomics.load(this.ctl, CTL.TAIL);
+    const head = Atomics.load(this.ctl, CTL.HEAD);
+    let n = 0;
+    for (let i = tail; i < head; i++) n += this.slotBytes[i % SLOT_COUNT]!;
+    return n;
+  }
+
   /** Queue a packet (the header as built; pages of block `block`). Only with hasRoom. */
   queue(header: Uint8Array, block: number, pages: number): void {
     const head = Atomics.load(this.ctl, CTL.HEAD);
     const slot = head % SLOT_COUNT;
+    this.slotBytes[slot] = HEADER_SIZE + pages * 4096;
     this.slots.set(header.subarray(0, HEADER_SIZE), slot * HEADER_SIZE);
     const m = slotMeta(slot);
     this.ctl[m] = block;
@@ -129,8 +141,12 @@ export class MultifdChannel {
   // ---- both ----------------------------------------------------------------
 
   /** Stop the worker (QUIT, and the socket shut down to wake it), then close the socket. */
-  async close(): Promise<void> {
-    if (this.closed) return this.exited;
+  close(): Promise<void> {
+    this.closing ??= this.stop();
+    return this.closing;
+  }
+
+  private async stop(): Promise<void> {
     this.closed = true;
     Atomics.store(this.ctl, CTL.QUIT, 1);
     for (const i of [CTL.HEAD, CTL.TAIL, CTL.SYNCS, CTL.RELEASED]) Atomics.notify(this.ctl, i);
@@ -140,9 +156,15 @@ export class MultifdChannel {
       /* already closed */
     }
     let timer: NodeJS.Timeout | undefined;
-    await Promise.race([this.exited, new Promise<void>((r) => (timer = setTimeout(r, STOP_MS)))]);
+    await Promise.race([this.runOver, new Promise<void>((r) => (timer = setTimeout(r, STOP_MS)))]);
     clearTimeout(timer);
-    if (!this.stopped) await this.worker.terminate();
+    if (this.stopped) {
+      this.pool.give(this.worker);
+    } else {
+      // stuck: this worker is not lent again
+      this.worker.detach();
+      await this.worker.worker.terminate();
+    }
     this.socket.destroy();
   }
 }

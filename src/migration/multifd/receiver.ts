@@ -11,6 +11,7 @@ import type { Socket } from 'node:net';
 import type { RamBlock } from '../../machine/types.js';
 import { MigrationStreamError } from '../wire/errors.js';
 import { MultifdChannel } from './channel.js';
+import type { MultifdWorkers } from './workers.js';
 
 const WAIT_MS = 200;
 
@@ -27,8 +28,15 @@ export class MultifdReceiver {
   private wake: (() => void) | null = null;
 
   /** `onFailure`: a channel failed (the main stream should stop: the source may be waiting on that channel). */
-  constructor(sockets: readonly Socket[], blocks: readonly RamBlock[], uuid: Uint8Array, private readonly onFailure?: (e: Error) => void) {
-    this.channels = sockets.map((s, i) => new MultifdChannel('recv', s, i, {
+  constructor(
+    sockets: readonly Socket[],
+    blocks: readonly RamBlock[],
+    uuid: Uint8Array,
+    pool: MultifdWorkers,
+    private readonly onFailure?: (e: Error) => void,
+  ) {
+    const workers = pool.take(sockets.length);
+    this.channels = sockets.map((s, i) => new MultifdChannel('recv', s, i, pool, workers[i]!, {
       channels: sockets.length,
       blocks: blocks.map((b) => ({ name: b.name, bytes: b.bytes, touched: b.touched })),
       uuid,

@@ -18,6 +18,7 @@ import type { Socket } from 'node:net';
 import { TARGET_PAGE_SIZE, type RamBlock } from '../../machine/types.js';
 import { MigrationError } from '../errors.js';
 import { MultifdChannel } from './channel.js';
+import type { MultifdWorkers } from './workers.js';
 import { HEADER_SIZE, MULTIFD_FLAG_SYNC, PACKET_PAGES, putHeader } from './wire.js';
 
 /** How long one wait for a channel to make progress lasts before the sender looks again. */
@@ -45,9 +46,11 @@ export class MultifdSender {
     sockets: readonly Socket[],
     private readonly blocks: readonly RamBlock[],
     uuid: Uint8Array,
+    pool: MultifdWorkers,
     private readonly onFailure: (e: Error) => void,
   ) {
-    this.channels = sockets.map((s, id) => new MultifdChannel('send', s, id, {
+    const workers = pool.take(sockets.length);
+    this.channels = sockets.map((s, id) => new MultifdChannel('send', s, id, pool, workers[id]!, {
       channels: sockets.length,
       blocks: blocks.map((b) => ({ name: b.name, bytes: b.bytes, touched: b.touched })),
       uuid,
@@ -106,6 +109,13 @@ export class MultifdSender {
     const n = HEADER_SIZE + this.packetPages * TARGET_PAGE_SIZE;
     this.bytes += n;
     this.packetPages = 0;
+    return n;
+  }
+
+  /** Bytes handed to the channels and not sent yet, the packet being filled included: they are still to go. */
+  get bytesPending(): number {
+    let n = this.packetPages * TARGET_PAGE_SIZE;
+    for (const c of this.channels) n += c.bytesInFlight;
     return n;
   }
 

@@ -8,6 +8,7 @@ import { connectExtraSocket, type MigrationUri } from '../channel/index.js';
 import type { MigrationOptions } from '../core/options.js';
 import { MigrationError } from '../errors.js';
 import { MultifdSender } from './sender.js';
+import type { MultifdWorkers } from './workers.js';
 
 /** The VM's UUID as multifd's initial packet carries it: Ferry has no -uuid, so QEMU's default, all zeros. */
 export const NO_UUID = new Uint8Array(16);
@@ -27,6 +28,7 @@ export async function openMultifd(
   options: MigrationOptions,
   blocks: readonly RamBlock[],
   signal: AbortSignal,
+  pool: MultifdWorkers,
   onFailure: (e: Error) => void,
 ): Promise<MultifdSender> {
   checkMultifd(options, uri.kind === 'tcp' || uri.kind === 'unix');
@@ -39,5 +41,5 @@ export async function openMultifd(
     throw (failed as PromiseRejectedResult).reason;
   }
   const sockets = settled.map((r) => (r as PromiseFulfilledResult<import('node:net').Socket>).value);
-  return new MultifdSender(sockets, blocks, NO_UUID, onFailure);
+  return new MultifdSender(sockets, blocks, NO_UUID, pool, onFailure);
 }

@@ -18,12 +18,12 @@ export const CTL = {
   RELEASED: 4,
   /** recv: pages received. */
   PAGES: 5,
-  /** Words in all, slot metadata included. */
-  SIZE: 64,
 } as const;
 
 /** Packets a sending channel holds in flight. */
-export const SLOT_COUNT = 4;
+export const SLOT_COUNT = 16;
+/** Control words in all: the counters above, then 4 per slot (slotMeta). */
+export const CTL_WORDS = 16 + 4 * SLOT_COUNT;
 
 /** Where slot i's metadata (block index, pages) starts in the control words. */
 export function slotMeta(i: number): number {

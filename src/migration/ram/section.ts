@@ -127,7 +127,8 @@ export class RamSaveSection implements LiveSection, PageRequestSink {
   /** (The object is reused: valid until the next call, as the contract says.) */
   pending(exact: boolean): Pending {
     if (exact && !this.synced) this.sync();
-    const bytes = this.sender.remainingBytes;
+    // pages on the multifd channels' queues are not sent yet either
+    const bytes = this.sender.remainingBytes + (this.multifd?.bytesPending ?? 0);
     const p = this.pend;
     p.precopy = this.postcopy ? 0 : bytes;
     p.postcopy = this.postcopy ? bytes : 0;
