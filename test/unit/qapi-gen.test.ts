@@ -48,7 +48,26 @@ function keyOf(n: Extract<QNode, { t: 'obj' }>): string | undefined {
   return m && m.value.t === 'str' ? `${m.key} ${m.value.v}` : undefined;
 }
 
-test('every seed definition appears with identical members', () => {
+/**
+ * Members QEMU 7.2 has beyond the seed, which Ferry implements too: they
+ * may appear in the seed's definitions, and nothing else may.
+ */
+const BEYOND_SEED: ReadonlyMap<string, ReadonlySet<unknown>> = new Map([
+  ['struct MigrationStats', new Set(['*multifd-bytes'])],
+  ['enum MigrationCapability', new Set(['multifd'])],
+  ['enum MigrationParameter', new Set(['multifd-channels'])],
+  ['struct MigrateSetParameters', new Set(['*multifd-channels'])],
+  ['struct MigrationParameters', new Set(['*multifd-channels'])],
+]);
+
+/** A definition's data without the members beyond the seed. */
+function seedPart(k: string, key: string, v: unknown): unknown {
+  const extra = BEYOND_SEED.get(k);
+  if (extra === undefined || key !== 'data' || !Array.isArray(v)) return v;
+  return v.filter((m) => !extra.has(Array.isArray(m) ? m[0] : m));
+}
+
+test('every seed definition appears with identical members (QEMU 7.2 members beyond it aside)', () => {
   const seedFile = path.join(repoRoot, 'test/golden/seed-qapi-migration.json');
   const ours = new Map<string, Extract<QNode, { t: 'obj' }>>();
   for (const it of loadSchema(schemaFile, { displayBase: repoRoot }).items) {
@@ -67,7 +86,7 @@ test('every seed definition appears with identical members', () => {
     const a = new Map(mine.v.map((e) => [e.key, canon(e.value)]));
     const b = new Map(it.expr.v.map((e) => [e.key, canon(e.value)]));
     assert.deepEqual([...a.keys()].sort(), [...b.keys()].sort(), `${k}: keys differ`);
-    for (const [key, v] of b) assert.deepEqual(a.get(key), v, `${k}: '${key}' differs`);
+    for (const [key, v] of b) assert.deepEqual(seedPart(k, key, a.get(key)), v, `${k}: '${key}' differs`);
   }
   assert.ok(count >= 30, `only ${count} seed definitions found`);
 });
@@ -129,7 +148,7 @@ test('QapiEvents passes typed events to the sink', () => {
 test('enum value lists match QEMU', () => {
   assert.deepEqual([...MigrationCapability_VALUES], [
     'xbzrle', 'rdma-pin-all', 'auto-converge', 'zero-blocks', 'compress', 'events',
-    'postcopy-ram', 'x-colo', 'release-ram', 'block', 'return-path',
+    'postcopy-ram', 'x-colo', 'release-ram', 'block', 'return-path', 'multifd',
   ]);
   assert.ok(RunState_VALUES.includes('finish-migrate'));
   assert.ok(RunState_VALUES.includes('postmigrate'));
