@@ -36,7 +36,7 @@ describe('migration command misuse', () => {
       'compress-level': 1, 'compress-threads': 8, 'decompress-threads': 2,
       'cpu-throttle-initial': 20, 'cpu-throttle-increment': 10,
       'tls-creds': '', 'tls-hostname': '', 'max-bandwidth': 33554432,
-      'downtime-limit': 300, 'x-checkpoint-delay': 200, 'block-incremental': false,
+      'downtime-limit': 300, 'x-checkpoint-delay': 200, 'block-incremental': false, 'multifd-channels': 2,
     });
     const caps = await vm.execute<{ capability: string; state: boolean }[]>('query-migrate-capabilities');
     assert.ok(caps.every((c) => c.state === false));

@@ -68,7 +68,7 @@ describe('QEMU python library qemu.qmp', { skip: pythonSkip }, () => {
       assert.deepEqual(a.greeting_capabilities, []);
       assert.equal(a.status0, 'running');
       assert.deepEqual(a.version.qemu, { major: 2, minor: 10, micro: 0 });
-      assert.equal(Object.keys(a.capabilities).length, 11);
+      assert.equal(Object.keys(a.capabilities).length, 12);
       assert.equal(a.capabilities.xbzrle, false);
       assert.equal(a.status_stopped, 'paused');
       assert.deepEqual(a.events, ['STOP', 'RESUME']);
@@ -83,7 +83,7 @@ describe('QEMU python library qemu.qmp', { skip: pythonSkip }, () => {
       assert.equal(l.status_stopped, 'paused');
       assert.equal(l.event2, 'RESUME');
       assert.equal(l.unknown.class, 'CommandNotFound');
-      assert.equal(l.caps_count, 11);
+      assert.equal(l.caps_count, 12);
     });
   }
 });
@@ -145,7 +145,7 @@ describe('qmp-shell', { skip: pythonSkip }, () => {
       const rets = replies.map((x) => x.return ?? x.error);
       assert.equal(rets[0].status, 'running');
       assert.deepEqual(rets[1].qemu, { major: 2, minor: 10, micro: 0 });
-      assert.equal(rets[2].length, 11);
+      assert.equal(rets[2].length, 12);
       assert.deepEqual(rets[3], {});
       assert.equal(rets[4].status, 'paused');
       assert.deepEqual(rets[5], {});
@@ -202,7 +202,7 @@ describe('go-qemu (github.com/digitalocean/go-qemu/qmp)', { skip: goSkip }, () =
       assert.deepEqual(out.capabilities, []);
       assert.equal(out.status0, 'running');
       assert.deepEqual(out.version.qemu, { major: 2, minor: 10, micro: 0 });
-      assert.equal(out.migrate_capabilities, 11);
+      assert.equal(out.migrate_capabilities, 12);
       assert.equal(out.status_stopped, 'paused');
       assert.equal(out.status_resumed, 'running');
       assert.deepEqual(out.events, ['STOP', 'RESUME']);
@@ -231,7 +231,7 @@ describe('node-qemu QMPClient', () => {
         const v = (await client.execute('query-version')) as { qemu: { major: number } };
         assert.equal(v.qemu.major, 2);
         const caps = (await client.queryMigrateCapabilities()) as { capability: string; state: boolean }[];
-        assert.equal(caps.length, 11);
+        assert.equal(caps.length, 12);
         await client.stop();
         assert.equal((await client.queryStatus()).status, 'paused');
         await client.cont();
