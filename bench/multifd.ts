@@ -15,7 +15,10 @@
  * `-incoming defer`; for multifd both sides get the `multifd` capability and
  * `multifd-channels` before `migrate-incoming`, as QEMU's documentation asks.
  * max-bandwidth 100 GB/s on QEMU (its default, 128 MiB/s, would handicap
- * it), 0 (unlimited) on Ferry; downtime-limit 300 ms. Warm state (runs back
+ * it), 0 (unlimited) on Ferry; downtime-limit 300 ms. `migrate` comes 1 s
+ * after the settings in every configuration, so that Ferry's multifd channel
+ * workers, which start when the capability is turned on, are up (a worker
+ * thread takes ~70 ms of CPU to start; `--no-pause` measures that too). Warm state (runs back
  * to back); the configurations take turns, starting from a different one on
  * each run. Writes bench/results/multifd.json and prints medians [ranges]
  * with the CPU both processes used.
@@ -28,6 +31,8 @@ import {
 } from './lib/common.js';
 
 const BIG_BW = 100e9;
+/** Between the settings and `migrate` (see runOnce). */
+const PAUSE_MS = 1000;
 
 interface Config {
   name: string;
@@ -68,6 +73,9 @@ async function runOnce(c: Config, run: number): Promise<Run> {
     }
     await dst.execute('migrate-incoming', { uri });
     await src.execute('migrate-set-parameters', { 'max-bandwidth': c.engine === 'ferry' ? 0 : BIG_BW, 'downtime-limit': 300 });
+    // every configuration, both engines: a pause between the settings and `migrate`, so that
+    // Ferry's channel workers (started when multifd is turned on) are up; --no-pause measures their start too
+    if (!process.argv.includes('--no-pause')) await new Promise((r) => setTimeout(r, PAUSE_MS));
     Object.assign(rec, await migrateAndMeasure(src, dst, uri, 120000));
   } catch (e) {
     rec.error = e instanceof Error ? e.message : String(e);
