@@ -44,6 +44,23 @@ describe('multifd and a guest that rewrites every page all the time', () => {
   });
 });
 
+describe('multifd with postcopy', () => {
+  it('precopy pages on the channels, then postcopy on the main stream: completed, equal digests', async () => {
+    const { info, events } = await runMigration({
+      guest: { mem: '64M', smp: 2, workload: 'stress,rate=64M,seed=5', fill: 'random,seed=6' },
+      destination: { workload: 'stress,rate=64M,seed=5', capabilities: ['multifd', 'postcopy-ram', 'events'] },
+      capabilities: ['multifd', 'postcopy-ram', 'events'],
+      source: { parameters: { 'max-bandwidth': 64 << 20 } },
+      during: async ({ src }) => {
+        await waitFor(async () => ((await src.execute<any>('query-migrate')).ram?.['multifd-bytes'] > 8 << 20 ? true : null), 20000, 'multifd bytes flowing', 20);
+        await src.execute('migrate-start-postcopy');
+      },
+    });
+    assert.ok(events.source.includes('postcopy-active'), events.source.join(' '));
+    assert.ok(info.ram['multifd-bytes'] > 8 << 20);
+  });
+});
+
 // ---- failures -----------------------------------------------------------------
 
 const M = ['-m', '32M', '-fill', 'random,seed=21'];
