@@ -105,7 +105,7 @@ describe('multifd failures', () => {
     const init = encodeInit(0, new Uint8Array(16));
     init.writeUInt32BE(0xdeadbeef, 0);
     ch.write(init);
-    await expectDestinationFailed(vm, 'multifd: received packet magic deadbeef expected 11223344');
+    await expectDestinationFailed(vm, 'failed to receive packet via multifd channel 0: multifd: received packet magic deadbeef expected 11223344');
     main.destroy();
     ch.destroy();
   });
@@ -124,7 +124,7 @@ describe('multifd failures', () => {
       const init = encodeInit(0, new Uint8Array(16));
       spoil(init);
       ch.write(init);
-      await expectDestinationFailed(vm, desc);
+      await expectDestinationFailed(vm, `failed to receive packet via multifd channel 0: ${desc}`);
       main.destroy();
       ch.destroy();
       await vm.quit();
@@ -215,7 +215,7 @@ describe('multifd failures', () => {
     assert.equal(tls['error-desc'], 'multifd: Ferry does not run multifd channels under TLS yet; turn off multifd or tls-creds');
     assert.equal(await vm.status(), 'running');
     await assert.rejects(vm.execute('migrate-set-parameters', { 'multifd-channels': 0 }), (e: any) =>
-      e.errorClass === 'GenericError' && e.desc === "Parameter 'multifd_channels' expects is invalid, it should be in the range of 1 to 255");
+      e.errorClass === 'GenericError' && e.desc === "Parameter 'multifd_channels' expects a value between 1 and 255");
     await assert.rejects(vm.execute('migrate-set-parameters', { 'multifd-channels': 256 }), (e: any) =>
       e.errorClass === 'GenericError' && e.desc === "Parameter 'multifd-channels' expects uint8_t");
     assert.equal((await vm.execute<any>('query-migrate-parameters'))['multifd-channels'], 2);

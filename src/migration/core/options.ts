@@ -175,9 +175,7 @@ export function checkParameters(p: Parameters): void {
       `Parameter 'downtime_limit' expects an integer in the range of 0 to ${MAX_DOWNTIME_LIMIT_MS} milliseconds`,
     );
   }
-  if (p['multifd-channels'] < 1) {
-    throw new MigrationError("Parameter 'multifd_channels' expects is invalid, it should be in the range of 1 to 255");
-  }
+  range('multifd_channels', p['multifd-channels'], 1, 255);
   if (p['x-checkpoint-delay'] < 0) {
     throw new MigrationError("Parameter 'x_checkpoint_delay' expects is invalid, it should be positive");
   }

@@ -95,12 +95,12 @@ function runRecv(): void {
   if (r < 0) return end(r);
   if (r < INIT_SIZE) return post({ kind: 'eof', atPacket: r === 0 });
   const msg = decodeInit(init);
-  if (msg.magic !== MULTIFD_MAGIC) return post({ kind: 'error', message: MULTIFD_ERR.initMagic(msg.magic) });
-  if (msg.version !== MULTIFD_VERSION) return post({ kind: 'error', message: MULTIFD_ERR.initVersion(msg.version) });
-  if (Buffer.compare(Buffer.from(msg.uuid), Buffer.from(data.uuid)) !== 0) {
-    return post({ kind: 'error', message: MULTIFD_ERR.uuid(msg.uuid, data.uuid, msg.id) });
-  }
-  if (msg.id >= data.channels) return post({ kind: 'error', message: MULTIFD_ERR.channelId(msg.version) });
+  // QEMU 7.2 prints these with the channel's number in arrival order in front
+  const bad = (m: string): void => post({ kind: 'error', message: MULTIFD_ERR.initialPacket(data.id, m) });
+  if (msg.magic !== MULTIFD_MAGIC) return bad(MULTIFD_ERR.initMagic(msg.magic));
+  if (msg.version !== MULTIFD_VERSION) return bad(MULTIFD_ERR.initVersion(msg.version));
+  if (Buffer.compare(Buffer.from(msg.uuid), Buffer.from(data.uuid)) !== 0) return bad(MULTIFD_ERR.uuid(msg.uuid, data.uuid, msg.id));
+  if (msg.id >= data.channels) return bad(MULTIFD_ERR.channelId(msg.version));
   post({ kind: 'init', id: msg.id });
 
   const hdr = new Uint8Array(HEADER_SIZE);

@@ -110,6 +110,7 @@ export function uuidText(u: Uint8Array): string {
 
 /** QEMU 7.2's texts for a channel or packet that does not check out. */
 export const MULTIFD_ERR = {
+  initialPacket: (channel: number, why: string) => `failed to receive packet via multifd channel ${channel}: ${why}`,
   initMagic: (got: number) => `multifd: received packet magic ${got.toString(16)} expected ${MULTIFD_MAGIC.toString(16)}`,
   initVersion: (got: number) => `multifd: received packet version ${got} expected ${MULTIFD_VERSION}`,
   uuid: (got: Uint8Array, want: Uint8Array, id: number) =>
