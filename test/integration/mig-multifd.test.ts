@@ -221,3 +221,57 @@ describe('multifd failures', () => {
     assert.equal((await vm.execute<any>('query-migrate-parameters'))['multifd-channels'], 2);
   });
 });
+
+describe('multifd: a peer killed mid-migration', () => {
+  const guest = { mem: '64M', fill: 'random,seed=23', workload: 'stress,rate=1M,seed=9' };
+  const killWhenFlowing = (which: 'src' | 'dst') => async (m: { src: VmHandle; d: VmHandle }) => {
+    // loading on the destination (past the channels' initial packets), pages going over the channels
+    await waitFor(async () => ((await m.d.execute<any>('query-migrate')).status === 'active' ? true : null), 15000, 'destination loading', 20);
+    const queued = (await m.src.execute<any>('query-migrate')).ram?.['multifd-bytes'] ?? 0;
+    await waitFor(async () => ((await m.src.execute<any>('query-migrate')).ram?.['multifd-bytes'] > queued + (4 << 20) ? true : null), 15000, 'multifd bytes flowing', 20);
+    const victim = which === 'src' ? m.src : m.d;
+    victim.kill('SIGKILL');
+    await victim.exited;
+  };
+
+  it('destination killed: the source fails, runs on, and its RAM migrates whole afterwards', async () => {
+    const first = await runMigration({
+      guest,
+      capabilities: ['multifd'],
+      source: { parameters: { 'max-bandwidth': 8 << 20 } },
+      destination: { capabilities: ['multifd'] },
+      during: killWhenFlowing('dst'),
+      timeoutMs: 15000,
+      expect: { source: 'failed' },
+      quit: false,
+    });
+    const { src, info } = first;
+    assert.match(info['error-desc'], /\S/);
+    assert.equal(await src.status(), 'running');
+    await src.execute('stop');
+    const d0 = await src.digest();
+    await runMigration({
+      source: { vm: src, parameters: { 'max-bandwidth': 0 } },
+      destination: { mem: '64M', name: 'dst2', capabilities: ['multifd'] },
+      after: async ({ d }) => assert.equal(await d.digest(), d0),
+    });
+    await first.quit();
+  });
+
+  it('source killed: the destination fails, never runs, and answers QMP', async () => {
+    const { dinfo } = await runMigration({
+      guest,
+      capabilities: ['multifd'],
+      destination: { paused: false, capabilities: ['multifd'] },
+      source: { parameters: { 'max-bandwidth': 8 << 20 } },
+      during: killWhenFlowing('src'),
+      destinationTimeoutMs: 15000,
+      expect: { source: null, destination: 'failed' },
+      after: async ({ d }) => {
+        assert.deepEqual(await d.execute('query-status'), { status: 'inmigrate', running: false, singlestep: false });
+        assert.equal(d.exitCode, null);
+      },
+    });
+    assert.match(dinfo!['error-desc'], /^load of migration failed: /);
+  });
+});
