@@ -5,6 +5,10 @@
 #include <v8.h>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
+#include <sys/socket.h>
+#include <sys/types.h>
+#include <sys/uio.h>
 
 namespace ferry_pages {
 
@@ -92,6 +96,28 @@ inline bool NextDirty(const uint32_t* bits, const uint32_t* tbits, const uint8_t
   }
   *page = endPage;
   return false;
+}
+
+// One sendmsg() (send) or recvmsg() over iov[*i, n), without blocking. On
+// success *i moves past the iovecs done and the one done in part is trimmed
+// to its rest. Returns the system call's result (errno set when negative).
+inline ssize_t IovTransfer(int fd, struct iovec* iov, size_t n, size_t* i, bool send) {
+  struct msghdr msg;
+  memset(&msg, 0, sizeof msg);
+  msg.msg_iov = iov + *i;
+  msg.msg_iovlen = n - *i;
+  const ssize_t r = send ? sendmsg(fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT) : recvmsg(fd, &msg, MSG_DONTWAIT);
+  if (r <= 0) return r;
+  size_t left = size_t(r);
+  while (*i < n && left >= iov[*i].iov_len) {
+    left -= iov[*i].iov_len;
+    (*i)++;
+  }
+  if (*i < n && left > 0) {
+    iov[*i].iov_base = static_cast<uint8_t*>(iov[*i].iov_base) + left;
+    iov[*i].iov_len -= left;
+  }
+  return r;
 }
 
 // Adds the multifd functions (multifd.cc) to the exports.

@@ -159,11 +159,7 @@ void MultifdSend(const FunctionCallbackInfo<Value>& args) {
   double sent = 0;
   size_t i = 0;
   while (i < n) {
-    struct msghdr msg;
-    memset(&msg, 0, sizeof msg);
-    msg.msg_iov = iov + i;
-    msg.msg_iovlen = n - i;
-    ssize_t r = sendmsg(fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+    const ssize_t r = IovTransfer(fd, iov, n, &i, true);
     if (r < 0) {
       if (errno == EINTR) continue;
       if (errno == EAGAIN || errno == EWOULDBLOCK) {
@@ -174,15 +170,6 @@ void MultifdSend(const FunctionCallbackInfo<Value>& args) {
       return args.GetReturnValue().Set(-double(errno));
     }
     sent += double(r);
-    size_t left = size_t(r);
-    while (i < n && left >= iov[i].iov_len) {
-      left -= iov[i].iov_len;
-      i++;
-    }
-    if (i < n && left > 0) {
-      iov[i].iov_base = static_cast<uint8_t*>(iov[i].iov_base) + left;
-      iov[i].iov_len -= left;
-    }
   }
   args.GetReturnValue().Set(sent);
 }
@@ -192,11 +179,7 @@ double RecvAll(int fd, struct iovec* iov, size_t n, const Span& ctl, size_t quit
   double got = 0;
   size_t i = 0;
   while (i < n) {
-    struct msghdr msg;
-    memset(&msg, 0, sizeof msg);
-    msg.msg_iov = iov + i;
-    msg.msg_iovlen = n - i;
-    ssize_t r = recvmsg(fd, &msg, MSG_DONTWAIT);
+    const ssize_t r = IovTransfer(fd, iov, n, &i, false);
     if (r < 0) {
       if (errno == EINTR) continue;
       if (errno == EAGAIN || errno == EWOULDBLOCK) {
@@ -208,15 +191,6 @@ double RecvAll(int fd, struct iovec* iov, size_t n, const Span& ctl, size_t quit
     }
     if (r == 0) break;  // the peer closed
     got += double(r);
-    size_t left = size_t(r);
-    while (i < n && left >= iov[i].iov_len) {
-      left -= iov[i].iov_len;
-      i++;
-    }
-    if (i < n && left > 0) {
-      iov[i].iov_base = static_cast<uint8_t*>(iov[i].iov_base) + left;
-      iov[i].iov_len -= left;
-    }
   }
   return got;
 }

@@ -210,23 +210,10 @@ size_t SendAll(int fd, struct iovec* iov, size_t n, size_t* first) {
   size_t sent = 0;
   size_t i = 0;
   while (i < n) {
-    struct msghdr msg;
-    memset(&msg, 0, sizeof msg);
-    msg.msg_iov = iov + i;
-    msg.msg_iovlen = n - i;
-    ssize_t r = sendmsg(fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+    const ssize_t r = IovTransfer(fd, iov, n, &i, true);
     if (r < 0 && errno == EINTR) continue;
     if (r <= 0) break;
     sent += size_t(r);
-    size_t left = size_t(r);
-    while (i < n && left >= iov[i].iov_len) {
-      left -= iov[i].iov_len;
-      i++;
-    }
-    if (i < n && left > 0) {
-      iov[i].iov_base = static_cast<uint8_t*>(iov[i].iov_base) + left;
-      iov[i].iov_len -= left;
-    }
   }
   *first = i;
   return sent;
