@@ -214,6 +214,14 @@ describe('multifd failures', () => {
     assert.equal(tls.status, 'failed');
     assert.equal(tls['error-desc'], 'multifd: Ferry does not run multifd channels under TLS yet; turn off multifd or tls-creds');
     assert.equal(await vm.status(), 'running');
+    // COLO: refused too (its checkpoints do not go over the channels)
+    await vm.execute('migrate-set-parameters', { 'tls-creds': '' });
+    await vm.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-colo', state: true }] });
+    await vm.execute('migrate', { uri: `tcp:127.0.0.1:${await freePort()}` });
+    const colo = await waitMigration(vm);
+    assert.equal(colo.status, 'failed');
+    assert.equal(colo['error-desc'], 'multifd: Ferry does not run COLO checkpoints over multifd channels; turn off multifd or x-colo');
+    assert.equal(await vm.status(), 'running');
     await assert.rejects(vm.execute('migrate-set-parameters', { 'multifd-channels': 0 }), (e: any) =>
       e.errorClass === 'GenericError' && e.desc === "Parameter 'multifd_channels' expects a value between 1 and 255");
     await assert.rejects(vm.execute('migrate-set-parameters', { 'multifd-channels': 256 }), (e: any) =>

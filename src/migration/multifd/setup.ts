@@ -13,11 +13,14 @@ import type { MultifdWorkers } from './workers.js';
 /** The VM's UUID as multifd's initial packet carries it: Ferry has no -uuid, so QEMU's default, all zeros. */
 export const NO_UUID = new Uint8Array(16);
 
-/** Throws when this migration cannot use multifd (a transport without extra connections, TLS, no native code). */
+/** Throws when this migration cannot use multifd (a transport without extra connections, TLS, COLO, no native code). */
 export function checkMultifd(options: MigrationOptions, socketTransport: boolean): void {
   if (!socketTransport) throw new MigrationError('multifd is not supported by current protocol');
   if (options.get('tls-creds') !== '') {
     throw new MigrationError('multifd: Ferry does not run multifd channels under TLS yet; turn off multifd or tls-creds');
+  }
+  if (options.capability('x-colo')) {
+    throw new MigrationError('multifd: Ferry does not run COLO checkpoints over multifd channels; turn off multifd or x-colo');
   }
   if (multifdNative === null) throw new MigrationError('multifd: this build has no native/pages addon, which multifd needs');
 }
