@@ -16,7 +16,9 @@
  * on an error or the peer's end, which it reports with one message. The
  * worker then waits for its next run (workers.ts keeps it).
  */
+import { constants } from 'node:os';
 import { parentPort } from 'node:worker_threads';
+import { strerror } from '../channel/errors.js';
 import { multifdNative } from '../../base/native.js';
 import { CTL, type ChannelWorkerData, type WorkerMessage, slotMeta } from './shared.js';
 import {
@@ -46,17 +48,12 @@ function quitting(): boolean {
   return Atomics.load(ctl, CTL.QUIT) !== 0;
 }
 
-function ioError(r: number): string {
-  return r === -125 ? 'cancelled' : `multifd channel ${data.id}: ${errnoText(-r)}`;
-}
+/** errno numbers by name, for the channel layer's texts (QEMU's strerror words). */
+const ERRNO_NAME = new Map(Object.entries(constants.errno).map(([name, n]) => [n, name]));
 
-function errnoText(e: number): string {
-  switch (e) {
-    case 32: return 'Broken pipe';
-    case 104: return 'Connection reset by peer';
-    case 110: return 'Connection timed out';
-    default: return `error ${e}`;
-  }
+function ioError(r: number): string {
+  if (-r === constants.errno.ECANCELED) return 'cancelled';
+  return `multifd channel ${data.id}: ${strerror({ code: ERRNO_NAME.get(-r) ?? `errno ${-r}` })}`;
 }
 
 function runSend(): void {
