@@ -8,6 +8,7 @@ import { multifdNative } from '../../base/native.js';
 import { CTL, CTL_WORDS, SLOT_COUNT, slotMeta, type ChannelWorkerData, type WorkerBlock, type WorkerMessage } from './shared.js';
 import { HEADER_SIZE } from './wire.js';
 import type { ChannelWorker, MultifdWorkers } from './workers.js';
+
 /** Atomics.waitAsync (Node 20 has it; TypeScript's ES2022 library does not declare it). */
 const waitAsync = (Atomics as unknown as {
   waitAsync(a: Int32Array, index: number, value: number, timeoutMs?: number): { async: boolean; value: Promise<string> | string };
